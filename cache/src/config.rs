@@ -1,0 +1,465 @@
+//! Configuration: command-line flags, `REGMIRROR_*` environment variables and
+//! an optional TOML file, in that order of precedence, over embedded defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+use url::Url;
+
+use crate::route::canonical_host;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "regmirror-cache",
+    version,
+    about = "Pull-through cache for OCI registries: many upstreams, one fetch per blob, served from disk"
+)]
+pub struct Cli {
+    /// TOML configuration file; flags and environment variables override it.
+    #[arg(long, env = "REGMIRROR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to serve the registry API on [default: 0.0.0.0:5000].
+    #[arg(long, env = "REGMIRROR_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory holding cached content [default: ./data].
+    #[arg(long, env = "REGMIRROR_STORAGE")]
+    pub storage: Option<PathBuf>,
+    /// Upstream registry as HOST=URL (or just HOST for well-known registries);
+    /// repeatable, the first is the default [default: docker.io=https://registry-1.docker.io].
+    #[arg(long = "upstream", env = "REGMIRROR_UPSTREAMS", value_delimiter = ',')]
+    pub upstreams: Vec<UpstreamArg>,
+    /// Docker config.json (or a mounted kubernetes.io/dockerconfigjson Secret) with upstream credentials.
+    #[arg(long, env = "REGMIRROR_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
+    /// Serve cached tags without asking the upstream for this long (e.g. 5m) [default: 0s].
+    #[arg(long, env = "REGMIRROR_TAG_TTL")]
+    pub tag_ttl: Option<humantime::Duration>,
+    /// Log format [default: text].
+    #[arg(long, env = "REGMIRROR_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `HOST=URL` or `HOST`.
+#[derive(Debug, Clone)]
+pub struct UpstreamArg {
+    pub host: String,
+    pub url: Option<String>,
+}
+
+impl FromStr for UpstreamArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (host, url) = match s.split_once('=') {
+            Some((h, u)) => (h, Some(u.to_owned())),
+            None => (s, None),
+        };
+        Ok(Self {
+            host: host.to_owned(),
+            url,
+        })
+    }
+}
+
+/// The configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub storage: Option<PathBuf>,
+    pub credentials: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub tag_ttl: Option<Duration>,
+    pub log_format: Option<LogFormat>,
+    #[serde(default)]
+    pub timeouts: FileTimeouts,
+    pub max_manifest_size: Option<u64>,
+    #[serde(default, rename = "upstream")]
+    pub upstreams: Vec<FileUpstream>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTimeouts {
+    #[serde(default, with = "humantime_serde_opt")]
+    pub connect: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub response_header: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub body_idle: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub stale_after: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUpstream {
+    pub host: String,
+    pub url: Option<String>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub tag_ttl: Option<Duration>,
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+}
+
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// The resolved configuration the cache runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub storage: PathBuf,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub credentials: Option<PathBuf>,
+    pub timeouts: Timeouts,
+    pub max_manifest_size: u64,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Canonical host as image references name it, e.g. `docker.io`.
+    pub host: String,
+    pub url: Url,
+    /// Cached tags younger than this are served without asking the upstream.
+    pub tag_ttl: Duration,
+    /// Hosts beyond the upstream's own site that it may redirect to or name
+    /// as a token realm (`name` or `*.suffix`).
+    pub allowed_hosts: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// Until the upstream's response headers arrive.
+    pub response_header: Duration,
+    /// Longest silence inside a response body.
+    pub body_idle: Duration,
+    /// How long a request waits for the upstream before serving a cached copy.
+    pub stale_after: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            response_header: Duration::from_secs(20),
+            body_idle: Duration::from_secs(30),
+            stale_after: Duration::from_secs(3),
+        }
+    }
+}
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
+pub const DEFAULT_STORAGE: &str = "./data";
+/// Manifests are small JSON; anything larger is refused rather than buffered.
+pub const DEFAULT_MAX_MANIFEST_SIZE: u64 = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid upstream {0}")]
+    Upstream(String),
+}
+
+/// Well-known registries: the API endpoint behind the name people write, and
+/// the hosts they send clients to for blobs and tokens.
+fn well_known(host: &str) -> Option<(&'static str, &'static [&'static str])> {
+    Some(match host {
+        "docker.io" => (
+            "https://registry-1.docker.io",
+            &["*.docker.com", "*.docker.io"],
+        ),
+        "ghcr.io" => ("https://ghcr.io", &["pkg-containers.githubusercontent.com"]),
+        "quay.io" => (
+            "https://quay.io",
+            &["*.quay.io", "*.cloudfront.net", "*.amazonaws.com"],
+        ),
+        "registry.k8s.io" => ("https://registry.k8s.io", &["*.pkg.dev", "*.amazonaws.com"]),
+        "gcr.io" => ("https://gcr.io", &["*.gcr.io", "storage.googleapis.com"]),
+        "mcr.microsoft.com" => ("https://mcr.microsoft.com", &["*.microsoft.com"]),
+        "public.ecr.aws" => (
+            "https://public.ecr.aws",
+            &["*.amazonaws.com", "*.cloudfront.net"],
+        ),
+        _ => return None,
+    })
+}
+
+fn valid_host(host: &str) -> bool {
+    !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+}
+
+impl UpstreamConfig {
+    pub fn new(host: &str, url: Option<&str>) -> Result<Self, ConfigError> {
+        let host = canonical_host(host);
+        if !valid_host(&host) {
+            return Err(ConfigError::Upstream(format!(
+                "{host:?}: host must be a registry host name such as docker.io or registry.local:5000"
+            )));
+        }
+        let known = well_known(&host);
+        let url = match (url, known) {
+            (Some(u), _) => u.to_owned(),
+            (None, Some((u, _))) => u.to_owned(),
+            (None, None) => format!("https://{host}"),
+        };
+        let parsed: Url = url
+            .parse()
+            .map_err(|e| ConfigError::Upstream(format!("{host}={url}: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https")
+            || parsed.host_str().is_none()
+            || parsed.query().is_some()
+            || parsed.fragment().is_some()
+            || !parsed.username().is_empty()
+        {
+            return Err(ConfigError::Upstream(format!(
+                "{host}={url}: URL must be http(s)://host[:port][/path] without credentials, query or fragment"
+            )));
+        }
+        Ok(Self {
+            host,
+            url: parsed,
+            tag_ttl: Duration::ZERO,
+            allowed_hosts: known
+                .map(|(_, hosts)| hosts.iter().map(|h| h.to_string()).collect())
+                .unwrap_or_default(),
+        })
+    }
+}
+
+impl Config {
+    /// Merges flags and environment (already in `cli`) over the file over defaults.
+    pub fn resolve(cli: Cli) -> Result<Self, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        let default_ttl = cli.tag_ttl.map(Into::into).or(file.tag_ttl);
+
+        let mut upstreams = Vec::new();
+        for fu in &file.upstreams {
+            let mut u = UpstreamConfig::new(&fu.host, fu.url.as_deref())?;
+            u.tag_ttl = fu.tag_ttl.or(default_ttl).unwrap_or_default();
+            u.allowed_hosts.extend(fu.allowed_hosts.iter().cloned());
+            upstreams.push(u);
+        }
+        if !cli.upstreams.is_empty() {
+            // Flags define the list; file entries for the same host keep
+            // their other settings.
+            let mut from_flags = Vec::new();
+            for arg in &cli.upstreams {
+                let mut u = UpstreamConfig::new(&arg.host, arg.url.as_deref())?;
+                match upstreams
+                    .iter()
+                    .find(|f: &&UpstreamConfig| f.host == u.host)
+                {
+                    Some(f) => {
+                        u.tag_ttl = f.tag_ttl;
+                        u.allowed_hosts = f.allowed_hosts.clone();
+                    }
+                    None => u.tag_ttl = default_ttl.unwrap_or_default(),
+                }
+                from_flags.push(u);
+            }
+            upstreams = from_flags;
+        }
+        if upstreams.is_empty() {
+            let mut u = UpstreamConfig::new("docker.io", None)?;
+            u.tag_ttl = default_ttl.unwrap_or_default();
+            upstreams.push(u);
+        }
+        for (i, u) in upstreams.iter().enumerate() {
+            if upstreams[..i].iter().any(|p| p.host == u.host) {
+                return Err(ConfigError::Upstream(format!(
+                    "{} is configured twice",
+                    u.host
+                )));
+            }
+        }
+
+        let d = Timeouts::default();
+        let t = &file.timeouts;
+        Ok(Self {
+            listen: cli
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            storage: cli
+                .storage
+                .or(file.storage)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STORAGE)),
+            upstreams,
+            credentials: cli.credentials.or(file.credentials),
+            timeouts: Timeouts {
+                connect: t.connect.unwrap_or(d.connect),
+                response_header: t.response_header.unwrap_or(d.response_header),
+                body_idle: t.body_idle.unwrap_or(d.body_idle),
+                stale_after: t.stale_after.unwrap_or(d.stale_after),
+            },
+            max_manifest_size: file.max_manifest_size.unwrap_or(DEFAULT_MAX_MANIFEST_SIZE),
+            log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
+        })
+    }
+
+    pub fn upstream_hosts(&self) -> Vec<String> {
+        self.upstreams.iter().map(|u| u.host.clone()).collect()
+    }
+}
+
+fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["regmirror-cache"];
+        argv.extend_from_slice(args);
+        Config::resolve(Cli::try_parse_from(argv).unwrap())
+    }
+
+    #[test]
+    fn embedded_defaults_serve_docker_hub() {
+        let c = resolve(&[]).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:5000");
+        assert_eq!(c.storage, PathBuf::from("./data"));
+        assert_eq!(c.upstreams.len(), 1);
+        assert_eq!(c.upstreams[0].host, "docker.io");
+        assert_eq!(c.upstreams[0].url.as_str(), "https://registry-1.docker.io/");
+    }
+
+    #[test]
+    fn repeated_upstream_flags_keep_order() {
+        let c = resolve(&[
+            "--upstream",
+            "docker.io=http://127.0.0.1:5999",
+            "--upstream",
+            "ghcr.io",
+            "--upstream",
+            "registry.local:5000=http://127.0.0.1:6000/",
+        ])
+        .unwrap();
+        let hosts = c.upstream_hosts();
+        assert_eq!(hosts, ["docker.io", "ghcr.io", "registry.local:5000"]);
+        assert_eq!(c.upstreams[1].url.as_str(), "https://ghcr.io/");
+    }
+
+    #[test]
+    fn bad_upstreams_are_explained() {
+        for bad in [
+            "x=ftp://h",
+            "x=http://u:p@h",
+            "bad/host=http://h",
+            "x=http://h?q=1",
+            "x=::",
+        ] {
+            let e = resolve(&["--upstream", bad]).unwrap_err();
+            assert!(matches!(e, ConfigError::Upstream(_)), "{bad}: {e}");
+        }
+        let e = resolve(&["--upstream", "docker.io", "--upstream", "index.docker.io"]).unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn file_values_are_overridden_by_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            r#"
+listen = "127.0.0.1:7000"
+storage = "/srv/cache"
+tag_ttl = "1m"
+[timeouts]
+stale_after = "1s"
+[[upstream]]
+host = "docker.io"
+url = "http://127.0.0.1:5999"
+tag_ttl = "10m"
+allowed_hosts = ["blobs.example"]
+[[upstream]]
+host = "quay.io"
+"#,
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let c = resolve(&["--config", p]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7000");
+        assert_eq!(c.upstreams[0].tag_ttl, Duration::from_secs(600));
+        assert_eq!(c.upstreams[1].tag_ttl, Duration::from_secs(60));
+        assert!(
+            c.upstreams[0]
+                .allowed_hosts
+                .contains(&"blobs.example".to_string())
+        );
+        assert_eq!(c.timeouts.stale_after, Duration::from_secs(1));
+
+        let c = resolve(&[
+            "--config",
+            p,
+            "--listen",
+            "127.0.0.1:7001",
+            "--upstream",
+            "docker.io=http://127.0.0.1:1",
+        ])
+        .unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7001");
+        assert_eq!(c.upstreams.len(), 1);
+        assert_eq!(c.upstreams[0].url.as_str(), "http://127.0.0.1:1/");
+        assert_eq!(
+            c.upstreams[0].tag_ttl,
+            Duration::from_secs(600),
+            "file settings kept"
+        );
+    }
+
+    #[test]
+    fn unknown_file_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "listn = \"x\"\n").unwrap();
+        let e = resolve(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(e.to_string().contains("listn"), "{e}");
+    }
+}

@@ -1,0 +1,45 @@
+//! regmirror-cache: a pull-through cache for OCI registries.
+//!
+//! `route` decides what a request is, `mirror` decides where its bytes come
+//! from (`store` on disk, a shared `fill` in flight, or an `upstream`), and
+//! `server` speaks HTTP.
+
+pub mod config;
+pub mod error;
+pub mod fill;
+pub mod flight;
+pub mod mirror;
+pub mod oci;
+pub mod range;
+pub mod route;
+pub mod server;
+pub mod store;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::Arc;
+
+pub use config::Config;
+pub use error::{Error, Result};
+
+/// Runs the cache on `listener` until `shutdown` resolves.
+pub async fn serve(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let store = store::Store::open(&config.storage)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open storage {}: {e}", config.storage.display()))?;
+    let mirror = Arc::new(mirror::Mirror::new(&config, store)?);
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        storage = %config.storage.display(),
+        upstreams = ?config.upstreams.iter().map(|u| format!("{}={}", u.host, u.url)).collect::<Vec<_>>(),
+        "regmirror-cache serving"
+    );
+    axum::serve(listener, server::app(mirror))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}

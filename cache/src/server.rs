@@ -1,0 +1,322 @@
+//! The HTTP face of the cache: OCI distribution read endpoints on top of
+//! `Mirror`, plus health probes.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request as HttpRequest, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::StreamExt;
+use tokio_util::io::ReaderStream;
+
+use crate::error::{Error, Result};
+use crate::mirror::{Blob, Mirror, Relayed, paginate};
+use crate::oci::media;
+use crate::oci::{Digest, Reference};
+use crate::range::{self, RangeRequest};
+use crate::route::{Endpoint, RepoRequest, Request, route};
+use crate::store::StoredManifest;
+
+const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
+const BLOB_READ_BUFFER: usize = 256 * 1024;
+
+pub fn app(mirror: Arc<Mirror>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .fallback(registry)
+        .layer(middleware::from_fn(api_version_header))
+        .with_state(mirror)
+}
+
+async fn api_version_header(req: HttpRequest, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    resp.headers_mut()
+        .insert("docker-distribution-api-version", API_VERSION);
+    resp
+}
+
+/// Ready when the store is writable.
+async fn ready(State(mirror): State<Arc<Mirror>>) -> Response {
+    let store = mirror.store().clone();
+    let probe = tokio::task::spawn_blocking(move || {
+        let tmp = store.temp_file()?;
+        std::io::Write::write_all(&mut &*tmp.file(), b"ready")
+    })
+    .await;
+    match probe {
+        Ok(Ok(())) => (StatusCode::OK, "ready").into_response(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "storage is not writable");
+            (StatusCode::SERVICE_UNAVAILABLE, "storage is not writable").into_response()
+        }
+        Err(e) => Error::internal(e).into_response(),
+    }
+}
+
+async fn registry(State(mirror): State<Arc<Mirror>>, req: HttpRequest) -> Response {
+    let (parts, _body) = req.into_parts();
+    let head = parts.method == Method::HEAD;
+    let result = match route(
+        &parts.method,
+        parts.uri.path(),
+        parts.uri.query(),
+        mirror.hosts(),
+    ) {
+        Err(e) => Err(e),
+        Ok(Request::Base) => Ok(json_response(head, "{}".into())),
+        Ok(Request::Catalog { n, last }) => catalog(&mirror, n, last, head).await,
+        Ok(Request::Repo(r)) => repo_request(&mirror, r, &parts.headers, head).await,
+    };
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn repo_request(
+    mirror: &Arc<Mirror>,
+    r: RepoRequest,
+    headers: &HeaderMap,
+    head: bool,
+) -> Result<Response> {
+    match &r.endpoint {
+        Endpoint::Manifest(reference) => {
+            let accept = media::parse_accept(
+                headers
+                    .get_all(header::ACCEPT)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok()),
+            );
+            let m = mirror
+                .manifest(r.upstream, &r.repo, reference, &accept)
+                .await?;
+            if let Reference::Tag(_) = reference {
+                if !media::accepts(&accept, &m.media_type) {
+                    return Err(Error::ManifestUnknown(format!(
+                        "{}:{reference} has no manifest of an accepted media type",
+                        r.repo
+                    )));
+                }
+            }
+            Ok(manifest_response(m, head))
+        }
+        Endpoint::Blob(d) if head => {
+            let size = mirror.blob_size(r.upstream, &r.repo, d).await?;
+            Ok(blob_head(d, size))
+        }
+        Endpoint::Blob(d) => {
+            let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+            let blob = mirror.blob(r.upstream, &r.repo, d).await?;
+            blob_response(d, blob, range).await
+        }
+        Endpoint::TagsList => {
+            let relayed = mirror
+                .tags_list(r.upstream, &r.repo, r.query.as_deref())
+                .await?;
+            Ok(relay_response(relayed, &r, head))
+        }
+        Endpoint::Referrers(d) => {
+            let relayed = mirror
+                .referrers(r.upstream, &r.repo, d, r.query.as_deref())
+                .await?;
+            Ok(relay_response(relayed, &r, head))
+        }
+    }
+}
+
+fn manifest_response(m: StoredManifest, head: bool) -> Response {
+    let len = m.bytes.len();
+    let body = if head {
+        Body::empty()
+    } else {
+        Body::from(m.bytes)
+    };
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    set(h, header::CONTENT_TYPE, &m.media_type);
+    set(h, "docker-content-digest", &m.digest.to_string());
+    set(h, header::ETAG, &format!("\"{}\"", m.digest));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    resp
+}
+
+fn blob_head(d: &Digest, size: u64) -> Response {
+    let mut resp = Response::new(Body::empty());
+    blob_headers(resp.headers_mut(), d, size);
+    resp
+}
+
+fn blob_headers(h: &mut HeaderMap, d: &Digest, len: u64) {
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    set(h, "docker-content-digest", &d.to_string());
+    set(h, header::ETAG, &format!("\"{d}\""));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+}
+
+async fn blob_response(d: &Digest, blob: Blob, range: Option<&str>) -> Result<Response> {
+    let size = match &blob {
+        Blob::Stored { size, .. } => Some(*size),
+        Blob::Filling { size, .. } => *size,
+    };
+    // Without a size (chunked upstream still filling) the whole body is sent.
+    let wanted = size.map_or(RangeRequest::Full, |s| range::resolve(range, s));
+    let (status, start, end) = match (wanted, size) {
+        (RangeRequest::Unsatisfiable, Some(size)) => {
+            return Err(Error::RangeNotSatisfiable { size });
+        }
+        (RangeRequest::Partial { start, end }, _) => {
+            (StatusCode::PARTIAL_CONTENT, start, Some(end + 1))
+        }
+        _ => (StatusCode::OK, 0, size),
+    };
+    let body = match blob {
+        Blob::Stored { file, size } => {
+            let len = end.unwrap_or(size) - start;
+            let mut file = tokio::fs::File::from_std(file);
+            if start > 0 {
+                use tokio::io::AsyncSeekExt;
+                file.seek(std::io::SeekFrom::Start(start)).await?;
+            }
+            use tokio::io::AsyncReadExt;
+            Body::from_stream(ReaderStream::with_capacity(
+                file.take(len),
+                BLOB_READ_BUFFER,
+            ))
+        }
+        Blob::Filling { fill, .. } => Body::from_stream(fill.read(start, end).boxed()),
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    match end {
+        Some(end) => blob_headers(h, d, end - start),
+        None => {
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            set(h, "docker-content-digest", &d.to_string());
+        }
+    }
+    if status == StatusCode::PARTIAL_CONTENT {
+        let (Some(end), Some(size)) = (end, size) else {
+            unreachable!("partial responses have a size")
+        };
+        set(
+            h,
+            header::CONTENT_RANGE,
+            &format!("bytes {start}-{}/{size}", end - 1),
+        );
+    }
+    Ok(resp)
+}
+
+/// Relays an upstream listing, pointing pagination links back at us.
+fn relay_response(r: Relayed, req: &RepoRequest, head: bool) -> Response {
+    let mut resp = Response::new(if head {
+        Body::empty()
+    } else {
+        Body::from(r.body)
+    });
+    *resp.status_mut() = r.status;
+    let h = resp.headers_mut();
+    *h = r.headers;
+    if let Some(link) = h.get(header::LINK).and_then(|v| v.to_str().ok()) {
+        let rewritten = rewrite_link(link, &req.client_name, &req.endpoint);
+        match rewritten.and_then(|l| HeaderValue::from_str(&l).ok()) {
+            Some(v) => {
+                h.insert(header::LINK, v);
+            }
+            None => {
+                h.remove(header::LINK);
+            }
+        }
+    }
+    resp
+}
+
+/// `</v2/library/x/tags/list?last=a&n=1>; rel="next"` -> the same query on
+/// the path this client used.
+fn rewrite_link(link: &str, client_name: &str, endpoint: &Endpoint) -> Option<String> {
+    let inner = link.split_once('<')?.1.split_once('>')?.0;
+    let query = inner.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let tail = match endpoint {
+        Endpoint::TagsList => "tags/list".to_owned(),
+        Endpoint::Referrers(d) => format!("referrers/{d}"),
+        _ => return None,
+    };
+    Some(format!("</v2/{client_name}/{tail}?{query}>; rel=\"next\""))
+}
+
+async fn catalog(
+    mirror: &Mirror,
+    n: Option<usize>,
+    last: Option<String>,
+    head: bool,
+) -> Result<Response> {
+    let all = mirror.catalog().await?;
+    let page = paginate(&all, n, last.as_deref());
+    let body = serde_json::json!({ "repositories": page }).to_string();
+    let mut resp = json_response(head, body);
+    if let (Some(n), Some(last)) = (n, page.last()) {
+        if page.len() == n && all.last() != Some(last) {
+            let q = url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("n", &n.to_string())
+                .append_pair("last", last)
+                .finish();
+            set(
+                resp.headers_mut(),
+                header::LINK,
+                &format!("</v2/_catalog?{q}>; rel=\"next\""),
+            );
+        }
+    }
+    Ok(resp)
+}
+
+fn json_response(head: bool, body: String) -> Response {
+    let len = body.len();
+    let mut resp = Response::new(if head {
+        Body::empty()
+    } else {
+        Body::from(body)
+    });
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    resp
+}
+
+fn set(h: &mut HeaderMap, name: impl header::IntoHeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(name, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_point_back_at_the_client_path() {
+        let l = rewrite_link(
+            r#"</v2/library/alpine/tags/list?last=b&n=2>; rel="next""#,
+            "docker.io/alpine",
+            &Endpoint::TagsList,
+        );
+        assert_eq!(
+            l.as_deref(),
+            Some(r#"</v2/docker.io/alpine/tags/list?last=b&n=2>; rel="next""#)
+        );
+        assert_eq!(rewrite_link("garbage", "x", &Endpoint::TagsList), None);
+    }
+}

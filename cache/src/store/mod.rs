@@ -1,0 +1,326 @@
+//! Content-addressed filesystem storage.
+//!
+//! ```text
+//! <root>/tmp/                                          in-progress writes, swept at start
+//! <root>/upstreams/<host>/blobs/sha256/<ab>/<hex>      blob content
+//! <root>/upstreams/<host>/manifests/sha256/<ab>/<hex>  manifest bytes, exactly as served
+//! <root>/upstreams/<host>/manifests/sha256/<ab>/<hex>.type   its media type
+//! <root>/upstreams/<host>/repositories/<repo>/_tags/<tag>    {"digest","media_type"}
+//! ```
+//! Every file is written to `tmp/`, fsynced, verified and renamed into place,
+//! so a path under `upstreams/` only ever holds complete, verified content.
+//! Content is kept per upstream so that bytes fetched with one upstream's
+//! credentials are never served under another upstream's name.
+
+mod fsutil;
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::oci::{Digest, RepoName, Tag};
+
+pub use fsutil::TempFile;
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoredManifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRecord {
+    pub digest: String,
+    pub media_type: String,
+}
+
+impl Store {
+    /// Opens (creating) the store and removes temp files a previous run left.
+    pub async fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
+        let store = Self { root: root.into() };
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(s.root.join("upstreams"))?;
+            fsutil::sweep_dir(&s.tmp_dir())
+        })
+        .await??;
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    fn upstream_dir(&self, host: &str) -> PathBuf {
+        self.root.join("upstreams").join(host)
+    }
+
+    fn content_path(&self, host: &str, kind: &str, d: &Digest) -> PathBuf {
+        let hex = d.hex();
+        self.upstream_dir(host)
+            .join(kind)
+            .join(d.algorithm())
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    pub fn blob_path(&self, host: &str, d: &Digest) -> PathBuf {
+        self.content_path(host, "blobs", d)
+    }
+
+    fn manifest_path(&self, host: &str, d: &Digest) -> PathBuf {
+        self.content_path(host, "manifests", d)
+    }
+
+    fn tag_path(&self, host: &str, repo: &RepoName, tag: &Tag) -> PathBuf {
+        self.repo_dir(host, repo).join("_tags").join(tag.as_str())
+    }
+
+    fn repo_dir(&self, host: &str, repo: &RepoName) -> PathBuf {
+        self.upstream_dir(host)
+            .join("repositories")
+            .join(repo.as_str())
+    }
+
+    /// A new temp file inside the store (same filesystem, so rename is atomic).
+    pub fn temp_file(&self) -> io::Result<TempFile> {
+        TempFile::create_in(&self.tmp_dir())
+    }
+
+    /// An open cached blob and its size.
+    pub async fn blob(&self, host: &str, d: &Digest) -> io::Result<Option<(File, u64)>> {
+        let path = self.blob_path(host, d);
+        blocking(move || match File::open(&path) {
+            Ok(f) => {
+                let len = f.metadata()?.len();
+                Ok(Some((f, len)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        })
+        .await
+    }
+
+    pub async fn has_blob(&self, host: &str, d: &Digest) -> bool {
+        tokio::fs::metadata(self.blob_path(host, d)).await.is_ok()
+    }
+
+    pub async fn manifest(&self, host: &str, d: &Digest) -> io::Result<Option<StoredManifest>> {
+        let path = self.manifest_path(host, d);
+        let digest = d.clone();
+        blocking(move || {
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let media_type = std::fs::read_to_string(path.with_extension("type"))
+                .ok()
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .or_else(|| crate::oci::media::sniff(&bytes).map(str::to_owned))
+                .unwrap_or_else(|| crate::oci::media::OCI_MANIFEST.to_owned());
+            Ok(Some(StoredManifest {
+                digest,
+                media_type,
+                bytes: Bytes::from(bytes),
+            }))
+        })
+        .await
+    }
+
+    /// Stores a manifest whose digest the caller verified. The media type
+    /// goes first so the content never appears without it.
+    pub async fn put_manifest(&self, host: &str, m: &StoredManifest) -> io::Result<()> {
+        debug_assert_eq!(Digest::of(&m.bytes), m.digest);
+        let path = self.manifest_path(host, &m.digest);
+        let store = self.clone();
+        let m = m.clone();
+        blocking(move || {
+            store.write_atomic(&path.with_extension("type"), m.media_type.as_bytes())?;
+            store.write_atomic(&path, &m.bytes)
+        })
+        .await
+    }
+
+    pub async fn tag(&self, host: &str, repo: &RepoName, tag: &Tag) -> Option<TagRecord> {
+        let bytes = tokio::fs::read(self.tag_path(host, repo, tag)).await.ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub async fn put_tag(
+        &self,
+        host: &str,
+        repo: &RepoName,
+        tag: &Tag,
+        rec: &TagRecord,
+    ) -> io::Result<()> {
+        let path = self.tag_path(host, repo, tag);
+        let bytes = serde_json::to_vec(rec).map_err(io::Error::other)?;
+        let store = self.clone();
+        blocking(move || store.write_atomic(&path, &bytes)).await
+    }
+
+    pub async fn remove_tag(&self, host: &str, repo: &RepoName, tag: &Tag) -> io::Result<()> {
+        match tokio::fs::remove_file(self.tag_path(host, repo, tag)).await {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Cached tags of one repository, sorted.
+    pub async fn tags(&self, host: &str, repo: &RepoName) -> io::Result<Vec<String>> {
+        let dir = self.repo_dir(host, repo).join("_tags");
+        blocking(move || {
+            let mut tags: Vec<String> = match std::fs::read_dir(&dir) {
+                Ok(rd) => rd
+                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| Tag::parse(n).is_ok())
+                    .collect(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(e),
+            };
+            tags.sort();
+            Ok(tags)
+        })
+        .await
+    }
+
+    /// Repositories with at least one cached tag, sorted.
+    pub async fn repositories(&self, host: &str) -> io::Result<Vec<String>> {
+        let dir = self.upstream_dir(host).join("repositories");
+        blocking(move || {
+            let mut out = Vec::new();
+            fsutil::find_repositories(&dir, "", &mut out)?;
+            out.sort();
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Writes `bytes` to `dest` through a fsynced temp file and a rename.
+    fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> io::Result<()> {
+        let tmp = self.temp_file()?;
+        std::io::Write::write_all(&mut &*tmp.file(), bytes)?;
+        tmp.persist(dest)
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(io::Error::other)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn manifests_round_trip_with_media_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let body = Bytes::from_static(br#"{"schemaVersion":2}"#);
+        let m = StoredManifest {
+            digest: Digest::of(&body),
+            media_type: "application/vnd.oci.image.index.v1+json".into(),
+            bytes: body.clone(),
+        };
+        assert!(
+            store
+                .manifest("docker.io", &m.digest)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        store.put_manifest("docker.io", &m).await.unwrap();
+        let got = store
+            .manifest("docker.io", &m.digest)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.bytes, body);
+        assert_eq!(got.media_type, m.media_type);
+        // Per-upstream: another upstream does not see it.
+        assert!(
+            store
+                .manifest("ghcr.io", &m.digest)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // No temp files are left behind.
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn tags_and_catalog() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let rec = TagRecord {
+            digest: Digest::of(b"x").to_string(),
+            media_type: "t".into(),
+        };
+        for (repo, tag) in [
+            ("library/alpine", "3"),
+            ("library/alpine", "latest"),
+            ("a/b/c", "v1"),
+        ] {
+            let repo = RepoName::parse(repo).unwrap();
+            store
+                .put_tag("docker.io", &repo, &Tag::parse(tag).unwrap(), &rec)
+                .await
+                .unwrap();
+        }
+        let alpine = RepoName::parse("library/alpine").unwrap();
+        assert_eq!(
+            store.tags("docker.io", &alpine).await.unwrap(),
+            ["3", "latest"]
+        );
+        assert_eq!(
+            store
+                .tag("docker.io", &alpine, &Tag::parse("3").unwrap())
+                .await,
+            Some(rec)
+        );
+        assert_eq!(
+            store.repositories("docker.io").await.unwrap(),
+            ["a/b/c", "library/alpine"]
+        );
+        store
+            .remove_tag("docker.io", &alpine, &Tag::parse("3").unwrap())
+            .await
+            .unwrap();
+        assert_eq!(store.tags("docker.io", &alpine).await.unwrap(), ["latest"]);
+    }
+
+    #[tokio::test]
+    async fn open_sweeps_leftover_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        std::fs::write(dir.path().join("tmp/partial"), b"half a blob").unwrap();
+        Store::open(dir.path()).await.unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+}

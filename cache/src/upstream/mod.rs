@@ -1,0 +1,326 @@
+//! The HTTP client side: one `Upstream` per configured registry, handling
+//! authorization, rate limiting, redirects and timeouts.
+
+pub mod auth;
+pub mod challenge;
+pub mod credentials;
+pub mod hosts;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use url::Url;
+
+use crate::config::{Timeouts, UpstreamConfig};
+use crate::error::{Error, Result};
+use crate::oci::RepoName;
+use auth::Auth;
+use hosts::HostPolicy;
+
+/// Longest `Retry-After` we wait out before giving up on a request.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(5);
+const MAX_REDIRECTS: usize = 5;
+
+pub struct Upstream {
+    pub config: UpstreamConfig,
+    client: reqwest::Client,
+    policy: HostPolicy,
+    auth: Auth,
+}
+
+/// Shared by all upstreams: one connection pool, keep-alive, proxy env vars.
+pub fn build_client(t: &Timeouts) -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .connect_timeout(t.connect)
+        .read_timeout(t.body_idle)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(32)
+        // We follow redirects ourselves, checking every hop's host.
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("regmirror/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(Error::internal)
+}
+
+impl Upstream {
+    pub fn new(
+        config: UpstreamConfig,
+        client: reqwest::Client,
+        credentials_file: Option<PathBuf>,
+    ) -> Self {
+        let policy = HostPolicy::new(&config.url, &config.allowed_hosts);
+        Self {
+            auth: Auth::new(config.host.clone(), credentials_file, policy.clone()),
+            config,
+            client,
+            policy,
+        }
+    }
+
+    pub fn host(&self) -> &str {
+        &self.config.host
+    }
+
+    /// How many token requests this upstream has made (tests, metrics).
+    pub fn token_fetches(&self) -> u64 {
+        self.auth
+            .token_fetches
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn url_for(&self, repo: &RepoName, rest: &str, query: Option<&str>) -> Url {
+        let mut url = self.config.url.clone();
+        let base = url.path().trim_end_matches('/').to_owned();
+        url.set_path(&format!("{base}/v2/{repo}/{rest}"));
+        url.set_query(query);
+        url
+    }
+
+    fn unavailable(&self, detail: impl Into<String>) -> Error {
+        Error::UpstreamUnavailable {
+            upstream: self.host().to_owned(),
+            detail: detail.into(),
+        }
+    }
+
+    fn invalid(&self, detail: impl Into<String>) -> Error {
+        Error::UpstreamInvalid {
+            upstream: self.host().to_owned(),
+            detail: detail.into(),
+        }
+    }
+
+    /// Sends a request for `<repo>/<rest>`, answering auth challenges,
+    /// waiting out short rate limits and following checked redirects.
+    /// Returns the final response whatever its status, except 401/403/429.
+    pub async fn send(
+        &self,
+        method: Method,
+        repo: &RepoName,
+        rest: &str,
+        query: Option<&str>,
+        headers: HeaderMap,
+        header_timeout: Duration,
+    ) -> Result<reqwest::Response> {
+        let scope = format!("repository:{repo}:pull");
+        let origin = self.config.url.origin();
+        let mut url = self.url_for(repo, rest, query);
+        let mut authorization = self
+            .auth
+            .authorization(&self.client, &scope, header_timeout)
+            .await?;
+        let (mut answered_challenge, mut waited, mut hops) = (false, false, 0);
+        loop {
+            let mut req = self
+                .client
+                .request(method.clone(), url.clone())
+                .headers(headers.clone());
+            // Credentials only ever go to the upstream itself, never to a
+            // redirect target.
+            if let Some(a) = authorization.as_ref().filter(|_| url.origin() == origin) {
+                req = req.header(header::AUTHORIZATION, a.clone());
+            }
+            let resp = match tokio::time::timeout(header_timeout, req.send()).await {
+                Err(_) => {
+                    return Err(self.unavailable(format!("no response within {header_timeout:?}")));
+                }
+                Ok(Err(e)) => return Err(self.unavailable(describe(&e))),
+                Ok(Ok(r)) => r,
+            };
+            let status = resp.status();
+            match status {
+                StatusCode::UNAUTHORIZED if !answered_challenge && url.origin() == origin => {
+                    let challenge = resp
+                        .headers()
+                        .get_all(header::WWW_AUTHENTICATE)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .find_map(challenge::parse);
+                    authorization = Some(
+                        self.auth
+                            .answer(&self.client, challenge, &scope, header_timeout)
+                            .await?,
+                    );
+                    answered_challenge = true;
+                }
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                    return Err(Error::Denied {
+                        upstream: self.host().to_owned(),
+                        detail: format!("{method} {} answered {status}", url.path()),
+                    });
+                }
+                StatusCode::TOO_MANY_REQUESTS => {
+                    let retry_after = retry_after(resp.headers());
+                    match retry_after {
+                        Some(d) if !waited && d <= MAX_RETRY_WAIT => {
+                            tracing::info!(upstream = %self.host(), wait = ?d, "upstream rate limited; retrying");
+                            tokio::time::sleep(d).await;
+                            waited = true;
+                        }
+                        _ => {
+                            return Err(Error::TooManyRequests {
+                                upstream: self.host().to_owned(),
+                                retry_after,
+                            });
+                        }
+                    }
+                }
+                s if s.is_redirection() && s != StatusCode::NOT_MODIFIED => {
+                    hops += 1;
+                    let next = resp
+                        .headers()
+                        .get(header::LOCATION)
+                        .and_then(|l| l.to_str().ok())
+                        .and_then(|l| url.join(l).ok())
+                        .ok_or_else(|| self.invalid("redirect without a valid Location"))?;
+                    if hops > MAX_REDIRECTS {
+                        return Err(self.invalid("too many redirects"));
+                    }
+                    if !self.policy.permits(&next) {
+                        tracing::warn!(upstream = %self.host(), target = %next.host_str().unwrap_or(""), "refusing redirect to a host outside the upstream's allowed hosts");
+                        return Err(self.invalid(
+                            "redirect to a host that is not allowed (see allowed_hosts)",
+                        ));
+                    }
+                    url = next;
+                }
+                _ => return Ok(resp),
+            }
+        }
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(v).ok()?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+/// A transport error in words, without URLs that could carry secrets.
+pub fn describe(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else if e.is_body() || e.is_decode() {
+        "response body failed"
+    } else {
+        "request failed"
+    };
+    let mut source = std::error::Error::source(e);
+    let mut root = None;
+    while let Some(s) = source {
+        root = Some(s.to_string());
+        source = s.source();
+    }
+    match root {
+        Some(r) => format!("{kind}: {r}"),
+        None => kind.to_owned(),
+    }
+}
+
+/// Reads a whole (small) body, refusing more than `limit` bytes.
+pub async fn read_limited(resp: reqwest::Response, limit: u64, host: &str) -> Result<Bytes> {
+    let too_big = || Error::UpstreamInvalid {
+        upstream: host.to_owned(),
+        detail: format!("response larger than {limit} bytes"),
+    };
+    if resp.content_length().is_some_and(|l| l > limit) {
+        return Err(too_big());
+    }
+    let mut body = BytesMut::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| Error::UpstreamUnavailable {
+            upstream: host.to_owned(),
+            detail: describe(&e),
+        })?;
+        if body.len() as u64 + chunk.len() as u64 > limit {
+            return Err(too_big());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// The `Accept` header we send for manifests: the client's list, with every
+/// manifest type spelled out when it had none or a wildcard (registries
+/// match media types literally).
+pub fn accept_header(accept: &[String]) -> HeaderValue {
+    let wildcard = accept.is_empty() || accept.iter().any(|a| a.ends_with("/*"));
+    let mut list: Vec<&str> = accept
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.ends_with("/*"))
+        .collect();
+    if wildcard {
+        for t in crate::oci::media::ALL_MANIFESTS {
+            if !list.contains(&t) {
+                list.push(t);
+            }
+        }
+    }
+    let list = list.join(", ");
+    HeaderValue::from_str(&list)
+        .unwrap_or_else(|_| HeaderValue::from_static(crate::oci::media::OCI_MANIFEST))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let mut h = HeaderMap::new();
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("3"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        let future = std::time::SystemTime::now() + Duration::from_secs(120);
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_str(&httpdate::fmt_http_date(future)).unwrap(),
+        );
+        let d = retry_after(&h).unwrap();
+        assert!(
+            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+            "{d:?}"
+        );
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn wildcard_accept_lists_every_manifest_type() {
+        let h = accept_header(&["*/*".into()]);
+        assert!(
+            h.to_str()
+                .unwrap()
+                .contains(crate::oci::media::OCI_MANIFEST)
+        );
+        assert!(!h.to_str().unwrap().contains("*/*"));
+        let h = accept_header(&[crate::oci::media::DOCKER_MANIFEST.into()]);
+        assert_eq!(h.to_str().unwrap(), crate::oci::media::DOCKER_MANIFEST);
+    }
+
+    #[test]
+    fn upstream_urls_keep_a_path_prefix() {
+        let mut cfg = UpstreamConfig::new("r.example", Some("https://r.example/mirror/")).unwrap();
+        cfg.tag_ttl = Duration::ZERO;
+        let t = Timeouts::default();
+        let u = Upstream::new(cfg, build_client(&t).unwrap(), None);
+        let repo = RepoName::parse("a/b").unwrap();
+        assert_eq!(
+            u.url_for(&repo, "tags/list", Some("n=1")).as_str(),
+            "https://r.example/mirror/v2/a/b/tags/list?n=1"
+        );
+    }
+}

@@ -199,6 +199,16 @@ async fn run(tx: &watch::Sender<FillState>, job: FillJob) -> Result<()> {
         upstream: job.host.clone(),
         detail,
     };
+    // A fill that finished just before this one started leaves nothing to do.
+    let dest = job.store.blob_path(&job.host, &job.digest);
+    if let Ok(f) = File::open(&dest) {
+        let size = f.metadata()?.len();
+        tx.send_replace(FillState::Done {
+            size,
+            file: Arc::new(f),
+        });
+        return Ok(());
+    }
     let resp = job.fetch.await?;
     match resp.status().as_u16() {
         200 => {}
@@ -287,7 +297,6 @@ async fn run(tx: &watch::Sender<FillState>, job: FillJob) -> Result<()> {
             "blob content does not match its digest (got {actual})"
         )));
     }
-    let dest = job.store.blob_path(&job.host, &job.digest);
     tokio::task::spawn_blocking(move || tmp.persist(&dest))
         .await
         .map_err(Error::internal)??;

@@ -112,6 +112,10 @@ impl Mirror {
         self.manifest_flights
             .run((up, d.clone()), move || {
                 async move {
+                    // Another flight may have stored it since we looked.
+                    if let Some(m) = this.store.manifest(&this.hosts[up], &digest).await? {
+                        return Ok(m);
+                    }
                     this.fetch_manifest(up, &repo, &Reference::Digest(digest), &[])
                         .await
                 }

@@ -30,6 +30,7 @@ pub fn app(mirror: Arc<Mirror>) -> Router {
         .route("/readyz", get(ready))
         .fallback(registry)
         .layer(middleware::from_fn(api_version_header))
+        .layer(middleware::from_fn(access_log))
         .with_state(mirror)
 }
 
@@ -37,6 +38,22 @@ async fn api_version_header(req: HttpRequest, next: Next) -> Response {
     let mut resp = next.run(req).await;
     resp.headers_mut()
         .insert("docker-distribution-api-version", API_VERSION);
+    resp
+}
+
+/// One line per request, when its response headers are ready.
+async fn access_log(req: HttpRequest, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    if uri.path().starts_with("/v2") {
+        tracing::info!(%method, uri = %uri, status, ms = format_args!("{ms:.1}"), "request");
+    } else {
+        tracing::debug!(%method, uri = %uri, status, "request");
+    }
     resp
 }
 

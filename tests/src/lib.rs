@@ -1,0 +1,35 @@
+//! End-to-end test harness for regmirror.
+//!
+//! - [`Registry`]: Debian's `docker-registry` (distribution 2.8) on loopback, plain or proxy.
+//! - [`seed`]: synthetic images (real tar+gzip layers) pushed with the distribution API.
+//! - [`Containerd`]: a private containerd driven by `ctr`, plus [`write_hosts_toml`].
+//! - [`skopeo`]: `skopeo copy` / `inspect --raw` wrappers.
+//! - [`CacheProcess`]: the `regmirror-cache` binary under test.
+//! - [`FakeUpstream`]: programmable in-process registry for fault and auth tests.
+//! - [`util`]: ports, polling, digests, HTTP client.
+//!
+//! Every peer lives in its own temp dir on 127.0.0.1 with a free port and is killed on
+//! drop. Child processes are started under `setpriv --pdeathsig KILL`, so they also die
+//! when the thread that started them exits: start peers from the test's own thread
+//! (`#[tokio::test]`), not from `spawn_blocking` or a shared static.
+
+pub mod cache;
+pub mod containerd;
+pub mod fake;
+mod process;
+pub mod registry;
+pub mod seed;
+pub mod skopeo;
+pub mod util;
+
+pub use cache::{CacheOptions, CacheProcess, cache_binary};
+pub use containerd::{Containerd, write_hosts_toml};
+pub use fake::{Auth, Behaviour, FakeUpstream, RecordedRequest};
+pub use process::ensure_success;
+pub use registry::{AccessEntry, Registry};
+pub use seed::{
+    Blob, Flavour, ImageSpec, Platform, PushedImage, PushedIndex, build_image, build_index,
+    push_blob, push_built_image, push_built_index, push_image, push_index, push_manifest,
+};
+pub use skopeo::{skopeo_copy, skopeo_inspect_raw};
+pub use util::{free_port, http_client, sha256_digest, wait_until};

@@ -1,0 +1,110 @@
+//! Small helpers shared by the harness and by tests: ports, polling, digests, HTTP client.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use sha2::{Digest, Sha256};
+
+/// Default overall timeout for one HTTP request made by the harness.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default connect timeout for the harness HTTP client.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bind `:0`, read the port, close).
+///
+/// Only for peers that need the port number in their config; in-process servers
+/// should bind `:0` themselves and keep the listener.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local_addr").port()
+}
+
+/// Polls `check` every 50 ms until it returns `true`; fails after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("condition not met within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `sha256:<hex>` of `bytes`, the OCI digest form.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// reqwest client for loopback tests: no proxy, 5 s connect timeout, 120 s total timeout,
+/// follows redirects.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(HTTP_TIMEOUT)
+        .build()
+        .expect("build reqwest client")
+}
+
+/// Like [`http_client`] but never follows redirects (to observe 307s).
+pub fn http_client_no_redirect() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(HTTP_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("build reqwest client")
+}
+
+/// The Cargo workspace root (parent of the `tests/` crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests crate has a parent dir")
+        .to_path_buf()
+}
+
+/// Whether this process runs as root (uid 0), read from `/proc/self/status`.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Panics with a clear message unless running as root (containerd needs it).
+pub fn require_root(what: &str) {
+    assert!(
+        is_root(),
+        "{what} needs root (uid 0); run the tests as root"
+    );
+}
+
+/// Last `n` lines of `text`.
+pub fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    lines[start..].join("\n")
+}
+
+/// Reads a (log) file as lossy UTF-8, empty if missing.
+pub fn read_lossy(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}

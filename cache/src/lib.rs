@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod fill;
 pub mod flight;
+pub mod listen;
 pub mod mirror;
 pub mod oci;
 pub mod range;
@@ -38,8 +39,12 @@ pub async fn serve(
         upstreams = ?config.upstreams.iter().map(|u| format!("{}={}", u.host, u.url)).collect::<Vec<_>>(),
         "regmirror-cache serving"
     );
-    axum::serve(listener, server::app(mirror))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    listen::serve(
+        listener,
+        server::app(mirror),
+        shutdown,
+        listen::SHUTDOWN_GRACE,
+    )
+    .await;
     Ok(())
 }

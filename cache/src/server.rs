@@ -62,7 +62,7 @@ async fn ready(State(mirror): State<Arc<Mirror>>) -> Response {
     let store = mirror.store().clone();
     let probe = tokio::task::spawn_blocking(move || {
         let tmp = store.temp_file()?;
-        std::io::Write::write_all(&mut &*tmp.file(), b"ready")
+        std::io::Write::write_all(&mut tmp.file(), b"ready")
     })
     .await;
     match probe {

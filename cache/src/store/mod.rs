@@ -214,7 +214,7 @@ impl Store {
     /// Writes `bytes` to `dest` through a fsynced temp file and a rename.
     fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> io::Result<()> {
         let tmp = self.temp_file()?;
-        std::io::Write::write_all(&mut &*tmp.file(), bytes)?;
+        std::io::Write::write_all(&mut tmp.file(), bytes)?;
         tmp.persist(dest)
     }
 }

@@ -1,0 +1,417 @@
+//! The cache between real clients (skopeo, containerd) and a real upstream
+//! (Debian's docker-registry), everything on loopback.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use regmirror_e2e::seed::{self, Flavour, ImageSpec, Platform, PushedImage};
+use regmirror_e2e::skopeo::{self, SkopeoOpts};
+use regmirror_e2e::util::{http_client, sha256_digest};
+use regmirror_e2e::{CacheProcess, Containerd, Registry, write_hosts_toml};
+
+async fn bounded<F: Future<Output = Result<()>>>(secs: u64, f: F) {
+    match tokio::time::timeout(Duration::from_secs(secs), f).await {
+        Ok(r) => r.unwrap(),
+        Err(_) => panic!("test exceeded its {secs} s limit"),
+    }
+}
+
+/// Upstream GETs of each blob of `image`, from the registry's access log.
+fn blob_gets(reg: &Registry, image: &PushedImage) -> Vec<usize> {
+    image
+        .blobs()
+        .map(|b| reg.count("GET", &format!("/blobs/{}", b.digest)))
+        .collect()
+}
+
+async fn start_cache(upstreams: &[(&str, &str)]) -> Result<CacheProcess> {
+    let mut args = Vec::new();
+    for (host, url) in upstreams {
+        args.push("--upstream".to_owned());
+        args.push(format!("{host}={url}"));
+    }
+    CacheProcess::start(args).await
+}
+
+#[tokio::test]
+async fn skopeo_pulls_every_image_kind_through_the_cache() {
+    bounded(240, async {
+        let mut reg = Registry::start().await?;
+        let up = reg.url();
+        // A layer of tens of MB, Docker and OCI media types, and both index kinds.
+        let docker = seed::push_image(
+            &up,
+            "library/app",
+            "v1",
+            &ImageSpec::docker(&[24_000_000, 300_000]),
+        )
+        .await?;
+        let oci =
+            seed::push_image(&up, "team/tool", "v2", &ImageSpec::oci(&[500_000, 20_000])).await?;
+        let amd = seed::build_image(&ImageSpec::oci(&[40_000]).platform("linux/amd64"))?;
+        let arm = seed::build_image(&ImageSpec::oci(&[50_000]).platform("linux/arm64"))?;
+        let children = vec![
+            (Platform::parse("linux/amd64"), amd.clone()),
+            (Platform::parse("linux/arm64"), arm.clone()),
+        ];
+        let oci_index =
+            seed::push_index(&up, "library/multi", "v1", Flavour::Oci, &children).await?;
+        let list = seed::push_index(&up, "library/list", "v1", Flavour::Docker, &children).await?;
+
+        let mut cache = start_cache(&[("docker.io", &up)]).await?;
+        let host = cache.host();
+        let out = tempfile::tempdir()?;
+
+        // Docker-daemon style names (default upstream, `library/` implied).
+        let got = skopeo::skopeo_copy(&format!("{host}/app:v1"), &out.path().join("a")).await?;
+        assert_eq!(got, docker.digest, "docker manifest digest preserved");
+        assert_eq!(
+            skopeo::dir_layer_digests(&out.path().join("a"))?,
+            docker.layer_digests()
+        );
+        // CRI-O style prefix.
+        let got = skopeo::skopeo_copy(
+            &format!("{host}/docker.io/team/tool:v2"),
+            &out.path().join("b"),
+        )
+        .await?;
+        assert_eq!(got, oci.digest, "oci manifest digest preserved");
+        assert_eq!(
+            skopeo::dir_layer_digests(&out.path().join("b"))?,
+            oci.layer_digests()
+        );
+        // Indexes are served byte for byte; a platform is picked from them.
+        for (repo, index) in [("library/multi", &oci_index), ("library/list", &list)] {
+            let raw = skopeo::skopeo_inspect_raw(&format!("{host}/{repo}:v1")).await?;
+            assert_eq!(raw, index.manifest.to_vec(), "{repo} index bytes");
+        }
+        let opts = SkopeoOpts {
+            extra_args: vec!["--override-arch".into(), "arm64".into()],
+            ..SkopeoOpts::default()
+        };
+        let got =
+            skopeo::skopeo_copy_opts(&format!("{host}/multi:v1"), &out.path().join("c"), &opts)
+                .await?;
+        assert_eq!(got, arm.digest, "arm64 child picked from the index");
+
+        // Every blob crossed the upstream exactly once.
+        let first = blob_gets(&reg, &docker);
+        assert!(first.iter().all(|&n| n == 1), "blob GETs {first:?}");
+
+        // A second pull is served from disk: no blob GET, at most a tag HEAD.
+        let heads_before = reg.count("HEAD", "/v2/library/app/manifests/v1");
+        let got = skopeo::skopeo_copy(&format!("{host}/app:v1"), &out.path().join("d")).await?;
+        assert_eq!(got, docker.digest);
+        assert_eq!(blob_gets(&reg, &docker), first, "warm pull refetched blobs");
+        assert!(reg.count("HEAD", "/v2/library/app/manifests/v1") <= heads_before + 1);
+        assert_eq!(
+            reg.count("GET", &format!("/manifests/{}", docker.digest)),
+            1,
+            "manifest fetched once"
+        );
+
+        // With the upstream gone and the cache restarted, cached tags and digests still pull.
+        reg.stop().await?;
+        cache.restart().await?;
+        let started = Instant::now();
+        let got = skopeo::skopeo_copy(&format!("{host}/app:v1"), &out.path().join("e")).await?;
+        assert_eq!(
+            got, docker.digest,
+            "served from cache with the upstream down"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "stale serve took {:?}",
+            started.elapsed()
+        );
+        let raw = skopeo::skopeo_inspect_raw(&format!("{host}/multi:v1")).await?;
+        assert_eq!(raw, oci_index.manifest.to_vec());
+        // What was never cached is an error, not a hang.
+        let resp = http_client()
+            .get(format!("{}/v2/library/never/manifests/v1", cache.url()))
+            .send()
+            .await?;
+        assert!(
+            resp.status().is_server_error(),
+            "uncached with upstream down: {}",
+            resp.status()
+        );
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn containerd_pulls_docker_io_through_the_cache() {
+    regmirror_e2e::util::require_root("containerd");
+    bounded(300, async {
+        let reg = Registry::start().await?;
+        let up = reg.url();
+        let image = seed::push_image(
+            &up,
+            "library/web",
+            "1.0",
+            &ImageSpec::docker(&[6_000_000, 400_000, 10_000]),
+        )
+        .await?;
+        let amd = seed::build_image(&ImageSpec::oci(&[70_000, 1_000]).platform("linux/amd64"))?;
+        let arm = seed::build_image(&ImageSpec::oci(&[80_000, 2_000]).platform("linux/arm64"))?;
+        let children = vec![
+            (amd.platform.clone(), amd.clone()),
+            (arm.platform.clone(), arm.clone()),
+        ];
+        let index = seed::push_index(&up, "library/multi", "v1", Flavour::Oci, &children).await?;
+
+        let cache = start_cache(&[("docker.io", &up)]).await?;
+        let ctrd = Containerd::start().await?;
+        let hosts = tempfile::tempdir()?;
+        // `server` on a closed port: every byte must come through the cache.
+        write_hosts_toml(
+            hosts.path(),
+            "docker.io",
+            &cache.url(),
+            "http://127.0.0.1:9",
+        )?;
+
+        ctrd.pull_ok(hosts.path(), "docker.io/library/web:1.0", None)
+            .await?;
+        assert_eq!(
+            ctrd.image_digest("docker.io/library/web:1.0").await?,
+            Some(image.digest.clone())
+        );
+        let content = ctrd.content_digests().await?;
+        for b in image.blobs() {
+            assert!(content.contains(&b.digest), "{} not pulled", b.digest);
+        }
+        // containerd's requests carried ?ns=docker.io, and the cache asked the upstream
+        // for each blob once.
+        assert!(
+            cache.log().contains("ns=docker.io"),
+            "cache log: {}",
+            cache.log_tail(20)
+        );
+        let first = blob_gets(&reg, &image);
+        assert!(first.iter().all(|&n| n == 1), "blob GETs {first:?}");
+
+        // Pull again from scratch: the cache serves every blob from disk.
+        ctrd.remove_all_images().await?;
+        ctrd.pull_ok(hosts.path(), "docker.io/library/web:1.0", None)
+            .await?;
+        assert_eq!(blob_gets(&reg, &image), first, "warm pull reached upstream");
+
+        // An index: only the requested platform's content moves.
+        ctrd.pull_ok(
+            hosts.path(),
+            "docker.io/library/multi:v1",
+            Some("linux/arm64"),
+        )
+        .await?;
+        assert_eq!(
+            ctrd.image_digest("docker.io/library/multi:v1").await?,
+            Some(index.digest.clone())
+        );
+        let content = ctrd.content_digests().await?;
+        for b in arm.blobs() {
+            assert!(content.contains(&b.digest), "arm64 blob {}", b.digest);
+        }
+        assert_eq!(reg.count("GET", &amd.layers[0].digest), 0);
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_cold_clients_share_one_upstream_fetch() {
+    bounded(180, async {
+        let reg = Registry::start().await?;
+        let up = reg.url();
+        let image = seed::push_image(
+            &up,
+            "library/big",
+            "v1",
+            &ImageSpec::docker(&[32_000_000]).gzip_level(0),
+        )
+        .await?;
+        let layer = image.layers[0].clone();
+        let cache = start_cache(&[("docker.io", &up)]).await?;
+        let url = format!("{}/v2/library/big/blobs/{}", cache.url(), layer.digest);
+
+        const CLIENTS: usize = 8;
+        let client = http_client();
+        let pulls = (0..CLIENTS).map(|i| {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
+                // Half of the clients read a range from the middle.
+                let req = if i % 2 == 1 {
+                    client.get(&url).header("range", "bytes=1000000-1999999")
+                } else {
+                    client.get(&url)
+                };
+                let resp = req.send().await?;
+                let status = resp.status().as_u16();
+                let body = resp.bytes().await?;
+                Ok::<_, anyhow::Error>((i, status, body))
+            }
+        });
+        for r in futures::future::join_all(pulls).await {
+            let (i, status, body) = r?;
+            if i % 2 == 1 {
+                ensure!(status == 206, "client {i}: {status}");
+                ensure!(
+                    body[..] == layer.bytes[1_000_000..2_000_000],
+                    "client {i} range"
+                );
+            } else {
+                ensure!(status == 200, "client {i}: {status}");
+                ensure!(sha256_digest(&body) == layer.digest, "client {i} digest");
+            }
+        }
+        let gets = reg.count("GET", &format!("/blobs/{}", layer.digest));
+        assert_eq!(gets, 1, "{CLIENTS} cold clients cost {gets} upstream GETs");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn one_cache_serves_several_upstreams() {
+    bounded(180, async {
+        let hub = Registry::start().await?;
+        let other = Registry::start().await?;
+        // Same repository name in both, different content.
+        let a = seed::push_image(
+            &hub.url(),
+            "org/app",
+            "v1",
+            &ImageSpec::oci(&[10_000]).seed(1),
+        )
+        .await?;
+        let b = seed::push_image(
+            &other.url(),
+            "org/app",
+            "v1",
+            &ImageSpec::oci(&[12_000]).seed(2),
+        )
+        .await?;
+        let cache = start_cache(&[("docker.io", &hub.url()), ("ghcr.io", &other.url())]).await?;
+        let base = cache.url();
+
+        let digest_of = |path: String| {
+            let url = format!("{base}{path}");
+            async move {
+                let resp = http_client()
+                    .get(&url)
+                    .header("accept", seed::ACCEPT_ALL_MANIFESTS)
+                    .send()
+                    .await?;
+                ensure!(resp.status() == 200, "{url}: {}", resp.status());
+                Ok(sha256_digest(&resp.bytes().await?))
+            }
+        };
+        assert_eq!(
+            digest_of("/v2/org/app/manifests/v1".into()).await?,
+            a.digest
+        );
+        assert_eq!(
+            digest_of("/v2/org/app/manifests/v1?ns=docker.io".into()).await?,
+            a.digest
+        );
+        assert_eq!(
+            digest_of("/v2/org/app/manifests/v1?ns=ghcr.io".into()).await?,
+            b.digest
+        );
+        assert_eq!(
+            digest_of("/v2/ghcr.io/org/app/manifests/v1".into()).await?,
+            b.digest
+        );
+        // Content is kept per upstream: a digest from one is not served under the other.
+        let resp = http_client()
+            .get(format!(
+                "{base}/v2/org/app/blobs/{}?ns=ghcr.io",
+                a.layers[0].digest
+            ))
+            .send()
+            .await?;
+        assert_eq!(resp.status(), 404);
+        // An upstream that is not configured is refused without dialing anything.
+        let before = (hub.access_log().len(), other.access_log().len());
+        for path in [
+            "/v2/org/app/manifests/v1?ns=quay.io",
+            "/v2/quay.io/org/app/manifests/v1",
+        ] {
+            let resp = http_client().get(format!("{base}{path}")).send().await?;
+            assert_eq!(resp.status(), 404, "{path}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            (hub.access_log().len(), other.access_log().len()),
+            before,
+            "an unconfigured upstream reached a configured one"
+        );
+
+        // The catalog lists what is cached, per upstream.
+        let catalog: serde_json::Value = http_client()
+            .get(format!("{base}/v2/_catalog"))
+            .send()
+            .await?
+            .bytes()
+            .await
+            .map(|b| serde_json::from_slice(&b))?
+            .context("catalog json")?;
+        let repos: Vec<&str> = catalog["repositories"]
+            .as_array()
+            .context("repositories")?
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert!(repos.contains(&"org/app"), "{repos:?}");
+        assert!(repos.contains(&"ghcr.io/org/app"), "{repos:?}");
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn tags_list_is_passed_through_with_pagination() {
+    bounded(120, async {
+        let reg = Registry::start().await?;
+        let img = seed::build_image(&ImageSpec::oci(&[1_000]))?;
+        for tag in ["a", "b", "c"] {
+            seed::push_built_image(&reg.url(), "library/tagged", tag, &img).await?;
+        }
+        let cache = start_cache(&[("docker.io", &reg.url())]).await?;
+        // Whatever the upstream answers, order and pagination included, is relayed.
+        let list = |base: String, q: &'static str| async move {
+            let url = format!("{base}/v2/{q}");
+            let resp = http_client().get(&url).send().await?;
+            ensure!(resp.status() == 200, "{url}: {}", resp.status());
+            let v: serde_json::Value = serde_json::from_slice(&resp.bytes().await?)?;
+            Ok(v["tags"].clone())
+        };
+        for (via_cache, direct) in [
+            ("tagged/tags/list", "library/tagged/tags/list"),
+            ("tagged/tags/list?n=2", "library/tagged/tags/list?n=2"),
+            (
+                "tagged/tags/list?n=2&last=b",
+                "library/tagged/tags/list?n=2&last=b",
+            ),
+        ] {
+            let got = list(cache.url(), via_cache).await?;
+            assert_eq!(got, list(reg.url(), direct).await?, "{via_cache}");
+            assert!(
+                got.as_array().is_some_and(|a| !a.is_empty()),
+                "{via_cache}: {got}"
+            );
+        }
+        let all = list(cache.url(), "tagged/tags/list").await?;
+        let mut all: Vec<_> = all.as_array().context("tags")?.clone();
+        all.sort_by_key(|v| v.to_string());
+        assert_eq!(
+            serde_json::Value::from(all),
+            serde_json::json!(["a", "b", "c"])
+        );
+        Ok(())
+    })
+    .await;
+}

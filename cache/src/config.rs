@@ -11,6 +11,7 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::route::canonical_host;
+use crate::store::Limits;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -41,6 +42,13 @@ pub struct Cli {
     /// Log format [default: text].
     #[arg(long, env = "REGMIRROR_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Byte budget for cached content (e.g. 50Gi); least recently used content
+    /// is evicted to stay under it [default: unlimited].
+    #[arg(long, env = "REGMIRROR_MAX_SIZE", value_parser = crate::size::parse_size)]
+    pub max_size: Option<u64>,
+    /// Evict content not read for this long (e.g. 30d) [default: never].
+    #[arg(long, env = "REGMIRROR_MAX_AGE")]
+    pub max_age: Option<humantime::Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
@@ -86,6 +94,12 @@ pub struct FileConfig {
     #[serde(default)]
     pub timeouts: FileTimeouts,
     pub max_manifest_size: Option<u64>,
+    #[serde(default, deserialize_with = "size_opt")]
+    pub max_size: Option<u64>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub max_age: Option<Duration>,
+    pub high_watermark: Option<f64>,
+    pub low_watermark: Option<f64>,
     #[serde(default, rename = "upstream")]
     pub upstreams: Vec<FileUpstream>,
 }
@@ -114,6 +128,23 @@ pub struct FileUpstream {
     pub allowed_hosts: Vec<String>,
 }
 
+/// A size as a number of bytes or a string such as `"50Gi"`.
+fn size_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Option::<Size>::deserialize(d)? {
+        None => Ok(None),
+        Some(Size::Bytes(n)) => Ok(Some(n)),
+        Some(Size::Text(s)) => crate::size::parse_size(&s)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
+}
+
 mod humantime_serde_opt {
     use std::time::Duration;
 
@@ -136,6 +167,7 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub max_manifest_size: u64,
     pub log_format: LogFormat,
+    pub limits: Limits,
 }
 
 #[derive(Debug, Clone)]
@@ -188,6 +220,8 @@ pub enum ConfigError {
     Parse { path: String, message: String },
     #[error("invalid upstream {0}")]
     Upstream(String),
+    #[error("invalid storage limits: {0}")]
+    Limits(String),
 }
 
 /// Well-known registries: the API endpoint behind the name people write, and
@@ -309,6 +343,28 @@ impl Config {
             }
         }
 
+        let dl = Limits::default();
+        let limits = Limits {
+            max_size: cli.max_size.or(file.max_size),
+            max_age: cli.max_age.map(Into::into).or(file.max_age),
+            high_watermark: file.high_watermark.unwrap_or(dl.high_watermark),
+            low_watermark: file.low_watermark.unwrap_or(dl.low_watermark),
+        };
+        if !(limits.low_watermark > 0.0
+            && limits.low_watermark < limits.high_watermark
+            && limits.high_watermark <= 1.0)
+        {
+            return Err(ConfigError::Limits(format!(
+                "watermarks must satisfy 0 < low_watermark ({}) < high_watermark ({}) <= 1",
+                limits.low_watermark, limits.high_watermark
+            )));
+        }
+        if limits.max_size == Some(0) || limits.max_age == Some(Duration::ZERO) {
+            return Err(ConfigError::Limits(
+                "max_size and max_age must be greater than zero (omit them for no limit)".into(),
+            ));
+        }
+
         let d = Timeouts::default();
         let t = &file.timeouts;
         Ok(Self {
@@ -330,6 +386,7 @@ impl Config {
             },
             max_manifest_size: file.max_manifest_size.unwrap_or(DEFAULT_MAX_MANIFEST_SIZE),
             log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
+            limits,
         })
     }
 

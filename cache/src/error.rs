@@ -37,6 +37,10 @@ pub enum Error {
     UpstreamUnavailable { upstream: String, detail: String },
     #[error("upstream {upstream} sent a bad response: {detail}")]
     UpstreamInvalid { upstream: String, detail: String },
+    /// The disk or the byte budget has no room: callers pass the content
+    /// through uncached instead of failing.
+    #[error("storage full: {0}")]
+    StorageFull(String),
     #[error("not found")]
     NotFound,
     #[error("internal error: {0}")]
@@ -66,6 +70,7 @@ impl Error {
             Self::UpstreamUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamInvalid { .. } => StatusCode::BAD_GATEWAY,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::StorageFull(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -84,14 +89,14 @@ impl Error {
             Self::Denied { .. } => "DENIED",
             Self::UpstreamUnavailable { .. } | Self::UpstreamInvalid { .. } => "UNAVAILABLE",
             Self::NotFound => "NOT_FOUND",
-            Self::Internal(_) => "UNKNOWN",
+            Self::Internal(_) | Self::StorageFull(_) => "UNKNOWN",
         }
     }
 
     /// The message a client may see: everything but internal details.
     fn public_message(&self) -> String {
         match self {
-            Self::Internal(_) => "internal error".to_owned(),
+            Self::Internal(_) | Self::StorageFull(_) => "internal error".to_owned(),
             other => other.to_string(),
         }
     }

@@ -6,6 +6,11 @@
 //! grows. The final bytes are published only once the digest has been
 //! verified and the file renamed into the store, so a client can never
 //! receive a complete body that does not match its digest.
+//!
+//! Before the first byte is written the fill is admitted against the byte
+//! budget and its full size is allocated on disk, so a full disk shows up
+//! as [`Error::StorageFull`] before any client has been answered, and the
+//! caller can pass the blob through uncached instead.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -21,8 +26,9 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::oci::Digest;
-use crate::store::Store;
+use crate::store::{Kind, Store};
 
 /// How much a reader sends per chunk, and how much the writer gathers
 /// before one write, when more is already waiting.
@@ -55,6 +61,7 @@ pub struct FillJob {
     /// The upstream GET, already past auth and redirects.
     pub fetch: BoxFuture<'static, Result<reqwest::Response>>,
     pub body_idle: Duration,
+    pub metrics: Arc<Metrics>,
 }
 
 type FillKey = (String, Digest);
@@ -216,11 +223,31 @@ async fn run(tx: &watch::Sender<FillState>, job: FillJob) -> Result<()> {
         s => return Err(invalid(format!("blob GET answered {s}"))),
     }
     let size = resp.content_length();
+    let _reservation = match size {
+        Some(s) => Some(job.store.admit(s).await.ok_or_else(|| {
+            Error::StorageFull(format!(
+                "no room for {s} bytes within the cache's byte budget"
+            ))
+        })?),
+        None => None,
+    };
     let store = job.store.clone();
-    let tmp = tokio::task::spawn_blocking(move || store.temp_file())
-        .await
-        .map_err(Error::internal)??;
+    let tmp = tokio::task::spawn_blocking(move || -> io::Result<_> {
+        let tmp = store.temp_file()?;
+        if let Some(s) = size {
+            preallocate(tmp.file(), s)?;
+        }
+        Ok(tmp)
+    })
+    .await
+    .map_err(Error::internal)?
+    .map_err(storage_error)?;
     let file = Arc::new(tmp.try_clone_file()?);
+    let upstream_bytes = job
+        .metrics
+        .upstream_bytes
+        .get_or_create(&job.metrics.upstream(&job.host))
+        .clone();
     tx.send_replace(FillState::Streaming {
         size,
         available: 0,
@@ -268,8 +295,10 @@ async fn run(tx: &watch::Sender<FillState>, job: FillJob) -> Result<()> {
             Ok(hasher)
         })
         .await
-        .map_err(Error::internal)??;
+        .map_err(Error::internal)?
+        .map_err(storage_error)?;
         written += len;
+        upstream_bytes.inc_by(len);
         if size == Some(written) {
             break;
         }
@@ -299,10 +328,35 @@ async fn run(tx: &watch::Sender<FillState>, job: FillJob) -> Result<()> {
     }
     tokio::task::spawn_blocking(move || tmp.persist(&dest))
         .await
-        .map_err(Error::internal)??;
+        .map_err(Error::internal)?
+        .map_err(storage_error)?;
+    job.store
+        .record(&job.host, Kind::Blob, &job.digest, written);
     tx.send_replace(FillState::Done {
         size: written,
         file,
     });
     Ok(())
+}
+
+/// Claims the blob's whole size on disk up front, so that a full disk fails
+/// the fill before anything was sent. Filesystems without fallocate skip it.
+fn preallocate(file: &File, size: u64) -> io::Result<()> {
+    if size == 0 {
+        return Ok(());
+    }
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, size) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn storage_error(e: io::Error) -> Error {
+    match e.kind() {
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => {
+            Error::StorageFull(e.to_string())
+        }
+        _ => Error::from(e),
+    }
 }

@@ -6,14 +6,17 @@
 
 pub mod config;
 pub mod error;
+pub mod evict;
 pub mod fill;
 pub mod flight;
 pub mod listen;
+pub mod metrics;
 pub mod mirror;
 pub mod oci;
 pub mod range;
 pub mod route;
 pub mod server;
+pub mod size;
 pub mod store;
 pub mod upstream;
 
@@ -29,10 +32,12 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let store = store::Store::open(&config.storage)
+    let metrics = Arc::new(metrics::Metrics::new());
+    let store = store::Store::open_with(&config.storage, config.limits, metrics)
         .await
         .map_err(|e| anyhow::anyhow!("cannot open storage {}: {e}", config.storage.display()))?;
-    let mirror = Arc::new(mirror::Mirror::new(&config, store)?);
+    let mirror = Arc::new(mirror::Mirror::new(&config, store.clone())?);
+    let _evictor = evict::spawn(store);
     tracing::info!(
         listen = %listener.local_addr()?,
         storage = %config.storage.display(),

@@ -14,9 +14,10 @@ use crate::config::{Config, Timeouts};
 use crate::error::{Error, Result};
 use crate::fill::{Fill, FillJob, Fills};
 use crate::flight::Flights;
+use crate::metrics::Metrics;
 use crate::oci::media::{self, accepts};
 use crate::oci::{Digest, Reference, RepoName, Tag};
-use crate::store::{Store, StoredManifest, TagRecord};
+use crate::store::{Lease, Store, StoredBlob, StoredManifest, TagRecord};
 use crate::upstream::{self, Upstream};
 
 const MAX_PASSTHROUGH_BODY: u64 = 8 << 20;
@@ -35,12 +36,25 @@ pub struct Mirror {
     validated: Mutex<HashMap<(usize, RepoName, Tag), Instant>>,
     timeouts: Timeouts,
     max_manifest_size: u64,
+    metrics: Arc<Metrics>,
+    registry: prometheus_client::registry::Registry,
 }
 
 /// Where a blob's bytes come from.
 pub enum Blob {
-    Stored { file: File, size: u64 },
-    Filling { fill: Arc<Fill>, size: Option<u64> },
+    Stored {
+        file: File,
+        size: u64,
+        lease: Option<Lease>,
+    },
+    Filling {
+        fill: Arc<Fill>,
+        size: Option<u64>,
+    },
+    /// No room to store it: the upstream's response, relayed as it arrives.
+    PassThrough {
+        resp: reqwest::Response,
+    },
 }
 
 /// An upstream answer relayed to the client.
@@ -53,11 +67,23 @@ pub struct Relayed {
 impl Mirror {
     pub fn new(config: &Config, store: Store) -> Result<Self> {
         let client = upstream::build_client(&config.timeouts)?;
+        let metrics = Arc::clone(store.metrics());
+        let registry = metrics.registry();
+        metrics
+            .store_max_bytes
+            .set(store.limits().max_size.unwrap_or(0) as i64);
         Ok(Self {
             upstreams: config
                 .upstreams
                 .iter()
-                .map(|u| Upstream::new(u.clone(), client.clone(), config.credentials.clone()))
+                .map(|u| {
+                    Upstream::new(
+                        u.clone(),
+                        client.clone(),
+                        config.credentials.clone(),
+                        Arc::clone(&metrics),
+                    )
+                })
                 .collect(),
             hosts: config.upstream_hosts(),
             store,
@@ -67,7 +93,21 @@ impl Mirror {
             validated: Mutex::default(),
             timeouts: config.timeouts.clone(),
             max_manifest_size: config.max_manifest_size,
+            metrics,
+            registry,
         })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The `/metrics` exposition, with the store gauges brought up to date.
+    pub fn metrics_text(&self) -> String {
+        let usage = self.store.usage();
+        self.metrics.store_bytes.set(usage.stored_bytes() as i64);
+        self.metrics.store_files.set(usage.files() as i64);
+        self.metrics.encode(&self.registry)
     }
 
     pub fn hosts(&self) -> &[String] {
@@ -105,8 +145,10 @@ impl Mirror {
         d: &Digest,
     ) -> Result<StoredManifest> {
         if let Some(m) = self.store.manifest(&self.hosts[up], d).await? {
+            self.metrics.hit(&self.hosts[up], "manifest");
             return Ok(m);
         }
+        self.metrics.miss(&self.hosts[up], "manifest");
         let this = Arc::clone(self);
         let (repo, digest) = (repo.clone(), d.clone());
         self.manifest_flights
@@ -149,6 +191,7 @@ impl Mirror {
                     .is_some_and(|t| t.elapsed() < ttl);
             if fresh {
                 if let Some(m) = self.stored_for(host, rec).await {
+                    self.metrics.hit(host, "manifest");
                     return Ok(m);
                 }
             }
@@ -178,6 +221,10 @@ impl Mirror {
         match self.stored_for(host, &rec).await {
             Some(m) => {
                 tracing::warn!(upstream = %host, %repo, %tag, error = %err, "upstream failed; serving cached tag");
+                self.metrics
+                    .stale_serves
+                    .get_or_create(&self.metrics.upstream(host))
+                    .inc();
                 Ok(m)
             }
             None => Err(err),
@@ -224,7 +271,10 @@ impl Mirror {
             .and_then(|v| v.parse::<Digest>().ok());
         let m = match digest {
             Some(d) => match self.store.manifest(host, &d).await? {
-                Some(m) => m,
+                Some(m) => {
+                    self.metrics.hit(host, "manifest");
+                    m
+                }
                 None => self.manifest_by_digest(up, repo, &d).await?,
             },
             // Registries that do not report digests on HEAD.
@@ -322,8 +372,8 @@ impl Mirror {
         d: &Digest,
     ) -> Result<u64> {
         let host = &self.hosts[up];
-        if let Some((_, size)) = self.store.blob(host, d).await? {
-            return Ok(size);
+        if let Some(b) = self.store.blob(host, d).await? {
+            return Ok(b.size);
         }
         if let Some(fill) = self.fills.in_flight(host, d) {
             if let Some(size) = fill.ready().await? {
@@ -356,9 +406,11 @@ impl Mirror {
 
     pub async fn blob(self: &Arc<Self>, up: usize, repo: &RepoName, d: &Digest) -> Result<Blob> {
         let host = &self.hosts[up];
-        if let Some((file, size)) = self.store.blob(host, d).await? {
-            return Ok(Blob::Stored { file, size });
+        if let Some(StoredBlob { file, size, lease }) = self.store.blob(host, d).await? {
+            self.metrics.hit(host, "blob");
+            return Ok(Blob::Stored { file, size, lease });
         }
+        self.metrics.miss(host, "blob");
         let (fill, joined) = self.fills.join_or_start(host, d, || {
             let this = Arc::clone(self);
             let (repo, digest) = (repo.clone(), d.clone());
@@ -380,11 +432,36 @@ impl Mirror {
                 }
                 .boxed(),
                 body_idle: self.timeouts.body_idle,
+                metrics: Arc::clone(&self.metrics),
             }
         });
+        if joined {
+            self.metrics.fill_joins.inc();
+        }
         tracing::debug!(upstream = %host, digest = %d, joined, "blob fill");
-        let size = fill.ready().await?;
-        Ok(Blob::Filling { fill, size })
+        match fill.ready().await {
+            Ok(size) => Ok(Blob::Filling { fill, size }),
+            Err(Error::StorageFull(why)) => {
+                tracing::warn!(upstream = %host, digest = %d, reason = %why, "storage full; passing the blob through uncached");
+                self.metrics.disk_full_passthrough.inc();
+                let resp = self.upstreams[up]
+                    .send(
+                        Method::GET,
+                        repo,
+                        &format!("blobs/{d}"),
+                        None,
+                        HeaderMap::new(),
+                        self.timeouts.response_header,
+                    )
+                    .await?;
+                match resp.status().as_u16() {
+                    200 => Ok(Blob::PassThrough { resp }),
+                    404 => Err(Error::BlobUnknown(d.to_string())),
+                    _ => Err(upstream_status(host, "blob GET", resp.status())),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     // ---- pass-through and listings ----

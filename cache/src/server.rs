@@ -14,6 +14,7 @@ use futures::StreamExt;
 use tokio_util::io::ReaderStream;
 
 use crate::error::{Error, Result};
+use crate::metrics::{EndpointLabels, Metrics, RequestLabels};
 use crate::mirror::{Blob, Mirror, Relayed, paginate};
 use crate::oci::media;
 use crate::oci::{Digest, Reference};
@@ -28,10 +29,41 @@ pub fn app(mirror: Arc<Mirror>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
         .fallback(registry)
         .layer(middleware::from_fn(api_version_header))
-        .layer(middleware::from_fn(access_log))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(mirror.metrics()),
+            access_log,
+        ))
         .with_state(mirror)
+}
+
+/// The upstream a registry request was routed to, for the access log and metrics.
+#[derive(Clone)]
+struct RoutedTo(String);
+
+async fn metrics(State(mirror): State<Arc<Mirror>>) -> Response {
+    let mut resp = mirror.metrics_text().into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    resp
+}
+
+/// The metrics label for a request path (bounded cardinality).
+fn endpoint_label(path: &str) -> &'static str {
+    match path {
+        "/v2" | "/v2/" => "base",
+        "/v2/_catalog" => "catalog",
+        p if !p.starts_with("/v2/") => "other",
+        p if p.contains("/manifests/") => "manifest",
+        p if p.contains("/blobs/") => "blob",
+        p if p.ends_with("/tags/list") => "tags",
+        p if p.contains("/referrers/") => "referrers",
+        _ => "other",
+    }
 }
 
 async fn api_version_header(req: HttpRequest, next: Next) -> Response {
@@ -41,16 +73,38 @@ async fn api_version_header(req: HttpRequest, next: Next) -> Response {
     resp
 }
 
-/// One line per request, when its response headers are ready.
-async fn access_log(req: HttpRequest, next: Next) -> Response {
+/// One line and one count per request, when its response headers are ready.
+async fn access_log(State(metrics): State<Arc<Metrics>>, req: HttpRequest, next: Next) -> Response {
     let started = std::time::Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone();
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let elapsed = started.elapsed();
+    let ms = elapsed.as_secs_f64() * 1000.0;
     if uri.path().starts_with("/v2") {
-        tracing::info!(%method, uri = %uri, status, ms = format_args!("{ms:.1}"), "request");
+        let upstream = resp
+            .extensions()
+            .get::<RoutedTo>()
+            .map(|r| r.0.clone())
+            .unwrap_or_default();
+        let endpoint = endpoint_label(uri.path());
+        metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                endpoint: endpoint.to_owned(),
+                method: method.to_string(),
+                status,
+                upstream: upstream.clone(),
+            })
+            .inc();
+        metrics
+            .request_seconds
+            .get_or_create(&EndpointLabels {
+                endpoint: endpoint.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+        tracing::info!(%method, uri = %uri, status, upstream, ms = format_args!("{ms:.1}"), "request");
     } else {
         tracing::debug!(%method, uri = %uri, status, "request");
     }
@@ -78,6 +132,7 @@ async fn ready(State(mirror): State<Arc<Mirror>>) -> Response {
 async fn registry(State(mirror): State<Arc<Mirror>>, req: HttpRequest) -> Response {
     let (parts, _body) = req.into_parts();
     let head = parts.method == Method::HEAD;
+    let mut routed = None;
     let result = match route(
         &parts.method,
         parts.uri.path(),
@@ -87,9 +142,16 @@ async fn registry(State(mirror): State<Arc<Mirror>>, req: HttpRequest) -> Respon
         Err(e) => Err(e),
         Ok(Request::Base) => Ok(json_response(head, "{}".into())),
         Ok(Request::Catalog { n, last }) => catalog(&mirror, n, last, head).await,
-        Ok(Request::Repo(r)) => repo_request(&mirror, r, &parts.headers, head).await,
+        Ok(Request::Repo(r)) => {
+            routed = Some(RoutedTo(mirror.hosts()[r.upstream].clone()));
+            repo_request(&mirror, r, &parts.headers, head).await
+        }
     };
-    result.unwrap_or_else(IntoResponse::into_response)
+    let mut resp = result.unwrap_or_else(IntoResponse::into_response);
+    if let Some(r) = routed {
+        resp.extensions_mut().insert(r);
+    }
+    resp
 }
 
 async fn repo_request(
@@ -126,7 +188,7 @@ async fn repo_request(
         Endpoint::Blob(d) => {
             let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
             let blob = mirror.blob(r.upstream, &r.repo, d).await?;
-            blob_response(d, blob, range).await
+            blob_response(d, blob, range, mirror.metrics()).await
         }
         Endpoint::TagsList => {
             let relayed = mirror
@@ -176,10 +238,34 @@ fn blob_headers(h: &mut HeaderMap, d: &Digest, len: u64) {
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
 }
 
-async fn blob_response(d: &Digest, blob: Blob, range: Option<&str>) -> Result<Response> {
+async fn blob_response(
+    d: &Digest,
+    blob: Blob,
+    range: Option<&str>,
+    metrics: &Arc<Metrics>,
+) -> Result<Response> {
+    // Uncached: the whole body, as HTTP allows when a Range is not honoured.
+    let blob = match blob {
+        Blob::PassThrough { resp } => {
+            let size = resp.content_length();
+            let body = Body::from_stream(counted(
+                verified(resp.bytes_stream(), d.clone()),
+                metrics,
+                "passthrough",
+            ));
+            let mut out = Response::new(body);
+            match size {
+                Some(s) => blob_headers(out.headers_mut(), d, s),
+                None => set(out.headers_mut(), "docker-content-digest", &d.to_string()),
+            }
+            return Ok(out);
+        }
+        other => other,
+    };
     let size = match &blob {
         Blob::Stored { size, .. } => Some(*size),
         Blob::Filling { size, .. } => *size,
+        Blob::PassThrough { .. } => unreachable!("answered above"),
     };
     // Without a size (chunked upstream still filling) the whole body is sent.
     let wanted = size.map_or(RangeRequest::Full, |s| range::resolve(range, s));
@@ -193,7 +279,8 @@ async fn blob_response(d: &Digest, blob: Blob, range: Option<&str>) -> Result<Re
         _ => (StatusCode::OK, 0, size),
     };
     let body = match blob {
-        Blob::Stored { file, size } => {
+        Blob::PassThrough { .. } => unreachable!("answered above"),
+        Blob::Stored { file, size, lease } => {
             let len = end.unwrap_or(size) - start;
             let mut file = tokio::fs::File::from_std(file);
             if start > 0 {
@@ -201,12 +288,16 @@ async fn blob_response(d: &Digest, blob: Blob, range: Option<&str>) -> Result<Re
                 file.seek(std::io::SeekFrom::Start(start)).await?;
             }
             use tokio::io::AsyncReadExt;
-            Body::from_stream(ReaderStream::with_capacity(
-                file.take(len),
-                BLOB_READ_BUFFER,
-            ))
+            let stream = ReaderStream::with_capacity(file.take(len), BLOB_READ_BUFFER);
+            // The lease keeps the file from eviction until the body is done.
+            let stream = stream.inspect(move |_| {
+                let _ = &lease;
+            });
+            Body::from_stream(counted(stream, metrics, "disk"))
         }
-        Blob::Filling { fill, .. } => Body::from_stream(fill.read(start, end).boxed()),
+        Blob::Filling { fill, .. } => {
+            Body::from_stream(counted(fill.read(start, end), metrics, "fill"))
+        }
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
@@ -232,6 +323,84 @@ async fn blob_response(d: &Digest, blob: Blob, range: Option<&str>) -> Result<Re
         );
     }
     Ok(resp)
+}
+
+/// Counts the bytes of a body stream into `regmirror_served_bytes_total`.
+fn counted<S, E>(
+    stream: S,
+    metrics: &Arc<Metrics>,
+    source: &str,
+) -> impl futures::Stream<Item = std::result::Result<bytes::Bytes, E>> + Send + 'static
+where
+    S: futures::Stream<Item = std::result::Result<bytes::Bytes, E>> + Send + 'static,
+{
+    let counter = metrics
+        .served_bytes
+        .get_or_create(&crate::metrics::SourceLabels {
+            source: source.to_owned(),
+        })
+        .clone();
+    stream.inspect(move |chunk| {
+        if let Ok(b) = chunk {
+            counter.inc_by(b.len() as u64);
+        }
+    })
+}
+
+/// Relays an uncached body, holding back its last chunk until the digest is
+/// checked: a client never receives a complete body that does not match.
+fn verified<S>(
+    stream: S,
+    digest: Digest,
+) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static
+where
+    S: futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send + Unpin + 'static,
+{
+    use sha2::Digest as _;
+    struct St<S> {
+        inner: S,
+        hasher: sha2::Sha256,
+        held: Option<bytes::Bytes>,
+        done: bool,
+        digest: Digest,
+    }
+    let st = St {
+        inner: stream,
+        hasher: sha2::Sha256::new(),
+        held: None,
+        done: false,
+        digest,
+    };
+    futures::stream::unfold(st, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        loop {
+            match st.inner.next().await {
+                Some(Ok(chunk)) if chunk.is_empty() => continue,
+                Some(Ok(chunk)) => {
+                    st.hasher.update(&chunk);
+                    if let Some(prev) = st.held.replace(chunk) {
+                        return Some((Ok(prev), st));
+                    }
+                }
+                Some(Err(e)) => {
+                    st.done = true;
+                    return Some((Err(std::io::Error::other(e)), st));
+                }
+                None => {
+                    st.done = true;
+                    let actual = Digest::from_hasher(std::mem::take(&mut st.hasher));
+                    if actual != st.digest {
+                        tracing::warn!(expected = %st.digest, got = %actual, "uncached blob does not match its digest; transfer aborted");
+                        return Some((Err(std::io::Error::other("blob digest mismatch")), st));
+                    }
+                    let last = st.held.take()?;
+                    return Some((Ok(last), st));
+                }
+            }
+        }
+    })
 }
 
 /// Relays an upstream listing, pointing pagination links back at us.

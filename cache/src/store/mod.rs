@@ -13,21 +13,83 @@
 //! credentials are never served under another upstream's name.
 
 mod fsutil;
+pub mod usage;
 
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName, Tag};
 
 pub use fsutil::TempFile;
+pub use usage::{Kind, Lease, Reservation, Usage};
+
+/// How much the store may hold, and when content goes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Byte budget for content; `None`: unlimited (the volume's size).
+    pub max_size: Option<u64>,
+    /// Eviction starts above this fraction of `max_size`...
+    pub high_watermark: f64,
+    /// ...and removes least recently used content down to this fraction.
+    pub low_watermark: f64,
+    /// Content not read for this long is removed whatever the size.
+    pub max_age: Option<Duration>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_size: None,
+            high_watermark: 0.9,
+            low_watermark: 0.8,
+            max_age: None,
+        }
+    }
+}
+
+impl Limits {
+    fn high(&self) -> Option<u64> {
+        self.max_size
+            .map(|m| (m as f64 * self.high_watermark) as u64)
+    }
+    fn low(&self) -> Option<u64> {
+        self.max_size
+            .map(|m| (m as f64 * self.low_watermark) as u64)
+    }
+}
+
+/// What one eviction pass removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Evicted {
+    pub by_size: (u64, u64),
+    pub by_age: (u64, u64),
+}
 
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    usage: Arc<Usage>,
+    limits: Limits,
+    /// One eviction pass at a time.
+    evicting: Arc<tokio::sync::Mutex<()>>,
+    /// Wakes the background evictor when usage crosses the high watermark.
+    pressure: Arc<tokio::sync::Notify>,
+    metrics: Arc<Metrics>,
+}
+
+/// A stored blob, open, protected from eviction while the lease lives.
+#[derive(Debug)]
+pub struct StoredBlob {
+    pub file: File,
+    pub size: u64,
+    pub lease: Option<Lease>,
 }
 
 #[derive(Debug, Clone)]
@@ -46,14 +108,174 @@ pub struct TagRecord {
 impl Store {
     /// Opens (creating) the store and removes temp files a previous run left.
     pub async fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
-        let store = Self { root: root.into() };
+        Self::open_with(root, Limits::default(), Arc::default()).await
+    }
+
+    /// Opens the store; its index is built in the background (stat only), so
+    /// serving starts at once however much is stored.
+    pub async fn open_with(
+        root: impl Into<PathBuf>,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> io::Result<Self> {
+        let store = Self {
+            root: root.into(),
+            usage: Arc::default(),
+            limits,
+            evicting: Arc::default(),
+            pressure: Arc::default(),
+            metrics,
+        };
         let s = store.clone();
         tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(s.root.join("upstreams"))?;
             fsutil::sweep_dir(&s.tmp_dir())
         })
         .await??;
+        let s = store.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            match s.usage.load(&s.root.join("upstreams")) {
+                Ok(()) => tracing::info!(
+                    files = s.usage.files(),
+                    bytes = s.usage.stored_bytes(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "store index loaded"
+                ),
+                Err(e) => tracing::error!(error = %e, "cannot scan the store; eviction is off"),
+            }
+            s.pressure.notify_one();
+        });
         Ok(store)
+    }
+
+    pub fn usage(&self) -> &Arc<Usage> {
+        &self.usage
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Resolves when usage may need eviction.
+    pub async fn pressure(&self) {
+        self.pressure.notified().await
+    }
+
+    fn key(&self, host: &str, kind: Kind, d: &Digest) -> Option<usage::Key> {
+        self.usage.key(host, kind, d.hex())
+    }
+
+    /// Records a file just renamed into place.
+    pub fn record(&self, host: &str, kind: Kind, d: &Digest, size: u64) {
+        if let Some(k) = self.key(host, kind, d) {
+            self.usage.insert(k, size, usage::now_ms());
+        }
+        if self
+            .limits
+            .high()
+            .is_some_and(|h| self.usage.committed() > h)
+        {
+            self.pressure.notify_one();
+        }
+    }
+
+    /// Makes room for `bytes` about to be written: reserves them, evicting
+    /// least recently used content first if the budget requires it. `None`
+    /// when even that cannot keep the store within its budget.
+    pub async fn admit(&self, bytes: u64) -> Option<Reservation> {
+        let reservation = self.usage.reserve(bytes);
+        let Some(max) = self.limits.max_size else {
+            return Some(reservation);
+        };
+        if self.usage.committed() > self.limits.high().unwrap_or(max) {
+            let _ = self.evict().await;
+        }
+        (self.usage.committed() <= max).then_some(reservation)
+    }
+
+    /// One eviction pass: content unused for `max_age`, then least recently
+    /// used content until usage is under the low watermark.
+    pub async fn evict(&self) -> io::Result<Evicted> {
+        let ev = self.evict_inner().await?;
+        for (reason, (files, bytes)) in [("size", ev.by_size), ("age", ev.by_age)] {
+            if files > 0 {
+                tracing::info!(reason, files, bytes, "evicted");
+                let l = crate::metrics::ReasonLabels {
+                    reason: reason.to_owned(),
+                };
+                self.metrics.evictions.get_or_create(&l).inc_by(files);
+                self.metrics.evicted_bytes.get_or_create(&l).inc_by(bytes);
+            }
+        }
+        Ok(ev)
+    }
+
+    async fn evict_inner(&self) -> io::Result<Evicted> {
+        let _one = self.evicting.lock().await;
+        if !self.usage.is_loaded() {
+            return Ok(Evicted::default());
+        }
+        let committed = self.usage.committed();
+        let free = match (self.limits.high(), self.limits.low()) {
+            (Some(high), Some(low)) if committed > high => committed - low,
+            _ => 0,
+        };
+        let now = usage::now_ms();
+        let plan = self.usage.plan_eviction(free, self.limits.max_age, now);
+        if plan.is_empty() {
+            return Ok(Evicted::default());
+        }
+        let store = self.clone();
+        let expired_before = self
+            .limits
+            .max_age
+            .map_or(0, |a| now.saturating_sub(a.as_millis() as u64));
+        blocking(move || {
+            let mut out = Evicted::default();
+            for (key, _) in plan {
+                // Ages are re-read under the index lock: a file read since the
+                // plan was made keeps its place in the queue.
+                let old = store
+                    .usage
+                    .last_used(&key)
+                    .is_some_and(|u| u < expired_before);
+                let Some(size) = store.usage.remove_if_unleased(&key) else {
+                    continue;
+                };
+                let path = store.key_path(&key);
+                for p in [path.with_extension("type"), path] {
+                    match std::fs::remove_file(&p) {
+                        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                            tracing::warn!(path = %p.display(), error = %e, "cannot evict");
+                        }
+                        _ => {}
+                    }
+                }
+                let slot = if old {
+                    &mut out.by_age
+                } else {
+                    &mut out.by_size
+                };
+                slot.0 += 1;
+                slot.1 += size;
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    fn key_path(&self, key: &usage::Key) -> PathBuf {
+        let hex = hex::encode(key.sha256);
+        self.upstream_dir(&self.usage.host_of(key))
+            .join(key.kind.dir())
+            .join("sha256")
+            .join(&hex[..2])
+            .join(hex)
     }
 
     pub fn root(&self) -> &Path {
@@ -100,15 +322,28 @@ impl Store {
         TempFile::create_in(&self.tmp_dir())
     }
 
-    /// An open cached blob and its size.
-    pub async fn blob(&self, host: &str, d: &Digest) -> io::Result<Option<(File, u64)>> {
+    /// An open cached blob, leased against eviction, its recency refreshed.
+    pub async fn blob(&self, host: &str, d: &Digest) -> io::Result<Option<StoredBlob>> {
         let path = self.blob_path(host, d);
+        let key = self.key(host, Kind::Blob, d);
+        let usage = Arc::clone(&self.usage);
         blocking(move || match File::open(&path) {
-            Ok(f) => {
-                let len = f.metadata()?.len();
-                Ok(Some((f, len)))
+            Ok(file) => {
+                let size = file.metadata()?.len();
+                let lease = key.map(|k| {
+                    if usage.touch(&k) {
+                        let _ = file.set_modified(std::time::SystemTime::now());
+                    }
+                    usage.lease(k)
+                });
+                Ok(Some(StoredBlob { file, size, lease }))
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Some(k) = key {
+                    usage.forget(&k);
+                }
+                Ok(None)
+            }
             Err(e) => Err(e),
         })
         .await
@@ -121,12 +356,18 @@ impl Store {
     pub async fn manifest(&self, host: &str, d: &Digest) -> io::Result<Option<StoredManifest>> {
         let path = self.manifest_path(host, d);
         let digest = d.clone();
+        let key = self.key(host, Kind::Manifest, d);
+        let usage = Arc::clone(&self.usage);
         blocking(move || {
             let bytes = match std::fs::read(&path) {
                 Ok(b) => b,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(e),
             };
+            if key.is_some_and(|k| usage.touch(&k)) {
+                let _ =
+                    File::open(&path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+            }
             let media_type = std::fs::read_to_string(path.with_extension("type"))
                 .ok()
                 .map(|t| t.trim().to_owned())
@@ -149,9 +390,12 @@ impl Store {
         let path = self.manifest_path(host, &m.digest);
         let store = self.clone();
         let m = m.clone();
+        let host = host.to_owned();
         blocking(move || {
             store.write_atomic(&path.with_extension("type"), m.media_type.as_bytes())?;
-            store.write_atomic(&path, &m.bytes)
+            store.write_atomic(&path, &m.bytes)?;
+            store.record(&host, Kind::Manifest, &m.digest, m.bytes.len() as u64);
+            Ok(())
         })
         .await
     }

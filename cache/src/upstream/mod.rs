@@ -7,6 +7,7 @@ pub mod credentials;
 pub mod hosts;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -16,6 +17,7 @@ use url::Url;
 
 use crate::config::{Timeouts, UpstreamConfig};
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::oci::RepoName;
 use auth::Auth;
 use hosts::HostPolicy;
@@ -29,6 +31,7 @@ pub struct Upstream {
     client: reqwest::Client,
     policy: HostPolicy,
     auth: Auth,
+    metrics: Arc<Metrics>,
 }
 
 /// Shared by all upstreams: one connection pool, keep-alive, proxy env vars.
@@ -50,6 +53,7 @@ impl Upstream {
         config: UpstreamConfig,
         client: reqwest::Client,
         credentials_file: Option<PathBuf>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let policy = HostPolicy::new(&config.url, &config.allowed_hosts);
         Self {
@@ -57,6 +61,7 @@ impl Upstream {
             config,
             client,
             policy,
+            metrics,
         }
     }
 
@@ -123,7 +128,13 @@ impl Upstream {
             if let Some(a) = authorization.as_ref().filter(|_| url.origin() == origin) {
                 req = req.header(header::AUTHORIZATION, a.clone());
             }
-            let resp = match tokio::time::timeout(header_timeout, req.send()).await {
+            let sent = tokio::time::timeout(header_timeout, req.send()).await;
+            let status = sent
+                .as_ref()
+                .map_or(0, |r| r.as_ref().map_or(0, |r| r.status().as_u16()));
+            self.metrics
+                .upstream_request(self.host(), method.as_str(), status);
+            let resp = match sent {
                 Err(_) => {
                     return Err(self.unavailable(format!("no response within {header_timeout:?}")));
                 }
@@ -316,7 +327,7 @@ mod tests {
         let mut cfg = UpstreamConfig::new("r.example", Some("https://r.example/mirror/")).unwrap();
         cfg.tag_ttl = Duration::ZERO;
         let t = Timeouts::default();
-        let u = Upstream::new(cfg, build_client(&t).unwrap(), None);
+        let u = Upstream::new(cfg, build_client(&t).unwrap(), None, Arc::default());
         let repo = RepoName::parse("a/b").unwrap();
         assert_eq!(
             u.url_for(&repo, "tags/list", Some("n=1")).as_str(),

@@ -1,0 +1,397 @@
+//! What the store holds, how big it is and when each piece was last used:
+//! the in-memory index behind the byte budget and least-recently-used eviction.
+//!
+//! Entries are compact (host id, kind, raw digest) so that a store of 100k+
+//! files cost a few MB. Recency is kept in memory to the millisecond and
+//! survives restarts as the file's mtime, which reads refresh at most once
+//! per [`TOUCH_EVERY`], so hot content costs no extra syscalls.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Reads refresh a file's recorded recency at most this often.
+pub const TOUCH_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Blob,
+    Manifest,
+}
+
+impl Kind {
+    pub fn dir(self) -> &'static str {
+        match self {
+            Kind::Blob => "blobs",
+            Kind::Manifest => "manifests",
+        }
+    }
+}
+
+/// One stored file: `upstreams/<host>/<kind>/sha256/<ab>/<hex>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key {
+    host: u32,
+    pub kind: Kind,
+    pub sha256: [u8; 32],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub size: u64,
+    /// Milliseconds since the epoch.
+    pub last_used: u64,
+    /// When recency was last written to the file's mtime (ms).
+    persisted: u64,
+    /// Readers currently streaming it: never evicted while > 0.
+    pub leases: u32,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    hosts: Vec<String>,
+    entries: HashMap<Key, Entry>,
+    bytes: u64,
+    reserved: u64,
+    loaded: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Usage {
+    inner: Mutex<Inner>,
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Usage {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn key(&self, host: &str, kind: Kind, hex: &str) -> Option<Key> {
+        let mut sha256 = [0u8; 32];
+        hex::decode_to_slice(hex, &mut sha256).ok()?;
+        let mut inner = self.lock();
+        let host = match inner.hosts.iter().position(|h| h == host) {
+            Some(i) => i,
+            None => {
+                inner.hosts.push(host.to_owned());
+                inner.hosts.len() - 1
+            }
+        } as u32;
+        Some(Key { host, kind, sha256 })
+    }
+
+    pub fn host_of(&self, key: &Key) -> String {
+        self.lock().hosts[key.host as usize].clone()
+    }
+
+    /// Bytes stored plus bytes reserved by fills in progress.
+    pub fn committed(&self) -> u64 {
+        let i = self.lock();
+        i.bytes + i.reserved
+    }
+
+    pub fn stored_bytes(&self) -> u64 {
+        self.lock().bytes
+    }
+
+    pub fn files(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.lock().loaded
+    }
+
+    /// Records a file (new, or found at startup). Idempotent.
+    pub fn insert(&self, key: Key, size: u64, last_used: u64) {
+        let mut i = self.lock();
+        let old = i.entries.insert(
+            key,
+            Entry {
+                size,
+                last_used,
+                persisted: last_used,
+                leases: 0,
+            },
+        );
+        match old {
+            Some(o) => {
+                i.bytes = i.bytes - o.size + size;
+                // Keep leases and the newer recency of the existing entry.
+                let e = i.entries.get_mut(&key).expect("just inserted");
+                e.leases = o.leases;
+                e.last_used = e.last_used.max(o.last_used);
+            }
+            None => i.bytes += size,
+        }
+    }
+
+    /// Marks a file used now; true when its on-disk recency is due a refresh.
+    pub fn touch(&self, key: &Key) -> bool {
+        let now = now_ms();
+        let mut i = self.lock();
+        match i.entries.get_mut(key) {
+            Some(e) => {
+                e.last_used = e.last_used.max(now);
+                let due = now.saturating_sub(e.persisted) >= TOUCH_EVERY.as_millis() as u64;
+                if due {
+                    e.persisted = now;
+                }
+                due
+            }
+            None => false,
+        }
+    }
+
+    pub fn last_used(&self, key: &Key) -> Option<u64> {
+        self.lock().entries.get(key).map(|e| e.last_used)
+    }
+
+    /// Forgets a file; returns its size if it was known and unleased.
+    pub fn remove_if_unleased(&self, key: &Key) -> Option<u64> {
+        let mut i = self.lock();
+        match i.entries.get(key) {
+            Some(e) if e.leases == 0 => {
+                let size = e.size;
+                i.entries.remove(key);
+                i.bytes -= size;
+                Some(size)
+            }
+            _ => None,
+        }
+    }
+
+    /// Forgets a file that disappeared from disk.
+    pub fn forget(&self, key: &Key) {
+        let mut i = self.lock();
+        if let Some(e) = i.entries.remove(key) {
+            i.bytes -= e.size;
+        }
+    }
+
+    /// Keeps the file from eviction until the lease is dropped.
+    pub fn lease(self: &Arc<Self>, key: Key) -> Lease {
+        let mut i = self.lock();
+        if let Some(e) = i.entries.get_mut(&key) {
+            e.leases += 1;
+        }
+        Lease {
+            usage: Arc::clone(self),
+            key,
+        }
+    }
+
+    /// Accounts for bytes a fill is about to write.
+    pub fn reserve(self: &Arc<Self>, bytes: u64) -> Reservation {
+        self.lock().reserved += bytes;
+        Reservation {
+            usage: Arc::clone(self),
+            bytes,
+        }
+    }
+
+    /// Files to delete, least recently used first: everything unused for
+    /// `max_age`, then more until `free` bytes are released. Leased files
+    /// are never chosen.
+    pub fn plan_eviction(&self, free: u64, max_age: Option<Duration>, now: u64) -> Vec<(Key, u64)> {
+        let i = self.lock();
+        plan(i.entries.iter(), free, max_age, now)
+    }
+
+    /// Scans `upstreams/` (stat only, no reads) and marks the index loaded.
+    pub fn load(&self, upstreams: &Path) -> io::Result<()> {
+        let hosts = match std::fs::read_dir(upstreams) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.lock().loaded = true;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        for host in hosts {
+            let host = host?;
+            let Ok(name) = host.file_name().into_string() else {
+                continue;
+            };
+            for kind in [Kind::Blob, Kind::Manifest] {
+                let dir = host.path().join(kind.dir()).join("sha256");
+                let Ok(prefixes) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for prefix in prefixes {
+                    let Ok(files) = std::fs::read_dir(prefix?.path()) else {
+                        continue;
+                    };
+                    for f in files {
+                        let f = f?;
+                        let Ok(fname) = f.file_name().into_string() else {
+                            continue;
+                        };
+                        if fname.len() != 64 {
+                            continue; // `.type` sidecars
+                        }
+                        let Ok(meta) = f.metadata() else { continue };
+                        let used = meta
+                            .modified()
+                            .ok()
+                            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                            .map_or(0, |d| d.as_millis() as u64);
+                        if let Some(key) = self.key(&name, kind, &fname) {
+                            self.insert(key, meta.len(), used);
+                        }
+                    }
+                }
+            }
+        }
+        self.lock().loaded = true;
+        Ok(())
+    }
+}
+
+fn plan<'a>(
+    entries: impl Iterator<Item = (&'a Key, &'a Entry)>,
+    free: u64,
+    max_age: Option<Duration>,
+    now: u64,
+) -> Vec<(Key, u64)> {
+    let mut candidates: Vec<(u64, Key, u64)> = entries
+        .filter(|(_, e)| e.leases == 0)
+        .map(|(k, e)| (e.last_used, *k, e.size))
+        .collect();
+    candidates.sort_unstable();
+    let expired_before = max_age.map_or(0, |a| now.saturating_sub(a.as_millis() as u64));
+    let mut freed = 0u64;
+    candidates
+        .into_iter()
+        .take_while(|(used, _, size)| {
+            let take = *used < expired_before || freed < free;
+            if take {
+                freed += size;
+            }
+            take
+        })
+        .map(|(_, k, s)| (k, s))
+        .collect()
+}
+
+/// Held by a reader for as long as it streams a stored file.
+#[derive(Debug)]
+pub struct Lease {
+    usage: Arc<Usage>,
+    key: Key,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut i = self.usage.lock();
+        if let Some(e) = i.entries.get_mut(&self.key) {
+            e.leases = e.leases.saturating_sub(1);
+        }
+    }
+}
+
+/// Bytes a fill in progress will add; released when the fill ends.
+#[derive(Debug)]
+pub struct Reservation {
+    usage: Arc<Usage>,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.usage.lock().reserved -= self.bytes;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(n: u8) -> String {
+        format!("{n:02x}").repeat(32)
+    }
+
+    #[test]
+    fn least_recently_used_go_first_and_leases_protect() {
+        let u = Arc::new(Usage::default());
+        let keys: Vec<Key> = (1..=4)
+            .map(|n| u.key("docker.io", Kind::Blob, &hex(n)).unwrap())
+            .collect();
+        // used at t=10, 40, 20, 30
+        for (k, used) in keys.iter().zip([10, 40, 20, 30]) {
+            u.insert(*k, 100, used);
+        }
+        assert_eq!(u.stored_bytes(), 400);
+        let plan = u.plan_eviction(150, None, 1000);
+        assert_eq!(plan, vec![(keys[0], 100), (keys[2], 100)]);
+        let lease = u.lease(keys[0]);
+        let plan = u.plan_eviction(150, None, 1000);
+        assert_eq!(plan, vec![(keys[2], 100), (keys[3], 100)]);
+        assert_eq!(u.remove_if_unleased(&keys[0]), None, "leased");
+        drop(lease);
+        assert_eq!(u.remove_if_unleased(&keys[0]), Some(100));
+        assert_eq!(u.stored_bytes(), 300);
+    }
+
+    #[test]
+    fn max_age_expires_old_content_without_size_pressure() {
+        let u = Usage::default();
+        let a = u.key("h", Kind::Manifest, &hex(1)).unwrap();
+        let b = u.key("h", Kind::Blob, &hex(2)).unwrap();
+        u.insert(a, 5, 100);
+        u.insert(b, 5, 900);
+        let plan = u.plan_eviction(0, Some(Duration::from_millis(500)), 1000);
+        assert_eq!(plan, vec![(a, 5)]);
+        assert!(u.plan_eviction(0, None, 1000).is_empty());
+    }
+
+    #[test]
+    fn reservations_count_until_dropped_and_reinsert_is_idempotent() {
+        let u = Arc::new(Usage::default());
+        let k = u.key("h", Kind::Blob, &hex(3)).unwrap();
+        u.insert(k, 10, 1);
+        u.insert(k, 10, 5);
+        assert_eq!(u.stored_bytes(), 10);
+        let r = u.reserve(50);
+        assert_eq!(u.committed(), 60);
+        drop(r);
+        assert_eq!(u.committed(), 10);
+        assert!(u.key("h", Kind::Blob, "not-hex").is_none());
+    }
+
+    #[test]
+    fn touch_refreshes_stale_recency_only() {
+        let u = Usage::default();
+        let k = u.key("h", Kind::Blob, &hex(4)).unwrap();
+        u.insert(k, 1, 0);
+        assert!(u.touch(&k), "an old entry is due a refresh");
+        assert!(!u.touch(&k), "a fresh one is not");
+    }
+
+    #[test]
+    fn load_scans_the_layout_and_skips_sidecars() {
+        let dir = tempfile::tempdir().unwrap();
+        let up = dir.path().join("upstreams");
+        let b = up.join("docker.io/blobs/sha256/aa");
+        let m = up.join("ghcr.io/manifests/sha256/bb");
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::create_dir_all(&m).unwrap();
+        std::fs::write(b.join("aa".repeat(32)), vec![0u8; 300]).unwrap();
+        std::fs::write(m.join("bb".repeat(32)), vec![0u8; 20]).unwrap();
+        std::fs::write(m.join(format!("{}.type", "bb".repeat(32))), "x").unwrap();
+        let u = Usage::default();
+        assert!(!u.is_loaded());
+        u.load(&up).unwrap();
+        assert!(u.is_loaded());
+        assert_eq!((u.files(), u.stored_bytes()), (2, 320));
+    }
+}

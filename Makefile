@@ -19,6 +19,7 @@ test: test-deps
 
 test-deps:
 	./scripts/install-test-deps.sh
+	./scripts/install-go-tools.sh
 
 unit:
 	$(CARGO) test --workspace --lib

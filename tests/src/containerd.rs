@@ -144,6 +144,11 @@ impl Containerd {
         }
     }
 
+    /// The config.toml it was started with.
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
     /// gRPC socket path.
     pub fn socket(&self) -> &Path {
         &self.socket

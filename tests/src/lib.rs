@@ -16,10 +16,11 @@
 pub mod cache;
 pub mod containerd;
 pub mod fake;
-mod process;
+pub mod process;
 pub mod registry;
 pub mod seed;
 pub mod skopeo;
+pub mod tools;
 pub mod util;
 
 pub use cache::{CacheOptions, CacheProcess, cache_binary};

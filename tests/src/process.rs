@@ -178,7 +178,7 @@ impl Drop for ChildGuard {
 
 /// Runs a short-lived command with a timeout (killed when it expires).
 /// Returns the output whatever the exit status; errors only on spawn failure or timeout.
-pub(crate) async fn run_with_timeout<S: AsRef<OsStr>>(
+pub async fn run_with_timeout<S: AsRef<OsStr>>(
     program: &str,
     args: &[S],
     timeout: Duration,

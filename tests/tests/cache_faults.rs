@@ -391,13 +391,32 @@ async fn bearer_tokens_from_a_credentials_file_are_reused_and_never_leak() {
         assert!(!log.contains(SECRET), "password in the cache log");
         assert!(!log.contains(&auth), "credentials in the cache log");
 
-        // Without credentials the cache never challenges its client.
-        std::fs::write(&creds, r#"{"auths": {}}"#)?;
-        let (status, body) = get(&format!("{base}/manifests/{}{q}", "v2"), None).await?;
-        assert_ne!(status, 401);
-        assert!(status == 403 || status == 404, "{status}");
-        let body = body?;
-        assert!(!String::from_utf8_lossy(&body).contains(SECRET));
+        // Wrong or missing credentials: the cache never challenges its client,
+        // and no secret shows in bodies, logs or metrics.
+        const WRONG: &str = "wr0ng-Pa55word";
+        let wrong = base64::engine::general_purpose::STANDARD.encode(format!("robot:{WRONG}"));
+        for file in [
+            serde_json::json!({"auths": {"private.example": {"auth": wrong}}}).to_string(),
+            r#"{"auths": {}}"#.to_owned(),
+        ] {
+            std::fs::write(&creds, file)?;
+            fake.revoke_tokens();
+            let (status, body) = get(&format!("{base}/manifests/{}{q}", "v2"), None).await?;
+            assert_ne!(status, 401);
+            assert!(status == 403 || status == 404, "{status}");
+            let body = String::from_utf8_lossy(&body?).into_owned();
+            assert!(!body.contains(SECRET) && !body.contains(WRONG), "{body}");
+        }
+        let metrics = http_client()
+            .get(format!("{}/metrics", cache.url()))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let log = cache.log();
+        for text in [&metrics, &log] {
+            assert!(!text.contains(SECRET) && !text.contains(WRONG) && !text.contains(&wrong));
+        }
         Ok(())
     })
     .await;
@@ -481,6 +500,125 @@ async fn hostile_requests_are_refused_and_touch_nothing() {
         // Nothing reached the upstream, nothing was written, and the cache still serves.
         assert_eq!(s.fake.requests().len(), 0, "{:?}", s.fake.requests());
         assert_eq!(stored(s.cache.storage(), "x").len(), before);
+        assert_eq!(
+            get_ok(&format!("{}/v2/library/app/manifests/v1", s.cache.url())).await?,
+            img.manifest
+        );
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn redirects_and_token_realms_reach_only_allowed_hosts() {
+    bounded(60, async {
+        let img = image(&[100_000])?;
+        let layer = img.layers[0].digest.clone();
+        // Another host (127.0.0.2) holding the same content, standing for object storage.
+        let elsewhere = FakeUpstream::start_on("127.0.0.2").await?;
+        elsewhere.add_image("library/app", Some("v1"), &img);
+
+        // Not allowed: the redirect is refused and never followed.
+        let s = setup("docker.io", &img, "").await?;
+        s.fake.set_behaviour(Behaviour::RedirectBlobs {
+            to: elsewhere.url(),
+        });
+        let url = format!("{}/v2/library/app/blobs/{layer}", s.cache.url());
+        let (status, _) = get(&url, None).await?;
+        assert_eq!(status, 502);
+        assert_eq!(
+            elsewhere.requests().len(),
+            0,
+            "the cache dialled a host it may not"
+        );
+
+        // Allowed by configuration: followed, without the upstream's credentials.
+        let allowed = "[[upstream]]\nhost = \"docker.io\"\nallowed_hosts = [\"127.0.0.2\"]\n";
+        let s = setup("docker.io", &img, allowed).await?;
+        s.fake.set_behaviour(Behaviour::RedirectBlobs {
+            to: elsewhere.url(),
+        });
+        let url = format!("{}/v2/library/app/blobs/{layer}", s.cache.url());
+        assert_eq!(sha256_digest(&get_ok(&url).await?), layer);
+        let followed = elsewhere.requests();
+        assert_eq!(followed.len(), 1, "{followed:?}");
+        assert!(followed[0].header("authorization").is_none());
+
+        // A token realm on another host is never contacted.
+        let fake = FakeUpstream::start().await?;
+        fake.add_image("library/app", Some("v1"), &img);
+        fake.set_auth(Auth::Bearer {
+            realm_url: Some(format!("{}/token", elsewhere.url())),
+            service: "fake-registry".into(),
+            username: None,
+            password: None,
+        });
+        elsewhere.clear_requests();
+        let cache =
+            CacheProcess::start_with(CacheOptions::new().upstream("docker.io", &fake.url()))
+                .await?;
+        let (status, _) = get(
+            &format!("{}/v2/library/app/manifests/v1", cache.url()),
+            None,
+        )
+        .await?;
+        assert_eq!(status, 403);
+        assert_eq!(
+            elsewhere.requests().len(),
+            0,
+            "token realm on another host was dialled"
+        );
+        assert_eq!(elsewhere.token_requests(), 0);
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_oversized_manifest_is_refused_and_not_stored() {
+    bounded(30, async {
+        let img = image(&[1_000])?;
+        let s = setup("docker.io", &img, "max_manifest_size = 65536").await?;
+        let mut huge = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","annotations":{"x":""#.to_vec();
+        huge.extend(std::iter::repeat_n(b'a', 200_000));
+        huge.extend_from_slice(br#""}}"#);
+        let digest = s.fake.add_manifest("library/huge", Some("v1"), seed::OCI_MANIFEST, huge);
+        for reference in ["v1", digest.as_str()] {
+            let (status, _) = get(
+                &format!("{}/v2/library/huge/manifests/{reference}", s.cache.url()),
+                Some(seed::ACCEPT_ALL_MANIFESTS),
+            )
+            .await?;
+            assert_eq!(status, 502, "{reference}");
+        }
+        assert!(stored(s.cache.storage(), &digest).is_empty());
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_slowloris_client_is_disconnected() {
+    bounded(40, async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let img = image(&[1_000])?;
+        let s = setup("docker.io", &img, "").await?;
+        let mut sock = tokio::net::TcpStream::connect(s.cache.addr()).await?;
+        sock.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n").await?;
+        let started = Instant::now();
+        let mut buf = [0u8; 512];
+        // The header block never completes: the cache must hang up on its own.
+        let n = tokio::time::timeout(Duration::from_secs(30), sock.read(&mut buf))
+            .await
+            .context("connection still open after 30 s")?
+            .unwrap_or(0);
+        let answer = String::from_utf8_lossy(&buf[..n]);
+        assert!(n == 0 || answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(
+            started.elapsed() >= Duration::from_secs(5),
+            "closed too early"
+        );
+        // Meanwhile and afterwards, others are served.
         assert_eq!(
             get_ok(&format!("{}/v2/library/app/manifests/v1", s.cache.url())).await?,
             img.manifest

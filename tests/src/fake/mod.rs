@@ -166,7 +166,13 @@ pub struct FakeUpstream {
 impl FakeUpstream {
     /// Binds `127.0.0.1:0` and serves in a task of the current tokio runtime.
     pub async fn start() -> Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        Self::start_on("127.0.0.1").await
+    }
+
+    /// Binds `<ip>:0` for a loopback `ip` other than 127.0.0.1 (e.g. `127.0.0.2`),
+    /// to stand for a different host.
+    pub async fn start_on(ip: &str) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind((ip, 0))
             .await
             .context("bind fake upstream")?;
         let addr = listener.local_addr()?;

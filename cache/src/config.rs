@@ -100,6 +100,7 @@ pub struct FileConfig {
     pub max_age: Option<Duration>,
     pub high_watermark: Option<f64>,
     pub low_watermark: Option<f64>,
+    pub max_connections: Option<usize>,
     #[serde(default, rename = "upstream")]
     pub upstreams: Vec<FileUpstream>,
 }
@@ -168,6 +169,8 @@ pub struct Config {
     pub max_manifest_size: u64,
     pub log_format: LogFormat,
     pub limits: Limits,
+    /// Open client connections at most.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -387,6 +390,9 @@ impl Config {
             max_manifest_size: file.max_manifest_size.unwrap_or(DEFAULT_MAX_MANIFEST_SIZE),
             log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
             limits,
+            max_connections: file
+                .max_connections
+                .unwrap_or(crate::listen::DEFAULT_MAX_CONNECTIONS),
         })
     }
 

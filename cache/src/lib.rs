@@ -49,6 +49,7 @@ pub async fn serve(
         server::app(mirror),
         shutdown,
         listen::SHUTDOWN_GRACE,
+        config.max_connections,
     )
     .await;
     Ok(())

@@ -9,7 +9,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use std::sync::Arc;
+
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 /// Request line plus headers; registry requests need a few KiB at most.
 /// Larger ones are answered `431` before any routing.
@@ -19,14 +22,21 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long in-flight responses may run on after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 
+/// Default bound on open client connections; past it, new connections wait
+/// in the kernel's accept queue instead of costing memory.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16_384;
+
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and
-/// waits up to `grace` for open connections to finish.
+/// waits up to `grace` for open connections to finish. At most `max_connections`
+/// are open at once.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
+    max_connections: usize,
 ) {
+    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -40,6 +50,10 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => slot.expect("never closed"),
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -62,6 +76,7 @@ pub async fn serve(
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
     drop(listener);

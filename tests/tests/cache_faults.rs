@@ -627,3 +627,42 @@ async fn a_slowloris_client_is_disconnected() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn connections_beyond_the_limit_wait_their_turn() {
+    bounded(30, async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let img = image(&[1_000])?;
+        let s = setup("docker.io", &img, "max_connections = 2").await?;
+        let addr = s.cache.addr();
+        let request = b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n";
+        // Two keep-alive connections, each answered once and left open.
+        let mut open = Vec::new();
+        for _ in 0..2 {
+            let mut c = tokio::net::TcpStream::connect(addr).await?;
+            c.write_all(request).await?;
+            let mut buf = [0u8; 1024];
+            let n = c.read(&mut buf).await?;
+            ensure!(
+                buf[..n].starts_with(b"HTTP/1.1 200"),
+                "{:?}",
+                String::from_utf8_lossy(&buf[..n])
+            );
+            open.push(c);
+        }
+        // A third waits in the accept queue...
+        let mut third = tokio::net::TcpStream::connect(addr).await?;
+        third.write_all(request).await?;
+        let mut buf = [0u8; 1024];
+        let early = tokio::time::timeout(Duration::from_millis(800), third.read(&mut buf)).await;
+        assert!(early.is_err(), "answered beyond the connection limit");
+        // ...and is served once a slot frees.
+        drop(open.pop());
+        let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+            .await
+            .context("not served after a slot freed")??;
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        Ok(())
+    })
+    .await;
+}

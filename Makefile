@@ -1,7 +1,7 @@
 # regmirror: build, run and test.
 CARGO ?= cargo
 
-.PHONY: all build run test test-deps unit fmt lint bench clean
+.PHONY: all build run test test-deps unit fmt lint bench clean fuzz
 
 all: build
 
@@ -23,6 +23,16 @@ test-deps:
 
 unit:
 	$(CARGO) test --workspace --lib
+
+## Fuzz the parsers that face untrusted input (nightly + cargo-fuzz); new finds
+## land in fuzz/corpus, which `make test` replays.
+FUZZ_TARGETS := route range www_authenticate credentials references
+FUZZ_SECONDS ?= 30
+fuzz:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	for t in $(FUZZ_TARGETS); do \
+	  $(CARGO) +nightly fuzz run $$t -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096 || exit 1; \
+	done
 
 fmt:
 	$(CARGO) fmt --all

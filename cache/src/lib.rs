@@ -9,6 +9,8 @@ pub mod error;
 pub mod evict;
 pub mod fill;
 pub mod flight;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod listen;
 pub mod metrics;
 pub mod mirror;

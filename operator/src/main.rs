@@ -1,0 +1,3 @@
+fn main() {
+    print!("{}", regmirror_operator::crd::crd_yaml());
+}

@@ -7,3 +7,4 @@
 pub mod crd;
 pub mod credentials;
 pub mod resources;
+pub mod status;

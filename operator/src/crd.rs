@@ -39,30 +39,12 @@ pub const DOCKER_HUB_ALIASES: [&str; 3] = [
     status = "RegistryMirrorStatus",
     derive = "PartialEq",
     doc = "A pull-through cache for container registries, and the node configuration that sends every pull through it.",
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
-    printcolumn(
-        name = "Reason",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
-        priority = "1"
-    ),
-    printcolumn(name = "Upstreams", type_ = "string", json_path = ".status.upstreams"),
-    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint"),
-    printcolumn(
-        name = "Nodes",
-        type_ = "integer",
-        json_path = ".status.nodesConfigured",
-        description = "Nodes whose container runtime is configured to pull through the cache"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Upstreams","type":"string","jsonPath":".status.upstreams"}"#,
+    printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".status.endpoint"}"#,
+    printcolumn = r#"{"name":"Nodes","type":"integer","description":"Nodes whose container runtime is configured to pull through the cache","jsonPath":".status.nodesConfigured"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(validation = Rule::new(
     "!has(self.cache) || !has(self.cache.replicas) || self.cache.replicas <= 1 || (has(self.storage) && has(self.storage.accessMode) && self.storage.accessMode == 'ReadWriteMany')"

@@ -4,7 +4,10 @@
 //! `crd` holds the types, `resources` the pure builders, `controller` the
 //! reconcile loop (validate -> build -> apply -> prune -> status).
 
+pub mod controller;
 pub mod crd;
 pub mod credentials;
+pub mod leader;
+pub mod metrics;
 pub mod resources;
 pub mod status;

@@ -184,7 +184,8 @@ pub fn compute(
                 NODES_CONFIGURED,
                 false,
                 reason::NO_HOSTS,
-                "every upstream host is claimed by another mirror: no node configuration to write".into(),
+                "every upstream host is claimed by another mirror: no node configuration to write"
+                    .into(),
             ),
         ),
         None => (
@@ -288,7 +289,9 @@ pub fn compute(
             READY,
             false,
             reason::HOST_CONFLICT,
-            format!("{msg}: nodes are not pointed at this mirror for it; remove the host from one of the mirrors"),
+            format!(
+                "{msg}: nodes are not pointed at this mirror for it; remove the host from one of the mirrors"
+            ),
         )
     } else if cache.status != "True" {
         cond(READY, false, &cache.reason, cache.message.clone())
@@ -339,7 +342,10 @@ pub fn transition(
 }
 
 /// The condition of `type_` in `status`, if any.
-pub fn condition<'a>(status: Option<&'a RegistryMirrorStatus>, type_: &str) -> Option<&'a Condition> {
+pub fn condition<'a>(
+    status: Option<&'a RegistryMirrorStatus>,
+    type_: &str,
+) -> Option<&'a Condition> {
     status?.conditions.iter().find(|c| c.type_ == type_)
 }
 
@@ -351,7 +357,10 @@ mod tests {
 
     fn mirror(name: &str, created: i64, hosts: &[&str]) -> RegistryMirror {
         let ups: Vec<_> = hosts.iter().map(|h| json!({"host": h})).collect();
-        let mut m = RegistryMirror::new(name, serde_json::from_value(json!({"upstreams": ups})).unwrap());
+        let mut m = RegistryMirror::new(
+            name,
+            serde_json::from_value(json!({"upstreams": ups})).unwrap(),
+        );
         m.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created).unwrap()));
         m.metadata.generation = Some(3);
         m
@@ -400,7 +409,10 @@ mod tests {
         assert_eq!(s.nodes_configured, Some(3));
         assert_eq!(s.hosts, Some(vec!["docker.io".to_string()]));
         let ready = condition(Some(&s), READY).unwrap();
-        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "Ready"));
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", "Ready")
+        );
         assert_eq!(ready.observed_generation, Some(3));
 
         let obs = Observed {
@@ -433,7 +445,11 @@ mod tests {
         let s = compute(&m, None, &obs, t(5));
         let ready = condition(Some(&s), READY).unwrap();
         assert_eq!(ready.reason, reason::HOST_CONFLICT);
-        assert!(ready.message.contains(r#"docker.io is already mirrored by RegistryMirror "a""#));
+        assert!(
+            ready
+                .message
+                .contains(r#"docker.io is already mirrored by RegistryMirror "a""#)
+        );
         assert_eq!(s.hosts, Some(vec!["quay.io".to_string()]));
         assert_eq!(s.upstreams.as_deref(), Some("docker.io(conflict),quay.io"));
 
@@ -484,7 +500,10 @@ mod tests {
             "1/2 nodes configured; n2: NotEffective (config_path is not set)"
         );
         assert_eq!(s.nodes_configured, Some(1));
-        assert!(s.nodes.is_empty(), "the operator never writes agents' entries");
+        assert!(
+            s.nodes.is_empty(),
+            "the operator never writes agents' entries"
+        );
     }
 
     #[test]

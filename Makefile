@@ -23,6 +23,7 @@ crds:
 
 test-deps:
 	./scripts/install-test-deps.sh
+	./scripts/install-go-tools.sh
 
 unit:
 	$(CARGO) test --workspace --lib

@@ -1,7 +1,7 @@
 # regmirror: build, run and test.
 CARGO ?= cargo
 
-.PHONY: all build run test test-deps unit fmt lint bench clean fuzz
+.PHONY: all build run test test-deps unit fmt lint bench clean fuzz crds
 
 all: build
 
@@ -16,6 +16,10 @@ run:
 test: test-deps
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
+
+## Regenerate the RegistryMirror CRD from the Rust types (a unit test fails when it drifts).
+crds:
+	$(CARGO) run -q -p regmirror-operator -- crd > crds/registrymirror.yaml
 
 test-deps:
 	./scripts/install-test-deps.sh

@@ -26,13 +26,18 @@ pub fn route_request(data: &[u8]) {
         Some((p, q)) => (p, Some(q)),
         None => (rest, None),
     };
-    let hosts = ["docker.io".to_owned(), "ghcr.io".to_owned(), "127.0.0.1:5000".to_owned()];
+    let hosts = [
+        "docker.io".to_owned(),
+        "ghcr.io".to_owned(),
+        "127.0.0.1:5000".to_owned(),
+    ];
     if let Ok(Request::Repo(r)) = route(&method, path, query, &hosts) {
         assert!(r.upstream < hosts.len());
         let name = r.repo.as_str();
         assert!(RepoName::parse(name).is_ok(), "{name:?}");
         assert!(
-            name.split('/').all(|c| !c.is_empty() && c != "." && c != ".."),
+            name.split('/')
+                .all(|c| !c.is_empty() && c != "." && c != ".."),
             "{name:?}"
         );
         assert!(!name.contains('\\') && !name.contains('%'), "{name:?}");
@@ -51,7 +56,10 @@ pub fn range_header(data: &[u8]) {
         None => (0, ""),
     };
     if let RangeRequest::Partial { start, end } = resolve(Some(header), size) {
-        assert!(start <= end && end < size, "{header:?} on {size}: {start}-{end}");
+        assert!(
+            start <= end && end < size,
+            "{header:?} on {size}: {start}-{end}"
+        );
     }
 }
 
@@ -83,8 +91,11 @@ pub fn references(data: &[u8]) {
     }
 }
 
+/// A fuzz target: raw input in, panics on a broken property.
+pub type Target = fn(&[u8]);
+
 /// Every target by name, for the corpus replay and the fuzz crate.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("route", route_request),
     ("range", range_header),
     ("www_authenticate", www_authenticate),
@@ -114,6 +125,9 @@ mod tests {
                 replayed += 1;
             }
         }
-        assert!(replayed >= TARGETS.len() * 3, "corpus too small: {replayed}");
+        assert!(
+            replayed >= TARGETS.len() * 3,
+            "corpus too small: {replayed}"
+        );
     }
 }

@@ -5,6 +5,8 @@
 //! - [`Containerd`]: a private containerd driven by `ctr`, plus [`write_hosts_toml`].
 //! - [`skopeo`]: `skopeo copy` / `inspect --raw` wrappers.
 //! - [`CacheProcess`]: the `regmirror-cache` binary under test.
+//! - [`ControlPlane`]: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok.
+//! - [`OperatorProcess`]: the `regmirror-operator` binary under test.
 //! - [`FakeUpstream`]: programmable in-process registry for fault and auth tests.
 //! - [`util`]: ports, polling, digests, HTTP client.
 //!
@@ -15,7 +17,9 @@
 
 pub mod cache;
 pub mod containerd;
+pub mod controlplane;
 pub mod fake;
+pub mod operator;
 pub mod process;
 pub mod registry;
 pub mod seed;
@@ -25,7 +29,9 @@ pub mod util;
 
 pub use cache::{CacheOptions, CacheProcess, cache_binary};
 pub use containerd::{Containerd, write_hosts_toml};
+pub use controlplane::{ControlPlane, tools_bin_dir};
 pub use fake::{Auth, Behaviour, FakeUpstream, RecordedRequest};
+pub use operator::{OperatorProcess, operator_binary};
 pub use process::ensure_success;
 pub use registry::{AccessEntry, Registry};
 pub use seed::{

@@ -1,0 +1,464 @@
+//! The `RegistryMirror` custom resource (`regmirror.dev/v1alpha1`).
+//!
+//! Everything but `spec.upstreams` has a default. Validation that a user can
+//! get wrong at `kubectl apply` time lives in the schema as CEL rules with
+//! messages; what needs the cluster (the operator's namespace, Secrets,
+//! other mirrors) is checked by the controller and reported in `status`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "regmirror.dev";
+pub const DEFAULT_STORAGE_SIZE: &str = "20Gi";
+pub const DEFAULT_CONTAINERD_CONFIG_DIR: &str = "/etc/containerd/certs.d";
+pub const DEFAULT_CACHE_PORT: i32 = 5000;
+
+/// Hosts that are spellings of `docker.io`: image references and containerd's
+/// `certs.d` lookup use `docker.io`, so a mirror for an alias would never be used.
+pub const DOCKER_HUB_ALIASES: [&str; 3] = [
+    "index.docker.io",
+    "registry-1.docker.io",
+    "registry.hub.docker.com",
+];
+
+/// A pull-through cache for one or more upstream registries, and the
+/// configuration that points every selected node's container runtime at it.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "regmirror.dev",
+    version = "v1alpha1",
+    kind = "RegistryMirror",
+    plural = "registrymirrors",
+    shortname = "rmirror",
+    category = "regmirror",
+    status = "RegistryMirrorStatus",
+    derive = "PartialEq",
+    doc = "A pull-through cache for container registries, and the node configuration that sends every pull through it.",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Upstreams","type":"string","jsonPath":".status.upstreams"}"#,
+    printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".status.endpoint"}"#,
+    printcolumn = r#"{"name":"Nodes","type":"integer","description":"Nodes whose container runtime is configured to pull through the cache","jsonPath":".status.nodesConfigured"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(validation = Rule::new(
+    "!has(self.cache) || !has(self.cache.replicas) || self.cache.replicas <= 1 || (has(self.storage) && has(self.storage.accessMode) && self.storage.accessMode == 'ReadWriteMany')"
+).message("cache.replicas > 1 needs storage.accessMode ReadWriteMany: replicas cannot share a ReadWriteOnce volume").field_path(".cache.replicas"))]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryMirrorSpec {
+    /// Registries to mirror, by the host that image references name (`docker.io/library/alpine`
+    /// is host `docker.io`). Each host may appear once.
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["host".into()]))]
+    #[schemars(length(min = 1, max = 64))]
+    pub upstreams: Vec<Upstream>,
+    /// Where the cache keeps content.
+    #[serde(default)]
+    pub storage: Storage,
+    /// The cache Deployment.
+    #[serde(default)]
+    pub cache: CacheSpec,
+    /// Which nodes are configured to pull through the cache, and how.
+    #[serde(default)]
+    pub nodes: NodesSpec,
+}
+
+/// One upstream registry.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Upstream {
+    /// Registry host as image references name it, with an optional port: `docker.io`,
+    /// `ghcr.io`, `registry.example.com:5000`.
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(
+        validation = Rule::new(r"self.matches('^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[0-9]{1,5})?$')")
+            .message("host must be a lowercase registry host name with an optional port, such as docker.io or registry.example.com:5000 (no scheme, no path)"),
+        validation = Rule::new("!(self in ['index.docker.io', 'registry-1.docker.io', 'registry.hub.docker.com'])")
+            .message("write docker.io: image references and containerd name Docker Hub docker.io, so a mirror for this alias would never be used")
+    )]
+    pub host: String,
+    /// Where the registry API is served. Defaults for well-known hosts (docker.io is
+    /// https://registry-1.docker.io; ghcr.io, quay.io, registry.k8s.io, gcr.io,
+    /// mcr.microsoft.com and public.ecr.aws are themselves), otherwise `https://<host>`.
+    /// Nodes fall back to it when the cache is down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new(r"self.matches('^https?://[^/?#@\\s]+(/[^?#\\s]*)?$')")
+        .message("url must be http:// or https:// followed by a host, an optional port and path, without credentials, query or fragment"))]
+    pub url: Option<String>,
+    /// A `kubernetes.io/dockerconfigjson` Secret holding credentials for this registry.
+    /// It must be in the operator's namespace (which is the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<SecretRef>,
+    /// Serve cached tags of this upstream without asking it for this long (e.g. `5m`).
+    /// Overrides `cache.tagTTL`.
+    #[serde(default, rename = "tagTTL", skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = duration_rule())]
+    pub tag_ttl: Option<String>,
+}
+
+fn default_storage_size() -> String {
+    DEFAULT_STORAGE_SIZE.into()
+}
+fn default_replicas() -> i32 {
+    1
+}
+fn default_port() -> i32 {
+    DEFAULT_CACHE_PORT
+}
+fn default_containerd_config_dir() -> String {
+    DEFAULT_CONTAINERD_CONFIG_DIR.into()
+}
+
+fn duration_rule() -> kube::core::Rule {
+    kube::core::Rule::new(r"self.matches('^([0-9]+(ms|s|m|h|d))+$')")
+        .message("must be a duration such as 30s, 5m or 1h30m")
+}
+
+/// A Secret reference.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Defaults to the operator's namespace; no other namespace is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// Access mode of the cache volume.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum AccessMode {
+    #[default]
+    ReadWriteOnce,
+    ReadWriteOncePod,
+    ReadWriteMany,
+}
+
+impl AccessMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ReadWriteOnce => "ReadWriteOnce",
+            Self::ReadWriteOncePod => "ReadWriteOncePod",
+            Self::ReadWriteMany => "ReadWriteMany",
+        }
+    }
+}
+
+/// The cache's PersistentVolumeClaim.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Storage {
+    /// Requested volume size (a Kubernetes quantity such as 20Gi).
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new(r"self.matches('^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$')")
+        .message("size must be a quantity such as 500Mi, 20Gi or 1Ti"))]
+    #[serde(default = "default_storage_size")]
+    pub size: String,
+    /// StorageClass of the claim; the cluster default when unset. Immutable once the claim exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    /// ReadWriteMany is needed for more than one cache replica.
+    #[serde(default)]
+    pub access_mode: AccessMode,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self {
+            size: DEFAULT_STORAGE_SIZE.into(),
+            storage_class_name: None,
+            access_mode: AccessMode::ReadWriteOnce,
+        }
+    }
+}
+
+/// Cache log level (`REGMIRROR_LOG`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Error => "error",
+            Self::Warn => "warn",
+            Self::Info => "info",
+            Self::Debug => "debug",
+            Self::Trace => "trace",
+        }
+    }
+}
+
+/// The cache Deployment and its Service.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheSpec {
+    /// Cache image; defaults to the operator's `--cache-image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Always, IfNotPresent or Never; Kubernetes' default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self in ['Always', 'IfNotPresent', 'Never']")
+        .message("imagePullPolicy must be Always, IfNotPresent or Never"))]
+    pub image_pull_policy: Option<String>,
+    /// More than one needs `storage.accessMode: ReadWriteMany`.
+    #[schemars(range(min = 1, max = 16))]
+    #[serde(default = "default_replicas")]
+    pub replicas: i32,
+    /// Container resources; defaults request 100m CPU and 128Mi memory, limit 1Gi memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Serve cached tags without asking the upstream for this long (e.g. `5m`); `0s` by
+    /// default, so tags are re-validated with one HEAD on every pull.
+    #[serde(default, rename = "tagTTL", skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = duration_rule())]
+    pub tag_ttl: Option<String>,
+    #[serde(default)]
+    pub log_level: LogLevel,
+    /// Fixed NodePort for the cache Service (inside the cluster's NodePort range);
+    /// allocated by Kubernetes when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub node_port: Option<i32>,
+    /// Port of the cache container and Service.
+    #[schemars(range(min = 1, max = 65535))]
+    #[serde(default = "default_port")]
+    pub port: i32,
+}
+
+impl Default for CacheSpec {
+    fn default() -> Self {
+        Self {
+            image: None,
+            image_pull_policy: None,
+            replicas: 1,
+            resources: None,
+            tag_ttl: None,
+            log_level: LogLevel::Info,
+            node_port: None,
+            port: DEFAULT_CACHE_PORT,
+        }
+    }
+}
+
+/// The node agent DaemonSet, which writes each node's containerd `hosts.toml`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodesSpec {
+    /// Nodes to configure; all nodes when empty.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations of the agent; when unset it tolerates every taint, so tainted
+    /// (e.g. control-plane) nodes are configured too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// containerd's registry configuration directory on the nodes (`config_path`).
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = Rule::new(r"self.startsWith('/') && !self.contains('..')")
+        .message("containerdConfigDir must be an absolute path without '..'"))]
+    #[serde(default = "default_containerd_config_dir")]
+    pub containerd_config_dir: String,
+    /// Agent image; defaults to the operator's `--agent-image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_image: Option<String>,
+}
+
+impl Default for NodesSpec {
+    fn default() -> Self {
+        Self {
+            node_selector: BTreeMap::new(),
+            tolerations: None,
+            containerd_config_dir: DEFAULT_CONTAINERD_CONFIG_DIR.into(),
+            agent_image: None,
+        }
+    }
+}
+
+/// What the operator and the node agents observed.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryMirrorStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `CacheAvailable`, `NodesConfigured`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// Upstream hosts, as shown by `kubectl get` (conflicting hosts are marked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstreams: Option<String>,
+    /// Hosts the node agents configure: the spec's, less those another mirror claimed first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<Vec<String>>,
+    /// What nodes' container runtimes use, e.g. `<node-ip>:31500`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// NodePort of the cache Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<i32>,
+    /// Nodes the agent DaemonSet should run on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes_desired: Option<i32>,
+    /// Nodes configured to pull through the cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes_configured: Option<i32>,
+    /// Per-node results, one entry per node, written by that node's agent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub nodes: Vec<NodeResult>,
+}
+
+/// One node's configuration result, reported by its agent.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeResult {
+    /// Node name.
+    pub name: String,
+    pub state: NodeState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the agent last wrote this entry (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_update: Option<String>,
+}
+
+/// Where a node is in its configuration.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum NodeState {
+    /// hosts.toml written for every host and containerd reads it.
+    Configured,
+    /// Files written but containerd will not read them (e.g. `config_path` unset).
+    NotEffective,
+    /// A file the agent did not write is in the way.
+    Conflict,
+    /// Writing failed.
+    Failed,
+    /// The mirror is being deleted and this node's files are gone.
+    Removed,
+}
+
+/// Well-known registries: the API endpoint behind the host people write
+/// (the same table as the cache's).
+pub fn well_known_url(host: &str) -> Option<&'static str> {
+    Some(match host {
+        "docker.io" => "https://registry-1.docker.io",
+        "ghcr.io" => "https://ghcr.io",
+        "quay.io" => "https://quay.io",
+        "registry.k8s.io" => "https://registry.k8s.io",
+        "gcr.io" => "https://gcr.io",
+        "mcr.microsoft.com" => "https://mcr.microsoft.com",
+        "public.ecr.aws" => "https://public.ecr.aws",
+        _ => return None,
+    })
+}
+
+impl Upstream {
+    /// The URL the cache fetches from and nodes fall back to.
+    pub fn effective_url(&self) -> String {
+        match &self.url {
+            Some(u) => u.trim_end_matches('/').to_owned(),
+            None => well_known_url(&self.host)
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("https://{}", self.host)),
+        }
+    }
+}
+
+/// The CRD as YAML, as checked in at `crds/registrymirror.yaml`.
+pub fn crd_yaml() -> String {
+    let crd = RegistryMirror::crd();
+    let yaml = serde_saphyr::to_string(&crd).expect("CRD serializes");
+    format!("# Generated by `regmirror-operator crd` (make crds): do not edit.\n{yaml}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn checked_in_crd_matches_the_types() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/registrymirror.yaml");
+        let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            on_disk == crd_yaml(),
+            "crds/registrymirror.yaml is out of date with operator/src/crd.rs: run `make crds`"
+        );
+    }
+
+    #[test]
+    fn minimal_spec_gets_defaults() {
+        let m: RegistryMirror = serde_json::from_value(json!({
+            "apiVersion": "regmirror.dev/v1alpha1",
+            "kind": "RegistryMirror",
+            "metadata": {"name": "hub"},
+            "spec": {"upstreams": [{"host": "docker.io"}, {"host": "registry.local:5000", "url": "http://10.0.0.5:5000/"}]}
+        }))
+        .unwrap();
+        assert_eq!(m.spec.storage.size, "20Gi");
+        assert_eq!(m.spec.storage.access_mode, AccessMode::ReadWriteOnce);
+        assert_eq!(m.spec.cache.replicas, 1);
+        assert_eq!(m.spec.cache.port, 5000);
+        assert_eq!(
+            m.spec.nodes.containerd_config_dir,
+            "/etc/containerd/certs.d"
+        );
+        assert_eq!(
+            m.spec.upstreams[0].effective_url(),
+            "https://registry-1.docker.io"
+        );
+        assert_eq!(m.spec.upstreams[1].effective_url(), "http://10.0.0.5:5000");
+    }
+
+    #[test]
+    fn schema_carries_validation_and_list_maps() {
+        let crd = serde_json::to_value(RegistryMirror::crd()).unwrap();
+        let v = &crd["spec"]["versions"][0];
+        assert_eq!(v["name"], "v1alpha1");
+        assert_eq!(crd["spec"]["scope"], "Cluster");
+        assert_eq!(v["subresources"]["status"], json!({}));
+        let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        let ups = &spec["properties"]["upstreams"];
+        assert_eq!(ups["x-kubernetes-list-type"], "map");
+        assert_eq!(ups["x-kubernetes-list-map-keys"], json!(["host"]));
+        let text = serde_json::to_string(spec).unwrap();
+        for needle in [
+            "host must be a lowercase registry host name",
+            "url must be http:// or https://",
+            "size must be a quantity",
+            "ReadWriteMany",
+        ] {
+            assert!(text.contains(needle), "schema lacks {needle:?}");
+        }
+        let status = &v["schema"]["openAPIV3Schema"]["properties"]["status"];
+        assert_eq!(
+            status["properties"]["conditions"]["x-kubernetes-list-map-keys"],
+            json!(["type"])
+        );
+        let cols: Vec<_> = v["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            cols,
+            ["Ready", "Reason", "Upstreams", "Endpoint", "Nodes", "Age"]
+        );
+    }
+}

@@ -1,0 +1,266 @@
+//! Upstream credentials: the `credentialsSecret`s of a mirror's upstreams,
+//! merged into the one docker `config.json` the cache reads.
+//!
+//! Referenced Secrets must live in the operator's namespace. Copying a Secret
+//! from any namespace would let whoever may create a (cluster-scoped)
+//! `RegistryMirror` send any Secret in the cluster to a URL of their choosing
+//! (the upstream `url`), and would need cluster-wide Secret read access.
+//! Only the entry for each upstream's host is copied, keyed by that host,
+//! so one Secret's other registries never reach the cache.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Secret;
+use serde_json::{Map, Value, json};
+
+use crate::crd::RegistryMirror;
+
+pub const DOCKERCONFIGJSON: &str = ".dockerconfigjson";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialsError {
+    #[error(
+        "credentialsSecret of {host} is in namespace {namespace}; only the operator's namespace {operator_namespace} is allowed: copy the Secret there"
+    )]
+    ForeignNamespace {
+        host: String,
+        namespace: String,
+        operator_namespace: String,
+    },
+    #[error("credentialsSecret {namespace}/{name} of {host} does not exist")]
+    Missing {
+        host: String,
+        namespace: String,
+        name: String,
+    },
+    #[error(
+        "credentialsSecret {name} of {host} has no {DOCKERCONFIGJSON} key: create it with `kubectl create secret docker-registry`"
+    )]
+    NotDockerConfig { host: String, name: String },
+    #[error("credentialsSecret {name} of {host} is not a docker config.json: {reason}")]
+    Invalid {
+        host: String,
+        name: String,
+        reason: String,
+    },
+    #[error(
+        "credentialsSecret {name} has no entry for {host} (it has: {found}); add one keyed by {host}"
+    )]
+    NoEntry {
+        host: String,
+        name: String,
+        found: String,
+    },
+}
+
+/// Secrets a mirror refers to, `(namespace, name)`, checking namespaces first.
+pub fn referenced_secrets(
+    mirror: &RegistryMirror,
+    operator_namespace: &str,
+) -> Result<Vec<String>, CredentialsError> {
+    let mut names = Vec::new();
+    for u in &mirror.spec.upstreams {
+        let Some(r) = &u.credentials_secret else {
+            continue;
+        };
+        if let Some(ns) = &r.namespace
+            && ns != operator_namespace
+        {
+            return Err(CredentialsError::ForeignNamespace {
+                host: u.host.clone(),
+                namespace: ns.clone(),
+                operator_namespace: operator_namespace.into(),
+            });
+        }
+        if !names.contains(&r.name) {
+            names.push(r.name.clone());
+        }
+    }
+    Ok(names)
+}
+
+/// `https://index.docker.io/v1/` -> `docker.io`, as the cache keys credentials.
+fn registry_key(key: &str) -> String {
+    let no_scheme = key
+        .strip_prefix("https://")
+        .or_else(|| key.strip_prefix("http://"))
+        .unwrap_or(key);
+    let host = no_scheme
+        .split('/')
+        .next()
+        .unwrap_or(no_scheme)
+        .to_ascii_lowercase();
+    match host.as_str() {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            "docker.io".into()
+        }
+        _ => host,
+    }
+}
+
+/// Merges the credentials of every upstream into one `config.json`, or `None`
+/// when no upstream has credentials. `secrets` holds the referenced Secrets by name
+/// (all from the operator's namespace). An upstream's entry is the one keyed by
+/// its host (or its URL's host); a Secret with a single entry is used as is.
+pub fn merge(
+    mirror: &RegistryMirror,
+    operator_namespace: &str,
+    secrets: &BTreeMap<String, Secret>,
+) -> Result<Option<Vec<u8>>, CredentialsError> {
+    referenced_secrets(mirror, operator_namespace)?;
+    let mut auths = Map::new();
+    for u in &mirror.spec.upstreams {
+        let Some(r) = &u.credentials_secret else {
+            continue;
+        };
+        let secret = secrets
+            .get(&r.name)
+            .ok_or_else(|| CredentialsError::Missing {
+                host: u.host.clone(),
+                namespace: operator_namespace.into(),
+                name: r.name.clone(),
+            })?;
+        let bytes = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(DOCKERCONFIGJSON))
+            .map(|b| b.0.clone())
+            .or_else(|| {
+                secret
+                    .string_data
+                    .as_ref()
+                    .and_then(|d| d.get(DOCKERCONFIGJSON))
+                    .map(|s| s.clone().into_bytes())
+            })
+            .ok_or_else(|| CredentialsError::NotDockerConfig {
+                host: u.host.clone(),
+                name: r.name.clone(),
+            })?;
+        let invalid = |reason: String| CredentialsError::Invalid {
+            host: u.host.clone(),
+            name: r.name.clone(),
+            reason,
+        };
+        let config: Value = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+        let entries = config
+            .get("auths")
+            .and_then(Value::as_object)
+            .ok_or_else(|| invalid("no \"auths\" object".into()))?;
+        let url_host = registry_key(&u.effective_url());
+        let entry = entries
+            .iter()
+            .find(|(k, _)| registry_key(k) == u.host)
+            .or_else(|| entries.iter().find(|(k, _)| registry_key(k) == url_host))
+            .or_else(|| {
+                (entries.len() == 1)
+                    .then(|| entries.iter().next())
+                    .flatten()
+            })
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| CredentialsError::NoEntry {
+                host: u.host.clone(),
+                name: r.name.clone(),
+                found: entries.keys().cloned().collect::<Vec<_>>().join(", "),
+            })?;
+        auths.insert(u.host.clone(), entry);
+    }
+    if auths.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(
+        serde_json::to_vec(&json!({ "auths": auths })).expect("json serializes"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::ByteString;
+
+    fn mirror(spec: Value) -> RegistryMirror {
+        RegistryMirror::new("hub", serde_json::from_value(spec).unwrap())
+    }
+
+    fn secret(json: &str) -> Secret {
+        Secret {
+            data: Some(BTreeMap::from([(
+                DOCKERCONFIGJSON.to_owned(),
+                ByteString(json.as_bytes().to_vec()),
+            )])),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn entries_are_picked_per_host_and_rekeyed() {
+        let m = mirror(json!({"upstreams": [
+            {"host": "docker.io", "credentialsSecret": {"name": "all"}},
+            {"host": "ghcr.io", "credentialsSecret": {"name": "all", "namespace": "ops"}},
+            {"host": "quay.io", "credentialsSecret": {"name": "single"}},
+            {"host": "gcr.io"},
+        ]}));
+        let secrets = BTreeMap::from([
+            (
+                "all".to_owned(),
+                secret(
+                    r#"{"auths":{"https://index.docker.io/v1/":{"auth":"dTpw"},"ghcr.io":{"username":"g","password":"p"},"other.io":{"auth":"eDp5"}}}"#,
+                ),
+            ),
+            (
+                "single".to_owned(),
+                secret(r#"{"auths":{"quay-mirror.local":{"auth":"cTpx"}}}"#),
+            ),
+        ]);
+        let out = merge(&m, "ops", &secrets).unwrap().unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v,
+            json!({"auths": {
+                "docker.io": {"auth": "dTpw"},
+                "ghcr.io": {"username": "g", "password": "p"},
+                "quay.io": {"auth": "cTpx"},
+            }})
+        );
+    }
+
+    #[test]
+    fn problems_are_explained() {
+        let m = mirror(
+            json!({"upstreams": [{"host": "docker.io", "credentialsSecret": {"name": "s", "namespace": "default"}}]}),
+        );
+        let e = merge(&m, "ops", &BTreeMap::new()).unwrap_err();
+        assert!(
+            matches!(e, CredentialsError::ForeignNamespace { .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("only the operator's namespace ops"));
+
+        let m = mirror(
+            json!({"upstreams": [{"host": "docker.io", "credentialsSecret": {"name": "s"}}]}),
+        );
+        let e = merge(&m, "ops", &BTreeMap::new()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "credentialsSecret ops/s of docker.io does not exist"
+        );
+
+        let two = secret(r#"{"auths":{"a.io":{"auth":"x"},"b.io":{"auth":"y"}}}"#);
+        let e = merge(&m, "ops", &BTreeMap::from([("s".to_owned(), two)])).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("no entry for docker.io (it has: a.io, b.io)"),
+            "{e}"
+        );
+
+        let bad = secret("{");
+        let e = merge(&m, "ops", &BTreeMap::from([("s".to_owned(), bad)])).unwrap_err();
+        assert!(matches!(e, CredentialsError::Invalid { .. }));
+
+        let empty = Secret::default();
+        let e = merge(&m, "ops", &BTreeMap::from([("s".to_owned(), empty)])).unwrap_err();
+        assert!(matches!(e, CredentialsError::NotDockerConfig { .. }));
+
+        let none = mirror(json!({"upstreams": [{"host": "docker.io"}]}));
+        assert_eq!(merge(&none, "ops", &BTreeMap::new()).unwrap(), None);
+    }
+}

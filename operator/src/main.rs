@@ -1,0 +1,193 @@
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+use kube::runtime::events::Reporter;
+use regmirror_operator::controller;
+use regmirror_operator::leader::{self, LeaseConfig};
+use regmirror_operator::metrics::{self, Metrics};
+use regmirror_operator::resources::Settings;
+use tokio_util::sync::CancellationToken;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "regmirror-operator",
+    version,
+    about = "Kubernetes operator for regmirror: RegistryMirror resources become a running pull-through cache and node configuration",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the controller (the default).
+    Run(RunArgs),
+    /// Print the RegistryMirror CustomResourceDefinition as YAML.
+    Crd,
+    /// Node agent mode, run by the DaemonSet the operator creates (not implemented yet).
+    Agent,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Namespace for the caches, node agents and the leader lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "regmirror-system")]
+    namespace: String,
+    /// Address serving /metrics, /healthz and /readyz.
+    #[arg(long, env = "REGMIRROR_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Hold a Lease before reconciling, so several replicas are safe.
+    #[arg(long, env = "REGMIRROR_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Name of the leader Lease.
+    #[arg(
+        long,
+        env = "REGMIRROR_LEASE_NAME",
+        default_value = "regmirror-operator"
+    )]
+    lease_name: String,
+    /// This replica's identity in the Lease and in Events [default: hostname].
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Cache image for mirrors that do not set spec.cache.image.
+    #[arg(long, env = "REGMIRROR_CACHE_IMAGE", default_value_t = format!("ghcr.io/regmirror/regmirror-cache:{VERSION}"))]
+    cache_image: String,
+    /// Node agent image for mirrors that do not set spec.nodes.agentImage (this operator's image).
+    #[arg(long, env = "REGMIRROR_AGENT_IMAGE", default_value_t = format!("ghcr.io/regmirror/regmirror-operator:{VERSION}"))]
+    agent_image: String,
+    /// ServiceAccount of the node agent pods.
+    #[arg(
+        long,
+        env = "REGMIRROR_AGENT_SERVICE_ACCOUNT",
+        default_value = "regmirror-agent"
+    )]
+    agent_service_account: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Crd) => {
+            print!("{}", regmirror_operator::crd::crd_yaml());
+            Ok(())
+        }
+        Some(Command::Agent) => {
+            anyhow::bail!("the node agent is not implemented yet (issue 5)")
+        }
+        Some(Command::Run(args)) => run(args).await,
+        None => run(cli.run).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| format!("regmirror-operator-{}", std::process::id()))
+    });
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot configure a Kubernetes client (in-cluster or KUBECONFIG)")?;
+    let metrics = Arc::new(Metrics::default());
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.metrics_addr))?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+    let shutdown = CancellationToken::new();
+    {
+        let app = metrics::app(metrics.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+        });
+    }
+    {
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            stop.cancel();
+        });
+    }
+
+    let settings = Settings {
+        namespace: args.namespace.clone(),
+        cache_image: args.cache_image,
+        agent_image: args.agent_image,
+        agent_service_account: args.agent_service_account,
+    };
+    let reporter = Reporter {
+        controller: "regmirror-operator".into(),
+        instance: Some(identity.clone()),
+    };
+    // Standing by for the lease is a healthy state.
+    metrics.ready.store(true, Ordering::Relaxed);
+
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &args.namespace);
+    let lease = LeaseConfig::new(args.lease_name, identity);
+    if args.leader_election {
+        tokio::select! {
+            _ = leader::acquire(&leases, &lease) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+        metrics.leader.set(1);
+    }
+    tracing::info!(namespace = %settings.namespace, "starting the RegistryMirror controller");
+    let controller = controller::run(
+        client,
+        settings,
+        metrics.clone(),
+        reporter,
+        shutdown.clone().cancelled_owned(),
+    );
+    let lost = async {
+        if args.leader_election {
+            leader::hold(&leases, &lease).await
+        } else {
+            std::future::pending().await
+        }
+    };
+    tokio::select! {
+        _ = controller => {}
+        _ = lost => {
+            metrics.leader.set(0);
+            // Another replica may be reconciling already: stop at once.
+            anyhow::bail!("lost the leader lease");
+        }
+    }
+    if args.leader_election {
+        leader::release(&leases, &lease).await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REGMIRROR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,756 @@
+//! Pure builders: a `RegistryMirror` (plus operator settings and resolved
+//! credentials) in, the Kubernetes objects that run its cache and node agents out.
+//!
+//! All children live in the operator's namespace and carry a controller owner
+//! reference to the (cluster-scoped) mirror, so the garbage collector removes
+//! them with it, and the `app.kubernetes.io/*` labels plus
+//! [`MIRROR_LABEL`], by which the controller finds and prunes them.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Resource;
+use serde::Serialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::crd::{AccessMode, RegistryMirror};
+
+pub const MANAGER: &str = "regmirror-operator";
+pub const PART_OF: &str = "regmirror";
+/// Label holding [`instance_label`] of the owning mirror, on every child.
+pub const MIRROR_LABEL: &str = "regmirror.dev/mirror";
+/// Pod-template annotation: a hash of the cache configuration, so a change rolls the pod.
+pub const CONFIG_HASH_ANNOTATION: &str = "regmirror.dev/config-hash";
+
+pub const COMPONENT_CACHE: &str = "cache";
+pub const COMPONENT_AGENT: &str = "node-agent";
+
+/// Where things are inside the cache container.
+pub const CONFIG_DIR: &str = "/etc/regmirror";
+pub const CONFIG_KEY: &str = "config.toml";
+pub const DATA_DIR: &str = "/var/lib/regmirror";
+pub const CREDENTIALS_DIR: &str = "/var/run/regmirror/credentials";
+pub const CREDENTIALS_FILE: &str = "config.json";
+/// Where the agent sees the host's paths: `/host` + the host path.
+pub const HOST_ROOT: &str = "/host";
+/// Unprivileged user of the cache container (fsGroup makes the volume writable).
+const CACHE_UID: i64 = 65532;
+
+/// Longest child name: a DNS-1035 label (Services) with room for the
+/// suffixes controllers append to pod names.
+const MAX_NAME: usize = 52;
+/// Longest label value.
+const MAX_LABEL: usize = 63;
+
+/// Operator-wide settings the builders need.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Namespace the children are created in.
+    pub namespace: String,
+    pub cache_image: String,
+    pub agent_image: String,
+    pub agent_service_account: String,
+}
+
+/// Everything one mirror needs, ready to apply.
+#[derive(Debug, Clone)]
+pub struct Children {
+    pub config_map: ConfigMap,
+    /// Merged upstream credentials, when any upstream has a `credentialsSecret`.
+    pub credentials: Option<Secret>,
+    pub pvc: PersistentVolumeClaim,
+    pub deployment: Deployment,
+    pub service: Service,
+    pub daemon_set: DaemonSet,
+    /// Hash of the cache configuration, also on the pod template.
+    pub config_hash: String,
+}
+
+impl Children {
+    /// `(kind, name)` of every child, for pruning.
+    pub fn names(&self) -> Vec<(&'static str, String)> {
+        let mut v = vec![
+            ("ConfigMap", name_of(&self.config_map)),
+            ("PersistentVolumeClaim", name_of(&self.pvc)),
+            ("Deployment", name_of(&self.deployment)),
+            ("Service", name_of(&self.service)),
+            ("DaemonSet", name_of(&self.daemon_set)),
+        ];
+        if let Some(s) = &self.credentials {
+            v.push(("Secret", name_of(s)));
+        }
+        v
+    }
+}
+
+fn name_of<K: Resource>(k: &K) -> String {
+    k.meta().name.clone().unwrap_or_default()
+}
+
+fn short_hash(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))[..8].to_owned()
+}
+
+/// Name of a child of `mirror`: `regmirror-<mirror><suffix>`, a valid DNS-1035
+/// label of at most 52 characters. Mirror names may be DNS subdomains (dots,
+/// up to 253 characters): dots become dashes, and a name that had to be changed
+/// or shortened gets a hash of the original, so two mirrors never share a name.
+pub fn child_name(mirror: &str, suffix: &str) -> String {
+    let base = mirror.replace('.', "-");
+    let full = format!("regmirror-{base}{suffix}");
+    if base == mirror && full.len() <= MAX_NAME {
+        return full;
+    }
+    let keep = MAX_NAME - "regmirror-".len() - 9 - suffix.len();
+    let prefix = base[..base.len().min(keep)].trim_end_matches('-');
+    format!("regmirror-{prefix}-{}{suffix}", short_hash(mirror))
+}
+
+/// Value of `app.kubernetes.io/instance` and [`MIRROR_LABEL`]: the mirror's
+/// name, shortened with a hash when longer than a label value may be.
+pub fn instance_label(mirror: &str) -> String {
+    if mirror.len() <= MAX_LABEL {
+        return mirror.to_owned();
+    }
+    let prefix = mirror[..MAX_LABEL - 9].trim_end_matches(['-', '.']);
+    format!("{prefix}-{}", short_hash(mirror))
+}
+
+pub fn config_map_name(mirror: &str) -> String {
+    child_name(mirror, "")
+}
+pub fn credentials_name(mirror: &str) -> String {
+    child_name(mirror, "-credentials")
+}
+pub fn pvc_name(mirror: &str) -> String {
+    child_name(mirror, "")
+}
+pub fn deployment_name(mirror: &str) -> String {
+    child_name(mirror, "")
+}
+pub fn service_name(mirror: &str) -> String {
+    child_name(mirror, "")
+}
+pub fn daemon_set_name(mirror: &str) -> String {
+    child_name(mirror, "-agent")
+}
+
+/// Labels every child of `mirror` carries.
+pub fn labels(mirror: &str, component: &str) -> BTreeMap<String, String> {
+    let mut l = selector_labels(mirror, component);
+    l.insert("app.kubernetes.io/managed-by".into(), MANAGER.into());
+    l.insert("app.kubernetes.io/part-of".into(), PART_OF.into());
+    l.insert(MIRROR_LABEL.into(), instance_label(mirror));
+    l
+}
+
+/// The immutable subset used as Deployment/DaemonSet/Service selectors.
+pub fn selector_labels(mirror: &str, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "regmirror".into()),
+        ("app.kubernetes.io/instance".into(), instance_label(mirror)),
+        ("app.kubernetes.io/component".into(), component.into()),
+    ])
+}
+
+/// Label selector matching every child of `mirror` (for listing and pruning).
+pub fn children_selector(mirror: &str) -> String {
+    format!(
+        "app.kubernetes.io/managed-by={MANAGER},{MIRROR_LABEL}={}",
+        instance_label(mirror)
+    )
+}
+
+fn owner_ref(mirror: &RegistryMirror) -> OwnerReference {
+    mirror
+        .controller_owner_ref(&())
+        .expect("a mirror read from the API server has a name and uid")
+}
+
+fn metadata(mirror: &RegistryMirror, settings: &Settings, name: String, component: &str) -> Value {
+    json!({
+        "name": name,
+        "namespace": settings.namespace,
+        "labels": labels(&mirror.name(), component),
+        "ownerReferences": [owner_ref(mirror)],
+    })
+}
+
+trait MirrorName {
+    fn name(&self) -> String;
+}
+impl MirrorName for RegistryMirror {
+    fn name(&self) -> String {
+        self.metadata.name.clone().unwrap_or_default()
+    }
+}
+
+fn typed<T: serde::de::DeserializeOwned>(v: Value) -> T {
+    serde_json::from_value(v).expect("builder produces a valid object")
+}
+
+/// The cache's TOML configuration file, in the format of `regmirror-cache --config`.
+#[derive(Debug, Serialize)]
+struct CacheFile {
+    listen: String,
+    storage: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credentials: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tag_ttl: Option<String>,
+    #[serde(rename = "upstream")]
+    upstreams: Vec<CacheFileUpstream>,
+}
+
+#[derive(Debug, Serialize)]
+struct CacheFileUpstream {
+    host: String,
+    url: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tag_ttl: Option<String>,
+}
+
+/// Renders the cache configuration for `mirror`. Every upstream of the spec is
+/// served (a host another mirror claimed only loses its node configuration, so
+/// nothing restarts when the conflict is resolved).
+pub fn cache_config(mirror: &RegistryMirror, with_credentials: bool) -> String {
+    let spec = &mirror.spec;
+    let file = CacheFile {
+        listen: format!("0.0.0.0:{}", spec.cache.port),
+        storage: DATA_DIR.into(),
+        credentials: with_credentials.then(|| format!("{CREDENTIALS_DIR}/{CREDENTIALS_FILE}")),
+        tag_ttl: spec.cache.tag_ttl.clone(),
+        upstreams: spec
+            .upstreams
+            .iter()
+            .map(|u| CacheFileUpstream {
+                host: u.host.clone(),
+                url: u.effective_url(),
+                tag_ttl: u.tag_ttl.clone(),
+            })
+            .collect(),
+    };
+    let body = toml::to_string(&file).expect("cache config serializes");
+    format!(
+        "# Generated by regmirror-operator from RegistryMirror {:?}: edits are overwritten.\n{body}",
+        mirror.name()
+    )
+}
+
+/// Builds every child of `mirror`. `credentials` is the merged docker
+/// `config.json` (see [`crate::credentials`]), when any upstream has credentials.
+pub fn build(mirror: &RegistryMirror, settings: &Settings, credentials: Option<&[u8]>) -> Children {
+    let name = mirror.name();
+    let config = cache_config(mirror, credentials.is_some());
+    let mut hasher = Sha256::new();
+    hasher.update(config.as_bytes());
+    // A new credentials Secret changes the volumes anyway; its content is
+    // re-read by the cache on use and needs no restart.
+    let config_hash = hex::encode(hasher.finalize())[..16].to_owned();
+
+    let config_map = typed(json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(mirror, settings, config_map_name(&name), COMPONENT_CACHE),
+        "data": { CONFIG_KEY: config },
+    }));
+
+    let credentials_secret = credentials.map(|bytes| {
+        typed(json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": metadata(mirror, settings, credentials_name(&name), COMPONENT_CACHE),
+            "type": "kubernetes.io/dockerconfigjson",
+            "stringData": { ".dockerconfigjson": String::from_utf8_lossy(bytes) },
+        }))
+    });
+
+    let storage = &mirror.spec.storage;
+    let mut pvc_spec = json!({
+        "accessModes": [storage.access_mode.as_str()],
+        "resources": { "requests": { "storage": storage.size } },
+    });
+    if let Some(class) = &storage.storage_class_name {
+        pvc_spec["storageClassName"] = json!(class);
+    }
+    let pvc = typed(json!({
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": metadata(mirror, settings, pvc_name(&name), COMPONENT_CACHE),
+        "spec": pvc_spec,
+    }));
+
+    let deployment = typed(deployment_json(
+        mirror,
+        settings,
+        &config_hash,
+        credentials.is_some(),
+    ));
+    let service = typed(service_json(mirror, settings));
+    let daemon_set = typed(daemon_set_json(mirror, settings));
+
+    Children {
+        config_map,
+        credentials: credentials_secret,
+        pvc,
+        deployment,
+        service,
+        daemon_set,
+        config_hash,
+    }
+}
+
+fn deployment_json(
+    mirror: &RegistryMirror,
+    settings: &Settings,
+    config_hash: &str,
+    with_credentials: bool,
+) -> Value {
+    let name = mirror.name();
+    let cache = &mirror.spec.cache;
+    // One writer per ReadWriteOnce volume: the old pod must be gone before the
+    // new one mounts it. Shared (RWX) storage can roll without downtime.
+    let strategy = if mirror.spec.storage.access_mode == AccessMode::ReadWriteMany {
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}})
+    } else {
+        json!({"type": "Recreate"})
+    };
+    let resources = match &cache.resources {
+        Some(r) => serde_json::to_value(r).expect("resources serialize"),
+        None => json!({
+            "requests": {"cpu": "100m", "memory": "128Mi"},
+            "limits": {"memory": "1Gi"},
+        }),
+    };
+    let mut container = json!({
+        "name": "cache",
+        "image": cache.image.clone().unwrap_or_else(|| settings.cache_image.clone()),
+        "args": ["--config", format!("{CONFIG_DIR}/{CONFIG_KEY}")],
+        "env": [{"name": "REGMIRROR_LOG", "value": cache.log_level.as_str()}],
+        "ports": [{"name": "registry", "containerPort": cache.port, "protocol": "TCP"}],
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": "registry"},
+            "periodSeconds": 5,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "registry"},
+            "initialDelaySeconds": 10,
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
+        "resources": resources,
+        "securityContext": {
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": true},
+            {"name": "data", "mountPath": DATA_DIR},
+        ],
+    });
+    if let Some(p) = &cache.image_pull_policy {
+        container["imagePullPolicy"] = json!(p);
+    }
+    let mut volumes = vec![
+        json!({"name": "config", "configMap": {"name": config_map_name(&name)}}),
+        json!({"name": "data", "persistentVolumeClaim": {"claimName": pvc_name(&name)}}),
+    ];
+    if with_credentials {
+        container["volumeMounts"]
+            .as_array_mut()
+            .expect("array")
+            .push(json!({"name": "credentials", "mountPath": CREDENTIALS_DIR, "readOnly": true}));
+        volumes.push(json!({"name": "credentials", "secret": {
+            "secretName": credentials_name(&name),
+            "items": [{"key": ".dockerconfigjson", "path": CREDENTIALS_FILE}],
+        }}));
+    }
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(mirror, settings, deployment_name(&name), COMPONENT_CACHE),
+        "spec": {
+            "replicas": cache.replicas,
+            "revisionHistoryLimit": 3,
+            "selector": {"matchLabels": selector_labels(&name, COMPONENT_CACHE)},
+            "strategy": strategy,
+            "template": {
+                "metadata": {
+                    "labels": labels(&name, COMPONENT_CACHE),
+                    "annotations": {CONFIG_HASH_ANNOTATION: config_hash},
+                },
+                "spec": {
+                    "automountServiceAccountToken": false,
+                    "enableServiceLinks": false,
+                    "securityContext": {
+                        "runAsNonRoot": true,
+                        "runAsUser": CACHE_UID,
+                        "runAsGroup": CACHE_UID,
+                        "fsGroup": CACHE_UID,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [container],
+                    "volumes": volumes,
+                },
+            },
+        },
+    })
+}
+
+/// The cache Service. Container runtimes run on the host, where cluster DNS
+/// and (on many setups) ClusterIPs are not usable, so nodes reach the cache at
+/// `<their own IP>:<nodePort>`. `externalTrafficPolicy: Cluster`, because with
+/// `Local` only the node running the cache pod would answer: every other node
+/// would drop the connection and containerd would wait out its dial timeout
+/// on each request before falling back to the upstream.
+fn service_json(mirror: &RegistryMirror, settings: &Settings) -> Value {
+    let name = mirror.name();
+    let cache = &mirror.spec.cache;
+    let mut port = json!({
+        "name": "registry",
+        "port": cache.port,
+        "targetPort": "registry",
+        "protocol": "TCP",
+    });
+    if let Some(np) = cache.node_port {
+        port["nodePort"] = json!(np);
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(mirror, settings, service_name(&name), COMPONENT_CACHE),
+        "spec": {
+            "type": "NodePort",
+            "externalTrafficPolicy": "Cluster",
+            "selector": selector_labels(&name, COMPONENT_CACHE),
+            "ports": [port],
+        },
+    })
+}
+
+/// The node agent (`regmirror-operator agent`, issue 5): one pod per selected
+/// node, with the host's containerd registry directory mounted read-write at
+/// `/host<dir>`, and the node's name and IP from the downward API.
+fn daemon_set_json(mirror: &RegistryMirror, settings: &Settings) -> Value {
+    let name = mirror.name();
+    let nodes = &mirror.spec.nodes;
+    let hosts_dir = format!("{HOST_ROOT}{}", nodes.containerd_config_dir);
+    let tolerations = match &nodes.tolerations {
+        Some(t) => serde_json::to_value(t).expect("tolerations serialize"),
+        None => json!([{"operator": "Exists"}]),
+    };
+    let field = |path: &str| json!({"fieldRef": {"apiVersion": "v1", "fieldPath": path}});
+    let mut pod_spec = json!({
+        "serviceAccountName": settings.agent_service_account,
+        "terminationGracePeriodSeconds": 10,
+        "tolerations": tolerations,
+        "containers": [{
+            "name": "agent",
+            "image": nodes.agent_image.clone().unwrap_or_else(|| settings.agent_image.clone()),
+            "args": ["agent"],
+            "env": [
+                {"name": "REGMIRROR_MIRROR", "value": name},
+                {"name": "REGMIRROR_HOSTS_DIR", "value": hosts_dir},
+                {"name": "REGMIRROR_HOST_ROOT", "value": HOST_ROOT},
+                {"name": "NODE_NAME", "valueFrom": field("spec.nodeName")},
+                {"name": "NODE_IP", "valueFrom": field("status.hostIP")},
+                {"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
+            ],
+            "resources": {
+                "requests": {"cpu": "10m", "memory": "32Mi"},
+                "limits": {"memory": "128Mi"},
+            },
+            "securityContext": {
+                // Root to write the host's root-owned directory; nothing more.
+                "runAsUser": 0,
+                "allowPrivilegeEscalation": false,
+                "readOnlyRootFilesystem": true,
+                "capabilities": {"drop": ["ALL"]},
+            },
+            "volumeMounts": [
+                {"name": "containerd-hosts", "mountPath": hosts_dir},
+            ],
+        }],
+        "volumes": [
+            {"name": "containerd-hosts", "hostPath": {"path": nodes.containerd_config_dir, "type": "DirectoryOrCreate"}},
+        ],
+    });
+    if !nodes.node_selector.is_empty() {
+        pod_spec["nodeSelector"] = json!(nodes.node_selector);
+    }
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": metadata(mirror, settings, daemon_set_name(&name), COMPONENT_AGENT),
+        "spec": {
+            "selector": {"matchLabels": selector_labels(&name, COMPONENT_AGENT)},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}},
+            "template": {
+                "metadata": {"labels": labels(&name, COMPONENT_AGENT)},
+                "spec": pod_spec,
+            },
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::RegistryMirrorSpec;
+
+    pub(crate) fn mirror(spec: Value) -> RegistryMirror {
+        let spec: RegistryMirrorSpec = serde_json::from_value(spec).unwrap();
+        let mut m = RegistryMirror::new("hub", spec);
+        m.metadata.uid = Some("uid-1".into());
+        m
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            namespace: "regmirror-system".into(),
+            cache_image: "regmirror/cache:test".into(),
+            agent_image: "regmirror/operator:test".into(),
+            agent_service_account: "regmirror-agent".into(),
+        }
+    }
+
+    fn v<T: Serialize>(t: &T) -> Value {
+        serde_json::to_value(t).unwrap()
+    }
+
+    #[test]
+    fn names_are_valid_and_distinct() {
+        assert_eq!(child_name("hub", ""), "regmirror-hub");
+        assert_eq!(child_name("hub", "-agent"), "regmirror-hub-agent");
+        let dotted = child_name("a.b", "");
+        assert!(dotted.starts_with("regmirror-a-b-") && dotted.len() == "regmirror-a-b-".len() + 8);
+        assert_ne!(
+            dotted,
+            child_name("a-b", ""),
+            "a.b and a-b must not collide"
+        );
+        let long = "x".repeat(253);
+        for suffix in ["", "-agent", "-credentials"] {
+            let n = child_name(&long, suffix);
+            assert!(n.len() <= 52, "{n}");
+            assert!(n.ends_with(suffix));
+            assert!(
+                n.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            );
+        }
+        assert_ne!(
+            child_name(&format!("{long}a")[1..], ""),
+            child_name(&long, "")
+        );
+        assert_eq!(instance_label("hub"), "hub");
+        let l = instance_label(&format!("{}.example", "y".repeat(70)));
+        assert!(l.len() <= 63 && !l.contains(".-"), "{l}");
+    }
+
+    #[test]
+    fn cache_config_matches_the_cache_format() {
+        let m = mirror(json!({
+            "upstreams": [
+                {"host": "docker.io", "tagTTL": "10m", "credentialsSecret": {"name": "hub-creds"}},
+                {"host": "ghcr.io"},
+                {"host": "registry.local:5000", "url": "http://10.0.0.5:5000/"},
+            ],
+            "cache": {"tagTTL": "1m", "port": 5001},
+        }));
+        let text = cache_config(&m, true);
+        let parsed: toml::Value = toml::from_str(&text).unwrap();
+        assert_eq!(parsed["listen"].as_str(), Some("0.0.0.0:5001"));
+        assert_eq!(parsed["storage"].as_str(), Some(DATA_DIR));
+        assert_eq!(
+            parsed["credentials"].as_str(),
+            Some("/var/run/regmirror/credentials/config.json")
+        );
+        assert_eq!(parsed["tag_ttl"].as_str(), Some("1m"));
+        let ups = parsed["upstream"].as_array().unwrap();
+        assert_eq!(ups[0]["url"].as_str(), Some("https://registry-1.docker.io"));
+        assert_eq!(ups[0]["tag_ttl"].as_str(), Some("10m"));
+        assert_eq!(ups[1]["url"].as_str(), Some("https://ghcr.io"));
+        assert_eq!(ups[2]["url"].as_str(), Some("http://10.0.0.5:5000"));
+
+        // The cache's own parser accepts it (unknown keys are errors there).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, &text).unwrap();
+        use clap::Parser;
+        let cli = regmirror_cache::config::Cli::try_parse_from([
+            "regmirror-cache",
+            "--config",
+            path.to_str().unwrap(),
+        ])
+        .unwrap();
+        let c = regmirror_cache::config::Config::resolve(cli).unwrap();
+        assert_eq!(
+            c.upstream_hosts(),
+            ["docker.io", "ghcr.io", "registry.local:5000"]
+        );
+        assert_eq!(c.upstreams[0].tag_ttl, std::time::Duration::from_secs(600));
+        assert_eq!(c.upstreams[1].tag_ttl, std::time::Duration::from_secs(60));
+        assert_eq!(c.listen.port(), 5001);
+        assert!(c.credentials.is_some());
+
+        assert!(
+            !cache_config(&m, false).contains("credentials"),
+            "no credentials line without a Secret"
+        );
+    }
+
+    #[test]
+    fn deployment_runs_the_cache_with_probes_and_hash() {
+        let m = mirror(json!({"upstreams": [{"host": "docker.io"}]}));
+        let c = build(&m, &settings(), None);
+        let d = v(&c.deployment);
+        assert_eq!(d["metadata"]["name"], "regmirror-hub");
+        assert_eq!(d["metadata"]["namespace"], "regmirror-system");
+        assert_eq!(
+            d["metadata"]["ownerReferences"],
+            json!([{"apiVersion": "regmirror.dev/v1alpha1", "kind": "RegistryMirror",
+                    "name": "hub", "uid": "uid-1", "controller": true}])
+        );
+        assert_eq!(
+            d["metadata"]["labels"],
+            json!({
+                "app.kubernetes.io/name": "regmirror",
+                "app.kubernetes.io/instance": "hub",
+                "app.kubernetes.io/component": "cache",
+                "app.kubernetes.io/managed-by": "regmirror-operator",
+                "app.kubernetes.io/part-of": "regmirror",
+                "regmirror.dev/mirror": "hub",
+            })
+        );
+        let spec = &d["spec"];
+        assert_eq!(spec["replicas"], 1);
+        assert_eq!(spec["strategy"], json!({"type": "Recreate"}));
+        let tpl = &spec["template"];
+        assert_eq!(
+            tpl["metadata"]["annotations"][CONFIG_HASH_ANNOTATION],
+            c.config_hash
+        );
+        let ctr = &tpl["spec"]["containers"][0];
+        assert_eq!(ctr["image"], "regmirror/cache:test");
+        assert_eq!(
+            ctr["args"],
+            json!(["--config", "/etc/regmirror/config.toml"])
+        );
+        assert_eq!(ctr["readinessProbe"]["httpGet"]["path"], "/readyz");
+        assert_eq!(ctr["livenessProbe"]["httpGet"]["path"], "/healthz");
+        assert_eq!(ctr["ports"][0]["containerPort"], 5000);
+        assert_eq!(
+            tpl["spec"]["volumes"],
+            json!([
+                {"name": "config", "configMap": {"name": "regmirror-hub"}},
+                {"name": "data", "persistentVolumeClaim": {"claimName": "regmirror-hub"}},
+            ])
+        );
+        assert_eq!(
+            spec["selector"]["matchLabels"]["app.kubernetes.io/component"],
+            "cache"
+        );
+
+        // A config change changes the hash; an unrelated change does not.
+        let m2 = mirror(json!({"upstreams": [{"host": "docker.io"}, {"host": "quay.io"}]}));
+        assert_ne!(build(&m2, &settings(), None).config_hash, c.config_hash);
+        let m3 = mirror(json!({"upstreams": [{"host": "docker.io"}], "storage": {"size": "5Gi"}}));
+        assert_eq!(build(&m3, &settings(), None).config_hash, c.config_hash);
+    }
+
+    #[test]
+    fn shared_storage_rolls_and_credentials_are_mounted() {
+        let m = mirror(json!({
+            "upstreams": [{"host": "docker.io"}],
+            "storage": {"accessMode": "ReadWriteMany", "storageClassName": "nfs", "size": "1Ti"},
+            "cache": {"replicas": 2, "image": "my/cache:1", "imagePullPolicy": "Always",
+                      "resources": {"requests": {"cpu": "1"}}},
+        }));
+        let c = build(&m, &settings(), Some(br#"{"auths":{}}"#));
+        let d = v(&c.deployment);
+        assert_eq!(d["spec"]["replicas"], 2);
+        assert_eq!(d["spec"]["strategy"]["type"], "RollingUpdate");
+        let ctr = &d["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(ctr["image"], "my/cache:1");
+        assert_eq!(ctr["imagePullPolicy"], "Always");
+        assert_eq!(ctr["resources"], json!({"requests": {"cpu": "1"}}));
+        assert_eq!(
+            ctr["volumeMounts"][2],
+            json!({"name": "credentials", "mountPath": CREDENTIALS_DIR, "readOnly": true})
+        );
+        assert_eq!(
+            d["spec"]["template"]["spec"]["volumes"][2]["secret"],
+            json!({"secretName": "regmirror-hub-credentials",
+                   "items": [{"key": ".dockerconfigjson", "path": "config.json"}]})
+        );
+        let s = v(c.credentials.as_ref().unwrap());
+        assert_eq!(s["type"], "kubernetes.io/dockerconfigjson");
+        let p = v(&c.pvc);
+        assert_eq!(
+            p["spec"],
+            json!({"accessModes": ["ReadWriteMany"], "storageClassName": "nfs",
+                   "resources": {"requests": {"storage": "1Ti"}}})
+        );
+    }
+
+    #[test]
+    fn service_is_a_cluster_policy_node_port() {
+        let m = mirror(json!({"upstreams": [{"host": "docker.io"}], "cache": {"nodePort": 31500}}));
+        let s = v(&build(&m, &settings(), None).service);
+        assert_eq!(
+            s["spec"],
+            json!({
+                "type": "NodePort",
+                "externalTrafficPolicy": "Cluster",
+                "selector": {
+                    "app.kubernetes.io/name": "regmirror",
+                    "app.kubernetes.io/instance": "hub",
+                    "app.kubernetes.io/component": "cache",
+                },
+                "ports": [{"name": "registry", "port": 5000, "targetPort": "registry",
+                           "protocol": "TCP", "nodePort": 31500}],
+            })
+        );
+    }
+
+    #[test]
+    fn agent_daemon_set_mounts_the_hosts_dir_and_knows_its_node() {
+        let m = mirror(json!({
+            "upstreams": [{"host": "docker.io"}],
+            "nodes": {"nodeSelector": {"pool": "gpu"}, "containerdConfigDir": "/etc/k3s/certs.d"},
+        }));
+        let ds = v(&build(&m, &settings(), None).daemon_set);
+        assert_eq!(ds["metadata"]["name"], "regmirror-hub-agent");
+        assert_eq!(
+            ds["metadata"]["labels"]["app.kubernetes.io/component"],
+            "node-agent"
+        );
+        let pod = &ds["spec"]["template"]["spec"];
+        assert_eq!(pod["nodeSelector"], json!({"pool": "gpu"}));
+        assert_eq!(pod["tolerations"], json!([{"operator": "Exists"}]));
+        assert_eq!(pod["serviceAccountName"], "regmirror-agent");
+        let ctr = &pod["containers"][0];
+        assert_eq!(ctr["args"], json!(["agent"]));
+        assert_eq!(ctr["image"], "regmirror/operator:test");
+        let env = ctr["env"].as_array().unwrap();
+        assert!(env.contains(&json!({"name": "NODE_IP", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.hostIP"}}})));
+        assert!(env.contains(&json!({"name": "NODE_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}}})));
+        assert!(
+            env.contains(&json!({"name": "REGMIRROR_HOSTS_DIR", "value": "/host/etc/k3s/certs.d"}))
+        );
+        assert_eq!(
+            pod["volumes"][0],
+            json!({"name": "containerd-hosts", "hostPath": {"path": "/etc/k3s/certs.d", "type": "DirectoryOrCreate"}})
+        );
+        assert_eq!(
+            ctr["volumeMounts"][0],
+            json!({"name": "containerd-hosts", "mountPath": "/host/etc/k3s/certs.d"})
+        );
+    }
+}

@@ -1,0 +1,540 @@
+//! Pure status logic: host conflicts between mirrors, conditions derived from
+//! what the children report, and condition transitions.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+use crate::crd::{NodeState, RegistryMirror, RegistryMirrorStatus};
+
+pub const READY: &str = "Ready";
+pub const CACHE_AVAILABLE: &str = "CacheAvailable";
+pub const NODES_CONFIGURED: &str = "NodesConfigured";
+
+/// Condition reasons (CamelCase, stable: users and alerts match on them).
+pub mod reason {
+    pub const READY: &str = "Ready";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const CREDENTIALS_UNAVAILABLE: &str = "CredentialsUnavailable";
+    pub const APPLY_FAILED: &str = "ApplyFailed";
+    pub const HOST_CONFLICT: &str = "HostConflict";
+    pub const DELETING: &str = "Deleting";
+    pub const AVAILABLE: &str = "Available";
+    pub const CACHE_UNAVAILABLE: &str = "CacheUnavailable";
+    pub const NOT_OBSERVED: &str = "NotObserved";
+    pub const NODES_CONFIGURED: &str = "NodesConfigured";
+    pub const AGENTS_READY: &str = "AgentsReady";
+    pub const AGENTS_NOT_READY: &str = "AgentsNotReady";
+    pub const NO_NODES: &str = "NoNodes";
+    pub const NODES_NOT_CONFIGURED: &str = "NodesNotConfigured";
+    pub const NO_HOSTS: &str = "NoHosts";
+}
+
+/// A host of this mirror that an older mirror already serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub host: String,
+    /// The mirror that keeps the host.
+    pub owner: String,
+}
+
+/// Orders mirrors by who claimed first: creation time, then name.
+fn claim_key(m: &RegistryMirror) -> (Option<Timestamp>, String) {
+    (
+        m.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        m.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Hosts of `me` that another mirror in `all` (which may include `me`) claimed
+/// first. Mirrors being deleted keep their claims until their node
+/// configuration is gone.
+pub fn conflicts(me: &RegistryMirror, all: &[&RegistryMirror]) -> Vec<Conflict> {
+    let my_key = claim_key(me);
+    let mut out = Vec::new();
+    for u in &me.spec.upstreams {
+        let winner = all
+            .iter()
+            .filter(|o| o.metadata.name != me.metadata.name)
+            .filter(|o| o.spec.upstreams.iter().any(|ou| ou.host == u.host))
+            .map(|o| claim_key(o))
+            .filter(|k| *k < my_key)
+            .min();
+        if let Some((_, owner)) = winner {
+            out.push(Conflict {
+                host: u.host.clone(),
+                owner,
+            });
+        }
+    }
+    out
+}
+
+/// Whether two mirrors share an upstream host (so a change to one may change
+/// the other's conflicts).
+pub fn share_a_host(a: &RegistryMirror, b: &RegistryMirror) -> bool {
+    a.spec
+        .upstreams
+        .iter()
+        .any(|u| b.spec.upstreams.iter().any(|v| v.host == u.host))
+}
+
+/// A problem that stops reconciling before children are (fully) applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// What the controller observed about a mirror's children.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// `(desired, available)` replicas of the cache Deployment, if it exists.
+    pub cache_replicas: Option<(i32, i32)>,
+    /// Allocated NodePort of the cache Service.
+    pub node_port: Option<i32>,
+    /// `(desiredNumberScheduled, numberReady)` of the agent DaemonSet, if observed.
+    pub agents: Option<(i32, i32)>,
+    pub conflicts: Vec<Conflict>,
+    pub problem: Option<Problem>,
+    pub deleting: bool,
+}
+
+fn cond(type_: &str, ok: bool, reason: &str, message: String) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: None,
+        last_transition_time: Time(Timestamp::UNIX_EPOCH),
+    }
+}
+
+/// The status the operator writes (everything but the agents' `nodes` entries,
+/// which it reads from `previous`). Conditions keep their `lastTransitionTime`
+/// unless their status flips.
+pub fn compute(
+    mirror: &RegistryMirror,
+    previous: Option<&RegistryMirrorStatus>,
+    observed: &Observed,
+    now: Timestamp,
+) -> RegistryMirrorStatus {
+    let generation = mirror.metadata.generation;
+    let conflicted: Vec<&str> = observed.conflicts.iter().map(|c| c.host.as_str()).collect();
+    let hosts: Vec<String> = mirror
+        .spec
+        .upstreams
+        .iter()
+        .filter(|u| !conflicted.contains(&u.host.as_str()))
+        .map(|u| u.host.clone())
+        .collect();
+    let summary = mirror
+        .spec
+        .upstreams
+        .iter()
+        .map(|u| {
+            if conflicted.contains(&u.host.as_str()) {
+                format!("{}(conflict)", u.host)
+            } else {
+                u.host.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+
+    let cache = match observed.cache_replicas {
+        _ if observed.problem.is_some() && observed.cache_replicas.is_none() => {
+            let p = observed.problem.as_ref().expect("checked");
+            cond(CACHE_AVAILABLE, false, p.reason, p.message.clone())
+        }
+        Some((want, avail)) if avail > 0 => cond(
+            CACHE_AVAILABLE,
+            true,
+            reason::AVAILABLE,
+            format!("{avail}/{want} cache replicas available"),
+        ),
+        Some((want, avail)) => cond(
+            CACHE_AVAILABLE,
+            false,
+            reason::CACHE_UNAVAILABLE,
+            format!(
+                "{avail}/{want} cache replicas available: see the cache Deployment's pods (kubectl -n <operator namespace> get pods -l app.kubernetes.io/instance={})",
+                crate::resources::instance_label(&mirror.metadata.name.clone().unwrap_or_default())
+            ),
+        ),
+        None => cond(
+            CACHE_AVAILABLE,
+            false,
+            reason::NOT_OBSERVED,
+            "the cache Deployment has not been created yet".into(),
+        ),
+    };
+
+    // Per-node results from the agents (issue 5) win over the DaemonSet's counts.
+    let previous_nodes = previous.map(|s| s.nodes.clone()).unwrap_or_default();
+    let configured_from_agents = previous_nodes
+        .iter()
+        .filter(|n| n.state == NodeState::Configured)
+        .count() as i32;
+    let (nodes_desired, nodes_configured, nodes) = match observed.agents {
+        _ if hosts.is_empty() => (
+            observed.agents.map(|a| a.0),
+            Some(0),
+            cond(
+                NODES_CONFIGURED,
+                false,
+                reason::NO_HOSTS,
+                "every upstream host is claimed by another mirror: no node configuration to write"
+                    .into(),
+            ),
+        ),
+        None => (
+            None,
+            None,
+            cond(
+                NODES_CONFIGURED,
+                false,
+                reason::NOT_OBSERVED,
+                "the node agent DaemonSet has not been created yet".into(),
+            ),
+        ),
+        Some((0, _)) => (
+            Some(0),
+            Some(0),
+            cond(
+                NODES_CONFIGURED,
+                false,
+                reason::NO_NODES,
+                "no node matches spec.nodes.nodeSelector (and tolerations)".into(),
+            ),
+        ),
+        Some((desired, _)) if !previous_nodes.is_empty() => {
+            let pending: Vec<String> = previous_nodes
+                .iter()
+                .filter(|n| n.state != NodeState::Configured)
+                .take(5)
+                .map(|n| {
+                    format!(
+                        "{}: {:?}{}",
+                        n.name,
+                        n.state,
+                        n.message
+                            .as_deref()
+                            .map(|m| format!(" ({m})"))
+                            .unwrap_or_default()
+                    )
+                })
+                .collect();
+            let ok = configured_from_agents >= desired && pending.is_empty();
+            let message = if ok {
+                format!("{configured_from_agents}/{desired} nodes configured")
+            } else {
+                format!(
+                    "{configured_from_agents}/{desired} nodes configured; {}",
+                    pending.join("; ")
+                )
+            };
+            let r = if ok {
+                reason::NODES_CONFIGURED
+            } else {
+                reason::NODES_NOT_CONFIGURED
+            };
+            (
+                Some(desired),
+                Some(configured_from_agents),
+                cond(NODES_CONFIGURED, ok, r, message),
+            )
+        }
+        Some((desired, ready)) => {
+            let ok = ready >= desired;
+            (
+                Some(desired),
+                Some(ready),
+                cond(
+                    NODES_CONFIGURED,
+                    ok,
+                    if ok {
+                        reason::AGENTS_READY
+                    } else {
+                        reason::AGENTS_NOT_READY
+                    },
+                    format!("{ready}/{desired} node agents ready"),
+                ),
+            )
+        }
+    };
+
+    let ready = if observed.deleting {
+        cond(
+            READY,
+            false,
+            reason::DELETING,
+            "removing node configuration before the mirror is deleted".into(),
+        )
+    } else if let Some(p) = &observed.problem {
+        cond(READY, false, p.reason, p.message.clone())
+    } else if !observed.conflicts.is_empty() {
+        let msg = observed
+            .conflicts
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} is already mirrored by RegistryMirror {:?}, created earlier",
+                    c.host, c.owner
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        cond(
+            READY,
+            false,
+            reason::HOST_CONFLICT,
+            format!(
+                "{msg}: nodes are not pointed at this mirror for it; remove the host from one of the mirrors"
+            ),
+        )
+    } else if cache.status != "True" {
+        cond(READY, false, &cache.reason, cache.message.clone())
+    } else if nodes.status != "True" {
+        cond(READY, false, &nodes.reason, nodes.message.clone())
+    } else {
+        cond(
+            READY,
+            true,
+            reason::READY,
+            format!("cache available; {}", nodes.message),
+        )
+    };
+
+    let old = previous.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
+    let conditions = [ready, cache, nodes]
+        .into_iter()
+        .map(|c| transition(old, c, generation, now))
+        .collect();
+
+    RegistryMirrorStatus {
+        observed_generation: generation,
+        conditions,
+        upstreams: Some(summary),
+        hosts: Some(hosts),
+        endpoint: observed.node_port.map(|p| format!("<node-ip>:{p}")),
+        node_port: observed.node_port,
+        nodes_desired,
+        nodes_configured,
+        nodes: Vec::new(),
+    }
+}
+
+/// `new` with the `lastTransitionTime` of the same condition in `old` when its
+/// status did not change, `now` otherwise.
+pub fn transition(
+    old: &[Condition],
+    mut new: Condition,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    new.observed_generation = generation;
+    new.last_transition_time = match old.iter().find(|c| c.type_ == new.type_) {
+        Some(prev) if prev.status == new.status => prev.last_transition_time.clone(),
+        _ => Time(now),
+    };
+    new
+}
+
+/// The condition of `type_` in `status`, if any.
+pub fn condition<'a>(
+    status: Option<&'a RegistryMirrorStatus>,
+    type_: &str,
+) -> Option<&'a Condition> {
+    status?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::NodeResult;
+    use serde_json::json;
+
+    fn mirror(name: &str, created: i64, hosts: &[&str]) -> RegistryMirror {
+        let ups: Vec<_> = hosts.iter().map(|h| json!({"host": h})).collect();
+        let mut m = RegistryMirror::new(
+            name,
+            serde_json::from_value(json!({"upstreams": ups})).unwrap(),
+        );
+        m.metadata.creation_timestamp = Some(Time(Timestamp::from_second(created).unwrap()));
+        m.metadata.generation = Some(3);
+        m
+    }
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap()
+    }
+
+    #[test]
+    fn later_mirror_loses_shared_hosts() {
+        let a = mirror("a", 100, &["docker.io", "ghcr.io"]);
+        let b = mirror("b", 200, &["ghcr.io", "quay.io"]);
+        let c = mirror("c", 100, &["docker.io"]); // same time as a: name decides
+        let all = [&a, &b, &c];
+        assert_eq!(conflicts(&a, &all), vec![]);
+        assert_eq!(
+            conflicts(&b, &all),
+            vec![Conflict {
+                host: "ghcr.io".into(),
+                owner: "a".into()
+            }]
+        );
+        assert_eq!(
+            conflicts(&c, &all),
+            vec![Conflict {
+                host: "docker.io".into(),
+                owner: "a".into()
+            }]
+        );
+        assert!(share_a_host(&a, &b) && !share_a_host(&b, &c));
+    }
+
+    #[test]
+    fn ready_needs_cache_and_nodes() {
+        let m = mirror("a", 1, &["docker.io"]);
+        let obs = Observed {
+            cache_replicas: Some((1, 1)),
+            node_port: Some(31500),
+            agents: Some((3, 3)),
+            ..Default::default()
+        };
+        let s = compute(&m, None, &obs, t(1000));
+        assert_eq!(s.observed_generation, Some(3));
+        assert_eq!(s.endpoint.as_deref(), Some("<node-ip>:31500"));
+        assert_eq!(s.nodes_configured, Some(3));
+        assert_eq!(s.hosts, Some(vec!["docker.io".to_string()]));
+        let ready = condition(Some(&s), READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", "Ready")
+        );
+        assert_eq!(ready.observed_generation, Some(3));
+
+        let obs = Observed {
+            cache_replicas: Some((1, 0)),
+            agents: Some((3, 1)),
+            ..obs
+        };
+        let s = compute(&m, None, &obs, t(1000));
+        let ready = condition(Some(&s), READY).unwrap();
+        assert_eq!(ready.reason, reason::CACHE_UNAVAILABLE);
+        let nodes = condition(Some(&s), NODES_CONFIGURED).unwrap();
+        assert_eq!(
+            (nodes.reason.as_str(), nodes.message.as_str()),
+            (reason::AGENTS_NOT_READY, "1/3 node agents ready")
+        );
+    }
+
+    #[test]
+    fn conflicts_and_problems_explain_not_ready() {
+        let m = mirror("b", 2, &["docker.io", "quay.io"]);
+        let obs = Observed {
+            cache_replicas: Some((1, 1)),
+            agents: Some((1, 1)),
+            conflicts: vec![Conflict {
+                host: "docker.io".into(),
+                owner: "a".into(),
+            }],
+            ..Default::default()
+        };
+        let s = compute(&m, None, &obs, t(5));
+        let ready = condition(Some(&s), READY).unwrap();
+        assert_eq!(ready.reason, reason::HOST_CONFLICT);
+        assert!(
+            ready
+                .message
+                .contains(r#"docker.io is already mirrored by RegistryMirror "a""#)
+        );
+        assert_eq!(s.hosts, Some(vec!["quay.io".to_string()]));
+        assert_eq!(s.upstreams.as_deref(), Some("docker.io(conflict),quay.io"));
+
+        let obs = Observed {
+            problem: Some(Problem {
+                reason: reason::CREDENTIALS_UNAVAILABLE,
+                message: "credentialsSecret x missing".into(),
+            }),
+            ..Default::default()
+        };
+        let s = compute(&m, None, &obs, t(5));
+        for ty in [READY, CACHE_AVAILABLE] {
+            let c = condition(Some(&s), ty).unwrap();
+            assert_eq!(c.reason, reason::CREDENTIALS_UNAVAILABLE, "{ty}");
+        }
+    }
+
+    #[test]
+    fn agent_reports_win_over_daemon_set_counts() {
+        let m = mirror("a", 1, &["docker.io"]);
+        let prev = RegistryMirrorStatus {
+            nodes: vec![
+                NodeResult {
+                    name: "n1".into(),
+                    state: NodeState::Configured,
+                    message: None,
+                    last_update: None,
+                },
+                NodeResult {
+                    name: "n2".into(),
+                    state: NodeState::NotEffective,
+                    message: Some("config_path is not set".into()),
+                    last_update: None,
+                },
+            ],
+            ..Default::default()
+        };
+        let obs = Observed {
+            cache_replicas: Some((1, 1)),
+            agents: Some((2, 2)),
+            ..Default::default()
+        };
+        let s = compute(&m, Some(&prev), &obs, t(1));
+        let nodes = condition(Some(&s), NODES_CONFIGURED).unwrap();
+        assert_eq!(nodes.status, "False");
+        assert_eq!(
+            nodes.message,
+            "1/2 nodes configured; n2: NotEffective (config_path is not set)"
+        );
+        assert_eq!(s.nodes_configured, Some(1));
+        assert!(
+            s.nodes.is_empty(),
+            "the operator never writes agents' entries"
+        );
+    }
+
+    #[test]
+    fn transition_time_moves_only_on_flips() {
+        let m = mirror("a", 1, &["docker.io"]);
+        let up = Observed {
+            cache_replicas: Some((1, 1)),
+            agents: Some((1, 1)),
+            ..Default::default()
+        };
+        let s1 = compute(&m, None, &up, t(100));
+        let s2 = compute(&m, Some(&s1), &up, t(200));
+        assert_eq!(
+            condition(Some(&s2), READY).unwrap().last_transition_time,
+            Time(t(100))
+        );
+        let down = Observed {
+            cache_replicas: Some((1, 0)),
+            ..up.clone()
+        };
+        let s3 = compute(&m, Some(&s2), &down, t(300));
+        assert_eq!(
+            condition(Some(&s3), READY).unwrap().last_transition_time,
+            Time(t(300))
+        );
+        assert_eq!(
+            condition(Some(&s3), NODES_CONFIGURED)
+                .unwrap()
+                .last_transition_time,
+            Time(t(100)),
+            "NodesConfigured did not flip"
+        );
+    }
+}

@@ -1,0 +1,371 @@
+//! A real Kubernetes control plane on loopback: etcd, kube-apiserver,
+//! kube-controller-manager, kube-scheduler and kwok (fake nodes and pod
+//! status), built from the Go module proxy by `scripts/install-go-tools.sh`
+//! (see `scripts/control-plane.md`). Every process lives in a private temp dir
+//! with free ports and is killed on drop.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::process::{ChildGuard, ensure_success, run_with_timeout};
+use crate::util::{free_port, tail_lines};
+
+const TOOLS: [&str; 6] = [
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+    "kwok",
+];
+const START_TIMEOUT: Duration = Duration::from_secs(90);
+const KUBECTL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Root of the tool cache: `$REGMIRROR_TOOLS`, else `$HOME/.cache/regmirror`.
+pub fn tools_root() -> PathBuf {
+    match std::env::var_os("REGMIRROR_TOOLS") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+            .join(".cache/regmirror"),
+    }
+}
+
+/// The directory holding the control-plane binaries; fails (never skips) when
+/// any is missing, saying how to build them.
+pub fn tools_bin_dir() -> Result<PathBuf> {
+    let bin = tools_root().join("bin");
+    let missing: Vec<&str> = TOOLS
+        .iter()
+        .copied()
+        .filter(|t| !bin.join(t).is_file())
+        .collect();
+    let stages = tools_root().join("share/kwok-stages.yaml");
+    if !missing.is_empty() || !stages.is_file() {
+        bail!(
+            "control-plane binaries missing in {} ({}{}): run scripts/install-go-tools.sh \
+             (make test does), which builds them from the Go module proxy",
+            bin.display(),
+            missing.join(", "),
+            if stages.is_file() {
+                ""
+            } else {
+                " and share/kwok-stages.yaml"
+            }
+        );
+    }
+    Ok(bin)
+}
+
+/// A running control plane. Use [`ControlPlane::kubectl`] or the kubeconfig.
+pub struct ControlPlane {
+    dir: TempDir,
+    bin: PathBuf,
+    pub kubeconfig: PathBuf,
+    /// `https://127.0.0.1:PORT`.
+    pub server: String,
+    // Dropped (killed) in reverse order of start.
+    kwok: Option<ChildGuard>,
+    scheduler: Option<ChildGuard>,
+    kcm: Option<ChildGuard>,
+    apiserver: Option<ChildGuard>,
+    etcd: Option<ChildGuard>,
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        for c in [
+            &mut self.kwok,
+            &mut self.scheduler,
+            &mut self.kcm,
+            &mut self.apiserver,
+            &mut self.etcd,
+        ] {
+            drop(c.take());
+        }
+    }
+}
+
+fn openssl(args: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .context("run openssl")?;
+    ensure_success(&format!("openssl {}", args.join(" ")), &out)
+}
+
+impl ControlPlane {
+    /// Starts everything and waits until pods can be created (about 10 s).
+    pub async fn start() -> Result<Self> {
+        let bin = tools_bin_dir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("regmirror-k8s-")
+            .tempdir()?;
+        let w = dir.path();
+        let pki = w.join("pki");
+        std::fs::create_dir_all(pki.join("kcm"))?;
+        let sa_key = pki.join("sa.key");
+        let sa_pub = pki.join("sa.pub");
+        openssl(&["genrsa", "-out", sa_key.to_str().unwrap(), "2048"])?;
+        openssl(&[
+            "rsa",
+            "-in",
+            sa_key.to_str().unwrap(),
+            "-pubout",
+            "-out",
+            sa_pub.to_str().unwrap(),
+        ])?;
+        let token = hex::encode(rand::random::<[u8; 16]>());
+        std::fs::write(
+            pki.join("tokens.csv"),
+            format!("{token},admin,admin,system:masters\n"),
+        )?;
+        let (ec, ep, ap, kp, sp) = (
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+        );
+        let server = format!("https://127.0.0.1:{ap}");
+        let kubeconfig = w.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{server}\", certificate-authority: \"{}\"}}}}]\n\
+                 users: [{{name: admin, user: {{token: \"{token}\"}}}}]\n\
+                 contexts: [{{name: t, context: {{cluster: t, user: admin}}}}]\ncurrent-context: t\n",
+                pki.join("apiserver.crt").display()
+            ),
+        )?;
+        let mut cp = Self {
+            bin: bin.clone(),
+            kubeconfig: kubeconfig.clone(),
+            server,
+            kwok: None,
+            scheduler: None,
+            kcm: None,
+            apiserver: None,
+            etcd: None,
+            dir,
+        };
+        let w = cp.dir.path().to_path_buf();
+        let s = |p: &Path| p.display().to_string();
+
+        cp.etcd = Some(ChildGuard::spawn(
+            "etcd",
+            &bin.join("etcd"),
+            &[
+                "--name=default".to_string(),
+                format!("--data-dir={}", s(&w.join("etcd"))),
+                format!("--listen-client-urls=http://127.0.0.1:{ec}"),
+                format!("--advertise-client-urls=http://127.0.0.1:{ec}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{ep}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{ep}"),
+                format!("--initial-cluster=default=http://127.0.0.1:{ep}"),
+                "--unsafe-no-fsync=true".into(),
+                "--log-level=warn".into(),
+            ],
+            &[],
+            &[],
+            &w.join("etcd.log"),
+        )?);
+        cp.apiserver = Some(ChildGuard::spawn(
+            "kube-apiserver",
+            &bin.join("kube-apiserver"),
+            &[
+                "--bind-address=127.0.0.1".to_string(),
+                "--advertise-address=127.0.0.1".into(),
+                format!("--secure-port={ap}"),
+                format!("--cert-dir={}", s(&pki)),
+                format!("--etcd-servers=http://127.0.0.1:{ec}"),
+                "--service-cluster-ip-range=10.0.0.0/24".into(),
+                format!("--token-auth-file={}", s(&pki.join("tokens.csv"))),
+                "--authorization-mode=RBAC".into(),
+                "--endpoint-reconciler-type=none".into(),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                format!("--service-account-key-file={}", s(&sa_pub)),
+                format!("--service-account-signing-key-file={}", s(&sa_key)),
+            ],
+            &[],
+            &[],
+            &w.join("apiserver.log"),
+        )?);
+        cp.wait_for("kube-apiserver /readyz", &["get", "--raw", "/readyz"])
+            .await?;
+
+        let kubeconfig_arg = format!("--kubeconfig={}", s(&kubeconfig));
+        cp.kcm = Some(ChildGuard::spawn(
+            "kube-controller-manager",
+            &bin.join("kube-controller-manager"),
+            &[
+                kubeconfig_arg.clone(),
+                "--leader-elect=false".into(),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={kp}"),
+                format!("--cert-dir={}", s(&pki.join("kcm"))),
+                format!("--service-account-private-key-file={}", s(&sa_key)),
+                format!("--root-ca-file={}", s(&pki.join("apiserver.crt"))),
+                "--use-service-account-credentials=true".into(),
+            ],
+            &[],
+            &[],
+            &w.join("kcm.log"),
+        )?);
+        cp.scheduler = Some(ChildGuard::spawn(
+            "kube-scheduler",
+            &bin.join("kube-scheduler"),
+            &[
+                kubeconfig_arg.clone(),
+                "--leader-elect=false".into(),
+                "--bind-address=127.0.0.1".into(),
+                format!("--secure-port={sp}"),
+            ],
+            &[],
+            &[],
+            &w.join("scheduler.log"),
+        )?);
+        cp.kwok = Some(ChildGuard::spawn(
+            "kwok",
+            &bin.join("kwok"),
+            &[
+                kubeconfig_arg,
+                format!(
+                    "--config={}",
+                    s(&tools_root().join("share/kwok-stages.yaml"))
+                ),
+                "--manage-all-nodes=false".into(),
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
+                "--cidr=10.244.0.0/24".into(),
+            ],
+            &[],
+            &[],
+            &w.join("kwok.log"),
+        )?);
+        cp.wait_for(
+            "the default ServiceAccount (kube-controller-manager running)",
+            &["get", "serviceaccount", "default", "-n", "default"],
+        )
+        .await?;
+        Ok(cp)
+    }
+
+    /// Directory holding the logs of every component.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Last lines of every component's log, for failure messages.
+    pub fn logs_tail(&self, n: usize) -> String {
+        ["apiserver", "kcm", "scheduler", "kwok"]
+            .iter()
+            .map(|c| {
+                format!(
+                    "--- {c} ---\n{}",
+                    tail_lines(
+                        &crate::util::read_lossy(&self.dir.path().join(format!("{c}.log"))),
+                        n
+                    )
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    async fn wait_for(&mut self, what: &str, args: &[&str]) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            for (name, c) in [
+                ("etcd", &mut self.etcd),
+                ("kube-apiserver", &mut self.apiserver),
+                ("kube-controller-manager", &mut self.kcm),
+                ("kube-scheduler", &mut self.scheduler),
+                ("kwok", &mut self.kwok),
+            ] {
+                if let Some(g) = c
+                    && let Some(st) = g.exited()
+                {
+                    bail!(
+                        "{name} exited ({st}) while waiting for {what}; log tail:\n{}",
+                        tail_lines(&g.log(), 40)
+                    );
+                }
+            }
+            let out = self.kubectl(args).await?;
+            if out.status.success() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "{what} not ready within {START_TIMEOUT:?}: {}\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    self.logs_tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Runs kubectl against this cluster (bounded); returns the output whatever the status.
+    pub async fn kubectl(&self, args: &[&str]) -> Result<std::process::Output> {
+        let mut all = vec![format!("--kubeconfig={}", self.kubeconfig.display())];
+        all.extend(args.iter().map(|a| a.to_string()));
+        run_with_timeout(
+            self.bin.join("kubectl").to_str().expect("utf-8 path"),
+            &all,
+            KUBECTL_TIMEOUT,
+        )
+        .await
+    }
+
+    /// kubectl that must succeed; returns stdout.
+    pub async fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.kubectl(args).await?;
+        ensure_success(&format!("kubectl {}", args.join(" ")), &out)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `kubectl get ... -o json`, parsed; `None` when not found.
+    pub async fn get_json(&self, args: &[&str]) -> Result<Option<Value>> {
+        let mut all = vec!["get"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["-o", "json"]);
+        let out = self.kubectl(&all).await?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("NotFound") || err.contains("not found") {
+                return Ok(None);
+            }
+            ensure_success(&format!("kubectl {}", all.join(" ")), &out)?;
+        }
+        Ok(Some(serde_json::from_slice(&out.stdout)?))
+    }
+
+    /// `kubectl apply -f` of `yaml`; returns the output whatever the status.
+    pub async fn apply(&self, yaml: &str) -> Result<std::process::Output> {
+        let file = tempfile::Builder::new()
+            .suffix(".yaml")
+            .tempfile_in(self.dir.path())?;
+        std::fs::write(file.path(), yaml)?;
+        self.kubectl(&["apply", "-f", file.path().to_str().expect("utf-8 path")])
+            .await
+    }
+
+    /// `kubectl apply -f` that must succeed.
+    pub async fn apply_ok(&self, yaml: &str) -> Result<()> {
+        let out = self.apply(yaml).await?;
+        ensure_success("kubectl apply", &out)
+    }
+
+    /// A fake node managed by kwok (Ready within a second), without taints so
+    /// ordinary pods schedule onto it.
+    pub async fn add_node(&self, name: &str) -> Result<()> {
+        self.apply_ok(&format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations: {{kwok.x-k8s.io/node: fake}}\n  labels: {{kubernetes.io/hostname: {name}, type: kwok}}\n"
+        ))
+        .await
+    }
+}

@@ -1,0 +1,109 @@
+//! The `regmirror-operator` binary under test, as a child process.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Result;
+use tempfile::TempDir;
+
+use crate::process::ChildGuard;
+use crate::util::{free_port, workspace_root};
+
+pub const OPERATOR_BIN: &str = "regmirror-operator";
+
+/// Path of the operator binary: `$REGMIRROR_BIN_DIR/regmirror-operator`, else
+/// `$CARGO_TARGET_DIR/debug/...`, else `<workspace>/target/debug/...`.
+/// Panics if it does not exist.
+pub fn operator_binary() -> PathBuf {
+    let candidates: Vec<PathBuf> = if let Some(dir) = std::env::var_os("REGMIRROR_BIN_DIR") {
+        vec![PathBuf::from(dir).join(OPERATOR_BIN)]
+    } else {
+        let mut v = Vec::new();
+        if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
+            v.push(PathBuf::from(t).join("debug").join(OPERATOR_BIN));
+        }
+        v.push(workspace_root().join("target/debug").join(OPERATOR_BIN));
+        v
+    };
+    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
+        panic!(
+            "{OPERATOR_BIN} not found (looked at {candidates:?}); build it first: cargo build --bins"
+        )
+    })
+}
+
+/// A running operator (`regmirror-operator run`), killed on drop.
+pub struct OperatorProcess {
+    child: ChildGuard,
+    _dir: TempDir,
+    /// `http://127.0.0.1:PORT` serving /metrics, /healthz, /readyz.
+    pub metrics_url: String,
+    /// Set by [`OperatorProcess::stop`].
+    pub stopped: bool,
+}
+
+impl OperatorProcess {
+    /// Starts the operator against `kubeconfig`, reconciling into `namespace`,
+    /// with leader election on the Lease `regmirror-operator` as `identity`.
+    pub fn start(
+        kubeconfig: &Path,
+        namespace: &str,
+        identity: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("regmirror-operator-")
+            .tempdir()?;
+        let port = free_port();
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--namespace".into(),
+            namespace.into(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{port}"),
+            "--identity".into(),
+            identity.into(),
+            "--cache-image".into(),
+            "registry.invalid/regmirror-cache:test".into(),
+            "--agent-image".into(),
+            "registry.invalid/regmirror-operator:test".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = ChildGuard::spawn(
+            "regmirror-operator",
+            &operator_binary(),
+            &args,
+            &[
+                ("KUBECONFIG".into(), kubeconfig.display().to_string()),
+                (
+                    "REGMIRROR_LOG".into(),
+                    "info,regmirror_operator=debug".into(),
+                ),
+                ("NO_COLOR".into(), "1".into()),
+                ("RUST_BACKTRACE".into(), "1".into()),
+            ],
+            &["POD_NAMESPACE".into(), "POD_NAME".into()],
+            &dir.path().join("operator.log"),
+        )?;
+        Ok(Self {
+            child,
+            _dir: dir,
+            metrics_url: format!("http://127.0.0.1:{port}"),
+            stopped: false,
+        })
+    }
+
+    pub fn log(&self) -> String {
+        self.child.log()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.is_running()
+    }
+
+    /// SIGTERM (the operator releases its lease), then SIGKILL after `grace`.
+    pub async fn stop(&mut self, grace: Duration) -> Result<std::process::ExitStatus> {
+        self.stopped = true;
+        self.child.terminate(grace).await
+    }
+}

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 pub const GROUP: &str = "regmirror.dev";
 pub const DEFAULT_STORAGE_SIZE: &str = "20Gi";
 pub const DEFAULT_CONTAINERD_CONFIG_DIR: &str = "/etc/containerd/certs.d";
+pub const DEFAULT_CONTAINERD_CONFIG_FILE: &str = "/etc/containerd/config.toml";
 pub const DEFAULT_CACHE_PORT: i32 = 5000;
 
 /// Hosts that are spellings of `docker.io`: image references and containerd's
@@ -229,6 +230,18 @@ pub struct CacheSpec {
     pub tag_ttl: Option<String>,
     #[serde(default)]
     pub log_level: LogLevel,
+    /// Byte budget for cached content (e.g. `18Gi`); least recently used content is
+    /// evicted to stay under it. Defaults to 90% of `storage.size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new(r"self.matches('^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$')")
+        .message("maxSize must be a quantity such as 500Mi, 18Gi or 1Ti"))]
+    pub max_size: Option<String>,
+    /// Evict content nobody pulled for this long (e.g. `30d`); never by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = duration_rule())]
+    pub max_age: Option<String>,
     /// Fixed NodePort for the cache Service (inside the cluster's NodePort range);
     /// allocated by Kubernetes when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -249,6 +262,8 @@ impl Default for CacheSpec {
             resources: None,
             tag_ttl: None,
             log_level: LogLevel::Info,
+            max_size: None,
+            max_age: None,
             node_port: None,
             port: DEFAULT_CACHE_PORT,
         }
@@ -272,9 +287,25 @@ pub struct NodesSpec {
         .message("containerdConfigDir must be an absolute path without '..'"))]
     #[serde(default = "default_containerd_config_dir")]
     pub containerd_config_dir: String,
+    /// containerd's configuration file on the nodes, read (never written) to tell
+    /// whether containerd uses `containerdConfigDir`.
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = Rule::new(r"self.startsWith('/') && !self.contains('..')")
+        .message("containerdConfigFile must be an absolute path without '..'"))]
+    #[serde(default = "default_containerd_config_file")]
+    pub containerd_config_file: String,
+    /// Keep a `hosts.toml` regmirror did not write, with the cache put in front of its
+    /// hosts (the original is restored when the mirror is deleted). When false, such a
+    /// file is left alone and reported as a conflict.
+    #[serde(default)]
+    pub merge_existing: bool,
     /// Agent image; defaults to the operator's `--agent-image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_image: Option<String>,
+}
+
+fn default_containerd_config_file() -> String {
+    DEFAULT_CONTAINERD_CONFIG_FILE.into()
 }
 
 impl Default for NodesSpec {
@@ -283,6 +314,8 @@ impl Default for NodesSpec {
             node_selector: BTreeMap::new(),
             tolerations: None,
             containerd_config_dir: DEFAULT_CONTAINERD_CONFIG_DIR.into(),
+            containerd_config_file: DEFAULT_CONTAINERD_CONFIG_FILE.into(),
+            merge_existing: false,
             agent_image: None,
         }
     }

@@ -9,5 +9,6 @@ pub mod crd;
 pub mod credentials;
 pub mod leader;
 pub mod metrics;
+pub mod quantity;
 pub mod resources;
 pub mod status;

@@ -590,19 +590,46 @@ fn truncate(mut s: String, max: usize) -> String {
     s
 }
 
+/// How long deletion waits for node agents before giving up on them (an
+/// agent that cannot run must not keep a mirror forever).
+pub const NODE_CLEANUP_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Whether the node agents still have configuration for this mirror on some
-/// node: `Some(what)` while they do.
-///
-/// Issue 5 (node agent) hook: agents remove their files when they see the
-/// mirror being deleted and report `state: Removed` in `status.nodes`; this
-/// should then return `Some(..)` until every node the agent DaemonSet runs on
-/// (and that still exists) has reported `Removed`. Until the agent exists
-/// nothing is written on nodes, so nothing is waited for.
+/// node: `Some(what)` while they do. Agents remove their files when they see
+/// the mirror being deleted and report `state: Removed` in `status.nodes`;
+/// every node that reported anything must have reported that, unless the
+/// agents are gone or [`NODE_CLEANUP_TIMEOUT`] has passed.
 pub fn node_cleanup_pending(
-    _mirror: &RegistryMirror,
-    _agents: Option<&DaemonSet>,
+    mirror: &RegistryMirror,
+    agents: Option<&DaemonSet>,
+    now: Timestamp,
 ) -> Option<String> {
-    None
+    let scheduled = agents?
+        .status
+        .as_ref()
+        .map_or(0, |s| s.current_number_scheduled);
+    if scheduled == 0 {
+        return None;
+    }
+    if let Some(deleted) = &mirror.metadata.deletion_timestamp {
+        let waited = now.duration_since(deleted.0).as_secs().max(0) as u64;
+        if waited >= NODE_CLEANUP_TIMEOUT.as_secs() {
+            return None;
+        }
+    }
+    let pending: Vec<&str> = mirror
+        .status
+        .iter()
+        .flat_map(|s| &s.nodes)
+        .filter(|n| n.state != crate::crd::NodeState::Removed)
+        .map(|n| n.name.as_str())
+        .collect();
+    (!pending.is_empty()).then(|| {
+        format!(
+            "waiting for node agents to remove their configuration from {}",
+            pending.join(", ")
+        )
+    })
 }
 
 /// Finalizer cleanup: wait for the node agents' acknowledgement, then delete
@@ -618,8 +645,27 @@ async fn cleanup(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error
         .ns::<DaemonSet>()
         .get_opt(&resources::daemon_set_name(&name))
         .await?;
-    if let Some(waiting) = node_cleanup_pending(mirror, ds.as_ref()) {
+    if let Some(waiting) = node_cleanup_pending(mirror, ds.as_ref(), Timestamp::now()) {
         return Err(Error::NodeCleanupPending(waiting));
+    }
+    // Still pending but for the timeout: say so once, then let go.
+    let deleted_at = mirror
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .map_or_else(Timestamp::now, |t| t.0);
+    if node_cleanup_pending(mirror, ds.as_ref(), deleted_at).is_some() {
+        publish(
+            ctx,
+            mirror,
+            EventType::Warning,
+            "NodeCleanupTimedOut",
+            "Cleanup",
+            format!(
+                "node agents did not confirm removal within {NODE_CLEANUP_TIMEOUT:?}; hosts.toml files may remain on some nodes"
+            ),
+        )
+        .await;
     }
     delete_ignoring_missing(&ctx.ns::<Deployment>(), &resources::deployment_name(&name)).await?;
     delete_ignoring_missing(&ctx.ns::<Service>(), &resources::service_name(&name)).await?;
@@ -649,6 +695,53 @@ async fn cleanup(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deletion_waits_for_every_reporting_node_until_the_timeout() {
+        use crate::crd::{NodeResult, NodeState, RegistryMirrorStatus};
+        use k8s_openapi::api::apps::v1::DaemonSetStatus;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let node = |name: &str, state| NodeResult {
+            name: name.into(),
+            state,
+            message: None,
+            last_update: None,
+        };
+        let deleted: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let mut m = RegistryMirror::new(
+            "hub",
+            serde_json::from_value(json!({"upstreams": [{"host": "docker.io"}]})).unwrap(),
+        );
+        m.metadata.deletion_timestamp = Some(Time(deleted));
+        m.status = Some(RegistryMirrorStatus {
+            nodes: vec![
+                node("n1", NodeState::Removed),
+                node("n2", NodeState::Configured),
+            ],
+            ..Default::default()
+        });
+        let ds = DaemonSet {
+            status: Some(DaemonSetStatus {
+                current_number_scheduled: 2,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let soon = deleted + std::time::Duration::from_secs(30);
+        let waiting =
+            node_cleanup_pending(&m, Some(&ds), soon).expect("n2 has not removed its files");
+        assert!(
+            waiting.contains("n2") && !waiting.contains("n1"),
+            "{waiting}"
+        );
+        // No agents running (or none scheduled): nothing can be waited for.
+        assert_eq!(node_cleanup_pending(&m, None, soon), None);
+        // An agent that never answers does not hold the mirror forever.
+        let late = deleted + NODE_CLEANUP_TIMEOUT;
+        assert_eq!(node_cleanup_pending(&m, Some(&ds), late), None);
+        m.status.as_mut().unwrap().nodes[1].state = NodeState::Removed;
+        assert_eq!(node_cleanup_pending(&m, Some(&ds), soon), None);
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

@@ -4,6 +4,7 @@
 //! `crd` holds the types, `resources` the pure builders, `controller` the
 //! reconcile loop (validate -> build -> apply -> prune -> status).
 
+pub mod agent;
 pub mod controller;
 pub mod crd;
 pub mod credentials;

@@ -35,8 +35,46 @@ enum Command {
     Run(RunArgs),
     /// Print the RegistryMirror CustomResourceDefinition as YAML.
     Crd,
-    /// Node agent mode, run by the DaemonSet the operator creates (not implemented yet).
-    Agent,
+    /// Node agent: writes this node's containerd hosts.toml for one mirror (run by
+    /// the DaemonSet the operator creates).
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, Args)]
+struct AgentArgs {
+    /// The RegistryMirror this agent configures the node for.
+    #[arg(long, env = "REGMIRROR_MIRROR")]
+    mirror: String,
+    /// This node's name (downward API spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// This node's IP, where containerd reaches the cache's NodePort (status.hostIP).
+    #[arg(long, env = "NODE_IP")]
+    node_ip: String,
+    /// containerd's registry config directory as mounted into this pod.
+    #[arg(
+        long,
+        env = "REGMIRROR_HOSTS_DIR",
+        default_value = "/host/etc/containerd/certs.d"
+    )]
+    hosts_dir: std::path::PathBuf,
+    /// The same directory as named on the node (what containerd's config_path says).
+    #[arg(
+        long,
+        env = "REGMIRROR_HOSTS_DIR_ON_NODE",
+        default_value = "/etc/containerd/certs.d"
+    )]
+    hosts_dir_on_node: String,
+    /// containerd's config.toml as mounted into this pod (read only).
+    #[arg(
+        long,
+        env = "REGMIRROR_CONTAINERD_CONFIG",
+        default_value = "/host/etc/containerd/config.toml"
+    )]
+    containerd_config: std::path::PathBuf,
+    /// Re-check the files this often (e.g. 30s).
+    #[arg(long, env = "REGMIRROR_RESYNC", default_value = "30s")]
+    resync: humantime::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -83,9 +121,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", regmirror_operator::crd::crd_yaml());
             Ok(())
         }
-        Some(Command::Agent) => {
-            anyhow::bail!("the node agent is not implemented yet (issue 5)")
-        }
+        Some(Command::Agent(args)) => agent(args).await,
         Some(Command::Run(args)) => run(args).await,
         None => run(cli.run).await,
     }
@@ -174,6 +210,31 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+async fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot configure a Kubernetes client (in-cluster or KUBECONFIG)")?;
+    let shutdown = CancellationToken::new();
+    {
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            stop.cancel();
+        });
+    }
+    let cfg = regmirror_operator::agent::AgentConfig {
+        mirror: args.mirror,
+        node_name: args.node_name,
+        node_ip: args.node_ip,
+        hosts_dir: args.hosts_dir,
+        hosts_dir_on_node: args.hosts_dir_on_node,
+        containerd_config: args.containerd_config,
+        resync: args.resync.into(),
+    };
+    regmirror_operator::agent::run(client, cfg, shutdown).await
 }
 
 fn init_tracing() {

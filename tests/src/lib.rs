@@ -31,7 +31,7 @@ pub use cache::{CacheOptions, CacheProcess, cache_binary};
 pub use containerd::{Containerd, write_hosts_toml};
 pub use controlplane::{ControlPlane, tools_bin_dir};
 pub use fake::{Auth, Behaviour, FakeUpstream, RecordedRequest};
-pub use operator::{OperatorProcess, operator_binary};
+pub use operator::{AgentOptions, AgentProcess, OperatorProcess, operator_binary};
 pub use process::ensure_success;
 pub use registry::{AccessEntry, Registry};
 pub use seed::{

@@ -107,3 +107,69 @@ impl OperatorProcess {
         self.child.terminate(grace).await
     }
 }
+
+/// `regmirror-operator agent` for one mirror and one (fake) node, run on this
+/// machine with the node's hosts directory and containerd config given directly.
+pub struct AgentProcess {
+    child: ChildGuard,
+    _dir: TempDir,
+}
+
+/// What [`AgentProcess::start`] needs.
+pub struct AgentOptions<'a> {
+    pub kubeconfig: &'a Path,
+    pub mirror: &'a str,
+    pub node_name: &'a str,
+    pub node_ip: &'a str,
+    pub hosts_dir: &'a Path,
+    pub containerd_config: &'a Path,
+}
+
+impl AgentProcess {
+    pub fn start(o: &AgentOptions<'_>) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("regmirror-agent-")
+            .tempdir()?;
+        let hosts = o.hosts_dir.display().to_string();
+        let env: Vec<(String, String)> = [
+            ("KUBECONFIG", o.kubeconfig.display().to_string()),
+            ("REGMIRROR_MIRROR", o.mirror.to_owned()),
+            ("NODE_NAME", o.node_name.to_owned()),
+            ("NODE_IP", o.node_ip.to_owned()),
+            ("REGMIRROR_HOSTS_DIR", hosts.clone()),
+            ("REGMIRROR_HOSTS_DIR_ON_NODE", hosts),
+            (
+                "REGMIRROR_CONTAINERD_CONFIG",
+                o.containerd_config.display().to_string(),
+            ),
+            ("REGMIRROR_RESYNC", "1s".to_owned()),
+            ("REGMIRROR_LOG", "info,regmirror_operator=debug".to_owned()),
+            ("NO_COLOR", "1".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let child = ChildGuard::spawn(
+            "regmirror-agent",
+            &operator_binary(),
+            &["agent"],
+            &env,
+            &["POD_NAMESPACE".into()],
+            &dir.path().join("agent.log"),
+        )?;
+        Ok(Self { child, _dir: dir })
+    }
+
+    pub fn log(&self) -> String {
+        self.child.log()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.is_running()
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    pub async fn stop(&mut self, grace: Duration) -> Result<std::process::ExitStatus> {
+        self.child.terminate(grace).await
+    }
+}

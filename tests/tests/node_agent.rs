@@ -1,0 +1,243 @@
+//! The whole path on one machine: a RegistryMirror on a real control plane,
+//! the operator publishing hosts and NodePort, the node agent writing
+//! hosts.toml for a (kwok) node, and a real containerd pulling docker.io
+//! images through a real cache over the CRI, as the kubelet does. Then the
+//! agent repairs wiped files, survives restarts, the runtime falls back to
+//! the upstream when the cache is down, and deletion removes exactly the
+//! agent's files before the finalizer lets go.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use regmirror_e2e::process::run_with_timeout;
+use regmirror_e2e::seed::{self, ImageSpec};
+use regmirror_e2e::tools::tool;
+use regmirror_e2e::util::{http_client, tail_lines, wait_until, workspace_root};
+use regmirror_e2e::{
+    AgentOptions, AgentProcess, CacheProcess, Containerd, ControlPlane, OperatorProcess, Registry,
+    ensure_success,
+};
+use serde_json::Value;
+
+const NS: &str = "regmirror-system";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A port in the NodePort range that is free on 127.0.0.1 right now.
+fn free_node_port() -> u16 {
+    (0..200)
+        .map(|i| 30000 + ((std::process::id() as u16).wrapping_mul(7) + i * 13) % 2700)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port in 30000-32699")
+}
+
+async fn mirror(cp: &ControlPlane) -> Result<Option<Value>> {
+    cp.get_json(&["registrymirror", "hub"]).await
+}
+
+async fn wait_mirror(
+    cp: &ControlPlane,
+    agent: &AgentProcess,
+    op: &OperatorProcess,
+    what: &str,
+    check: impl Fn(Option<&Value>) -> bool,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let m = mirror(cp).await?;
+        if check(m.as_ref()) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "{what}: not within {WAIT:?}; mirror: {}\nagent log:\n{}\noperator log:\n{}",
+                m.map(|m| serde_json::to_string_pretty(&m["status"]).unwrap())
+                    .unwrap_or_else(|| "(gone)".into()),
+                tail_lines(&agent.log(), 20),
+                tail_lines(&op.log(), 20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn node_entry<'a>(m: Option<&'a Value>, node: &str) -> Option<&'a Value> {
+    m?["status"]["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["name"] == node)
+}
+
+fn condition_true(m: Option<&Value>, type_: &str) -> bool {
+    m.and_then(|m| m["status"]["conditions"].as_array())
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == type_ && c["status"] == "True")
+        })
+}
+
+async fn crictl(ctrd: &Containerd, args: &[&str]) -> Result<String> {
+    let endpoint = format!("unix://{}", ctrd.socket().display());
+    let mut all = vec![
+        "--runtime-endpoint".to_owned(),
+        endpoint.clone(),
+        "--image-endpoint".to_owned(),
+        endpoint,
+        "--timeout".to_owned(),
+        "60s".to_owned(),
+    ];
+    all.extend(args.iter().map(|a| a.to_string()));
+    let out = run_with_timeout(
+        &tool("crictl").display().to_string(),
+        &all,
+        Duration::from_secs(90),
+    )
+    .await?;
+    ensure_success(&format!("crictl {}", args.join(" ")), &out)?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+async fn served_bytes(cache: &CacheProcess) -> Result<f64> {
+    let text = http_client()
+        .get(format!("{}/metrics", cache.url()))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("regmirror_served_bytes_total"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum())
+}
+
+fn agent_options<'a>(
+    cp: &'a ControlPlane,
+    certs: &'a Path,
+    ctrd: &'a Containerd,
+    config: &'a Path,
+) -> AgentOptions<'a> {
+    let _ = ctrd;
+    AgentOptions {
+        kubeconfig: &cp.kubeconfig,
+        mirror: "hub",
+        node_name: "node-1",
+        node_ip: "127.0.0.1",
+        hosts_dir: certs,
+        containerd_config: config,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_agent_points_containerd_at_the_cache_and_cleans_up() -> Result<()> {
+    // Real peers: upstream registry, cache on the mirror's fixed NodePort, containerd (CRI).
+    let reg = Registry::start().await?;
+    let image = seed::push_image(
+        &reg.url(),
+        "library/app",
+        "v1",
+        &ImageSpec::docker(&[1_500_000, 20_000]),
+    )
+    .await?;
+    let node_port = free_node_port();
+    let mut cache = CacheProcess::start([
+        "--listen".to_owned(),
+        format!("127.0.0.1:{node_port}"),
+        "--upstream".to_owned(),
+        format!("docker.io={}", reg.url()),
+    ])
+    .await?;
+    let certs_dir = tempfile::tempdir()?;
+    let certs = certs_dir.path();
+    let user_file = certs.join("quay.io/hosts.toml");
+    std::fs::create_dir_all(user_file.parent().unwrap())?;
+    std::fs::write(&user_file, "server = \"https://quay.io\"\n")?;
+    let ctrd = Containerd::start_with_cri(certs).await?;
+    let ctrd_config = ctrd.config_file();
+
+    // The control plane, the CRD and the operator.
+    let cp = ControlPlane::start().await?;
+    cp.add_node("node-1").await?;
+    cp.kubectl_ok(&["create", "namespace", NS]).await?;
+    cp.kubectl_ok(&["create", "serviceaccount", "regmirror-agent", "-n", NS])
+        .await?;
+    let crd = workspace_root().join("crds/registrymirror.yaml");
+    cp.kubectl_ok(&["apply", "-f", crd.to_str().unwrap()])
+        .await?;
+    cp.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/registrymirrors.regmirror.dev",
+        "--timeout=30s",
+    ])
+    .await?;
+    cp.apply_ok("apiVersion: v1\nkind: PersistentVolume\nmetadata:\n  name: agent-pv\nspec:\n  capacity: {storage: 1Gi}\n  accessModes: [ReadWriteOnce]\n  hostPath: {path: /tmp/agent-pv}\n").await?;
+    let op = OperatorProcess::start(&cp.kubeconfig, NS, "op-1", &[])?;
+    cp.apply_ok(&format!(
+        "apiVersion: regmirror.dev/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: hub\nspec:\n  upstreams: [{{host: docker.io, url: '{}'}}]\n  storage: {{size: 1Gi}}\n  cache: {{nodePort: {node_port}}}\n  nodes: {{containerdConfigDir: '{}'}}\n",
+        reg.url(),
+        certs.display()
+    ))
+    .await?;
+
+    // The agent configures node-1 and reports it; the operator counts it.
+    let mut agent = AgentProcess::start(&agent_options(&cp, certs, &ctrd, &ctrd_config))?;
+    wait_mirror(&cp, &agent, &op, "node-1 Configured", |m| {
+        node_entry(m, "node-1").is_some_and(|n| n["state"] == "Configured")
+            && condition_true(m, "NodesConfigured")
+    })
+    .await?;
+    let hosts_toml = std::fs::read_to_string(certs.join("docker.io/hosts.toml"))?;
+    assert!(
+        hosts_toml.contains(&format!("[host.\"http://127.0.0.1:{node_port}\"]")),
+        "{hosts_toml}"
+    );
+    assert!(hosts_toml.contains(&format!("server = \"{}\"", reg.url())));
+
+    // The kubelet's path: a CRI pull of a short docker.io name goes through the cache.
+    crictl(&ctrd, &["pull", "app:v1"]).await?;
+    let listed = crictl(&ctrd, &["images", "--digests"]).await?;
+    assert!(
+        listed.contains(&image.digest.trim_start_matches("sha256:")[..13]),
+        "{listed}"
+    );
+    assert!(served_bytes(&cache).await? >= image.layers[0].size() as f64);
+
+    // Something wipes the file: the agent writes it again.
+    std::fs::remove_dir_all(certs.join("docker.io"))?;
+    wait_until(Duration::from_secs(15), || async {
+        certs.join("docker.io/hosts.toml").exists()
+    })
+    .await
+    .context("wiped hosts.toml not restored")?;
+
+    // An agent restart (a rolling update) leaves the node configured.
+    agent.stop(Duration::from_secs(10)).await?;
+    assert!(certs.join("docker.io/hosts.toml").exists());
+
+    // Cache down: containerd falls back to the upstream named as `server`.
+    cache.stop().await?;
+    crictl(&ctrd, &["rmi", "docker.io/library/app:v1"]).await?;
+    let before = reg.count("GET", &image.layers[0].digest);
+    crictl(&ctrd, &["pull", "app:v1"]).await?;
+    assert_eq!(reg.count("GET", &image.layers[0].digest), before + 1);
+
+    // Deletion: the finalizer holds the mirror while the node still has its
+    // files (no agent running), and lets go once the agent removed them.
+    cp.kubectl_ok(&["delete", "registrymirror", "hub", "--wait=false"])
+        .await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let held = mirror(&cp)
+        .await?
+        .context("mirror deleted before its node was cleaned")?;
+    assert!(held["metadata"]["deletionTimestamp"].is_string());
+    assert!(certs.join("docker.io/hosts.toml").exists());
+    let agent = AgentProcess::start(&agent_options(&cp, certs, &ctrd, &ctrd_config))?;
+    wait_mirror(&cp, &agent, &op, "hub deleted", |m| m.is_none()).await?;
+    assert!(!certs.join("docker.io").exists(), "agent files left behind");
+    assert_eq!(
+        std::fs::read_to_string(&user_file)?,
+        "server = \"https://quay.io\"\n"
+    );
+    Ok(())
+}

@@ -574,3 +574,138 @@ async fn json_logs_have_one_line_per_request() {
     })
     .await;
 }
+
+fn rss_kb(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS")
+}
+
+/// Dozens of clients pulling a mix of cold and warm images for a bounded time,
+/// under a budget small enough that eviction runs throughout; then `kill -9`
+/// in the middle of it all and a restart. Every pull must succeed with the
+/// right bytes, memory must stay flat, and every stored file must verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn soak_mixed_pulls_under_eviction_then_crash() {
+    bounded(150, async {
+        const CLIENTS: usize = 24;
+        const SOAK: Duration = Duration::from_secs(25);
+        let reg = Registry::start().await?;
+        let mut images = Vec::new();
+        for i in 0..6u64 {
+            let sizes = [300_000 + 400_000 * i as usize, 40_000];
+            let img = seed::build_image(&ImageSpec::oci(&sizes).gzip_level(0).seed(500 + i))?;
+            seed::push_built_image(&reg.url(), &format!("library/soak{i}"), "v1", &img).await?;
+            images.push(img);
+        }
+        let total: u64 = images.iter().map(|i| i.total_size()).sum();
+        let budget = total / 2;
+        let mut cache = CacheProcess::start([
+            "--upstream".to_owned(),
+            format!("docker.io={}", reg.url()),
+            "--max-size".into(),
+            budget.to_string(),
+        ])
+        .await?;
+        let images = std::sync::Arc::new(images);
+        let base = cache.url();
+
+        let run_clients = |until: tokio::time::Instant, tolerate_errors: bool| {
+            (0..CLIENTS)
+                .map(|c| {
+                    let images = images.clone();
+                    let base = base.clone();
+                    tokio::spawn(async move {
+                        let (mut ok, mut failed) = (0u64, Vec::new());
+                        let mut n = c;
+                        while tokio::time::Instant::now() < until {
+                            n = n.wrapping_mul(31).wrapping_add(7);
+                            let i = n % images.len();
+                            let img = &images[i];
+                            let repo = format!("soak{i}");
+                            let result = async {
+                                let m = seed::fetch_manifest(&base, &repo, "v1").await?;
+                                ensure!(m.body == img.manifest, "manifest bytes");
+                                for b in img.blobs() {
+                                    let url = format!("{base}/v2/{repo}/blobs/{}", b.digest);
+                                    let body =
+                                        http_client().get(&url).send().await?.bytes().await?;
+                                    ensure!(sha256_digest(&body) == b.digest, "{url}: wrong bytes");
+                                }
+                                Ok::<_, anyhow::Error>(())
+                            }
+                            .await;
+                            match result {
+                                Ok(()) => ok += 1,
+                                Err(e) if !tolerate_errors => failed.push(e.to_string()),
+                                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                            }
+                        }
+                        (ok, failed)
+                    })
+                })
+                .collect::<Vec<_>>()
+        };
+
+        // Warm-up, then the soak proper with memory sampled along the way.
+        let pid = cache.pid().context("pid")?;
+        let warm = run_clients(tokio::time::Instant::now() + Duration::from_secs(5), false);
+        for t in warm {
+            let (_, failed) = t.await?;
+            ensure!(failed.is_empty(), "warm-up failures: {failed:?}");
+        }
+        let rss_start = rss_kb(pid)?;
+        let clients = run_clients(tokio::time::Instant::now() + SOAK, false);
+        let mut rss_max = rss_start;
+        for _ in 0..(SOAK.as_secs() * 2) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            rss_max = rss_max.max(rss_kb(pid).unwrap_or(0));
+        }
+        let (mut pulls, mut failures) = (0, Vec::new());
+        for t in clients {
+            let (ok, failed) = t.await?;
+            pulls += ok;
+            failures.extend(failed);
+        }
+        assert!(
+            failures.is_empty(),
+            "{} failed pulls: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+        assert!(
+            pulls >= CLIENTS as u64 * 5,
+            "only {pulls} pulls in {SOAK:?}"
+        );
+        assert!(
+            rss_max <= rss_start * 2 + 32 * 1024,
+            "memory grew from {rss_start} kB to {rss_max} kB"
+        );
+        let m = scrape(&cache).await?;
+        assert!(
+            sum_samples(&m, "regmirror_evictions_total", &[]) >= 1.0,
+            "no eviction happened"
+        );
+        assert!(sample(&m, "regmirror_store_bytes") <= budget as f64);
+
+        // Crash in the middle of fills and evictions, restart, verify everything.
+        let crash_clients = run_clients(tokio::time::Instant::now() + Duration::from_secs(4), true);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        cache.kill9();
+        for t in crash_clients {
+            t.await?;
+        }
+        cache.restart().await?;
+        assert_eq!(std::fs::read_dir(cache.storage().join("tmp"))?.count(), 0);
+        verify_store(cache.storage())?;
+        for (i, img) in images.iter().enumerate() {
+            pull(&cache, &format!("soak{i}"), "v1", img).await?;
+        }
+        verify_store(cache.storage())?;
+        Ok(())
+    })
+    .await;
+}

@@ -223,7 +223,7 @@ async fn run(tx: &watch::Sender<FillState>, job: FillJob) -> Result<()> {
         s => return Err(invalid(format!("blob GET answered {s}"))),
     }
     let size = resp.content_length();
-    let _reservation = match size {
+    let reservation = match size {
         Some(s) => Some(job.store.admit(s).await.ok_or_else(|| {
             Error::StorageFull(format!(
                 "no room for {s} bytes within the cache's byte budget"
@@ -330,6 +330,9 @@ async fn run(tx: &watch::Sender<FillState>, job: FillJob) -> Result<()> {
         .await
         .map_err(Error::internal)?
         .map_err(storage_error)?;
+    // The reservation becomes the stored file: counting both at once would
+    // make the evictor remove more than the budget requires.
+    drop(reservation);
     job.store
         .record(&job.host, Kind::Blob, &job.digest, written);
     tx.send_replace(FillState::Done {

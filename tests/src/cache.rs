@@ -249,6 +249,25 @@ impl CacheProcess {
         self.child.as_mut().is_some_and(ChildGuard::is_running)
     }
 
+    /// `GET /metrics`: the Prometheus exposition text.
+    pub async fn metrics(&self) -> Result<String> {
+        let resp = crate::util::http_client()
+            .get(format!("{}/metrics", self.url()))
+            .send()
+            .await?;
+        anyhow::ensure!(resp.status() == 200, "/metrics: {}", resp.status());
+        Ok(resp.text().await?)
+    }
+
+    /// Blob bytes the cache sent to clients, from every source.
+    pub async fn served_bytes(&self) -> Result<f64> {
+        Ok(crate::util::metric_sum(
+            &self.metrics().await?,
+            "regmirror_served_bytes_total",
+            &[],
+        ))
+    }
+
     /// SIGTERM, wait up to 10 s (then SIGKILL); returns the exit status.
     pub async fn stop(&mut self) -> Result<ExitStatus> {
         match self.child.take() {

@@ -144,6 +144,25 @@ impl Containerd {
         }
     }
 
+    /// `crictl` (the kubelet's CRI calls) against this containerd; fails with
+    /// its output unless it succeeded.
+    pub async fn crictl(&self, args: &[&str]) -> Result<String> {
+        let endpoint = format!("unix://{}", self.socket.display());
+        let mut all = vec![
+            "--runtime-endpoint".to_owned(),
+            endpoint.clone(),
+            "--image-endpoint".to_owned(),
+            endpoint,
+            "--timeout".to_owned(),
+            "60s".to_owned(),
+        ];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let crictl = crate::tools::tool("crictl").display().to_string();
+        let out = crate::process::run_with_timeout(&crictl, &all, Duration::from_secs(90)).await?;
+        ensure_success(&format!("crictl {}", args.join(" ")), &out)?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// The config.toml it was started with.
     pub fn config_file(&self) -> PathBuf {
         self.dir.path().join("config.toml")

@@ -108,3 +108,32 @@ pub fn read_lossy(path: &Path) -> String {
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default()
 }
+
+/// Runs a test body with a hard time limit; panics on error or timeout.
+pub async fn bounded<F: Future<Output = Result<()>>>(secs: u64, f: F) {
+    match tokio::time::timeout(Duration::from_secs(secs), f).await {
+        Ok(r) => r.unwrap(),
+        Err(_) => panic!("test exceeded its {secs} s limit"),
+    }
+}
+
+/// The value of the Prometheus sample whose name-and-labels are exactly
+/// `series`, 0 when absent.
+pub fn metric_sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+        .unwrap_or(0.0)
+}
+
+/// The sum of the samples whose line starts with `prefix` and contains every
+/// string of `must_contain` (label matchers such as `reason="size"`).
+pub fn metric_sum(text: &str, prefix: &str, must_contain: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix) && must_contain.iter().all(|m| l.contains(m)))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}

@@ -1,22 +1,14 @@
 //! The cache against a programmable upstream: corrupt bytes, hangs, errors, rate
 //! limits, resets, authentication, and fills that outlive their clients.
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use base64::Engine;
 use regmirror_e2e::seed::{self, ImageSpec, PushedImage};
-use regmirror_e2e::util::{http_client, sha256_digest, wait_until};
+use regmirror_e2e::util::{bounded, http_client, sha256_digest, wait_until};
 use regmirror_e2e::{Auth, Behaviour, CacheOptions, CacheProcess, FakeUpstream};
-
-async fn bounded<F: Future<Output = Result<()>>>(secs: u64, f: F) {
-    match tokio::time::timeout(Duration::from_secs(secs), f).await {
-        Ok(r) => r.unwrap(),
-        Err(_) => panic!("test exceeded its {secs} s limit"),
-    }
-}
 
 /// Short timeouts so that fault tests finish in seconds.
 const FAST_TIMEOUTS: &str = "[timeouts]\nconnect = \"2s\"\nresponse_header = \"2s\"\nbody_idle = \"2s\"\nstale_after = \"1s\"\n";

@@ -1,22 +1,16 @@
 //! Running the cache unattended: byte budget with LRU eviction, age limit, full
 //! and read-only disks, crashes, graceful shutdown, metrics, probes and logs.
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use regmirror_e2e::seed::{self, ImageSpec, PushedImage};
-use regmirror_e2e::util::{http_client, require_root, sha256_digest, wait_until};
+use regmirror_e2e::util::{
+    bounded, http_client, metric_sample, metric_sum, require_root, sha256_digest, wait_until,
+};
 use regmirror_e2e::{Behaviour, CacheOptions, CacheProcess, FakeUpstream, Registry};
-
-async fn bounded<F: Future<Output = Result<()>>>(secs: u64, f: F) {
-    match tokio::time::timeout(Duration::from_secs(secs), f).await {
-        Ok(r) => r.unwrap(),
-        Err(_) => panic!("test exceeded its {secs} s limit"),
-    }
-}
 
 /// One incompressible layer of about `size` bytes.
 fn one_layer(size: usize, seed: u64) -> Result<PushedImage> {
@@ -85,34 +79,6 @@ async fn pull(cache: &CacheProcess, repo: &str, tag: &str, image: &PushedImage) 
     Ok(())
 }
 
-async fn scrape(cache: &CacheProcess) -> Result<String> {
-    let resp = http_client()
-        .get(format!("{}/metrics", cache.url()))
-        .send()
-        .await?;
-    ensure!(resp.status() == 200, "/metrics: {}", resp.status());
-    Ok(resp.text().await?)
-}
-
-/// The value of the sample whose line starts with `series` (name and labels),
-/// 0 when absent.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok())?
-        })
-        .unwrap_or(0.0)
-}
-
-fn sum_samples(text: &str, prefix: &str, must_contain: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix) && must_contain.iter().all(|m| l.contains(m)))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
-}
-
 #[tokio::test]
 async fn a_byte_budget_evicts_least_recently_used_content() {
     bounded(120, async {
@@ -164,16 +130,20 @@ async fn a_byte_budget_evicts_least_recently_used_content() {
             "store holds {total} bytes over its budget"
         );
 
-        let m = scrape(&cache).await?;
+        let m = cache.metrics().await?;
         assert!(
-            sum_samples(&m, "regmirror_evictions_total", &[r#"reason="size""#]) >= 1.0,
+            metric_sum(&m, "regmirror_evictions_total", &[r#"reason="size""#]) >= 1.0,
             "{m}"
         );
         assert!(
-            sum_samples(&m, "regmirror_evicted_bytes_total", &[r#"reason="size""#]) >= 3_000_000.0
+            metric_sum(&m, "regmirror_evicted_bytes_total", &[r#"reason="size""#]) >= 3_000_000.0
         );
-        assert_eq!(sample(&m, "regmirror_store_max_bytes"), 8_000_000.0);
-        assert_eq!(sample(&m, "regmirror_store_bytes"), total as f64, "{m}");
+        assert_eq!(metric_sample(&m, "regmirror_store_max_bytes"), 8_000_000.0);
+        assert_eq!(
+            metric_sample(&m, "regmirror_store_bytes"),
+            total as f64,
+            "{m}"
+        );
 
         // Evicted content is fetched again on demand.
         let before = reg.count("GET", &format!("/blobs/{}", layer(1)));
@@ -206,9 +176,9 @@ async fn content_not_read_for_max_age_is_removed() {
         wait_until(Duration::from_secs(15), || async { !file.exists() })
             .await
             .context("aged content should be removed")?;
-        let m = scrape(&cache).await?;
+        let m = cache.metrics().await?;
         assert!(
-            sum_samples(&m, "regmirror_evictions_total", &[r#"reason="age""#]) >= 1.0,
+            metric_sum(&m, "regmirror_evictions_total", &[r#"reason="age""#]) >= 1.0,
             "{m}"
         );
         Ok(())
@@ -277,9 +247,9 @@ async fn a_full_disk_passes_blobs_through_and_recovers() {
         // Larger than the whole disk: served, not stored.
         pull(&cache, "big", "v1", &big).await?;
         assert!(!blob_file(&storage, "docker.io", &big.layers[0].digest).exists());
-        let m = scrape(&cache).await?;
-        assert!(sample(&m, "regmirror_disk_full_passthrough_total") >= 1.0, "{m}");
-        assert!(sum_samples(&m, "regmirror_served_bytes_total", &[r#"source="passthrough""#]) >= 6_000_000.0);
+        let m = cache.metrics().await?;
+        assert!(metric_sample(&m, "regmirror_disk_full_passthrough_total") >= 1.0, "{m}");
+        assert!(metric_sum(&m, "regmirror_served_bytes_total", &[r#"source="passthrough""#]) >= 6_000_000.0);
         assert_eq!(std::fs::read_dir(storage.join("tmp"))?.count(), 0, "temp files left");
 
         // A disk filled by someone else: still served.
@@ -428,13 +398,13 @@ async fn metrics_account_for_the_traffic_that_produced_them() {
         }
         pull(&cache, "app", "v1", &img).await?; // manifest miss, 2 blob misses, 1 blob hit
         pull(&cache, "app", "v1", &img).await?; // all hits but the tag's revalidation
-        let m = scrape(&cache).await?;
+        let m = cache.metrics().await?;
 
         let blob_bytes: u64 = img.blobs().map(|b| b.size()).sum();
         let big_size = img.layers[0].size() as f64;
         // Upstream: one GET per blob, whatever the number of clients.
         assert_eq!(
-            sum_samples(
+            metric_sum(
                 &m,
                 "regmirror_upstream_bytes_total",
                 &[r#"upstream="docker.io""#]
@@ -444,13 +414,13 @@ async fn metrics_account_for_the_traffic_that_produced_them() {
         );
         // Hits and misses by kind.
         let hits = |kind: &str| {
-            sample(
+            metric_sample(
                 &m,
                 &format!(r#"regmirror_cache_hits_total{{upstream="docker.io",kind="{kind}"}}"#),
             )
         };
         let misses = |kind: &str| {
-            sample(
+            metric_sample(
                 &m,
                 &format!(r#"regmirror_cache_misses_total{{upstream="docker.io",kind="{kind}"}}"#),
             )
@@ -459,10 +429,10 @@ async fn metrics_account_for_the_traffic_that_produced_them() {
         assert_eq!(hits("blob"), 1.0 + 3.0, "{m}");
         assert_eq!(misses("manifest"), 1.0, "{m}");
         assert!(hits("manifest") >= 1.0, "{m}");
-        assert_eq!(sample(&m, "regmirror_fill_joins_total"), 3.0, "{m}");
+        assert_eq!(metric_sample(&m, "regmirror_fill_joins_total"), 3.0, "{m}");
         // Requests by endpoint and status.
         let requests = |endpoint: &str| {
-            sum_samples(
+            metric_sum(
                 &m,
                 "regmirror_http_requests_total",
                 &[&format!(r#"endpoint="{endpoint}""#), r#"status="200""#],
@@ -471,10 +441,10 @@ async fn metrics_account_for_the_traffic_that_produced_them() {
         assert_eq!(requests("blob"), 4.0 + 3.0 + 3.0, "{m}");
         assert_eq!(requests("manifest"), 2.0, "{m}");
         // Served bytes: every body the clients received.
-        let served = sum_samples(&m, "regmirror_served_bytes_total", &[]);
+        let served = metric_sum(&m, "regmirror_served_bytes_total", &[]);
         assert_eq!(served, 4.0 * big_size + 2.0 * blob_bytes as f64, "{m}");
         assert!(
-            sum_samples(
+            metric_sum(
                 &m,
                 "regmirror_upstream_requests_total",
                 &[r#"method="GET""#, r#"status="200""#]
@@ -511,14 +481,15 @@ async fn a_large_store_is_indexed_in_the_background() {
         )
         .await?;
         wait_until(Duration::from_secs(60), || async {
-            scrape(&cache)
+            cache
+                .metrics()
                 .await
-                .is_ok_and(|m| sample(&m, "regmirror_store_files") == FILES as f64)
+                .is_ok_and(|m| metric_sample(&m, "regmirror_store_files") == FILES as f64)
         })
         .await
         .context("index never reached the file count")?;
-        let m = scrape(&cache).await?;
-        assert_eq!(sample(&m, "regmirror_store_bytes"), FILES as f64);
+        let m = cache.metrics().await?;
+        assert_eq!(metric_sample(&m, "regmirror_store_bytes"), FILES as f64);
         let pid = cache.pid().context("pid")?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let rss_kb: u64 = status
@@ -684,12 +655,12 @@ async fn soak_mixed_pulls_under_eviction_then_crash() {
             rss_max <= rss_start * 2 + 32 * 1024,
             "memory grew from {rss_start} kB to {rss_max} kB"
         );
-        let m = scrape(&cache).await?;
+        let m = cache.metrics().await?;
         assert!(
-            sum_samples(&m, "regmirror_evictions_total", &[]) >= 1.0,
+            metric_sum(&m, "regmirror_evictions_total", &[]) >= 1.0,
             "no eviction happened"
         );
-        assert!(sample(&m, "regmirror_store_bytes") <= budget as f64);
+        assert!(metric_sample(&m, "regmirror_store_bytes") <= budget as f64);
 
         // Crash in the middle of fills and evictions, restart, verify everything.
         let crash_clients = run_clients(tokio::time::Instant::now() + Duration::from_secs(4), true);

@@ -1,21 +1,13 @@
 //! The cache between real clients (skopeo, containerd) and a real upstream
 //! (Debian's docker-registry), everything on loopback.
 
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use regmirror_e2e::seed::{self, Flavour, ImageSpec, Platform, PushedImage};
 use regmirror_e2e::skopeo::{self, SkopeoOpts};
-use regmirror_e2e::util::{http_client, sha256_digest};
+use regmirror_e2e::util::{bounded, http_client, sha256_digest};
 use regmirror_e2e::{CacheProcess, Containerd, Registry, write_hosts_toml};
-
-async fn bounded<F: Future<Output = Result<()>>>(secs: u64, f: F) {
-    match tokio::time::timeout(Duration::from_secs(secs), f).await {
-        Ok(r) => r.unwrap(),
-        Err(_) => panic!("test exceeded its {secs} s limit"),
-    }
-}
 
 /// Upstream GETs of each blob of `image`, from the registry's access log.
 fn blob_gets(reg: &Registry, image: &PushedImage) -> Vec<usize> {

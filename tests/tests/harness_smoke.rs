@@ -1,22 +1,15 @@
 //! Proves the harness works without the cache: real registry, containerd, skopeo, fake upstream.
 
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use regmirror_e2e::fake::{Auth, Behaviour, FakeUpstream};
 use regmirror_e2e::seed::{self, Flavour, ImageSpec, Platform, PushedImage};
 use regmirror_e2e::skopeo::{self, SkopeoOpts};
-use regmirror_e2e::util::{http_client, http_client_no_redirect, sha256_digest};
+use regmirror_e2e::util::{bounded, http_client, http_client_no_redirect, sha256_digest};
 use regmirror_e2e::{CacheOptions, CacheProcess, Containerd, Registry, write_hosts_toml};
 
 /// Runs a test body with a hard time limit.
-async fn bounded<F: Future<Output = Result<()>>>(secs: u64, f: F) {
-    match tokio::time::timeout(Duration::from_secs(secs), f).await {
-        Ok(r) => r.unwrap(),
-        Err(_) => panic!("test exceeded its {secs} s limit"),
-    }
-}
 
 async fn assert_manifest_round_trip(
     url: &str,

@@ -10,13 +10,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use regmirror_e2e::process::run_with_timeout;
 use regmirror_e2e::seed::{self, ImageSpec};
-use regmirror_e2e::tools::tool;
-use regmirror_e2e::util::{http_client, tail_lines, wait_until, workspace_root};
+use regmirror_e2e::util::{tail_lines, wait_until, workspace_root};
 use regmirror_e2e::{
     AgentOptions, AgentProcess, CacheProcess, Containerd, ControlPlane, OperatorProcess, Registry,
-    ensure_success,
 };
 use serde_json::Value;
 
@@ -74,41 +71,6 @@ fn condition_true(m: Option<&Value>, type_: &str) -> bool {
             cs.iter()
                 .any(|c| c["type"] == type_ && c["status"] == "True")
         })
-}
-
-async fn crictl(ctrd: &Containerd, args: &[&str]) -> Result<String> {
-    let endpoint = format!("unix://{}", ctrd.socket().display());
-    let mut all = vec![
-        "--runtime-endpoint".to_owned(),
-        endpoint.clone(),
-        "--image-endpoint".to_owned(),
-        endpoint,
-        "--timeout".to_owned(),
-        "60s".to_owned(),
-    ];
-    all.extend(args.iter().map(|a| a.to_string()));
-    let out = run_with_timeout(
-        &tool("crictl").display().to_string(),
-        &all,
-        Duration::from_secs(90),
-    )
-    .await?;
-    ensure_success(&format!("crictl {}", args.join(" ")), &out)?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-async fn served_bytes(cache: &CacheProcess) -> Result<f64> {
-    let text = http_client()
-        .get(format!("{}/metrics", cache.url()))
-        .send()
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with("regmirror_served_bytes_total"))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum())
 }
 
 fn agent_options<'a>(
@@ -195,13 +157,13 @@ async fn the_node_agent_points_containerd_at_the_cache_and_cleans_up() -> Result
     assert!(hosts_toml.contains(&format!("server = \"{}\"", reg.url())));
 
     // The kubelet's path: a CRI pull of a short docker.io name goes through the cache.
-    crictl(&ctrd, &["pull", "app:v1"]).await?;
-    let listed = crictl(&ctrd, &["images", "--digests"]).await?;
+    ctrd.crictl(&["pull", "app:v1"]).await?;
+    let listed = ctrd.crictl(&["images", "--digests"]).await?;
     assert!(
         listed.contains(&image.digest.trim_start_matches("sha256:")[..13]),
         "{listed}"
     );
-    assert!(served_bytes(&cache).await? >= image.layers[0].size() as f64);
+    assert!(cache.served_bytes().await? >= image.layers[0].size() as f64);
 
     // Something wipes the file: the agent writes it again.
     std::fs::remove_dir_all(certs.join("docker.io"))?;
@@ -217,9 +179,9 @@ async fn the_node_agent_points_containerd_at_the_cache_and_cleans_up() -> Result
 
     // Cache down: containerd falls back to the upstream named as `server`.
     cache.stop().await?;
-    crictl(&ctrd, &["rmi", "docker.io/library/app:v1"]).await?;
+    ctrd.crictl(&["rmi", "docker.io/library/app:v1"]).await?;
     let before = reg.count("GET", &image.layers[0].digest);
-    crictl(&ctrd, &["pull", "app:v1"]).await?;
+    ctrd.crictl(&["pull", "app:v1"]).await?;
     assert_eq!(reg.count("GET", &image.layers[0].digest), before + 1);
 
     // Deletion: the finalizer holds the mirror while the node still has its

@@ -3,24 +3,14 @@
 //! pull docker.io images through the cache, fall back to the upstream when
 //! the cache is down, and removal leaves only the user's files.
 
-use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
-use regmirror_e2e::process::run_with_timeout;
+use anyhow::ensure;
 use regmirror_e2e::seed::{self, ImageSpec};
-use regmirror_e2e::tools::tool;
-use regmirror_e2e::util::http_client;
-use regmirror_e2e::{CacheProcess, Containerd, Registry, ensure_success};
+use regmirror_e2e::util::bounded;
+use regmirror_e2e::{CacheProcess, Containerd, Registry};
 use regmirror_node::{Apply, HostState, HostsToml, MergeMode, apply, inspect, remove_owned};
-
-async fn bounded<F: Future<Output = Result<()>>>(secs: u64, f: F) {
-    match tokio::time::timeout(Duration::from_secs(secs), f).await {
-        Ok(r) => r.unwrap(),
-        Err(_) => panic!("test exceeded its {secs} s limit"),
-    }
-}
 
 fn configure(dir: &Path, cache: &str, upstream: &str) -> Vec<HostState> {
     let want = HostsToml {
@@ -41,41 +31,6 @@ fn configure(dir: &Path, cache: &str, upstream: &str) -> Vec<HostState> {
     .into_iter()
     .map(|r| r.state)
     .collect()
-}
-
-async fn served_bytes(cache: &CacheProcess) -> Result<f64> {
-    let text = http_client()
-        .get(format!("{}/metrics", cache.url()))
-        .send()
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with("regmirror_served_bytes_total"))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum())
-}
-
-async fn crictl(ctrd: &Containerd, args: &[&str]) -> Result<String> {
-    let endpoint = format!("unix://{}", ctrd.socket().display());
-    let mut all = vec![
-        "--runtime-endpoint".to_owned(),
-        endpoint.clone(),
-        "--image-endpoint".to_owned(),
-        endpoint,
-        "--timeout".to_owned(),
-        "60s".to_owned(),
-    ];
-    all.extend(args.iter().map(|a| a.to_string()));
-    let out = run_with_timeout(
-        &tool("crictl").display().to_string(),
-        &all,
-        Duration::from_secs(90),
-    )
-    .await?;
-    ensure_success(&format!("crictl {}", args.join(" ")), &out)?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[tokio::test]
@@ -109,7 +64,7 @@ async fn ctr_pulls_through_the_cache_and_falls_back_to_the_upstream() {
             ctrd.image_digest("docker.io/library/app:v1").await?,
             Some(image.digest.clone())
         );
-        let through_cache = served_bytes(&cache).await?;
+        let through_cache = cache.served_bytes().await?;
         assert!(
             through_cache >= image.layers[0].size() as f64,
             "the layer did not come through the cache ({through_cache} bytes)"
@@ -165,15 +120,15 @@ async fn cri_pulls_docker_io_images_through_the_cache() {
         ensure!(detection.reads_hosts, "{detection:?}");
 
         // CRI expands short names as the kubelet does.
-        crictl(&ctrd, &["pull", "web:1.0"]).await?;
-        let listed = crictl(&ctrd, &["images", "--digests"]).await?;
+        ctrd.crictl(&["pull", "web:1.0"]).await?;
+        let listed = ctrd.crictl(&["images", "--digests"]).await?;
         let short = &image.digest.trim_start_matches("sha256:")[..13];
         ensure!(
             listed.contains("docker.io/library/web") && listed.contains(short),
             "crictl images:\n{listed}"
         );
         ensure!(
-            served_bytes(&cache).await? >= image.layers[0].size() as f64,
+            cache.served_bytes().await? >= image.layers[0].size() as f64,
             "layer not served by the cache"
         );
         let log = cache.log();

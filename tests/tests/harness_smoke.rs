@@ -9,8 +9,6 @@ use regmirror_e2e::skopeo::{self, SkopeoOpts};
 use regmirror_e2e::util::{bounded, http_client, http_client_no_redirect, sha256_digest};
 use regmirror_e2e::{CacheOptions, CacheProcess, Containerd, Registry, write_hosts_toml};
 
-/// Runs a test body with a hard time limit.
-
 async fn assert_manifest_round_trip(
     url: &str,
     repo: &str,

@@ -165,6 +165,13 @@ async fn rendered_chart_follows_conventions() -> Result<()> {
             "{a} is not a flag of regmirror-operator run: {flags:?}"
         );
     }
+    // ...and their values parse (clap checks each value before acting on a trailing --help).
+    let out = tokio::process::Command::new(operator_binary())
+        .args(&args)
+        .arg("--help")
+        .output()
+        .await?;
+    ensure_success(&format!("regmirror-operator {}", args.join(" ")), &out)?;
     let default_agent_sa = flags
         .iter()
         .find(|(f, _)| f == "agent-service-account")
@@ -345,20 +352,26 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
     // helm install, as in the README: CRD, operator Deployment (its pods run
     // on kwok's fake node), ServiceAccounts and RBAC.
     let kubeconfig = cp.kubeconfig.to_str().unwrap().to_owned();
-    helm.run_ok(&[
-        "install",
-        RELEASE,
-        chart.to_str().unwrap(),
-        "--namespace",
-        NS,
-        "--create-namespace",
-        "--kubeconfig",
-        &kubeconfig,
-        "--wait",
-        "--timeout",
-        "90s",
-    ])
-    .await?;
+    let notes = helm
+        .run_ok(&[
+            "install",
+            RELEASE,
+            chart.to_str().unwrap(),
+            "--namespace",
+            NS,
+            "--create-namespace",
+            "--kubeconfig",
+            &kubeconfig,
+            "--wait",
+            "--timeout",
+            "90s",
+        ])
+        .await?;
+    assert!(
+        notes.contains("kubectl apply -f examples/mirror.yaml")
+            && notes.contains("kubectl get registrymirrors"),
+        "NOTES.txt tells the next step: {notes}"
+    );
     let deploy = cp
         .get_json(&["deployment", RELEASE, "-n", NS])
         .await?

@@ -1,7 +1,7 @@
 # regmirror: build, run and test.
 CARGO ?= cargo
 
-.PHONY: all build run test test-deps unit fmt lint bench clean fuzz crds
+.PHONY: all build run test test-deps unit fmt lint bench clean fuzz crds image
 
 all: build
 
@@ -18,8 +18,33 @@ test: test-deps
 	$(CARGO) test --workspace --no-fail-fast
 
 ## Regenerate the RegistryMirror CRD from the Rust types (a unit test fails when it drifts).
+## The Helm chart carries a copy (tests/tests/chart.rs fails when they differ).
 crds:
 	$(CARGO) run -q -p regmirror-operator -- crd > crds/registrymirror.yaml
+	cp crds/registrymirror.yaml charts/regmirror/crds/registrymirror.yaml
+
+## Container images from the Containerfile: $(IMAGE_REPO)/regmirror-cache and
+## $(IMAGE_REPO)/regmirror-operator, tagged $(IMAGE_TAG) (the chart's defaults).
+## Uses the first of docker, podman or buildah that can build here
+## (ENGINE=... to choose); without one it says so and succeeds.
+IMAGE_REPO ?= ghcr.io/regmirror
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+ENGINE ?= $(shell for e in docker podman buildah; do command -v $$e >/dev/null 2>&1 && timeout 20 $$e info >/dev/null 2>&1 && { echo $$e; break; }; done)
+image:
+	@if [ -z "$(ENGINE)" ]; then \
+	  echo "make image: no usable container engine (docker with a running daemon, podman or buildah); nothing built."; \
+	  echo "  Install one and re-run, or build elsewhere: docker build -f Containerfile --target cache|operator ."; \
+	  exit 0; \
+	fi; \
+	for t in cache operator; do \
+	  img=$(IMAGE_REPO)/regmirror-$$t:$(IMAGE_TAG); \
+	  echo "building $$img with $(ENGINE)"; \
+	  if [ "$(ENGINE)" = buildah ]; then \
+	    buildah build --layers -f Containerfile --target $$t -t $$img . || exit 1; \
+	  else \
+	    $(ENGINE) build -f Containerfile --target $$t -t $$img . || exit 1; \
+	  fi; \
+	done
 
 test-deps:
 	./scripts/install-test-deps.sh

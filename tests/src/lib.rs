@@ -6,6 +6,7 @@
 //! - [`skopeo`]: `skopeo copy` / `inspect --raw` wrappers.
 //! - [`CacheProcess`]: the `regmirror-cache` binary under test.
 //! - [`ControlPlane`]: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok.
+//! - [`helm`]: the Helm chart, `helm`, and kubeconform with schemas from the API server.
 //! - [`OperatorProcess`]: the `regmirror-operator` binary under test.
 //! - [`FakeUpstream`]: programmable in-process registry for fault and auth tests.
 //! - [`util`]: ports, polling, digests, HTTP client.
@@ -19,6 +20,7 @@ pub mod cache;
 pub mod containerd;
 pub mod controlplane;
 pub mod fake;
+pub mod helm;
 pub mod operator;
 pub mod process;
 pub mod registry;

@@ -1,0 +1,101 @@
+{{/*
+Chart name, overridable with nameOverride.
+*/}}
+{{- define "regmirror.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name: fullnameOverride, else the release name when it
+already contains the chart name, else <release>-<chart>. Truncated to 63
+characters (DNS label limit).
+*/}}
+{{- define "regmirror.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "regmirror.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels of every object of the release, without a component.
+*/}}
+{{- define "regmirror.baseLabels" -}}
+helm.sh/chart: {{ include "regmirror.chart" . }}
+app.kubernetes.io/name: {{ include "regmirror.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: regmirror
+{{- end }}
+
+{{/*
+Labels of the operator's objects.
+*/}}
+{{- define "regmirror.labels" -}}
+{{ include "regmirror.baseLabels" . }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/*
+Labels of the node agents' objects.
+*/}}
+{{- define "regmirror.agentLabels" -}}
+{{ include "regmirror.baseLabels" . }}
+app.kubernetes.io/component: node-agent
+{{- end }}
+
+{{/*
+Selector labels of the operator.
+*/}}
+{{- define "regmirror.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "regmirror.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/*
+The operator's ServiceAccount.
+*/}}
+{{- define "regmirror.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "regmirror.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The node agents' ServiceAccount (the operator's --agent-service-account).
+*/}}
+{{- define "regmirror.agentServiceAccountName" -}}
+{{- required "agent.serviceAccount.name is required" .Values.agent.serviceAccount.name }}
+{{- end }}
+
+{{- define "regmirror.operatorImage" -}}
+{{- printf "%s:%s" .Values.image.operator.repository (default .Chart.AppVersion .Values.image.operator.tag) }}
+{{- end }}
+
+{{- define "regmirror.cacheImage" -}}
+{{- printf "%s:%s" .Values.image.cache.repository (default .Chart.AppVersion .Values.image.cache.tag) }}
+{{- end }}
+
+{{- define "regmirror.agentImage" -}}
+{{- if .Values.agent.image.repository }}
+{{- printf "%s:%s" .Values.agent.image.repository (default .Chart.AppVersion .Values.agent.image.tag) }}
+{{- else }}
+{{- include "regmirror.operatorImage" . }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,621 @@
+//! The Helm chart (`charts/regmirror`): `helm lint`, the rendered manifests
+//! and the examples validated strictly against the schemas of a real API
+//! server (and the CRD's own), then `helm install` into a real control plane,
+//! where the operator runs with a token of the chart's ServiceAccount: the
+//! mirrors from `examples/` get their children and status, so the chart's
+//! RBAC is enough, and `kubectl auth can-i` shows what it does not allow.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use regmirror_e2e::helm::{
+    Helm, chart_dir, find, kubeconform, parse_yaml_stream, write_api_schemas, write_crd_schemas,
+};
+use regmirror_e2e::util::{tail_lines, workspace_root};
+use regmirror_e2e::{ControlPlane, OperatorProcess, ensure_success, operator_binary};
+use serde_json::Value;
+
+const NS: &str = "regmirror-system";
+const RELEASE: &str = "regmirror";
+const WAIT: Duration = Duration::from_secs(60);
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// Long flags listed by a clap `--help`, with their `[default: ...]` when shown.
+fn help_flags(help: &str) -> Vec<(String, Option<String>)> {
+    help.lines()
+        .filter_map(|l| {
+            let t = l.trim_start();
+            let t = t.strip_prefix("-h, ").unwrap_or(t);
+            let flag = t.strip_prefix("--")?.split([' ', '=']).next()?.to_owned();
+            let default = l
+                .split("[default: ")
+                .nth(1)
+                .and_then(|d| d.split(']').next())
+                .map(str::to_owned);
+            Some((flag, default))
+        })
+        .collect()
+}
+
+async fn operator_run_flags() -> Result<Vec<(String, Option<String>)>> {
+    let out = tokio::process::Command::new(operator_binary())
+        .args(["run", "--help"])
+        .output()
+        .await?;
+    ensure_success("regmirror-operator run --help", &out)?;
+    // Defaults may be on the next line of a long help entry: join each entry.
+    let text = String::from_utf8_lossy(&out.stdout).replace("\n          ", " ");
+    Ok(help_flags(&text))
+}
+
+#[test]
+fn chart_crd_is_the_generated_crd() {
+    let generated = read(&workspace_root().join("crds/registrymirror.yaml"));
+    let in_chart = read(&chart_dir().join("crds/registrymirror.yaml"));
+    assert!(
+        generated == in_chart,
+        "charts/regmirror/crds/registrymirror.yaml differs from crds/registrymirror.yaml: run `make crds`"
+    );
+}
+
+#[tokio::test]
+async fn helm_lint_is_clean() -> Result<()> {
+    let helm = Helm::new()?;
+    let chart = chart_dir();
+    let chart = chart.to_str().unwrap();
+    for extra in [&[][..], &["--set", "mirror.enabled=true"]] {
+        let mut args = vec!["lint", "--strict", chart];
+        args.extend_from_slice(extra);
+        let out = helm.run_ok(&args).await?;
+        assert!(
+            out.contains("0 chart(s) failed") && !out.contains("[WARNING]"),
+            "{out}"
+        );
+    }
+    // Two replicas without leader election would reconcile at once.
+    let out = helm
+        .run(&[
+            "template",
+            RELEASE,
+            chart,
+            "--set",
+            "operator.leaderElection.enabled=false",
+        ])
+        .await?;
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("needs operator.leaderElection"),
+        "{out:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn rendered_chart_follows_conventions() -> Result<()> {
+    let helm = Helm::new()?;
+    let objects = parse_yaml_stream(&helm.template(NS, &[]).await?)?;
+    let kinds: BTreeSet<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from([
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "ServiceAccount",
+        ]),
+        "no RegistryMirror unless mirror.enabled"
+    );
+    for o in &objects {
+        let labels = &o["metadata"]["labels"];
+        for l in [
+            "helm.sh/chart",
+            "app.kubernetes.io/name",
+            "app.kubernetes.io/instance",
+            "app.kubernetes.io/version",
+            "app.kubernetes.io/managed-by",
+        ] {
+            assert!(labels[l].is_string(), "{} lacks label {l}", o["kind"]);
+        }
+        // Least privilege: no wildcards, and no Secrets beyond the release namespace.
+        for rule in o["rules"].as_array().into_iter().flatten() {
+            for field in ["verbs", "resources", "apiGroups"] {
+                assert!(
+                    !rule[field].as_array().unwrap().contains(&"*".into()),
+                    "{}: wildcard in {rule}",
+                    o["metadata"]["name"]
+                );
+            }
+            if o["kind"] == "ClusterRole" {
+                assert!(
+                    !rule["resources"]
+                        .as_array()
+                        .unwrap()
+                        .contains(&"secrets".into()),
+                    "cluster-wide secrets: {rule}"
+                );
+            }
+        }
+    }
+
+    // Every argument of the operator is one of its flags, and the agent
+    // ServiceAccount the chart creates is the one the operator names.
+    let deploy = find(&objects, "Deployment", RELEASE).context("operator Deployment")?;
+    let pod = &deploy["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let flags = operator_run_flags().await?;
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[0], "run");
+    for a in &args[1..] {
+        let name = a.trim_start_matches("--").split('=').next().unwrap();
+        assert!(
+            flags.iter().any(|(f, _)| f == name),
+            "{a} is not a flag of regmirror-operator run: {flags:?}"
+        );
+    }
+    // ...and their values parse (clap checks each value before acting on a trailing --help).
+    let out = tokio::process::Command::new(operator_binary())
+        .args(&args)
+        .arg("--help")
+        .output()
+        .await?;
+    ensure_success(&format!("regmirror-operator {}", args.join(" ")), &out)?;
+    let default_agent_sa = flags
+        .iter()
+        .find(|(f, _)| f == "agent-service-account")
+        .and_then(|(_, d)| d.clone())
+        .context("--agent-service-account default")?;
+    assert!(args.contains(&format!("--agent-service-account={default_agent_sa}").as_str()));
+    assert!(find(&objects, "ServiceAccount", &default_agent_sa).is_some());
+    assert_eq!(pod["serviceAccountName"], RELEASE);
+    let env: Vec<&str> = container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert!(env.contains(&"POD_NAMESPACE") && env.contains(&"POD_NAME"));
+    assert_eq!(deploy["spec"]["replicas"], 2);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let sc = &container["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+
+    // A default mirror; name overrides.
+    let with_mirror = parse_yaml_stream(
+        &helm
+            .template(
+                NS,
+                &["--set", "mirror.enabled=true", "--set", "mirror.name=hub"],
+            )
+            .await?,
+    )?;
+    let m = find(&with_mirror, "RegistryMirror", "hub").context("mirror")?;
+    assert_eq!(m["spec"]["upstreams"][0]["host"], "docker.io");
+    let renamed = parse_yaml_stream(
+        &helm
+            .template(NS, &["--set", "fullnameOverride=cache-ops"])
+            .await?,
+    )?;
+    assert!(find(&renamed, "Deployment", "cache-ops").is_some());
+    let renamed = parse_yaml_stream(&helm.template(NS, &["--set", "nameOverride=rm"]).await?)?;
+    assert!(find(&renamed, "Deployment", "regmirror-rm").is_some());
+    Ok(())
+}
+
+#[test]
+fn make_image_without_a_container_engine_says_so_and_succeeds() {
+    let out = std::process::Command::new("make")
+        .args(["-s", "image", "ENGINE="])
+        .current_dir(workspace_root())
+        .output()
+        .expect("run make");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("no usable container engine"), "{stdout}");
+}
+
+/// Polls `kubectl get ARGS -o json` until `check` returns `Some`.
+async fn wait_for<T>(
+    cp: &ControlPlane,
+    op: &mut OperatorProcess,
+    what: &str,
+    args: &[&str],
+    check: impl Fn(Option<&Value>) -> Option<T>,
+) -> Result<T> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let v = cp.get_json(args).await?;
+        if let Some(t) = check(v.as_ref()) {
+            return Ok(t);
+        }
+        if !op.is_running() || tokio::time::Instant::now() >= deadline {
+            bail!(
+                "{what}: not within {WAIT:?} (operator running: {}); last seen: {}\noperator log tail:\n{}",
+                op.is_running(),
+                v.map(|v| serde_json::to_string_pretty(&v).unwrap())
+                    .unwrap_or_else(|| "(not found)".into()),
+                tail_lines(&op.log(), 40)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn condition<'a>(m: &'a Value, type_: &str) -> Option<&'a Value> {
+    m["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+/// `kubectl auth can-i` as a ServiceAccount of the release namespace.
+async fn can_i(cp: &ControlPlane, sa: &str, args: &[&str]) -> Result<bool> {
+    let who = format!("--as=system:serviceaccount:{NS}:{sa}");
+    let mut all = vec!["auth", "can-i"];
+    all.extend_from_slice(args);
+    all.push(&who);
+    let out = cp.kubectl(&all).await?;
+    match String::from_utf8_lossy(&out.stdout).trim() {
+        "yes" => Ok(true),
+        "no" => Ok(false),
+        _ => bail!("kubectl {}: {out:?}", all.join(" ")),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
+    let cp = ControlPlane::start().await?;
+    cp.add_node("node-1").await?;
+    let helm = Helm::new()?;
+    let work = tempfile::Builder::new()
+        .prefix("regmirror-chart-")
+        .tempdir()?;
+    let chart = chart_dir();
+    let examples = workspace_root().join("examples");
+
+    // Strict schema validation: the chart with and without a mirror (and its
+    // CRD), and the examples, against this API server's own schemas.
+    let schemas = work.path().join("schemas");
+    let n = write_api_schemas(
+        &cp,
+        &schemas,
+        &[
+            "api/v1",
+            "apis/apps/v1",
+            "apis/rbac.authorization.k8s.io/v1",
+            "apis/apiextensions.k8s.io/v1",
+        ],
+    )
+    .await?;
+    assert!(n > 50, "only {n} schemas");
+    let crd: Value = serde_saphyr::from_str(&read(&chart.join("crds/registrymirror.yaml")))?;
+    write_crd_schemas(&crd, &schemas)?;
+    let default = work.path().join("default.yaml");
+    std::fs::write(&default, helm.template(NS, &[]).await?)?;
+    let full = work.path().join("with-mirror.yaml");
+    std::fs::write(
+        &full,
+        helm.template(NS, &["--include-crds", "--set", "mirror.enabled=true"])
+            .await?,
+    )?;
+    let out = kubeconform(
+        &schemas,
+        &[
+            &default,
+            &full,
+            &examples.join("mirror.yaml"),
+            &examples.join("private-upstream.yaml"),
+        ],
+    )
+    .await?;
+    ensure_success("kubeconform", &out)?;
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains("Invalid: 0, Errors: 0, Skipped: 0") && !summary.contains("Valid: 0"),
+        "{summary}"
+    );
+    // The schemas are strict: unknown fields and wrong types are refused.
+    let bad = work.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        read(&default).replace(
+            "revisionHistoryLimit: 3",
+            "revisionHistoryLimit: 3\n  replicaz: 2",
+        ) + "\n---\napiVersion: regmirror.dev/v1alpha1\nkind: RegistryMirror\nmetadata: {name: x}\n\
+              spec:\n  upstreams: [{hots: docker.io}]\n  cache: {replicas: many}\n",
+    )?;
+    let out = kubeconform(&schemas, &[&bad]).await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    for expected in [
+        "'replicaz' not allowed",
+        "'hots' not allowed",
+        "want integer",
+    ] {
+        assert!(text.contains(expected), "{expected}: {text}");
+    }
+
+    // helm install, as in the README: CRD, operator Deployment (its pods run
+    // on kwok's fake node), ServiceAccounts and RBAC.
+    let kubeconfig = cp.kubeconfig.to_str().unwrap().to_owned();
+    let notes = helm
+        .run_ok(&[
+            "install",
+            RELEASE,
+            chart.to_str().unwrap(),
+            "--namespace",
+            NS,
+            "--create-namespace",
+            "--kubeconfig",
+            &kubeconfig,
+            "--wait",
+            "--timeout",
+            "90s",
+        ])
+        .await?;
+    assert!(
+        notes.contains("kubectl apply -f examples/mirror.yaml")
+            && notes.contains("kubectl get registrymirrors"),
+        "NOTES.txt tells the next step: {notes}"
+    );
+    let deploy = cp
+        .get_json(&["deployment", RELEASE, "-n", NS])
+        .await?
+        .context("operator Deployment")?;
+    assert_eq!(deploy["status"]["availableReplicas"], 2, "{deploy}");
+    cp.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/registrymirrors.regmirror.dev",
+        "--timeout=30s",
+    ])
+    .await?;
+
+    // The operator binary as the chart's ServiceAccount: a TokenRequest token.
+    let token = cp
+        .kubectl_ok(&["create", "token", RELEASE, "-n", NS, "--duration=1h"])
+        .await?;
+    let sa_kubeconfig = work.path().join("operator.kubeconfig");
+    std::fs::write(
+        &sa_kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{}\", certificate-authority: \"{}\"}}}}]\n\
+             users: [{{name: operator, user: {{token: \"{}\"}}}}]\n\
+             contexts: [{{name: t, context: {{cluster: t, user: operator}}}}]\ncurrent-context: t\n",
+            cp.server,
+            cp.dir().join("pki/apiserver.crt").display(),
+            token.trim()
+        ),
+    )?;
+    // Volumes for the caches' claims (there is no provisioner here).
+    for (pv, size) in [("pv-public", "50Gi"), ("pv-private", "20Gi")] {
+        cp.apply_ok(&format!(
+            "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: {pv}}}\n\
+             spec: {{capacity: {{storage: {size}}}, accessModes: [ReadWriteOnce], hostPath: {{path: /tmp/{pv}}}}}\n"
+        ))
+        .await?;
+    }
+    let mut op = OperatorProcess::start(&sa_kubeconfig, NS, "chart-op", &[])?;
+    for f in ["mirror.yaml", "private-upstream.yaml"] {
+        cp.kubectl_ok(&["apply", "-f", examples.join(f).to_str().unwrap()])
+            .await?;
+    }
+
+    // Children and status for the public mirror: the operator could watch,
+    // apply, read and write status with the chart's RBAC.
+    wait_for(
+        &cp,
+        &mut op,
+        "public: CacheAvailable, status of this generation",
+        &["registrymirror", "public"],
+        |m| {
+            let m = m?;
+            (condition(m, "CacheAvailable")?["status"] == "True"
+                && m["status"]["observedGeneration"] == m["metadata"]["generation"])
+                .then_some(())
+        },
+    )
+    .await?;
+    for (kind, name) in [
+        ("configmap", "regmirror-public"),
+        ("persistentvolumeclaim", "regmirror-public"),
+        ("deployment", "regmirror-public"),
+        ("service", "regmirror-public"),
+        ("daemonset", "regmirror-public-agent"),
+    ] {
+        let o = cp.get_json(&[kind, name, "-n", NS]).await?;
+        assert!(o.is_some(), "{kind} {name} missing");
+    }
+    let ds = cp
+        .get_json(&["daemonset", "regmirror-public-agent", "-n", NS])
+        .await?
+        .unwrap();
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["serviceAccountName"], "regmirror-agent",
+        "agents run as the chart's agent ServiceAccount"
+    );
+    // The private mirror's credentials were read and merged into its own Secret.
+    let creds = wait_for(
+        &cp,
+        &mut op,
+        "private: merged credentials Secret",
+        &["secret", "regmirror-private-credentials", "-n", NS],
+        |s| s.cloned(),
+    )
+    .await?;
+    assert_eq!(creds["type"], "kubernetes.io/dockerconfigjson");
+    // Events (in `default`, the mirrors being cluster-scoped) and the lease.
+    wait_for(
+        &cp,
+        &mut op,
+        "Created event for public",
+        &["events", "-n", "default"],
+        |l| {
+            l?["items"]
+                .as_array()?
+                .iter()
+                .any(|e| e["involvedObject"]["name"] == "public" && e["reason"] == "Created")
+                .then_some(())
+        },
+    )
+    .await?;
+    let lease = cp
+        .get_json(&["lease", "regmirror-operator", "-n", NS])
+        .await?
+        .context("lease")?;
+    assert_eq!(lease["spec"]["holderIdentity"], "chart-op");
+    // The finalizer: children deleted, finalizer removed.
+    cp.kubectl_ok(&["delete", "registrymirror", "private", "--wait=false"])
+        .await?;
+    wait_for(
+        &cp,
+        &mut op,
+        "private deleted",
+        &["registrymirror", "private"],
+        |m| m.is_none().then_some(()),
+    )
+    .await?;
+    assert!(
+        cp.get_json(&["deployment", "regmirror-private", "-n", NS])
+            .await?
+            .is_none()
+    );
+    let log = op.log();
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "the operator was refused something:\n{}",
+        tail_lines(&log, 60)
+    );
+
+    // What the chart allows, and what it must not.
+    let op_sa = RELEASE;
+    let agent_sa = "regmirror-agent";
+    let ns = ["-n", NS];
+    for (sa, args, allowed) in [
+        (
+            op_sa,
+            &["patch", "deployments.apps", ns[0], ns[1]][..],
+            true,
+        ),
+        (op_sa, &["watch", "secrets", ns[0], ns[1]], true),
+        (op_sa, &["patch", "registrymirrors.regmirror.dev"], true),
+        (
+            op_sa,
+            &[
+                "patch",
+                "registrymirrors.regmirror.dev",
+                "--subresource=status",
+            ],
+            true,
+        ),
+        (
+            op_sa,
+            &["create", "events.events.k8s.io", "-n", "default"],
+            true,
+        ),
+        (
+            op_sa,
+            &[
+                "update",
+                "leases.coordination.k8s.io/regmirror-operator",
+                ns[0],
+                ns[1],
+            ],
+            true,
+        ),
+        // Nothing outside its namespace, nothing cluster-wide but mirrors.
+        (op_sa, &["get", "secrets", "-n", "default"], false),
+        (op_sa, &["list", "secrets", "--all-namespaces"], false),
+        (
+            op_sa,
+            &["create", "deployments.apps", "-n", "default"],
+            false,
+        ),
+        (
+            op_sa,
+            &["list", "deployments.apps", "--all-namespaces"],
+            false,
+        ),
+        (
+            op_sa,
+            &["patch", "daemonsets.apps", "-n", "kube-system"],
+            false,
+        ),
+        (
+            op_sa,
+            &["create", "events.events.k8s.io", "-n", "kube-system"],
+            false,
+        ),
+        // Not more than it needs inside it either.
+        (op_sa, &["create", "pods", ns[0], ns[1]], false),
+        (op_sa, &["create", "serviceaccounts", ns[0], ns[1]], false),
+        (
+            op_sa,
+            &["create", "roles.rbac.authorization.k8s.io", ns[0], ns[1]],
+            false,
+        ),
+        (
+            op_sa,
+            &["update", "leases.coordination.k8s.io/other", ns[0], ns[1]],
+            false,
+        ),
+        (op_sa, &["create", "registrymirrors.regmirror.dev"], false),
+        (op_sa, &["delete", "registrymirrors.regmirror.dev"], false),
+        (op_sa, &["get", "configmaps", ns[0], ns[1]], false),
+        (op_sa, &["get", "nodes"], false),
+        (
+            op_sa,
+            &["patch", "customresourcedefinitions.apiextensions.k8s.io"],
+            false,
+        ),
+        (
+            op_sa,
+            &["create", "clusterrolebindings.rbac.authorization.k8s.io"],
+            false,
+        ),
+        // The node agent: mirrors, its status entry, its Node; nothing else.
+        (agent_sa, &["watch", "registrymirrors.regmirror.dev"], true),
+        (
+            agent_sa,
+            &[
+                "patch",
+                "registrymirrors.regmirror.dev",
+                "--subresource=status",
+            ],
+            true,
+        ),
+        (agent_sa, &["get", "nodes"], true),
+        (
+            agent_sa,
+            &["create", "events.events.k8s.io", "-n", "default"],
+            true,
+        ),
+        (agent_sa, &["patch", "registrymirrors.regmirror.dev"], false),
+        (agent_sa, &["list", "nodes"], false),
+        (agent_sa, &["patch", "nodes"], false),
+        (agent_sa, &["get", "secrets", ns[0], ns[1]], false),
+        (agent_sa, &["patch", "daemonsets.apps", ns[0], ns[1]], false),
+    ] {
+        assert_eq!(
+            can_i(&cp, sa, args).await?,
+            allowed,
+            "{sa}: can-i {}",
+            args.join(" ")
+        );
+    }
+    Ok(())
+}

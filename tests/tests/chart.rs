@@ -6,7 +6,7 @@
 //! RBAC is enough, and `kubectl auth can-i` shows what it does not allow.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -14,7 +14,9 @@ use regmirror_e2e::helm::{
     Helm, chart_dir, find, kubeconform, parse_yaml_stream, write_api_schemas, write_crd_schemas,
 };
 use regmirror_e2e::util::{tail_lines, workspace_root};
-use regmirror_e2e::{ControlPlane, OperatorProcess, ensure_success, operator_binary};
+use regmirror_e2e::{
+    AgentOptions, AgentProcess, ControlPlane, OperatorProcess, ensure_success, operator_binary,
+};
 use serde_json::Value;
 
 const NS: &str = "regmirror-system";
@@ -386,21 +388,8 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
     .await?;
 
     // The operator binary as the chart's ServiceAccount: a TokenRequest token.
-    let token = cp
-        .kubectl_ok(&["create", "token", RELEASE, "-n", NS, "--duration=1h"])
-        .await?;
-    let sa_kubeconfig = work.path().join("operator.kubeconfig");
-    std::fs::write(
-        &sa_kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{}\", certificate-authority: \"{}\"}}}}]\n\
-             users: [{{name: operator, user: {{token: \"{}\"}}}}]\n\
-             contexts: [{{name: t, context: {{cluster: t, user: operator}}}}]\ncurrent-context: t\n",
-            cp.server,
-            cp.dir().join("pki/apiserver.crt").display(),
-            token.trim()
-        ),
-    )?;
+    let sa_kubeconfig =
+        token_kubeconfig(&cp, RELEASE, &work.path().join("operator.kubeconfig")).await?;
     // Volumes for the caches' claims (there is no provisioner here).
     for (pv, size) in [("pv-public", "50Gi"), ("pv-private", "20Gi")] {
         cp.apply_ok(&format!(
@@ -478,6 +467,48 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
         .await?
         .context("lease")?;
     assert_eq!(lease["spec"]["holderIdentity"], "chart-op");
+    // The node agent as the chart's agent ServiceAccount: reads its mirror and
+    // reports its node, with nothing more than the agent's RBAC.
+    let agent_kubeconfig = token_kubeconfig(
+        &cp,
+        "regmirror-agent",
+        &work.path().join("agent.kubeconfig"),
+    )
+    .await?;
+    let hosts = work.path().join("certs.d");
+    let agent = AgentProcess::start(&AgentOptions {
+        kubeconfig: &agent_kubeconfig,
+        mirror: "public",
+        node_name: "chart-node",
+        node_ip: "127.0.0.1",
+        hosts_dir: &hosts,
+        containerd_config: &work.path().join("no-containerd-config.toml"),
+    })?;
+    wait_for(
+        &cp,
+        &mut op,
+        "public: the agent's node entry",
+        &["registrymirror", "public"],
+        |m| {
+            m?["status"]["nodes"]
+                .as_array()?
+                .iter()
+                .any(|n| n["name"] == "chart-node" && n["state"] == "NotEffective")
+                .then_some(())
+        },
+    )
+    .await?;
+    assert!(
+        hosts.join("docker.io/hosts.toml").is_file(),
+        "agent wrote nothing"
+    );
+    assert!(
+        !agent.log().to_lowercase().contains("forbidden"),
+        "the agent was refused something:\n{}",
+        agent.log()
+    );
+    drop(agent);
+
     // The finalizer: children deleted, finalizer removed.
     cp.kubectl_ok(&["delete", "registrymirror", "private", "--wait=false"])
         .await?;
@@ -598,11 +629,11 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
             ],
             true,
         ),
-        (agent_sa, &["get", "nodes"], true),
+        (agent_sa, &["get", "nodes"], false),
         (
             agent_sa,
             &["create", "events.events.k8s.io", "-n", "default"],
-            true,
+            false,
         ),
         (agent_sa, &["patch", "registrymirrors.regmirror.dev"], false),
         (agent_sa, &["list", "nodes"], false),
@@ -618,4 +649,23 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A kubeconfig for `sa` in the release namespace, with a TokenRequest token.
+async fn token_kubeconfig(cp: &ControlPlane, sa: &str, path: &Path) -> Result<PathBuf> {
+    let token = cp
+        .kubectl_ok(&["create", "token", sa, "-n", NS, "--duration=1h"])
+        .await?;
+    std::fs::write(
+        path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{}\", certificate-authority: \"{}\"}}}}]\n\
+             users: [{{name: sa, user: {{token: \"{}\"}}}}]\n\
+             contexts: [{{name: t, context: {{cluster: t, user: sa}}}}]\ncurrent-context: t\n",
+            cp.server,
+            cp.dir().join("pki/apiserver.crt").display(),
+            token.trim()
+        ),
+    )?;
+    Ok(path.to_path_buf())
 }

@@ -362,6 +362,21 @@ impl ControlPlane {
 
     /// A fake node managed by kwok (Ready within a second), without taints so
     /// ordinary pods schedule onto it.
+    /// Applies `crds/registrymirror.yaml` and waits until it is served.
+    pub async fn install_crd(&self) -> Result<()> {
+        let crd = crate::util::workspace_root().join("crds/registrymirror.yaml");
+        self.kubectl_ok(&["apply", "-f", crd.to_str().unwrap()])
+            .await?;
+        self.kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/registrymirrors.regmirror.dev",
+            "--timeout=30s",
+        ])
+        .await?;
+        Ok(())
+    }
+
     pub async fn add_node(&self, name: &str) -> Result<()> {
         self.apply_ok(&format!(
             "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations: {{kwok.x-k8s.io/node: fake}}\n  labels: {{kubernetes.io/hostname: {name}, type: kwok}}\n"

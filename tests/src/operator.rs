@@ -3,13 +3,25 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
+use serde_json::Value;
 use tempfile::TempDir;
 
+use crate::controlplane::ControlPlane;
 use crate::process::ChildGuard;
 use crate::util::{free_port, workspace_root};
 
 pub const OPERATOR_BIN: &str = "regmirror-operator";
+/// How long [`OperatorProcess::wait_for`] waits.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// The condition of type `type_` in an object's `status.conditions`.
+pub fn condition<'a>(m: &'a Value, type_: &str) -> Option<&'a Value> {
+    m["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
 
 /// Path of the operator binary: `$REGMIRROR_BIN_DIR/regmirror-operator`, else
 /// `$CARGO_TARGET_DIR/debug/...`, else `<workspace>/target/debug/...`.
@@ -99,6 +111,35 @@ impl OperatorProcess {
 
     pub fn is_running(&mut self) -> bool {
         self.child.is_running()
+    }
+
+    /// Polls `kubectl get ARGS -o json` until `check` returns `Some`; fails with
+    /// the last object seen and this operator's log after [`WAIT`], or at once
+    /// if the operator exited without being stopped.
+    pub async fn wait_for<T>(
+        &mut self,
+        cp: &ControlPlane,
+        what: &str,
+        args: &[&str],
+        check: impl Fn(Option<&Value>) -> Option<T>,
+    ) -> Result<T> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let v = cp.get_json(args).await?;
+            if let Some(t) = check(v.as_ref()) {
+                return Ok(t);
+            }
+            let exited = !self.is_running() && !self.stopped;
+            if exited || tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "{what}: not within {WAIT:?} (operator exited: {exited}); last seen: {}\noperator log tail:\n{}",
+                    v.map(|v| serde_json::to_string_pretty(&v).unwrap())
+                        .unwrap_or_else(|| "(not found)".into()),
+                    crate::util::tail_lines(&self.log(), 40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
     }
 
     /// SIGTERM (the operator releases its lease), then SIGKILL after `grace`.

@@ -7,12 +7,12 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use regmirror_e2e::helm::{
     Helm, chart_dir, find, kubeconform, parse_yaml_stream, write_api_schemas, write_crd_schemas,
 };
+use regmirror_e2e::operator::condition;
 use regmirror_e2e::util::{tail_lines, workspace_root};
 use regmirror_e2e::{
     AgentOptions, AgentProcess, ControlPlane, OperatorProcess, ensure_success, operator_binary,
@@ -21,7 +21,6 @@ use serde_json::Value;
 
 const NS: &str = "regmirror-system";
 const RELEASE: &str = "regmirror";
-const WAIT: Duration = Duration::from_secs(60);
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
@@ -230,40 +229,6 @@ fn make_image_without_a_container_engine_says_so_and_succeeds() {
     assert!(stdout.contains("no usable container engine"), "{stdout}");
 }
 
-/// Polls `kubectl get ARGS -o json` until `check` returns `Some`.
-async fn wait_for<T>(
-    cp: &ControlPlane,
-    op: &mut OperatorProcess,
-    what: &str,
-    args: &[&str],
-    check: impl Fn(Option<&Value>) -> Option<T>,
-) -> Result<T> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let v = cp.get_json(args).await?;
-        if let Some(t) = check(v.as_ref()) {
-            return Ok(t);
-        }
-        if !op.is_running() || tokio::time::Instant::now() >= deadline {
-            bail!(
-                "{what}: not within {WAIT:?} (operator running: {}); last seen: {}\noperator log tail:\n{}",
-                op.is_running(),
-                v.map(|v| serde_json::to_string_pretty(&v).unwrap())
-                    .unwrap_or_else(|| "(not found)".into()),
-                tail_lines(&op.log(), 40)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-fn condition<'a>(m: &'a Value, type_: &str) -> Option<&'a Value> {
-    m["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-}
-
 /// `kubectl auth can-i` as a ServiceAccount of the release namespace.
 async fn can_i(cp: &ControlPlane, sa: &str, args: &[&str]) -> Result<bool> {
     let who = format!("--as=system:serviceaccount:{NS}:{sa}");
@@ -406,9 +371,8 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
 
     // Children and status for the public mirror: the operator could watch,
     // apply, read and write status with the chart's RBAC.
-    wait_for(
+    op.wait_for(
         &cp,
-        &mut op,
         "public: CacheAvailable, status of this generation",
         &["registrymirror", "public"],
         |m| {
@@ -438,19 +402,18 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
         "agents run as the chart's agent ServiceAccount"
     );
     // The private mirror's credentials were read and merged into its own Secret.
-    let creds = wait_for(
-        &cp,
-        &mut op,
-        "private: merged credentials Secret",
-        &["secret", "regmirror-private-credentials", "-n", NS],
-        |s| s.cloned(),
-    )
-    .await?;
+    let creds = op
+        .wait_for(
+            &cp,
+            "private: merged credentials Secret",
+            &["secret", "regmirror-private-credentials", "-n", NS],
+            |s| s.cloned(),
+        )
+        .await?;
     assert_eq!(creds["type"], "kubernetes.io/dockerconfigjson");
     // Events (in `default`, the mirrors being cluster-scoped) and the lease.
-    wait_for(
+    op.wait_for(
         &cp,
-        &mut op,
         "Created event for public",
         &["events", "-n", "default"],
         |l| {
@@ -484,9 +447,8 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
         hosts_dir: &hosts,
         containerd_config: &work.path().join("no-containerd-config.toml"),
     })?;
-    wait_for(
+    op.wait_for(
         &cp,
-        &mut op,
         "public: the agent's node entry",
         &["registrymirror", "public"],
         |m| {
@@ -512,9 +474,8 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
     // The finalizer: children deleted, finalizer removed.
     cp.kubectl_ok(&["delete", "registrymirror", "private", "--wait=false"])
         .await?;
-    wait_for(
+    op.wait_for(
         &cp,
-        &mut op,
         "private deleted",
         &["registrymirror", "private"],
         |m| m.is_none().then_some(()),

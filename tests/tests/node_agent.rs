@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use regmirror_e2e::seed::{self, ImageSpec};
-use regmirror_e2e::util::{tail_lines, wait_until, workspace_root};
+use regmirror_e2e::util::{tail_lines, wait_until};
 use regmirror_e2e::{
     AgentOptions, AgentProcess, CacheProcess, Containerd, ControlPlane, OperatorProcess, Registry,
 };
@@ -123,16 +123,7 @@ async fn the_node_agent_points_containerd_at_the_cache_and_cleans_up() -> Result
     cp.kubectl_ok(&["create", "namespace", NS]).await?;
     cp.kubectl_ok(&["create", "serviceaccount", "regmirror-agent", "-n", NS])
         .await?;
-    let crd = workspace_root().join("crds/registrymirror.yaml");
-    cp.kubectl_ok(&["apply", "-f", crd.to_str().unwrap()])
-        .await?;
-    cp.kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/registrymirrors.regmirror.dev",
-        "--timeout=30s",
-    ])
-    .await?;
+    cp.install_crd().await?;
     cp.apply_ok("apiVersion: v1\nkind: PersistentVolume\nmetadata:\n  name: agent-pv\nspec:\n  capacity: {storage: 1Gi}\n  accessModes: [ReadWriteOnce]\n  hostPath: {path: /tmp/agent-pv}\n").await?;
     let op = OperatorProcess::start(&cp.kubeconfig, NS, "op-1", &[])?;
     cp.apply_ok(&format!(

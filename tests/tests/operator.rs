@@ -6,52 +6,11 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use regmirror_e2e::{ControlPlane, OperatorProcess, util::workspace_root};
-use serde_json::Value;
+use anyhow::{Context, Result};
+use regmirror_e2e::operator::condition;
+use regmirror_e2e::{ControlPlane, OperatorProcess};
 
 const NS: &str = "regmirror-system";
-const WAIT: Duration = Duration::from_secs(60);
-
-/// Polls `kubectl get ARGS -o json` until `check` returns `Some`, or fails
-/// with the last object seen and the operator's log.
-async fn wait_for<T>(
-    cp: &ControlPlane,
-    op: &mut OperatorProcess,
-    what: &str,
-    args: &[&str],
-    check: impl Fn(Option<&Value>) -> Option<T>,
-) -> Result<T> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let v = cp.get_json(args).await?;
-        if let Some(t) = check(v.as_ref()) {
-            return Ok(t);
-        }
-        if !op.is_running() && !op.stopped {
-            bail!(
-                "{what}: the operator exited; log tail:\n{}",
-                regmirror_e2e::util::tail_lines(&op.log(), 40)
-            );
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!(
-                "{what}: not within {WAIT:?}; last seen: {}\noperator log tail:\n{}",
-                v.map(|v| serde_json::to_string_pretty(&v).unwrap())
-                    .unwrap_or_else(|| "(not found)".into()),
-                regmirror_e2e::util::tail_lines(&op.log(), 40)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-fn condition<'a>(m: &'a Value, type_: &str) -> Option<&'a Value> {
-    m["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-}
 
 fn mirror_yaml(name: &str, upstreams: &str, extra: &str) -> String {
     format!(
@@ -76,16 +35,7 @@ async fn operator_reconciles_mirrors_on_a_real_control_plane() -> Result<()> {
     for pv in ["cache-pv-1", "cache-pv-2"] {
         cp.apply_ok(&pv_yaml(pv)).await?;
     }
-    let crd = workspace_root().join("crds/registrymirror.yaml");
-    cp.kubectl_ok(&["apply", "-f", crd.to_str().unwrap()])
-        .await?;
-    cp.kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/registrymirrors.regmirror.dev",
-        "--timeout=30s",
-    ])
-    .await?;
+    cp.install_crd().await?;
 
     // Invalid specs are rejected by the API server with the schema's messages.
     for (upstreams, extra, expected) in [
@@ -140,11 +90,12 @@ async fn operator_reconciles_mirrors_on_a_real_control_plane() -> Result<()> {
     .await?;
 
     // Ready, with everything derived from the real children.
-    let hub = wait_for(&cp, &mut op, "hub Ready", &["registrymirror", "hub"], |m| {
-        let m = m?;
-        (condition(m, "Ready")?["status"] == "True").then(|| m.clone())
-    })
-    .await?;
+    let hub = op
+        .wait_for(&cp, "hub Ready", &["registrymirror", "hub"], |m| {
+            let m = m?;
+            (condition(m, "Ready")?["status"] == "True").then(|| m.clone())
+        })
+        .await?;
     assert_eq!(
         hub["status"]["observedGeneration"],
         hub["metadata"]["generation"]
@@ -234,9 +185,8 @@ async fn operator_reconciles_mirrors_on_a_real_control_plane() -> Result<()> {
     );
 
     // Events on the mirror (cluster-scoped objects' events live in `default`).
-    wait_for(
+    op.wait_for(
         &cp,
-        &mut op,
         "Created and Ready events for hub",
         &["events", "-n", "default"],
         |l| {
@@ -275,17 +225,17 @@ async fn operator_reconciles_mirrors_on_a_real_control_plane() -> Result<()> {
         "  storage: {size: 1Gi}\n",
     ))
     .await?;
-    let second = wait_for(
-        &cp,
-        &mut op,
-        "second HostConflict",
-        &["registrymirror", "second"],
-        |m| {
-            let m = m?;
-            (condition(m, "Ready")?["reason"] == "HostConflict").then(|| m.clone())
-        },
-    )
-    .await?;
+    let second = op
+        .wait_for(
+            &cp,
+            "second HostConflict",
+            &["registrymirror", "second"],
+            |m| {
+                let m = m?;
+                (condition(m, "Ready")?["reason"] == "HostConflict").then(|| m.clone())
+            },
+        )
+        .await?;
     let msg = condition(&second, "Ready").unwrap()["message"]
         .as_str()
         .unwrap();
@@ -306,9 +256,8 @@ async fn operator_reconciles_mirrors_on_a_real_control_plane() -> Result<()> {
         r#"{"spec":{"cache":{"tagTTL":"5m"}}}"#,
     ])
     .await?;
-    wait_for(
+    op.wait_for(
         &cp,
-        &mut op,
         "hub config rolled",
         &["deployment", "regmirror-hub", "-n", NS],
         |d| {
@@ -328,9 +277,8 @@ async fn operator_reconciles_mirrors_on_a_real_control_plane() -> Result<()> {
             .unwrap()
             .contains("tag_ttl = \"5m\"")
     );
-    wait_for(
+    op.wait_for(
         &cp,
-        &mut op,
         "hub observedGeneration 2",
         &["registrymirror", "hub"],
         |m| {
@@ -346,7 +294,7 @@ async fn operator_reconciles_mirrors_on_a_real_control_plane() -> Result<()> {
     // `second` gets docker.io.
     cp.kubectl_ok(&["delete", "registrymirror", "hub", "--wait=false"])
         .await?;
-    wait_for(&cp, &mut op, "hub gone", &["registrymirror", "hub"], |m| {
+    op.wait_for(&cp, "hub gone", &["registrymirror", "hub"], |m| {
         m.is_none().then_some(())
     })
     .await?;
@@ -361,9 +309,8 @@ async fn operator_reconciles_mirrors_on_a_real_control_plane() -> Result<()> {
             "{kind} {name} left behind"
         );
     }
-    wait_for(
+    op.wait_for(
         &cp,
-        &mut op,
         "second takes docker.io",
         &["registrymirror", "second"],
         |m| {
@@ -402,17 +349,15 @@ async fn operator_reconciles_mirrors_on_a_real_control_plane() -> Result<()> {
         r#"{"metadata":{"finalizers":null}}"#,
     ])
     .await?;
-    wait_for(
+    op.wait_for(
         &cp,
-        &mut op,
         "second's Deployment garbage-collected",
         &["deployment", "regmirror-second", "-n", NS],
         |d| d.is_none().then_some(()),
     )
     .await?;
-    wait_for(
+    op.wait_for(
         &cp,
-        &mut op,
         "second's DaemonSet garbage-collected",
         &["daemonset", "regmirror-second-agent", "-n", NS],
         |d| d.is_none().then_some(()),

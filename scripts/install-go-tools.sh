@@ -29,11 +29,16 @@ CRANE_VERSION=v0.22.1
 CRICTL_VERSION=v1.34.0
 KUBECONFORM_VERSION=v0.8.0
 KWOK_VERSION=v0.8.0
+# opencontainers/distribution-spec conformance/ has no tagged releases on the
+# module proxy (`go list -m -versions` lists none): pinned by pseudo-version.
+# This is the Go-program rewrite (Go >= 1.24, OCI_REGISTRY/OCI_RO_DATA_*), not
+# the old Ginkgo `go test` suite (OCI_ROOT_URL/OCI_TEST_PULL).
+OCI_CONFORMANCE_VERSION=v0.0.0-20260831232431-97274622c111
 # Bump to force a rebuild of everything when the recipe itself changes.
 RECIPE=r2
 
 K8S_TOOLS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
-ALL_TOOLS=("${K8S_TOOLS[@]}" etcd helm crane crictl kubeconform kwok)
+ALL_TOOLS=("${K8S_TOOLS[@]}" etcd helm crane crictl kubeconform kwok oci-conformance)
 
 # tool -> "module-path-of-main-package version" for plain go install
 declare -A GO_INSTALL=(
@@ -42,12 +47,14 @@ declare -A GO_INSTALL=(
   [crictl]="sigs.k8s.io/cri-tools/cmd/crictl $CRICTL_VERSION"
   [kubeconform]="github.com/yannh/kubeconform/cmd/kubeconform $KUBECONFORM_VERSION"
   [kwok]="sigs.k8s.io/kwok/cmd/kwok $KWOK_VERSION"
+  [oci-conformance]="github.com/opencontainers/distribution-spec/conformance $OCI_CONFORMANCE_VERSION"
 )
 # tool -> extra -X ldflags so `TOOL version` prints the real version
 declare -A GO_INSTALL_X=(
   [helm]="helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
   [crictl]="sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION"
   [kubeconform]="main.version=$KUBECONFORM_VERSION"
+  [oci-conformance]="main.Version=$OCI_CONFORMANCE_VERSION"
 )
 
 CACHE="${REGMIRROR_TOOLS:-$HOME/.cache/regmirror}"
@@ -211,6 +218,8 @@ build_etcd() {
 }
 
 # ---- plain go install --------------------------------------------------------
+# go install names the binary after the package's last path element
+# (conformance); it is installed under the tool's name (oci-conformance).
 build_go_install() {
   local t="$1" started pkg ver tmpbin="$CACHE/.gobin-tmp" ld="-s -w"
   started=$(date +%s)
@@ -221,7 +230,7 @@ build_go_install() {
   ( cd "$CACHE" && GOBIN="$tmpbin" run "$LOGS/$t.log" "$GO" install -p "$P" -trimpath \
       -ldflags "$ld" "$pkg@$ver" )
   [ "$t" != kwok ] || kwok_stages "$LOGS/$t.log"
-  install_bin "$t" "$tmpbin/$t" "$started"
+  install_bin "$t" "$tmpbin/${pkg##*/}" "$started"
   rm -rf "$tmpbin"
 }
 

@@ -29,11 +29,18 @@ CRANE_VERSION=v0.22.1
 CRICTL_VERSION=v1.34.0
 KUBECONFORM_VERSION=v0.8.0
 KWOK_VERSION=v0.8.0
+# opencontainers/distribution-spec conformance/ has no tagged releases on the
+# module proxy (`go list -m -versions` lists none): pinned by pseudo-version.
+# This is the Go-program rewrite (Go >= 1.24, OCI_REGISTRY/OCI_RO_DATA_*), not
+# the old Ginkgo `go test` suite (OCI_ROOT_URL/OCI_TEST_PULL).
+OCI_CONFORMANCE_VERSION=v0.0.0-20260831232431-97274622c111
+# Local fixes applied to that version (in the stamp: bump when they change).
+OCI_CONFORMANCE_PATCHES=p1
 # Bump to force a rebuild of everything when the recipe itself changes.
 RECIPE=r2
 
 K8S_TOOLS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
-ALL_TOOLS=("${K8S_TOOLS[@]}" etcd helm crane crictl kubeconform kwok)
+ALL_TOOLS=("${K8S_TOOLS[@]}" etcd helm crane crictl kubeconform kwok oci-conformance)
 
 # tool -> "module-path-of-main-package version" for plain go install
 declare -A GO_INSTALL=(
@@ -65,6 +72,7 @@ version_of() {
   case "$1" in
     kube-*|kubectl) echo "$K8S_VERSION" ;;
     etcd) echo "$ETCD_VERSION" ;;
+    oci-conformance) echo "$OCI_CONFORMANCE_VERSION" ;;
     *) echo "${GO_INSTALL[$1]#* }" ;;
   esac
 }
@@ -82,7 +90,10 @@ for t in "${want[@]}"; do
   case " ${ALL_TOOLS[*]} " in *" $t "*) ;; *) echo "install-go-tools: unknown tool '$t' (known: ${ALL_TOOLS[*]})" >&2; exit 2 ;; esac
 done
 
-stamp_of() { echo "$(version_of "$1") $RECIPE"; }
+stamp_of() {
+  if [ "$1" = oci-conformance ]; then echo "$(version_of "$1") $RECIPE $OCI_CONFORMANCE_PATCHES"
+  else echo "$(version_of "$1") $RECIPE"; fi
+}
 fresh() {
   [ -x "$BIN/$1" ] && [ -f "$STAMPS/$1" ] && [ "$(cat "$STAMPS/$1")" = "$(stamp_of "$1")" ] || return 1
   [ "$1" != kwok ] || [ -s "$KWOK_STAGES" ]
@@ -210,6 +221,34 @@ build_etcd() {
   install_bin etcd "$BIN/.etcd.tmp" "$started"
 }
 
+# ---- OCI distribution-spec conformance suite, patched -----------------------
+# The module (a plain `package main`) is copied out of the module cache, fixed
+# and built with `go build` (binary: oci-conformance). Fix p1: with push
+# disabled (read-only registries, OCI_API_PUSH=false) the blob tests record a
+# data status without test data, and writing results.yaml dereferences the
+# missing entry (nil pointer panic, exit 2, before junit.xml is written).
+OCI_CONFORMANCE_MODULE=github.com/opencontainers/distribution-spec/conformance
+build_oci_conformance() {
+  local started dir="$SRC/oci-conformance-$OCI_CONFORMANCE_VERSION-$OCI_CONFORMANCE_PATCHES"
+  local log="$LOGS/oci-conformance.log" mod old new
+  started=$(date +%s)
+  : >"$log"
+  if [ ! -f "$dir/.ready" ]; then
+    mod=$(cd "$CACHE" && "$GO" mod download -json "$OCI_CONFORMANCE_MODULE@$OCI_CONFORMANCE_VERSION" 2>>"$log" |
+      sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p') || true
+    [ -n "$mod" ] && [ -f "$mod/run.go" ] || { echo "install-go-tools: cannot download $OCI_CONFORMANCE_MODULE@$OCI_CONFORMANCE_VERSION (log: $log)" >&2; cat "$log" >&2; exit 1; }
+    rm -rf "$dir"; mkdir -p "$dir"; cp -r "$mod/." "$dir/"; chmod -R u+w "$dir"
+    old='results.Data[r.State.Data[k].name] = v'
+    new='if td := r.State.Data[k]; td != nil { results.Data[td.name] = v } else { results.Data[k] = v }'
+    [ "$(grep -cF "$old" "$dir/run.go")" = 1 ] || { echo "install-go-tools: oci-conformance patch p1 does not apply to $OCI_CONFORMANCE_VERSION" >&2; exit 1; }
+    OLD="$old" NEW="$new" perl -pi -e 's/\Q$ENV{OLD}\E/$ENV{NEW}/' "$dir/run.go"
+    touch "$dir/.ready"
+  fi
+  ( cd "$dir" && run "$log" "$GO" build -p "$P" -trimpath \
+      -ldflags "-s -w -X main.Version=$OCI_CONFORMANCE_VERSION+$OCI_CONFORMANCE_PATCHES" -o "$BIN/.oci-conformance.tmp" . )
+  install_bin oci-conformance "$BIN/.oci-conformance.tmp" "$started"
+}
+
 # ---- plain go install --------------------------------------------------------
 build_go_install() {
   local t="$1" started pkg ver tmpbin="$CACHE/.gobin-tmp" ld="-s -w"
@@ -246,6 +285,7 @@ for t in "${todo[@]}"; do
   case "$t" in
     kube-*|kubectl) build_k8s "$t" ;;
     etcd) build_etcd ;;
+    oci-conformance) build_oci_conformance ;;
     *) build_go_install "$t" ;;
   esac
 done

@@ -466,7 +466,8 @@ impl Mirror {
 
     // ---- pass-through and listings ----
 
-    /// `tags/list` from the upstream, or the tags we know when it fails.
+    /// `tags/list` from the upstream (paged here if it ignored `n`/`last`),
+    /// or the tags we know when it fails.
     pub async fn tags_list(
         &self,
         up: usize,
@@ -494,6 +495,7 @@ impl Mirror {
                     body: body.into(),
                 })
             }
+            Ok(relayed) => Ok(page_tags(relayed, query)),
             other => other,
         }
     }
@@ -609,6 +611,53 @@ pub fn page_params(query: Option<&str>) -> (Option<usize>, Option<String>) {
     (n, last)
 }
 
+/// Applies `n` and `last` to an upstream tag list that ignored them
+/// (distribution 2.8 always sends every tag), with a `Link` to the next page.
+/// A list that honours them (no tag at or before `last`, at most `n` tags) is
+/// relayed untouched, in the upstream's order and with its own `Link`.
+fn page_tags(mut r: Relayed, query: Option<&str>) -> Relayed {
+    let (n, last) = page_params(query);
+    if r.status != http::StatusCode::OK || (n.is_none() && last.is_none()) {
+        return r;
+    }
+    let Ok(mut list) = serde_json::from_slice::<serde_json::Value>(&r.body) else {
+        return r;
+    };
+    let Some(tags) = list["tags"].as_array() else {
+        return r;
+    };
+    let mut tags: Vec<String> = tags
+        .iter()
+        .filter_map(|t| t.as_str().map(str::to_owned))
+        .collect();
+    let ignored = n.is_some_and(|n| tags.len() > n)
+        || last
+            .as_deref()
+            .is_some_and(|l| tags.iter().any(|t| t.as_str() <= l));
+    if !ignored {
+        return r;
+    }
+    tags.sort();
+    tags.dedup();
+    let page = paginate(&tags, n, last.as_deref());
+    r.headers.remove(header::LINK);
+    if let (Some(n), Some(end)) = (n, page.last()) {
+        if page.len() == n && tags.last() != Some(end) {
+            let q = url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("n", &n.to_string())
+                .append_pair("last", end)
+                .finish();
+            // The server rewrites the path to the one the client used.
+            if let Ok(v) = HeaderValue::from_str(&format!("</v2/tags/list?{q}>; rel=\"next\"")) {
+                r.headers.insert(header::LINK, v);
+            }
+        }
+    }
+    list["tags"] = serde_json::json!(page);
+    r.body = list.to_string().into();
+    r
+}
+
 /// Sorted `items` after `last`, at most `n`.
 pub fn paginate<'a>(items: &'a [String], n: Option<usize>, last: Option<&str>) -> &'a [String] {
     let start = match last {
@@ -636,5 +685,63 @@ mod tests {
             page_params(Some("n=3&last=x%2Fy")),
             (Some(3), Some("x/y".into()))
         );
+    }
+
+    fn tag_list(tags: &[&str], link: Option<&str>) -> Relayed {
+        let mut headers = HeaderMap::new();
+        if let Some(l) = link {
+            headers.insert(header::LINK, HeaderValue::from_str(l).unwrap());
+        }
+        Relayed {
+            status: http::StatusCode::OK,
+            headers,
+            body: serde_json::json!({"name": "app", "tags": tags})
+                .to_string()
+                .into(),
+        }
+    }
+
+    fn tags_of(r: &Relayed) -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["name"], "app", "other fields kept");
+        serde_json::from_value(v["tags"].clone()).unwrap()
+    }
+
+    #[test]
+    fn tag_pages_are_cut_when_the_upstream_ignores_n_and_last() {
+        let all = ["v2", "latest", "v1", "multi"];
+        // OCI conformance: every tag after `last`, none before.
+        let r = page_tags(tag_list(&all, None), Some("last=latest"));
+        assert_eq!(tags_of(&r), ["multi", "v1", "v2"]);
+        assert!(r.headers.get(header::LINK).is_none());
+        let r = page_tags(tag_list(&all, None), Some("n=2"));
+        assert_eq!(tags_of(&r), ["latest", "multi"]);
+        assert_eq!(
+            r.headers[header::LINK],
+            r#"</v2/tags/list?n=2&last=multi>; rel="next""#
+        );
+        let r = page_tags(tag_list(&all, None), Some("n=2&last=multi"));
+        assert_eq!(tags_of(&r), ["v1", "v2"]);
+        assert!(r.headers.get(header::LINK).is_none(), "last page");
+    }
+
+    #[test]
+    fn tag_pages_the_upstream_made_are_relayed_untouched() {
+        let link = r#"</v2/app/tags/list?last=b&n=2>; rel="next""#;
+        for (tags, query) in [
+            (&["b", "a"][..], None),
+            (&["b", "a"][..], Some("ns=docker.io")),
+            (&["a", "b"][..], Some("n=2")),
+            (&["c", "b"][..], Some("n=2&last=a")),
+        ] {
+            let before = tag_list(tags, Some(link));
+            let r = page_tags(tag_list(tags, Some(link)), query);
+            assert_eq!(r.body, before.body, "{query:?}");
+            assert_eq!(r.headers[header::LINK], link, "{query:?}");
+        }
+        let mut not_found = tag_list(&["a"], None);
+        not_found.status = http::StatusCode::NOT_FOUND;
+        let r = page_tags(not_found, Some("last=z"));
+        assert_eq!(tags_of(&r), ["a"]);
     }
 }

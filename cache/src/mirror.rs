@@ -641,17 +641,11 @@ fn page_tags(mut r: Relayed, query: Option<&str>) -> Relayed {
     tags.dedup();
     let page = paginate(&tags, n, last.as_deref());
     r.headers.remove(header::LINK);
-    if let (Some(n), Some(end)) = (n, page.last()) {
-        if page.len() == n && tags.last() != Some(end) {
-            let q = url::form_urlencoded::Serializer::new(String::new())
-                .append_pair("n", &n.to_string())
-                .append_pair("last", end)
-                .finish();
-            // The server rewrites the path to the one the client used.
-            if let Ok(v) = HeaderValue::from_str(&format!("</v2/tags/list?{q}>; rel=\"next\"")) {
-                r.headers.insert(header::LINK, v);
-            }
-        }
+    // The server rewrites the path to the one the client used.
+    if let Some(v) =
+        next_page_link("tags/list", &tags, page, n).and_then(|l| HeaderValue::from_str(&l).ok())
+    {
+        r.headers.insert(header::LINK, v);
     }
     list["tags"] = serde_json::json!(page);
     r.body = list.to_string().into();
@@ -668,9 +662,41 @@ pub fn paginate<'a>(items: &'a [String], n: Option<usize>, last: Option<&str>) -
     &items[start..end]
 }
 
+/// The `Link` header value to the page after `page` of `items` (cut with
+/// [`paginate`]), if there is one: `</v2/{path}?n=N&last=L>; rel="next"`.
+pub fn next_page_link(
+    path: &str,
+    items: &[String],
+    page: &[String],
+    n: Option<usize>,
+) -> Option<String> {
+    let (n, end) = (n?, page.last()?);
+    if page.len() < n || items.last() == Some(end) {
+        return None;
+    }
+    let q = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("n", &n.to_string())
+        .append_pair("last", end)
+        .finish();
+    Some(format!("</v2/{path}?{q}>; rel=\"next\""))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_page_links_only_when_more_follow() {
+        let items: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let link = |n, last| next_page_link("_catalog", &items, paginate(&items, n, last), n);
+        assert_eq!(
+            link(Some(2), None).as_deref(),
+            Some(r#"</v2/_catalog?n=2&last=b>; rel="next""#)
+        );
+        assert_eq!(link(Some(2), Some("b")), None, "last page");
+        assert_eq!(link(Some(3), None), None, "everything fits");
+        assert_eq!(link(None, None), None);
+    }
 
     #[test]
     fn pagination() {

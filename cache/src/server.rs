@@ -15,7 +15,7 @@ use tokio_util::io::ReaderStream;
 
 use crate::error::{Error, Result};
 use crate::metrics::{EndpointLabels, Metrics, RequestLabels};
-use crate::mirror::{Blob, Mirror, Relayed, paginate};
+use crate::mirror::{Blob, Mirror, Relayed, next_page_link, paginate};
 use crate::oci::media;
 use crate::oci::{Digest, Reference};
 use crate::range::{self, RangeRequest};
@@ -450,18 +450,8 @@ async fn catalog(
     let page = paginate(&all, n, last.as_deref());
     let body = serde_json::json!({ "repositories": page }).to_string();
     let mut resp = json_response(head, body);
-    if let (Some(n), Some(last)) = (n, page.last()) {
-        if page.len() == n && all.last() != Some(last) {
-            let q = url::form_urlencoded::Serializer::new(String::new())
-                .append_pair("n", &n.to_string())
-                .append_pair("last", last)
-                .finish();
-            set(
-                resp.headers_mut(),
-                header::LINK,
-                &format!("</v2/_catalog?{q}>; rel=\"next\""),
-            );
-        }
+    if let Some(link) = next_page_link("_catalog", &all, page, n) {
+        set(resp.headers_mut(), header::LINK, &link);
     }
     Ok(resp)
 }

@@ -16,8 +16,8 @@ use crate::{Bench, IMAGE_REPO, TAG, blob_url, size_label};
 const BIG_TIMEOUT: Duration = Duration::from_secs(600);
 const SETTLE_QUIET: Duration = Duration::from_secs(1);
 
-/// Direct GET from the upstream: (TTFB ms, total s).
-async fn direct(b: &Bench, blob: &SeededBlob) -> Result<(f64, f64)> {
+/// Direct GET from the upstream: (TTFB ms, total s, last MiB ms).
+async fn direct(b: &Bench, blob: &SeededBlob) -> Result<(f64, f64, f64)> {
     let client = http::client(1, BIG_TIMEOUT);
     let t = http::get_ok(
         &client,
@@ -25,7 +25,7 @@ async fn direct(b: &Bench, blob: &SeededBlob) -> Result<(f64, f64)> {
         blob.size,
     )
     .await?;
-    Ok((ms(t.ttfb), secs(t.total)))
+    Ok((ms(t.ttfb), secs(t.total), ms(t.last_mib)))
 }
 
 /// Scenario 4.
@@ -44,7 +44,7 @@ pub(crate) async fn cold_big(b: &Bench) -> Result<Section> {
         ),
     );
     for run in 0..b.cfg.big_runs {
-        let (d_ttfb, d_total) = direct(b, blob).await?;
+        let (d_ttfb, d_total, d_tail) = direct(b, blob).await?;
         for kind in Kind::BOTH {
             eprintln!("[bench] 4: run {run} {}", kind.name());
             let sys = System::start(kind, &b.up.url(), &b.cfg.cache_bin).await?;
@@ -66,6 +66,7 @@ pub(crate) async fn cold_big(b: &Bench) -> Result<Section> {
             sec.add("time / direct upstream time", kind, secs(t.total) / d_total);
             sec.add("TTFB ms", kind, ms(t.ttfb));
             sec.add("TTFB over upstream TTFB, ms", kind, ms(t.ttfb) - d_ttfb);
+            sec.add("last MiB of the body took, ms", kind, ms(t.last_mib));
             sec.add(
                 "upstream bytes (x blob)",
                 kind,
@@ -75,6 +76,7 @@ pub(crate) async fn cold_big(b: &Bench) -> Result<Section> {
         }
         sec.add_reference("total s", d_total);
         sec.add_reference("TTFB ms", d_ttfb);
+        sec.add_reference("last MiB of the body took, ms", d_tail);
     }
     sec.target(
         "upstream bytes (x blob)",
@@ -106,7 +108,7 @@ pub(crate) async fn herd(b: &Bench) -> Result<Section> {
         let up = format!("N={n}: upstream bytes (x blob)");
         let over = format!("N={n}: worst TTFB over upstream TTFB, ms");
         for run in 0..b.cfg.runs {
-            let (d_ttfb, d_total) = direct(b, blob).await?;
+            let (d_ttfb, d_total, _) = direct(b, blob).await?;
             for kind in Kind::BOTH {
                 eprintln!("[bench] 5: N={n} run {run} {}", kind.name());
                 let sys = System::start(kind, &b.up.url(), &b.cfg.cache_bin).await?;

@@ -33,6 +33,9 @@ pub struct Timed {
     pub total: Duration,
     /// Body bytes read.
     pub bytes: u64,
+    /// For bodies over 2 MiB with a Content-Length: from the moment all but the last
+    /// MiB had arrived to the end (a stall before the last bytes shows here).
+    pub last_mib: Duration,
 }
 
 /// Sends `req`, reads the body (at most `stop_after` bytes, then drops the connection),
@@ -45,6 +48,11 @@ pub async fn timed(
     let mut resp = req.send().await.context("send")?;
     let headers = start.elapsed();
     let status = resp.status().as_u16();
+    let tail_from = resp
+        .content_length()
+        .filter(|l| *l > 2 << 20)
+        .map(|l| l - (1 << 20));
+    let mut tail_start = None;
     let mut ttfb = None;
     let mut bytes = 0u64;
     while let Some(chunk) = resp.chunk().await.context("read body")? {
@@ -52,16 +60,21 @@ pub async fn timed(
             ttfb = Some(start.elapsed());
         }
         bytes += chunk.len() as u64;
+        if tail_start.is_none() && tail_from.is_some_and(|t| bytes >= t) {
+            tail_start = Some(start.elapsed());
+        }
         if stop_after.is_some_and(|s| bytes >= s) {
             break;
         }
     }
+    let total = start.elapsed();
     Ok(Timed {
         status,
         headers,
         ttfb: ttfb.unwrap_or(headers),
-        total: start.elapsed(),
+        total,
         bytes,
+        last_mib: tail_start.map_or(Duration::ZERO, |t| total - t),
     })
 }
 

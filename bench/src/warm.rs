@@ -268,6 +268,15 @@ async fn idle_conn(addr: &str) -> Result<TcpStream> {
     }
 }
 
+/// How many of `conns` the server has not closed.
+fn still_open(conns: &[TcpStream]) -> usize {
+    let mut probe = [0u8; 1];
+    conns
+        .iter()
+        .filter(|c| matches!(c.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock))
+        .count()
+}
+
 /// Scenario 7.
 async fn streams_and_idle(b: &Bench, systems: &[System]) -> Result<Section> {
     let limit = procfs::nofile_limit() as usize;
@@ -283,7 +292,8 @@ async fn streams_and_idle(b: &Bench, systems: &[System]) -> Result<Section> {
         format!(
             "{idle} idle keep-alive connections (each completed one `GET /v2/`) are opened, then \
              {streams} clients download a cached {} blob at once. RSS/fds sampled every 10 ms; \
-             RSS per stream = (peak RSS - RSS with the idle connections) / {streams}.",
+             RSS per stream = (peak RSS - RSS with the idle connections) / {streams}. \
+             Finally, how many idle connections the server still holds 11 s after they were opened.",
             size_label(blob.size)
         ),
     );
@@ -300,6 +310,7 @@ async fn streams_and_idle(b: &Bench, systems: &[System]) -> Result<Section> {
             let rss_start = procfs::rss_bytes(pid)? as f64;
             // Open the idle connections, 200 at a time.
             let host = sys.host();
+            let opening = Instant::now();
             let mut conns = Vec::with_capacity(idle);
             let mut open_failures = 0usize;
             let mut pending = Vec::new();
@@ -315,7 +326,9 @@ async fn streams_and_idle(b: &Bench, systems: &[System]) -> Result<Section> {
                     }
                 }
             }
+            let open_secs = secs(opening.elapsed());
             tokio::time::sleep(Duration::from_millis(200)).await;
+            let alive_before = still_open(&conns);
             let rss_idle = procfs::rss_bytes(pid)? as f64;
             let fds_idle = procfs::fd_count(pid)? as f64;
 
@@ -362,15 +375,10 @@ async fn streams_and_idle(b: &Bench, systems: &[System]) -> Result<Section> {
             let wall = secs(start.elapsed());
             done.store(true, std::sync::atomic::Ordering::Relaxed);
             let (rss_peak, fds_peak) = sampler.await?;
-            // Which idle connections did the server keep?
-            let mut alive = 0usize;
-            let mut probe = [0u8; 1];
-            for c in &conns {
-                if matches!(c.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-                {
-                    alive += 1;
-                }
-            }
+            let alive = still_open(&conns);
+            // Does the server keep idle keep-alive connections beyond 10 s?
+            tokio::time::sleep(Duration::from_secs(11).saturating_sub(opening.elapsed())).await;
+            let alive_11s = still_open(&conns);
             drop(conns);
             let k = sys.kind;
             sec.add(
@@ -394,10 +402,21 @@ async fn streams_and_idle(b: &Bench, systems: &[System]) -> Result<Section> {
                 k,
                 (blob.size * streams as u64) as f64 / wall / 1e9,
             );
+            sec.add("seconds to open the idle connections", k, open_secs);
+            sec.add(
+                "idle connections open when the downloads start",
+                k,
+                alive_before as f64,
+            );
             sec.add(
                 "idle connections still open after the downloads",
                 k,
                 alive as f64,
+            );
+            sec.add(
+                "idle connections still open 11 s after opening",
+                k,
+                alive_11s as f64,
             );
             sec.add(
                 "idle connections that failed to open",

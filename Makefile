@@ -50,6 +50,15 @@ test-deps:
 	./scripts/install-test-deps.sh
 	./scripts/install-go-tools.sh
 
+## Benchmarks (issue 7): regmirror-cache vs distribution's proxy mode, side by side.
+## Not part of `make test`. BENCH_QUICK=1 for a short smoke run; results in bench/results/latest.md.
+bench:
+	./scripts/install-test-deps.sh
+	$(CARGO) build --release -p regmirror-cache
+	$(CARGO) build --release -p regmirror-bench
+	ulimit -n $$(ulimit -Hn) 2>/dev/null || true; \
+	  REGMIRROR_BIN_DIR=$(CURDIR)/target/release ./target/release/regmirror-bench
+
 unit:
 	$(CARGO) test --workspace --lib
 

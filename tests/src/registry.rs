@@ -168,6 +168,11 @@ impl Registry {
         self.child.as_mut().is_some_and(ChildGuard::is_running)
     }
 
+    /// Process id of the running registry (for `/proc/<pid>` statistics).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(ChildGuard::pid)
+    }
+
     /// Stops the registry (SIGTERM, then SIGKILL after 5 s): simulates an upstream outage.
     pub async fn stop(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {

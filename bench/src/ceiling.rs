@@ -1,0 +1,85 @@
+//! Reference ceiling for warm blob GETs: a minimal HTTP/1.1 server that answers every
+//! request with one file through `sendfile(2)` (no hashing, no copies to user space).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Result;
+
+/// The server; stops accepting on drop.
+#[derive(Debug)]
+pub struct Ceiling {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Ceiling {
+    /// Serves `file` on `127.0.0.1:0` from a thread per connection.
+    pub fn start(file: &Path) -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let file = file.to_owned();
+        let flag = stop.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let file = file.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(conn, &file);
+                });
+            }
+        });
+        Ok(Self { addr, stop })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/blob", self.addr)
+    }
+}
+
+impl Drop for Ceiling {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn serve(mut conn: TcpStream, path: &PathBuf) -> std::io::Result<()> {
+    conn.set_nodelay(true)?;
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        // Read one request head.
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut chunk)?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
+        buf.drain(..end);
+        let file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n\r\n"
+        )?;
+        conn.flush()?;
+        let mut off = 0u64;
+        while off < len {
+            let want = usize::try_from((len - off).min(1 << 30)).unwrap_or(1 << 30);
+            let n = rustix::fs::sendfile(&conn, &file, Some(&mut off), want)?;
+            if n == 0 {
+                break;
+            }
+        }
+    }
+}

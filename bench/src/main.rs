@@ -1,0 +1,72 @@
+//! `regmirror-bench`: runs issue 7's scenarios and writes `bench/results/latest.md`.
+//!
+//! Environment: `BENCH_QUICK=1` (short smoke run), `BENCH_RUNS`, `BENCH_BIG_RUNS`,
+//! `BENCH_ONLY=1,4,5` (scenario numbers), `BENCH_OUT` (report path),
+//! `REGMIRROR_BIN_DIR` (directory of the `regmirror-cache` binary; default
+//! `target/release`).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, ensure};
+use regmirror_bench::{Config, run};
+
+fn env_num(name: &str) -> Result<Option<usize>> {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(|v| v.parse().with_context(|| format!("{name}={v}")))
+        .transpose()
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?
+        .to_path_buf();
+    let bin_dir = std::env::var_os("REGMIRROR_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/release"));
+    let cache_bin = bin_dir.join("regmirror-cache");
+    ensure!(
+        cache_bin.is_file(),
+        "{} not found: cargo build --release -p regmirror-cache",
+        cache_bin.display()
+    );
+    let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+    let mut cfg = if quick {
+        Config::quick(cache_bin)
+    } else {
+        Config::full(cache_bin)
+    };
+    if let Some(n) = env_num("BENCH_RUNS")? {
+        cfg.runs = n;
+    }
+    if let Some(n) = env_num("BENCH_BIG_RUNS")? {
+        cfg.big_runs = n;
+    }
+    if let Ok(only) = std::env::var("BENCH_ONLY")
+        && !only.is_empty()
+    {
+        cfg.scenarios = only
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .with_context(|| format!("BENCH_ONLY={only}"))
+            })
+            .collect::<Result<_>>()?;
+    }
+    let out = std::env::var_os("BENCH_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("bench/results/latest.md"));
+    eprintln!("[bench] profile {}, writing {}", cfg.profile, out.display());
+    let report = run(cfg).await?;
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, &report.markdown)?;
+    println!("{}", report.markdown);
+    eprintln!("[bench] wrote {}", out.display());
+    Ok(())
+}

@@ -1,0 +1,39 @@
+//! The benchmark code still works: a micro-size run of a few scenarios against both
+//! systems (debug cache binary), checked for complete, failure-free tables.
+
+use std::time::Duration;
+
+use regmirror_bench::{Config, run};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn micro_benchmark_produces_complete_tables() {
+    let cfg = Config::micro(regmirror_e2e::cache_binary());
+    let wanted = cfg.scenarios.len();
+    let report = tokio::time::timeout(Duration::from_secs(120), run(cfg))
+        .await
+        .expect("micro benchmark timed out")
+        .expect("micro benchmark failed");
+    assert_eq!(report.sections.len(), wanted, "{}", report.markdown);
+    for sec in &report.sections {
+        assert!(
+            !sec.notes.iter().any(|n| n.contains("scenario failed")),
+            "{}",
+            report.markdown
+        );
+        assert!(!sec.rows.is_empty(), "{} has no rows", sec.title);
+        for row in &sec.rows {
+            assert!(
+                !row.ours.is_empty() && !row.dist.is_empty(),
+                "{}: {} lacks samples",
+                sec.title,
+                row.metric
+            );
+        }
+    }
+    assert!(report.markdown.contains("## Machine"));
+    assert!(
+        report
+            .markdown
+            .contains("| scenario | metric | target | holds |")
+    );
+}

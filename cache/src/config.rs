@@ -202,7 +202,7 @@ impl Default for Timeouts {
             connect: Duration::from_secs(5),
             response_header: Duration::from_secs(20),
             body_idle: Duration::from_secs(30),
-            stale_after: Duration::from_secs(3),
+            stale_after: Duration::from_secs(1),
         }
     }
 }
@@ -475,7 +475,7 @@ listen = "127.0.0.1:7000"
 storage = "/srv/cache"
 tag_ttl = "1m"
 [timeouts]
-stale_after = "1s"
+stale_after = "2s"
 [[upstream]]
 host = "docker.io"
 url = "http://127.0.0.1:5999"
@@ -496,7 +496,7 @@ host = "quay.io"
                 .allowed_hosts
                 .contains(&"blobs.example".to_string())
         );
-        assert_eq!(c.timeouts.stale_after, Duration::from_secs(1));
+        assert_eq!(c.timeouts.stale_after, Duration::from_secs(2));
 
         let c = resolve(&[
             "--config",

@@ -28,6 +28,7 @@ use tokio::sync::watch;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::oci::Digest;
+use crate::read::read_at;
 use crate::store::{Kind, Store};
 
 /// How much a reader sends per chunk, and how much the writer gathers
@@ -187,16 +188,6 @@ impl Reader {
     }
 }
 
-async fn read_at(file: Arc<File>, pos: u64, len: usize) -> io::Result<Bytes> {
-    tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, pos)?;
-        Ok(Bytes::from(buf))
-    })
-    .await
-    .map_err(io::Error::other)?
-}
-
 async fn run(tx: &watch::Sender<FillState>, job: FillJob) -> Result<()> {
     let unavailable = |detail: String| Error::UpstreamUnavailable {
         upstream: job.host.clone(),
@@ -326,6 +317,13 @@ async fn run(tx: &watch::Sender<FillState>, job: FillJob) -> Result<()> {
             "blob content does not match its digest (got {actual})"
         )));
     }
+    // Verified: readers may have every byte now; the fsync and rename that
+    // make the file durable need not hold them up.
+    tx.send_modify(|s| {
+        if let FillState::Streaming { available, .. } = s {
+            *available = written;
+        }
+    });
     tokio::task::spawn_blocking(move || tmp.persist(&dest))
         .await
         .map_err(Error::internal)?

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod oci;
 pub mod range;
+pub mod read;
 pub mod route;
 pub mod server;
 pub mod size;

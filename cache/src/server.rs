@@ -11,7 +11,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::StreamExt;
-use tokio_util::io::ReaderStream;
 
 use crate::error::{Error, Result};
 use crate::metrics::{EndpointLabels, Metrics, RequestLabels};
@@ -23,7 +22,6 @@ use crate::route::{Endpoint, RepoRequest, Request, route};
 use crate::store::StoredManifest;
 
 const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
-const BLOB_READ_BUFFER: usize = 256 * 1024;
 
 pub fn app(mirror: Arc<Mirror>) -> Router {
     Router::new()
@@ -281,14 +279,7 @@ async fn blob_response(
     let body = match blob {
         Blob::PassThrough { .. } => unreachable!("answered above"),
         Blob::Stored { file, size, lease } => {
-            let len = end.unwrap_or(size) - start;
-            let mut file = tokio::fs::File::from_std(file);
-            if start > 0 {
-                use tokio::io::AsyncSeekExt;
-                file.seek(std::io::SeekFrom::Start(start)).await?;
-            }
-            use tokio::io::AsyncReadExt;
-            let stream = ReaderStream::with_capacity(file.take(len), BLOB_READ_BUFFER);
+            let stream = crate::read::file_stream(file, start, end.unwrap_or(size));
             // The lease keeps the file from eviction until the body is done.
             let stream = stream.inspect(move |_| {
                 let _ = &lease;

@@ -7,7 +7,7 @@
 //! all streams together hold about [`READ_BUDGET`] in flight.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,23 +54,40 @@ pub async fn read_at(file: Arc<File>, pos: u64, len: usize) -> io::Result<Bytes>
     .map_err(io::Error::other)?
 }
 
-/// Bytes `start..end` of a complete file, in adaptive chunks.
+/// Bytes `start..end` of a complete file, in adaptive chunks. The stream
+/// owns the file and reads it sequentially into fresh, unzeroed buffers.
 pub fn file_stream(
     file: File,
     start: u64,
     end: u64,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
-    let state = (Arc::new(file), start, Open::new());
+    let state = (Some(file), start, Open::new());
     futures::stream::unfold(state, move |(file, pos, open)| async move {
-        if pos >= end {
-            return None;
-        }
+        let file = file.filter(|_| pos < end)?;
         let want = chunk_size(STREAMS.load(Ordering::Relaxed)) as u64;
-        let len = want.min(end - pos) as usize;
-        match read_at(Arc::clone(&file), pos, len).await {
-            Ok(b) => Some((Ok(b), (file, pos + len as u64, open))),
-            // Ends the stream after the error: `pos` past `end`.
-            Err(e) => Some((Err(e), (file, u64::MAX, open))),
+        let len = want.min(end - pos);
+        let read = tokio::task::spawn_blocking(move || {
+            let mut f = file;
+            if pos == start && start > 0 {
+                f.seek(SeekFrom::Start(start))?;
+            }
+            let mut buf = Vec::with_capacity(len as usize);
+            (&mut f).take(len).read_to_end(&mut buf)?;
+            if (buf.len() as u64) < len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "file shorter than its blob",
+                ));
+            }
+            Ok((f, Bytes::from(buf)))
+        })
+        .await
+        .map_err(io::Error::other)
+        .and_then(|r| r);
+        match read {
+            Ok((f, b)) => Some((Ok(b), (Some(f), pos + len, open))),
+            // The error ends the stream.
+            Err(e) => Some((Err(e), (None, end, open))),
         }
     })
 }

@@ -202,7 +202,7 @@ impl Default for Timeouts {
             connect: Duration::from_secs(5),
             response_header: Duration::from_secs(20),
             body_idle: Duration::from_secs(30),
-            stale_after: Duration::from_secs(1),
+            stale_after: Duration::from_millis(900),
         }
     }
 }

@@ -381,16 +381,7 @@ impl Mirror {
             }
         }
         // A HEAD never downloads the blob.
-        let resp = self.upstreams[up]
-            .send(
-                Method::HEAD,
-                repo,
-                &format!("blobs/{d}"),
-                None,
-                HeaderMap::new(),
-                self.timeouts.response_header,
-            )
-            .await?;
+        let resp = self.blob_request(up, Method::HEAD, repo, d).await?;
         match resp.status().as_u16() {
             // Not `content_length()`: that is the (empty) HEAD body's length.
             200 => header_str(resp.headers(), header::CONTENT_LENGTH)
@@ -402,6 +393,26 @@ impl Mirror {
             404 => Err(Error::BlobUnknown(d.to_string())),
             _ => Err(upstream_status(host, "blob HEAD", resp.status())),
         }
+    }
+
+    /// A HEAD or GET of `repo`'s blob `d` on upstream `up`.
+    async fn blob_request(
+        &self,
+        up: usize,
+        method: Method,
+        repo: &RepoName,
+        d: &Digest,
+    ) -> Result<reqwest::Response> {
+        self.upstreams[up]
+            .send(
+                method,
+                repo,
+                &format!("blobs/{d}"),
+                None,
+                HeaderMap::new(),
+                self.timeouts.response_header,
+            )
+            .await
     }
 
     pub async fn blob(self: &Arc<Self>, up: usize, repo: &RepoName, d: &Digest) -> Result<Blob> {
@@ -418,19 +429,8 @@ impl Mirror {
                 store: self.store.clone(),
                 host: host.clone(),
                 digest: d.clone(),
-                fetch: async move {
-                    this.upstreams[up]
-                        .send(
-                            Method::GET,
-                            &repo,
-                            &format!("blobs/{digest}"),
-                            None,
-                            HeaderMap::new(),
-                            this.timeouts.response_header,
-                        )
-                        .await
-                }
-                .boxed(),
+                fetch: async move { this.blob_request(up, Method::GET, &repo, &digest).await }
+                    .boxed(),
                 body_idle: self.timeouts.body_idle,
                 metrics: Arc::clone(&self.metrics),
             }
@@ -444,16 +444,7 @@ impl Mirror {
             Err(Error::StorageFull(why)) => {
                 tracing::warn!(upstream = %host, digest = %d, reason = %why, "storage full; passing the blob through uncached");
                 self.metrics.disk_full_passthrough.inc();
-                let resp = self.upstreams[up]
-                    .send(
-                        Method::GET,
-                        repo,
-                        &format!("blobs/{d}"),
-                        None,
-                        HeaderMap::new(),
-                        self.timeouts.response_header,
-                    )
-                    .await?;
+                let resp = self.blob_request(up, Method::GET, repo, d).await?;
                 match resp.status().as_u16() {
                     200 => Ok(Blob::PassThrough { resp }),
                     404 => Err(Error::BlobUnknown(d.to_string())),

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use anyhow::Result;
 
@@ -14,6 +14,9 @@ use anyhow::Result;
 pub struct Ceiling {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    /// CPU nanoseconds spent by the threads serving connections, counted
+    /// after each response: the floor of what serving costs on this machine.
+    cpu_ns: Arc<AtomicU64>,
 }
 
 impl Ceiling {
@@ -24,6 +27,8 @@ impl Ceiling {
         let stop = Arc::new(AtomicBool::new(false));
         let file = file.to_owned();
         let flag = stop.clone();
+        let cpu_ns = Arc::new(AtomicU64::new(0));
+        let spent = cpu_ns.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if flag.load(Ordering::Relaxed) {
@@ -31,12 +36,18 @@ impl Ceiling {
                 }
                 let Ok(conn) = conn else { continue };
                 let file = file.clone();
+                let spent = spent.clone();
                 std::thread::spawn(move || {
-                    let _ = serve(conn, &file);
+                    let _ = serve(conn, &file, &spent);
                 });
             }
         });
-        Ok(Self { addr, stop })
+        Ok(Self { addr, stop, cpu_ns })
+    }
+
+    /// CPU seconds spent serving so far (responses already finished).
+    pub fn cpu_seconds(&self) -> f64 {
+        self.cpu_ns.load(Ordering::Relaxed) as f64 / 1e9
     }
 
     pub fn url(&self) -> String {
@@ -51,7 +62,12 @@ impl Drop for Ceiling {
     }
 }
 
-fn serve(mut conn: TcpStream, path: &PathBuf) -> std::io::Result<()> {
+fn thread_cpu_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+fn serve(mut conn: TcpStream, path: &PathBuf, spent: &AtomicU64) -> std::io::Result<()> {
     conn.set_nodelay(true)?;
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
@@ -66,6 +82,7 @@ fn serve(mut conn: TcpStream, path: &PathBuf) -> std::io::Result<()> {
         }
         let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
         buf.drain(..end);
+        let cpu0 = thread_cpu_ns();
         let file = std::fs::File::open(path)?;
         let len = file.metadata()?.len();
         write!(
@@ -81,5 +98,6 @@ fn serve(mut conn: TcpStream, path: &PathBuf) -> std::io::Result<()> {
                 break;
             }
         }
+        spent.fetch_add(thread_cpu_ns().saturating_sub(cpu0), Ordering::Relaxed);
     }
 }

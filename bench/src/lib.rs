@@ -81,7 +81,7 @@ impl Config {
             runs: 5,
             big_runs: 5,
             scenarios: (1..=9).collect(),
-            warm_sizes: vec![(MIB, 200), (100 * MIB, 4), (GIB, 1)],
+            warm_sizes: vec![(MIB, 200), (100 * MIB, 10), (GIB, 3)],
             small_secs: 2.0,
             small_conns: vec![1, 64],
             tag_latency: Duration::from_millis(20),

@@ -22,6 +22,7 @@ pub mod server;
 pub mod size;
 pub mod store;
 pub mod upstream;
+pub mod zerocopy;
 
 use std::future::Future;
 use std::sync::Arc;

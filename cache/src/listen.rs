@@ -12,6 +12,9 @@ use hyper_util::service::TowerToHyperService;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+use crate::zerocopy::ZeroCopyStream;
 use tokio::sync::Semaphore;
 
 /// Request line plus headers; registry requests need a few KiB at most.
@@ -42,7 +45,9 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES);
+        .max_buf_size(MAX_HEADER_BYTES)
+        // Body buffers must reach the socket uncopied: see `zerocopy`.
+        .writev(true);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -67,7 +72,13 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let (stream, queue) = ZeroCopyStream::new(stream);
+        let service = TowerToHyperService::new(app.clone().map_request(
+            move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(queue.clone());
+                req
+            },
+        ));
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();

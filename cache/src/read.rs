@@ -27,11 +27,16 @@ pub fn chunk_size(streams: usize) -> usize {
     (READ_BUDGET / streams.max(1)).clamp(MIN_CHUNK, MAX_CHUNK)
 }
 
+/// The chunk size for a stream now.
+pub fn current_chunk_size() -> usize {
+    chunk_size(STREAMS.load(Ordering::Relaxed))
+}
+
 /// Counts an open stream for as long as it lives.
-struct Open;
+pub(crate) struct Open;
 
 impl Open {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         STREAMS.fetch_add(1, Ordering::Relaxed);
         Self
     }
@@ -64,7 +69,7 @@ pub fn file_stream(
     let state = (Some(file), start, Open::new());
     futures::stream::unfold(state, move |(file, pos, open)| async move {
         let file = file.filter(|_| pos < end)?;
-        let want = chunk_size(STREAMS.load(Ordering::Relaxed)) as u64;
+        let want = current_chunk_size() as u64;
         let len = want.min(end - pos);
         let read = tokio::task::spawn_blocking(move || {
             let mut f = file;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request as HttpRequest, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -20,6 +20,7 @@ use crate::oci::{Digest, Reference};
 use crate::range::{self, RangeRequest};
 use crate::route::{Endpoint, RepoRequest, Request, route};
 use crate::store::StoredManifest;
+use crate::zerocopy::SendQueue;
 
 const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
 
@@ -142,7 +143,13 @@ async fn registry(State(mirror): State<Arc<Mirror>>, req: HttpRequest) -> Respon
         Ok(Request::Catalog { n, last }) => catalog(&mirror, n, last, head).await,
         Ok(Request::Repo(r)) => {
             routed = Some(RoutedTo(mirror.hosts()[r.upstream].clone()));
-            repo_request(&mirror, r, &parts.headers, head).await
+            // HTTP/2 frames bodies itself; only HTTP/1 sockets can splice.
+            let zero_copy = parts
+                .extensions
+                .get::<SendQueue>()
+                .filter(|_| parts.version < Version::HTTP_2)
+                .cloned();
+            repo_request(&mirror, r, &parts.headers, head, zero_copy).await
         }
     };
     let mut resp = result.unwrap_or_else(IntoResponse::into_response);
@@ -157,6 +164,7 @@ async fn repo_request(
     r: RepoRequest,
     headers: &HeaderMap,
     head: bool,
+    zero_copy: Option<SendQueue>,
 ) -> Result<Response> {
     match &r.endpoint {
         Endpoint::Manifest(reference) => {
@@ -186,7 +194,7 @@ async fn repo_request(
         Endpoint::Blob(d) => {
             let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
             let blob = mirror.blob(r.upstream, &r.repo, d).await?;
-            blob_response(d, blob, range, mirror.metrics()).await
+            blob_response(d, blob, range, zero_copy, mirror.metrics()).await
         }
         Endpoint::TagsList => {
             let relayed = mirror
@@ -240,6 +248,7 @@ async fn blob_response(
     d: &Digest,
     blob: Blob,
     range: Option<&str>,
+    zero_copy: Option<SendQueue>,
     metrics: &Arc<Metrics>,
 ) -> Result<Response> {
     // Uncached: the whole body, as HTTP allows when a Range is not honoured.
@@ -279,12 +288,21 @@ async fn blob_response(
     let body = match blob {
         Blob::PassThrough { .. } => unreachable!("answered above"),
         Blob::Stored { file, size, lease } => {
-            let stream = crate::read::file_stream(file, start, end.unwrap_or(size));
+            let end = end.unwrap_or(size);
             // The lease keeps the file from eviction until the body is done.
-            let stream = stream.inspect(move |_| {
+            let keep = move |_: &_| {
                 let _ = &lease;
-            });
-            Body::from_stream(counted(stream, metrics, "disk"))
+            };
+            match zero_copy {
+                Some(queue) => {
+                    let stream = crate::zerocopy::file_body(queue, file, start, end).inspect(keep);
+                    Body::from_stream(counted(stream, metrics, "disk"))
+                }
+                None => {
+                    let stream = crate::read::file_stream(file, start, end).inspect(keep);
+                    Body::from_stream(counted(stream, metrics, "disk"))
+                }
+            }
         }
         Blob::Filling { fill, .. } => {
             Body::from_stream(counted(fill.read(start, end), metrics, "fill"))

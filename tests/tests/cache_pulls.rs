@@ -266,6 +266,109 @@ async fn concurrent_cold_clients_share_one_upstream_fetch() {
     .await;
 }
 
+/// Stored blobs leave through `sendfile` on HTTP/1 and through copies on
+/// HTTP/2: both must give exactly the file's bytes, for whole bodies, ranges
+/// across the zero-copy chunk size, keep-alive reuse and pipelined requests.
+#[tokio::test]
+async fn stored_blobs_are_byte_exact_over_http1_and_http2() {
+    bounded(180, async {
+        let reg = Registry::start().await?;
+        let up = reg.url();
+        // Over two 4 MiB zero-copy chunks, and not a multiple of a page.
+        let image = seed::push_image(
+            &up,
+            "library/exact",
+            "v1",
+            &ImageSpec::docker(&[9_000_001]).gzip_level(0),
+        )
+        .await?;
+        let layer = image.layers[0].clone();
+        let data = &layer.bytes;
+        let len = data.len();
+        let cache = start_cache(&[("docker.io", &up)]).await?;
+        let path = format!("/v2/library/exact/blobs/{}", layer.digest);
+        let url = format!("{}{path}", cache.url());
+        let fill = http_client().get(&url).send().await?.bytes().await?;
+        ensure!(sha256_digest(&fill) == layer.digest, "cold pull digest");
+
+        let ranges: [(String, std::ops::Range<usize>); 5] = [
+            ("bytes=4194000-4194999".into(), 4_194_000..4_195_000),
+            ("bytes=0-0".into(), 0..1),
+            ("bytes=-100".into(), len - 100..len),
+            (format!("bytes={}-", len - 4_194_305), len - 4_194_305..len),
+            ("bytes=8388607-8388608".into(), 8_388_607..8_388_609),
+        ];
+        let http2 = reqwest::Client::builder()
+            .no_proxy()
+            .http2_prior_knowledge()
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        for (name, client) in [("HTTP/1.1", http_client()), ("HTTP/2", http2)] {
+            for round in 0..2 {
+                let resp = client.get(&url).send().await?;
+                ensure!(resp.status() == 200, "{name}: {}", resp.status());
+                let body = resp.bytes().await?;
+                ensure!(
+                    sha256_digest(&body) == layer.digest,
+                    "{name} round {round}: whole body differs"
+                );
+            }
+            for (header, want) in &ranges {
+                let resp = client.get(&url).header("range", header).send().await?;
+                ensure!(resp.status() == 206, "{name} {header}: {}", resp.status());
+                let body = resp.bytes().await?;
+                ensure!(
+                    body[..] == data[want.clone()],
+                    "{name} {header}: wrong bytes"
+                );
+            }
+        }
+
+        // Pipelined: three requests in one write, answered in order.
+        let mut tcp = tokio::net::TcpStream::connect(cache.addr()).await?;
+        let req = |extra: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n");
+        let batch = [req(""), req("Range: bytes=5000000-5000009\r\n"), req("")].concat();
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, batch.as_bytes()).await?;
+        let mut reader = tokio::io::BufReader::new(tcp);
+        for (i, want) in [0..len, 5_000_000..5_000_010, 0..len]
+            .into_iter()
+            .enumerate()
+        {
+            let body = read_http1_response(&mut reader).await?;
+            ensure!(
+                body[..] == data[want],
+                "pipelined response {i}: wrong bytes"
+            );
+        }
+        let gets = reg.count("GET", &format!("/blobs/{}", layer.digest));
+        ensure!(gets == 1, "warm reads went upstream: {gets} GETs");
+        Ok(())
+    })
+    .await;
+}
+
+/// The body of one `Content-Length` response read off a raw HTTP/1.1 stream.
+async fn read_http1_response(r: &mut (impl tokio::io::AsyncBufRead + Unpin)) -> Result<Vec<u8>> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut length = None;
+    loop {
+        let mut line = String::new();
+        ensure!(r.read_line(&mut line).await? > 0, "connection closed");
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = Some(v.trim().parse::<usize>()?);
+        }
+    }
+    let mut body = vec![0; length.context("no content-length")?];
+    r.read_exact(&mut body).await?;
+    Ok(body)
+}
+
 #[tokio::test]
 async fn one_cache_serves_several_upstreams() {
     bounded(180, async {

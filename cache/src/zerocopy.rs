@@ -35,10 +35,11 @@ use tokio::net::TcpStream;
 
 /// Largest placeholder chunk. Costs no memory: the static is never touched.
 pub const CHUNK: usize = 16 << 20;
-/// Most bytes one `sendfile` call may move. On loopback the sender also runs
-/// the receiver's network stack, so a call can last milliseconds per MiB on
-/// a runtime thread; this bounds how long other connections wait for it.
-const SEND_MAX: usize = 2 << 20;
+/// Most bytes one `sendfile` call may move. Over a network the socket buffer
+/// (at most 4 MiB by default) bounds a call anyway; on loopback the sender
+/// also runs the receiver's network stack, so an unbounded call could hold a
+/// runtime thread for many milliseconds while other connections wait.
+const SEND_MAX: usize = 4 << 20;
 
 static PLACEHOLDER: [u8; CHUNK] = [0; CHUNK];
 

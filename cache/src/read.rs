@@ -27,16 +27,11 @@ pub fn chunk_size(streams: usize) -> usize {
     (READ_BUDGET / streams.max(1)).clamp(MIN_CHUNK, MAX_CHUNK)
 }
 
-/// The chunk size for a stream now.
-pub fn current_chunk_size() -> usize {
-    chunk_size(STREAMS.load(Ordering::Relaxed))
-}
-
 /// Counts an open stream for as long as it lives.
-pub(crate) struct Open;
+struct Open;
 
 impl Open {
-    pub(crate) fn new() -> Self {
+    fn new() -> Self {
         STREAMS.fetch_add(1, Ordering::Relaxed);
         Self
     }
@@ -69,7 +64,7 @@ pub fn file_stream(
     let state = (Some(file), start, Open::new());
     futures::stream::unfold(state, move |(file, pos, open)| async move {
         let file = file.filter(|_| pos < end)?;
-        let want = current_chunk_size() as u64;
+        let want = chunk_size(STREAMS.load(Ordering::Relaxed)) as u64;
         let len = want.min(end - pos);
         let read = tokio::task::spawn_blocking(move || {
             let mut f = file;

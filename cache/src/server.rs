@@ -289,17 +289,16 @@ async fn blob_response(
         Blob::PassThrough { .. } => unreachable!("answered above"),
         Blob::Stored { file, size, lease } => {
             let end = end.unwrap_or(size);
-            // The lease keeps the file from eviction until the body is done.
-            let keep = move |_: &_| {
-                let _ = &lease;
-            };
+            // The lease keeps the file from eviction until its bytes are sent.
             match zero_copy {
                 Some(queue) => {
-                    let stream = crate::zerocopy::file_body(queue, file, start, end).inspect(keep);
+                    let stream = crate::zerocopy::file_body(queue, file, start, end, lease);
                     Body::from_stream(counted(stream, metrics, "disk"))
                 }
                 None => {
-                    let stream = crate::read::file_stream(file, start, end).inspect(keep);
+                    let stream = crate::read::file_stream(file, start, end).inspect(move |_| {
+                        let _ = &lease;
+                    });
                     Body::from_stream(counted(stream, metrics, "disk"))
                 }
             }

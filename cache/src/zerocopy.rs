@@ -12,17 +12,21 @@
 //! is the n-th queued file byte.
 //!
 //! That relies on hyper queueing body buffers rather than copying them (its
-//! vectored write strategy, which `listen` forces with `writev(true)`). A
-//! placeholder slice with nothing queued fails the connection: zeros are never
-//! sent as data. HTTP/2 frames bodies itself, so h2 requests take the copying
-//! path in [`crate::read`].
+//! vectored write strategy, which `listen` forces with `writev(true)`), and on
+//! hyper flushing one response before it polls the next one's body. Both are
+//! checked as it runs: each placeholder slice must match its queued range
+//! exactly, and a body starts only on an empty queue; otherwise the connection
+//! fails. Zeros are never sent as data, nor one response's bytes in another.
+//! HTTP/2 frames bodies itself, so h2 requests take the copying path in
+//! [`crate::read`].
 //!
-//! `sendfile` runs on a runtime thread, so it is only used for pages already
-//! in the page cache (see [`file_body`]); colder bytes are read on the
-//! blocking pool.
+//! `sendfile` runs on a runtime thread, so right before each call the range
+//! is probed for pages missing from the page cache; missing pages are read in
+//! on the blocking pool first, and a slow disk never stalls other connections.
 
 use std::collections::VecDeque;
 use std::fs::File;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -32,14 +36,21 @@ use bytes::Bytes;
 use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 
-/// Largest placeholder chunk. Costs no memory: the static is never touched.
-pub const CHUNK: usize = 16 << 20;
-/// Most bytes one `sendfile` call may move. Over a network the socket buffer
-/// (at most 4 MiB by default) bounds a call anyway; on loopback the sender
-/// also runs the receiver's network stack, so an unbounded call could hold a
-/// runtime thread for many milliseconds while other connections wait.
-const SEND_MAX: usize = 4 << 20;
+/// Most bytes one placeholder chunk, and one `sendfile` call, stand for. Over
+/// a network the socket buffer (at most 4 MiB by default) bounds a call
+/// anyway; on loopback the sender also runs the receiver's network stack, so
+/// an unbounded call could hold a runtime thread for many milliseconds.
+pub const CHUNK: usize = 4 << 20;
+/// A connection yields to the runtime after sending this much, so one fast
+/// client cannot keep a runtime thread from the other connections on it.
+const YIELD_AFTER: usize = 4 << 20;
+/// Distance between page-cache probes. Readahead and eviction work in runs of
+/// pages, so a gap narrower than this is rarely missed.
+const PROBE_STEP: u64 = 128 << 10;
+/// Piece size for reading missing pages in on the blocking pool.
+const WARM_PIECE: usize = 256 << 10;
 
 static PLACEHOLDER: [u8; CHUNK] = [0; CHUNK];
 
@@ -49,11 +60,14 @@ fn is_placeholder(s: &[u8]) -> bool {
     !s.is_empty() && p >= base && p + s.len() <= base + CHUNK
 }
 
-/// File bytes still to send for placeholders hyper has been handed.
+/// File bytes still to send for a placeholder hyper has been handed.
 struct Pending {
     file: Arc<File>,
     pos: u64,
     left: u64,
+    /// Whatever must live until the bytes are sent (the store lease that
+    /// keeps the file from eviction).
+    _hold: Arc<dyn Send + Sync>,
 }
 
 /// The file ranges queued on one connection, shared by its socket and the
@@ -62,73 +76,95 @@ struct Pending {
 pub struct SendQueue(Arc<Mutex<VecDeque<Pending>>>);
 
 impl SendQueue {
-    fn push(&self, p: Pending) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push_back(p);
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Pending>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-/// Bytes `start..end` of a complete stored file for a connection whose
-/// socket is a [`ZeroCopyStream`] sharing `queue`: placeholder chunks while
-/// the file's pages are in the page cache, so `sendfile` on a runtime thread
-/// never waits for the disk; otherwise chunks read on the blocking pool (which
-/// also brings the pages in), as [`crate::read`] does.
+/// Bytes `start..end` of a complete stored file as placeholder chunks, for a
+/// connection whose socket is a [`ZeroCopyStream`] sharing `queue`. `hold`
+/// lives until the last byte is sent.
 pub fn file_body(
     queue: SendQueue,
     file: File,
     start: u64,
     end: u64,
+    hold: impl Send + Sync + 'static,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
     let file = Arc::new(file);
-    let open = crate::read::Open::new();
+    let hold: Arc<dyn Send + Sync> = Arc::new(hold);
     futures::stream::unfold(start, move |pos| {
-        let (queue, file) = (queue.clone(), Arc::clone(&file));
-        let _ = &open;
-        async move {
-            if pos >= end {
-                return None;
-            }
-            let len = (end - pos).min(CHUNK as u64);
-            if cached(&file, pos, len) {
-                queue.push(Pending {
-                    file,
+        let ready = if pos >= end {
+            None
+        } else {
+            let mut pending = queue.lock();
+            // hyper flushes a response before polling the next body, so a
+            // range left over means placeholders and ranges went out of step.
+            if pos == start && !pending.is_empty() {
+                Some((
+                    Err(io::Error::other("zero-copy queue not empty at a new body")),
+                    end,
+                ))
+            } else {
+                let len = (end - pos).min(CHUNK as u64);
+                pending.push_back(Pending {
+                    file: Arc::clone(&file),
                     pos,
                     left: len,
+                    _hold: Arc::clone(&hold),
                 });
                 let chunk = Bytes::from_static(&PLACEHOLDER[..len as usize]);
-                return Some((Ok(chunk), pos + len));
+                Some((Ok(chunk), pos + len))
             }
-            let len = (crate::read::current_chunk_size() as u64).min(len);
-            match crate::read::read_at(file, pos, len as usize).await {
-                Ok(chunk) => Some((Ok(chunk), pos + len)),
-                // The error ends the stream.
-                Err(e) => Some((Err(e), end)),
-            }
-        }
+        };
+        std::future::ready(ready)
     })
 }
 
-/// Whether the pages at the start, middle and end of `pos..pos + len` are in
-/// the page cache: `RWF_NOWAIT` reads fail instead of waiting for the disk.
-/// Files are read and evicted front to back, so three probes say enough; a
-/// filesystem without `RWF_NOWAIT` counts as uncached (the copying path).
+/// Whether every page of `pos..pos + len` is in the page cache, probed every
+/// [`PROBE_STEP`] and at the end: `RWF_NOWAIT` reads fail instead of waiting
+/// for the disk. A filesystem without `RWF_NOWAIT` counts as uncached.
 fn cached(file: &File, pos: u64, len: u64) -> bool {
+    let end = pos + len;
     let mut byte = [0u8; 1];
-    [pos, pos + len / 2, pos + len - 1].into_iter().all(|at| {
-        let mut bufs = [io::IoSliceMut::new(&mut byte)];
-        matches!(
-            rustix::io::preadv2(file, &mut bufs, at, rustix::io::ReadWriteFlags::NOWAIT),
-            Ok(1)
-        )
-    })
+    (pos..end)
+        .step_by(PROBE_STEP as usize)
+        .chain(std::iter::once(end.saturating_sub(1)))
+        .all(|at| {
+            let mut bufs = [io::IoSliceMut::new(&mut byte)];
+            matches!(
+                rustix::io::preadv2(file, &mut bufs, at, rustix::io::ReadWriteFlags::NOWAIT),
+                Ok(1)
+            )
+        })
+}
+
+/// Reads `pos..pos + len` into the page cache (blocking).
+fn warm(file: &File, pos: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; WARM_PIECE.min(len as usize)];
+    let mut at = pos;
+    while at < pos + len {
+        let want = ((pos + len - at) as usize).min(buf.len());
+        file.read_exact_at(&mut buf[..want], at)?;
+        at += want as u64;
+    }
+    Ok(())
 }
 
 /// A client socket that sends queued file ranges in place of placeholders.
 pub struct ZeroCopyStream {
     tcp: TcpStream,
     queue: SendQueue,
+    /// Missing pages being read in on the blocking pool.
+    warming: Option<JoinHandle<io::Result<()>>>,
+    /// The front range was just read in: send it without probing again (a
+    /// filesystem without `RWF_NOWAIT` would otherwise never be sent).
+    warmed: bool,
+    /// Bytes sent since the connection last yielded to the runtime.
+    since_yield: usize,
+    /// Ranges read in before sending (for tests).
+    warms: usize,
 }
 
 impl ZeroCopyStream {
@@ -137,20 +173,50 @@ impl ZeroCopyStream {
         let stream = Self {
             tcp,
             queue: queue.clone(),
+            warming: None,
+            warmed: false,
+            since_yield: 0,
+            warms: 0,
         };
         (stream, queue)
     }
 
-    /// Sends up to `max` bytes of the front queued range.
-    fn poll_sendfile(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<io::Result<usize>> {
-        let mut queue = self.queue.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(front) = queue.front_mut() else {
-            return Poll::Ready(Err(io::Error::other(
-                "placeholder body bytes with no file range queued",
-            )));
-        };
-        let count = (max.min(SEND_MAX) as u64).min(front.left) as usize;
+    /// Sends file bytes for the placeholder slice `slice_len` long at the
+    /// front of hyper's buffers.
+    fn poll_sendfile(&mut self, cx: &mut Context<'_>, slice_len: usize) -> Poll<io::Result<usize>> {
         loop {
+            if let Some(warming) = &mut self.warming {
+                let done = ready!(Pin::new(warming).poll(cx));
+                self.warming = None;
+                done.map_err(io::Error::other)??;
+                self.warmed = true;
+            }
+            if self.since_yield >= YIELD_AFTER {
+                self.since_yield = 0;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let mut queue = self.queue.lock();
+            let Some(front) = queue.front_mut() else {
+                return Poll::Ready(Err(io::Error::other(
+                    "placeholder body bytes with no file range queued",
+                )));
+            };
+            if front.left != slice_len as u64 {
+                return Poll::Ready(Err(io::Error::other(
+                    "placeholder bytes and queued file range out of step",
+                )));
+            }
+            let count = slice_len.min(CHUNK);
+            if !std::mem::take(&mut self.warmed) && !cached(&front.file, front.pos, count as u64) {
+                let (file, pos) = (Arc::clone(&front.file), front.pos);
+                drop(queue);
+                self.warms += 1;
+                self.warming = Some(tokio::task::spawn_blocking(move || {
+                    warm(&file, pos, count as u64)
+                }));
+                continue;
+            }
             ready!(self.tcp.poll_write_ready(cx))?;
             let sent = self.tcp.try_io(Interest::WRITABLE, || {
                 rustix::fs::sendfile(&self.tcp, &*front.file, Some(&mut front.pos), count)
@@ -168,9 +234,12 @@ impl ZeroCopyStream {
                     if front.left == 0 {
                         queue.pop_front();
                     }
+                    self.since_yield += n;
                     return Poll::Ready(Ok(n));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                // Partly sent ranges keep their pages: no new probe needed.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.warmed = true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => self.warmed = true,
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
@@ -234,6 +303,7 @@ impl AsyncWrite for ZeroCopyStream {
 mod tests {
     use super::*;
     use futures::StreamExt;
+    use std::path::{Path, PathBuf};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
@@ -253,17 +323,50 @@ mod tests {
         (server, queue, client.unwrap())
     }
 
-    fn test_file(dir: &std::path::Path, len: usize) -> (std::path::PathBuf, Vec<u8>) {
+    fn test_file(dir: &Path, len: usize) -> (PathBuf, Vec<u8>) {
         let path = dir.join("blob");
         let data: Vec<u8> = (0..len as u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
         (path, data)
     }
 
-    /// Writes `head`, then each chunk followed by `|` (as chunked encoding
-    /// interleaves ordinary bytes), vectored as hyper does; returns what the
-    /// client received.
-    async fn send(chunks: &[Bytes], mut server: ZeroCopyStream, mut client: TcpStream) -> Vec<u8> {
+    /// Drops `ranges` of `file` from the page cache; false where that cannot
+    /// be done (tmpfs keeps its pages).
+    fn evict(file: &File, ranges: &[(u64, u64)]) -> bool {
+        file.sync_all().unwrap();
+        for &(pos, len) in ranges {
+            rustix::fs::fadvise(
+                file,
+                pos,
+                std::num::NonZeroU64::new(len),
+                rustix::fs::Advice::DontNeed,
+            )
+            .unwrap();
+        }
+        rustix::fs::fstatfs(file).unwrap().f_type != 0x0102_1994
+    }
+
+    async fn body(queue: &SendQueue, path: &Path, start: usize, end: usize) -> Vec<Bytes> {
+        file_body(
+            queue.clone(),
+            File::open(path).unwrap(),
+            start as u64,
+            end as u64,
+            (),
+        )
+        .map(|c| c.unwrap())
+        .collect()
+        .await
+    }
+
+    /// Writes `head`, then each chunk followed by `|` (hyper passes a
+    /// placeholder together with what follows it, as chunked encoding does),
+    /// and returns what the client received.
+    async fn send(
+        chunks: &[Bytes],
+        mut server: ZeroCopyStream,
+        mut client: TcpStream,
+    ) -> (Vec<u8>, usize) {
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             client.read_to_end(&mut got).await.unwrap();
@@ -271,24 +374,20 @@ mod tests {
         });
         server.write_all(b"head\r\n").await.unwrap();
         for c in chunks {
-            if is_placeholder(c) {
-                // hyper passes a placeholder with what follows it; only the
-                // placeholder is written, maybe in several calls.
-                let mut rest = c.clone();
-                while !rest.is_empty() {
-                    let bufs = [IoSlice::new(&rest), IoSlice::new(b"|")];
-                    let n = server.write_vectored(&bufs).await.unwrap();
-                    assert!(n > 0 && n <= rest.len());
-                    rest = rest.slice(n..);
-                }
-            } else {
-                server.write_all(c).await.unwrap();
+            // Only the placeholder is written, maybe in several calls.
+            let mut rest = c.clone();
+            while !rest.is_empty() {
+                let bufs = [IoSlice::new(&rest), IoSlice::new(b"|")];
+                let n = server.write_vectored(&bufs).await.unwrap();
+                assert!(n > 0 && n <= rest.len());
+                rest = rest.slice(n..);
             }
             server.write_all(b"|").await.unwrap();
         }
         server.shutdown().await.unwrap();
+        let warms = server.warms;
         drop(server);
-        reader.await.unwrap()
+        (reader.await.unwrap(), warms)
     }
 
     fn expected(data: &[u8], start: usize, chunks: &[Bytes]) -> Vec<u8> {
@@ -302,95 +401,119 @@ mod tests {
         want
     }
 
-    /// Cached pages go out as placeholders, which arrive as the file's
-    /// bytes, in order.
+    /// Placeholders arrive as the file's bytes, in order, whether the pages
+    /// were cached or had to be read in first (some evicted, some not).
     #[tokio::test]
     async fn placeholders_become_file_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        let (path, data) = test_file(dir.path(), CHUNK * 2 + 12_345);
-        let (server, queue, client) = pair().await;
+        let (path, data) = test_file(dir.path(), CHUNK * 3 + 12_345);
         let (start, end) = (1_000, data.len() - 7);
-        let chunks: Vec<Bytes> =
-            file_body(queue, File::open(&path).unwrap(), start as u64, end as u64)
-                .map(|c| c.unwrap())
-                .collect()
-                .await;
-        assert_eq!(chunks.len(), 3);
-        assert!(
-            chunks.iter().all(|c| is_placeholder(c)),
-            "a freshly written file is cached"
-        );
+        let file = File::open(&path).unwrap();
+        // Page-cache folios are up to 2 MiB: drop every other aligned 2 MiB.
+        let dropped = [(2 << 20, 2 << 20), (6 << 20, 2 << 20), (10 << 20, 2 << 20)];
+        let can_evict = evict(&file, &dropped);
+        if can_evict {
+            assert!(!cached(&file, 0, CHUNK as u64), "2..4 MiB was dropped");
+        }
+        let (server, queue, client) = pair().await;
+        let chunks = body(&queue, &path, start, end).await;
+        assert_eq!(chunks.len(), 4);
+        assert!(chunks.iter().all(|c| is_placeholder(c)));
         assert_eq!(chunks.iter().map(Bytes::len).sum::<usize>(), end - start);
-        let got = send(&chunks, server, client).await;
+        let (got, warms) = send(&chunks, server, client).await;
         assert!(
             got == expected(&data, start, &chunks),
             "body differs from the file"
         );
+        // Sending read the missing pages in first: the first three chunks
+        // each miss a dropped folio.
+        if can_evict {
+            assert!(warms >= 3, "{warms} ranges read in");
+        }
+        assert!(cached(&file, start as u64, (end - start) as u64));
     }
 
-    /// Pages not in the page cache are read on the blocking pool instead
-    /// (`sendfile` would wait for the disk on a runtime thread), in bounded
-    /// chunks, and the body is still the file's bytes.
-    #[tokio::test]
-    async fn uncached_pages_are_read_not_sent() {
+    #[test]
+    fn probes_find_a_gap_anywhere_in_the_range() {
         let dir = tempfile::tempdir().unwrap();
-        let (path, data) = test_file(dir.path(), CHUNK + 5_000_000);
+        let (path, _) = test_file(dir.path(), 3 * CHUNK);
         let file = File::open(&path).unwrap();
-        file.sync_all().unwrap();
-        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
-        let tmpfs = rustix::fs::fstatfs(&file).unwrap().f_type == 0x0102_1994;
-        if tmpfs {
-            // tmpfs pages cannot be dropped; nothing to observe here.
+        assert!(cached(&file, 0, 3 * CHUNK as u64));
+        // One aligned 2 MiB folio dropped, in the middle of a range.
+        if !evict(&file, &[(6 << 20, 2 << 20)]) {
             return;
         }
-        assert!(!cached(&file, 0, CHUNK as u64));
-        let (server, queue, client) = pair().await;
-        let chunks: Vec<Bytes> = file_body(queue, file, 0, data.len() as u64)
-            .map(|c| c.unwrap())
-            .collect()
-            .await;
-        assert!(!is_placeholder(&chunks[0]));
-        assert!(chunks[0].len() <= crate::read::current_chunk_size().max(2 << 20));
-        let got = send(&chunks, server, client).await;
-        assert!(
-            got == expected(&data, 0, &chunks),
-            "body differs from the file"
-        );
+        assert!(!cached(&file, 4 << 20, CHUNK as u64));
+        assert!(!cached(&file, 5 << 20, 4 << 20));
+        assert!(cached(&file, 0, 6 << 20));
+        assert!(cached(&file, 8 << 20, 4 << 20));
+        warm(&file, 4 << 20, CHUNK as u64).unwrap();
+        assert!(cached(&file, 0, 3 * CHUNK as u64));
     }
 
-    /// A placeholder with no queued range fails instead of sending zeros.
+    /// A placeholder with no queued range, or one that does not match it,
+    /// fails instead of sending zeros or another range's bytes.
     #[tokio::test]
-    async fn stray_placeholder_is_an_error() {
-        let (mut server, _queue, _client) = pair().await;
+    async fn placeholders_out_of_step_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = test_file(dir.path(), 1000);
+        let (mut server, queue, _client) = pair().await;
         let err = server.write_all(&PLACEHOLDER[..10]).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::Other);
+
+        let chunks = body(&queue, &path, 0, 100).await;
+        let err = server.write(&chunks[0][..50]).await.unwrap_err();
+        assert!(err.to_string().contains("out of step"), "{err}");
+        // A new body on a queue that still holds a range fails at once.
+        let mut next = Box::pin(file_body(
+            queue.clone(),
+            File::open(&path).unwrap(),
+            0,
+            10,
+            (),
+        ));
+        let err = next.next().await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("not empty"), "{err}");
     }
 
-    /// A file shorter than its recorded size ends the body with an error,
-    /// whether it shrank before the body was made or while it was sent.
+    /// After [`YIELD_AFTER`] bytes a connection gives its runtime thread back
+    /// once, waking itself, before sending more.
+    #[tokio::test]
+    async fn a_fast_connection_yields() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = test_file(dir.path(), 1000);
+        let (mut server, queue, _client) = pair().await;
+        let chunks = body(&queue, &path, 0, 1000).await;
+        server.since_yield = YIELD_AFTER;
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let bufs = [IoSlice::new(&chunks[0])];
+        assert!(
+            Pin::new(&mut server)
+                .poll_write_vectored(&mut cx, &bufs)
+                .is_pending()
+        );
+        assert_eq!(server.since_yield, 0);
+        let sent = server.write_vectored(&bufs).await.unwrap();
+        assert_eq!(sent, 1000);
+        assert_eq!(server.since_yield, 1000);
+    }
+
+    /// A file shorter than its recorded size ends the body with an error.
     #[tokio::test]
     async fn short_file_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blob");
-        std::fs::write(&path, b"short").unwrap();
+        let (path, _) = test_file(dir.path(), 5);
         let (mut server, queue, _client) = pair().await;
-        let mut body = Box::pin(file_body(queue.clone(), File::open(&path).unwrap(), 0, 100));
-        let err = body.next().await.unwrap().unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-
-        queue.push(Pending {
-            file: Arc::new(File::open(&path).unwrap()),
-            pos: 0,
-            left: 100,
-        });
+        let chunks = body(&queue, &path, 0, 100).await;
         let mut written = 0;
         let err = loop {
-            match server.write(&PLACEHOLDER[written..100]).await {
+            match server.write(&chunks[0][written..]).await {
                 Ok(n) => written += n,
                 Err(e) => break e,
             }
         };
-        assert_eq!(written, 5);
+        assert!(written <= 5);
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

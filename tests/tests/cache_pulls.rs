@@ -274,12 +274,12 @@ async fn stored_blobs_are_byte_exact_over_http1_and_http2() {
     bounded(180, async {
         let reg = Registry::start().await?;
         let up = reg.url();
-        // Over two 4 MiB zero-copy chunks, and not a multiple of a page.
+        // Four 4 MiB zero-copy chunks, the last short and not a whole page.
         let image = seed::push_image(
             &up,
             "library/exact",
             "v1",
-            &ImageSpec::docker(&[9_000_001]).gzip_level(0),
+            &ImageSpec::docker(&[13_000_001]).gzip_level(0),
         )
         .await?;
         let layer = image.layers[0].clone();
@@ -290,13 +290,35 @@ async fn stored_blobs_are_byte_exact_over_http1_and_http2() {
         let url = format!("{}{path}", cache.url());
         let fill = http_client().get(&url).send().await?.bytes().await?;
         ensure!(sha256_digest(&fill) == layer.digest, "cold pull digest");
+        let hex = layer.digest.trim_start_matches("sha256:");
+        let stored = cache
+            .storage()
+            .join("upstreams/docker.io/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex);
+        let stored = std::fs::File::open(&stored).with_context(|| stored.display().to_string())?;
+        // Half the blob out of the page cache (whole 2 MiB folios): those
+        // pages are read in before they are sent, the rest go zero-copy.
+        let drop_half = || -> Result<()> {
+            for at in [2u64 << 20, 6 << 20, 10 << 20] {
+                rustix::fs::fadvise(
+                    &stored,
+                    at,
+                    std::num::NonZeroU64::new(2 << 20),
+                    rustix::fs::Advice::DontNeed,
+                )?;
+            }
+            Ok(())
+        };
 
-        let ranges: [(String, std::ops::Range<usize>); 5] = [
+        // Ranges across chunk borders (4, 8 and 12 MiB) and at both ends.
+        let ranges: [(String, std::ops::Range<usize>); 6] = [
             ("bytes=4194000-4194999".into(), 4_194_000..4_195_000),
             ("bytes=0-0".into(), 0..1),
             ("bytes=-100".into(), len - 100..len),
             (format!("bytes={}-", len - 4_194_305), len - 4_194_305..len),
             ("bytes=8388607-8388608".into(), 8_388_607..8_388_609),
+            ("bytes=12582911-12582912".into(), 12_582_911..12_582_913),
         ];
         let http2 = reqwest::Client::builder()
             .no_proxy()
@@ -305,6 +327,7 @@ async fn stored_blobs_are_byte_exact_over_http1_and_http2() {
             .build()?;
         for (name, client) in [("HTTP/1.1", http_client()), ("HTTP/2", http2)] {
             for round in 0..2 {
+                drop_half()?;
                 let resp = client.get(&url).send().await?;
                 ensure!(resp.status() == 200, "{name}: {}", resp.status());
                 let body = resp.bytes().await?;
@@ -314,6 +337,7 @@ async fn stored_blobs_are_byte_exact_over_http1_and_http2() {
                 );
             }
             for (header, want) in &ranges {
+                drop_half()?;
                 let resp = client.get(&url).header("range", header).send().await?;
                 ensure!(resp.status() == 206, "{name} {header}: {}", resp.status());
                 let body = resp.bytes().await?;
@@ -339,6 +363,24 @@ async fn stored_blobs_are_byte_exact_over_http1_and_http2() {
                 body[..] == data[want],
                 "pipelined response {i}: wrong bytes"
             );
+        }
+        // HTTP/1.0 and `Connection: close`: one response, then the end.
+        for (i, head) in [
+            format!("GET {path} HTTP/1.0\r\n\r\n"),
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            drop_half()?;
+            let mut tcp = tokio::net::TcpStream::connect(cache.addr()).await?;
+            tokio::io::AsyncWriteExt::write_all(&mut tcp, head.as_bytes()).await?;
+            let mut reader = tokio::io::BufReader::new(tcp);
+            let body = read_http1_response(&mut reader).await?;
+            ensure!(body[..] == data[..], "closing request {i}: wrong bytes");
+            let mut rest = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut rest).await?;
+            ensure!(rest.is_empty(), "closing request {i}: bytes after the body");
         }
         let gets = reg.count("GET", &format!("/blobs/{}", layer.digest));
         ensure!(gets == 1, "warm reads went upstream: {gets} GETs");

@@ -38,11 +38,14 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
-/// Most bytes one placeholder chunk, and one `sendfile` call, stand for. Over
+/// Most bytes one placeholder chunk stands for. Costs no memory (the static
+/// is never touched); larger chunks mean fewer trips through the body.
+pub const CHUNK: usize = 16 << 20;
+/// Most bytes one `sendfile` call moves, and the range probed before it. Over
 /// a network the socket buffer (at most 4 MiB by default) bounds a call
 /// anyway; on loopback the sender also runs the receiver's network stack, so
 /// an unbounded call could hold a runtime thread for many milliseconds.
-pub const CHUNK: usize = 4 << 20;
+const SEND_MAX: usize = 4 << 20;
 /// A connection yields to the runtime after sending this much, so one fast
 /// client cannot keep a runtime thread from the other connections on it.
 const YIELD_AFTER: usize = 4 << 20;
@@ -207,7 +210,7 @@ impl ZeroCopyStream {
                     "placeholder bytes and queued file range out of step",
                 )));
             }
-            let count = slice_len.min(CHUNK);
+            let count = slice_len.min(SEND_MAX);
             if !std::mem::take(&mut self.warmed) && !cached(&front.file, front.pos, count as u64) {
                 let (file, pos) = (Arc::clone(&front.file), front.pos);
                 drop(queue);

@@ -274,12 +274,13 @@ async fn stored_blobs_are_byte_exact_over_http1_and_http2() {
     bounded(180, async {
         let reg = Registry::start().await?;
         let up = reg.url();
-        // Four 4 MiB zero-copy chunks, the last short and not a whole page.
+        // Three 16 MiB zero-copy chunks, each sent in 4 MiB calls, the last
+        // short and not a whole page.
         let image = seed::push_image(
             &up,
             "library/exact",
             "v1",
-            &ImageSpec::docker(&[13_000_001]).gzip_level(0),
+            &ImageSpec::docker(&[40_000_001]).gzip_level(0),
         )
         .await?;
         let layer = image.layers[0].clone();
@@ -300,7 +301,7 @@ async fn stored_blobs_are_byte_exact_over_http1_and_http2() {
         // Half the blob out of the page cache (whole 2 MiB folios): those
         // pages are read in before they are sent, the rest go zero-copy.
         let drop_half = || -> Result<()> {
-            for at in [2u64 << 20, 6 << 20, 10 << 20] {
+            for at in (2u64 << 20..40 << 20).step_by(4 << 20) {
                 rustix::fs::fadvise(
                     &stored,
                     at,
@@ -311,14 +312,19 @@ async fn stored_blobs_are_byte_exact_over_http1_and_http2() {
             Ok(())
         };
 
-        // Ranges across chunk borders (4, 8 and 12 MiB) and at both ends.
-        let ranges: [(String, std::ops::Range<usize>); 6] = [
+        // Ranges across chunk (16, 32 MiB) and call (4, 8 MiB) borders, and
+        // at both ends.
+        let ranges: [(String, std::ops::Range<usize>); 7] = [
             ("bytes=4194000-4194999".into(), 4_194_000..4_195_000),
             ("bytes=0-0".into(), 0..1),
             ("bytes=-100".into(), len - 100..len),
-            (format!("bytes={}-", len - 4_194_305), len - 4_194_305..len),
+            (
+                format!("bytes={}-", len - 16_777_217),
+                len - 16_777_217..len,
+            ),
             ("bytes=8388607-8388608".into(), 8_388_607..8_388_609),
-            ("bytes=12582911-12582912".into(), 12_582_911..12_582_913),
+            ("bytes=16777000-33554999".into(), 16_777_000..33_555_000),
+            ("bytes=33554431-33554432".into(), 33_554_431..33_554_433),
         ];
         let http2 = reqwest::Client::builder()
             .no_proxy()
@@ -351,10 +357,10 @@ async fn stored_blobs_are_byte_exact_over_http1_and_http2() {
         // Pipelined: three requests in one write, answered in order.
         let mut tcp = tokio::net::TcpStream::connect(cache.addr()).await?;
         let req = |extra: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n");
-        let batch = [req(""), req("Range: bytes=5000000-5000009\r\n"), req("")].concat();
+        let batch = [req(""), req("Range: bytes=20000000-20000009\r\n"), req("")].concat();
         tokio::io::AsyncWriteExt::write_all(&mut tcp, batch.as_bytes()).await?;
         let mut reader = tokio::io::BufReader::new(tcp);
-        for (i, want) in [0..len, 5_000_000..5_000_010, 0..len]
+        for (i, want) in [0..len, 20_000_000..20_000_010, 0..len]
             .into_iter()
             .enumerate()
         {

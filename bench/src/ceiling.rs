@@ -38,6 +38,10 @@ impl Ceiling {
                 let file = file.clone();
                 let spent = spent.clone();
                 std::thread::spawn(move || {
+                    if crate::pin::wanted() {
+                        // Measured like the systems: on their CPU.
+                        let _ = crate::pin::pin_current_thread_to_server();
+                    }
                     let _ = serve(conn, &file, &spent);
                 });
             }

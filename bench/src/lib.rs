@@ -8,6 +8,7 @@
 pub mod ceiling;
 pub mod http;
 pub mod machine;
+pub mod pin;
 pub mod procfs;
 pub mod proxy;
 pub mod report;
@@ -248,6 +249,9 @@ pub struct Report {
 pub async fn run(cfg: Config) -> Result<Report> {
     let started = std::time::Instant::now();
     let load_before = machine::loadavg();
+    if pin::wanted() {
+        pin::pin(std::process::id(), &pin::client_cpus()?)?;
+    }
     let up = Upstream::start().await?;
     eprintln!("[bench] seeding upstream {}", up.url());
     let content = seed(&cfg, &up).await?;
@@ -328,12 +332,18 @@ fn render(cfg: &Config, sections: &[Section], load_before: &str, took: Duration)
     let _ = writeln!(
         s,
         "## Machine\n\n{}- load average (1/5/15 min) at start: {load_before}; at end: {}\n\
-         - open-files limit (soft): {}\n\n\
-         The load generator shares the CPUs with the server under test, and this machine \
-         is shared with other builds: treat small differences as noise.\n",
+         - open-files limit (soft): {}\n\n{}",
         machine::describe(),
         machine::loadavg(),
         procfs::nofile_limit(),
+        if pin::wanted() {
+            "CPUs pinned (`BENCH_PIN=1`): the systems under test and the reference server on \
+             CPU 0, the load generator and the upstream on the others. This machine is shared \
+             with other builds: treat small differences as noise.\n"
+        } else {
+            "The load generator shares the CPUs with the server under test, and this machine \
+             is shared with other builds: treat small differences as noise.\n"
+        },
     );
     let _ = writeln!(s, "## Targets (issue 7)\n");
     let _ = writeln!(

@@ -1,7 +1,8 @@
 //! `regmirror-bench`: runs issue 7's scenarios and writes `bench/results/latest.md`.
 //!
 //! Environment: `BENCH_QUICK=1` (short smoke run), `BENCH_RUNS`, `BENCH_BIG_RUNS`,
-//! `BENCH_ONLY=1,4,5` (scenario numbers), `BENCH_OUT` (report path),
+//! `BENCH_ONLY=1,4,5` (scenario numbers), `BENCH_OUT` (report path), `BENCH_PIN=1`
+//! (systems under test on CPU 0, everything else on the other CPUs),
 //! `REGMIRROR_BIN_DIR` (directory of the `regmirror-cache` binary; default
 //! `target/release`).
 

@@ -51,7 +51,11 @@ impl System {
             }
             Kind::Dist => Proc::Dist(Registry::start_proxy(upstream_url).await?),
         };
-        Ok(Self { kind, proc })
+        let sys = Self { kind, proc };
+        if crate::pin::wanted() {
+            crate::pin::pin(sys.pid()?, crate::pin::SERVER_CPUS)?;
+        }
+        Ok(sys)
     }
 
     /// `http://127.0.0.1:PORT`

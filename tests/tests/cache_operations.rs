@@ -27,6 +27,16 @@ fn blob_file(storage: &Path, host: &str, digest: &str) -> PathBuf {
         .join(hex)
 }
 
+/// Waits until a blob is in the store. A client has its last bytes once
+/// they are verified, slightly before the file is synced and renamed into
+/// place, so "pulled" does not yet mean "stored".
+async fn stored(storage: &Path, digest: &str) -> Result<()> {
+    let file = blob_file(storage, "docker.io", digest);
+    wait_until(Duration::from_secs(10), || async { file.exists() })
+        .await
+        .with_context(|| format!("{digest} never stored"))
+}
+
 /// Every content file under `upstreams/` with its size; fails if any does not
 /// hash to its name.
 fn verify_store(storage: &Path) -> Result<Vec<(PathBuf, u64)>> {
@@ -103,8 +113,10 @@ async fn a_byte_budget_evicts_least_recently_used_content() {
         let layer = |i: usize| images[i].layers[0].digest.clone();
 
         pull(&cache, "img0", "v1", &images[0]).await?;
+        stored(&storage, &layer(0)).await?;
         tokio::time::sleep(Duration::from_millis(30)).await;
         pull(&cache, "img1", "v1", &images[1]).await?;
+        stored(&storage, &layer(1)).await?;
         tokio::time::sleep(Duration::from_millis(30)).await;
         // Reading img0's layer again makes img1's the least recently used.
         get_blob(&cache, "img0", &layer(0)).await?;
@@ -171,8 +183,8 @@ async fn content_not_read_for_max_age_is_removed() {
         )
         .await?;
         pull(&cache, "app", "v1", &img).await?;
+        stored(cache.storage(), &img.layers[0].digest).await?;
         let file = blob_file(cache.storage(), "docker.io", &img.layers[0].digest);
-        assert!(file.exists());
         wait_until(Duration::from_secs(15), || async { !file.exists() })
             .await
             .context("aged content should be removed")?;
@@ -264,7 +276,7 @@ async fn a_full_disk_passes_blobs_through_and_recovers() {
         // Space returns: caching resumes.
         std::fs::remove_file(&filler)?;
         pull(&cache, "later", "v1", &later).await?;
-        assert!(blob_file(&storage, "docker.io", &later.layers[0].digest).exists());
+        stored(&storage, &later.layers[0].digest).await?;
         verify_store(&storage)?;
 
         // A read-only volume: not ready, still alive, cached content still served.
@@ -327,6 +339,7 @@ async fn kill_9_mid_download_leaves_nothing_servable() {
             "temp files not swept"
         );
         pull(&cache, "app", "v1", &img).await?;
+        stored(&storage, &layer).await?;
         let files = verify_store(&storage)?;
         assert!(
             files

@@ -333,10 +333,14 @@ mod tests {
         (path, data)
     }
 
-    /// Drops `ranges` of `file` from the page cache; false where that cannot
-    /// be done (tmpfs keeps its pages).
+    /// Drops `ranges` of `file` from the page cache; false where the page
+    /// cache cannot be observed here (tmpfs keeps its pages; a filesystem
+    /// without `RWF_NOWAIT` reports nothing cached).
     fn evict(file: &File, ranges: &[(u64, u64)]) -> bool {
         file.sync_all().unwrap();
+        if !cached(file, 0, 1) {
+            return false;
+        }
         for &(pos, len) in ranges {
             rustix::fs::fadvise(
                 file,
@@ -433,7 +437,9 @@ mod tests {
         if can_evict {
             assert!(warms >= 3, "{warms} ranges read in");
         }
-        assert!(cached(&file, start as u64, (end - start) as u64));
+        if can_evict {
+            assert!(cached(&file, start as u64, (end - start) as u64));
+        }
     }
 
     #[test]
@@ -441,7 +447,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (path, _) = test_file(dir.path(), 3 * CHUNK);
         let file = File::open(&path).unwrap();
-        assert!(cached(&file, 0, 3 * CHUNK as u64));
         // One aligned 2 MiB folio dropped, in the middle of a range.
         if !evict(&file, &[(6 << 20, 2 << 20)]) {
             return;

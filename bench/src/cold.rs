@@ -122,14 +122,7 @@ pub(crate) async fn herd(b: &Bench) -> Result<Section> {
                 for _ in 0..n {
                     let (client, url, size) = (client.clone(), url.clone(), blob.size);
                     tasks.push(tokio::spawn(async move {
-                        let t = http::timed(client.get(&url), start, None).await?;
-                        ensure!(
-                            t.status == 200 && t.bytes == size,
-                            "status {} bytes {}",
-                            t.status,
-                            t.bytes
-                        );
-                        Ok(t)
+                        http::get_ok_from(&client, &url, start, size).await
                     }));
                 }
                 let (mut ttfb, mut fin) = (Vec::new(), Vec::new());

@@ -85,7 +85,17 @@ pub async fn get(client: &reqwest::Client, url: &str) -> Result<Timed> {
 
 /// GET `url`, failing unless 200 with `expect_len` bytes.
 pub async fn get_ok(client: &reqwest::Client, url: &str, expect_len: u64) -> Result<Timed> {
-    let t = get(client, url).await?;
+    get_ok_from(client, url, Instant::now(), expect_len).await
+}
+
+/// [`get_ok`] timed from `start` (shared by clients started together).
+pub async fn get_ok_from(
+    client: &reqwest::Client,
+    url: &str,
+    start: Instant,
+    expect_len: u64,
+) -> Result<Timed> {
+    let t = timed(client.get(url), start, None).await?;
     anyhow::ensure!(
         t.status == 200 && t.bytes == expect_len,
         "GET {url}: status {} with {} bytes, expected 200 with {expect_len}",

@@ -356,17 +356,7 @@ async fn streams_and_idle(b: &Bench, systems: &[System]) -> Result<Section> {
             for _ in 0..streams {
                 let (client, url, size) = (client.clone(), url.clone(), blob.size);
                 tasks.push(tokio::spawn(async move {
-                    http::timed(client.get(&url), start, None)
-                        .await
-                        .and_then(|t| {
-                            ensure!(
-                                t.status == 200 && t.bytes == size,
-                                "status {} bytes {}",
-                                t.status,
-                                t.bytes
-                            );
-                            Ok(t)
-                        })
+                    http::get_ok_from(&client, &url, start, size).await
                 }));
             }
             let mut finish = Vec::new();

@@ -290,18 +290,17 @@ async fn blob_response(
         Blob::Stored { file, size, lease } => {
             let end = end.unwrap_or(size);
             // The lease keeps the file from eviction until its bytes are sent.
-            match zero_copy {
+            let stream = match zero_copy {
                 Some(queue) => {
-                    let stream = crate::zerocopy::file_body(queue, file, start, end, lease);
-                    Body::from_stream(counted(stream, metrics, "disk"))
+                    crate::zerocopy::file_body(queue, file, start, end, lease).left_stream()
                 }
-                None => {
-                    let stream = crate::read::file_stream(file, start, end).inspect(move |_| {
+                None => crate::read::file_stream(file, start, end)
+                    .inspect(move |_| {
                         let _ = &lease;
-                    });
-                    Body::from_stream(counted(stream, metrics, "disk"))
-                }
-            }
+                    })
+                    .right_stream(),
+            };
+            Body::from_stream(counted(stream, metrics, "disk"))
         }
         Blob::Filling { fill, .. } => {
             Body::from_stream(counted(fill.read(start, end), metrics, "fill"))

@@ -1,57 +1,63 @@
 //! Reference ceiling for warm blob GETs: a minimal HTTP/1.1 server that answers every
 //! request with one file through `sendfile(2)` (no hashing, no copies to user space).
+//!
+//! It runs as its own process (this binary, re-executed with [`SERVE_ENV`] set) so
+//! its CPU is measured exactly like the systems': utime + stime from `/proc`, on
+//! CPUs the scheduler picks for a separate process. A thread inside the bench
+//! shares the client's process and gets scheduled next to it, which on loopback
+//! makes sending look cheaper than it is for any separate server.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 
-/// The server; stops accepting on drop.
+/// Set to the file to serve, this binary runs as the reference server.
+pub const SERVE_ENV: &str = "REGMIRROR_BENCH_CEILING";
+
+/// The reference server process; killed on drop.
 #[derive(Debug)]
 pub struct Ceiling {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    /// CPU nanoseconds spent by the threads serving connections, counted
-    /// after each response: the floor of what serving costs on this machine.
-    cpu_ns: Arc<AtomicU64>,
+    child: Child,
+    addr: String,
 }
 
 impl Ceiling {
-    /// Serves `file` on `127.0.0.1:0` from a thread per connection.
-    pub fn start(file: &Path) -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let file = file.to_owned();
-        let flag = stop.clone();
-        let cpu_ns = Arc::new(AtomicU64::new(0));
-        let spent = cpu_ns.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if flag.load(Ordering::Relaxed) {
-                    break;
-                }
-                let Ok(conn) = conn else { continue };
-                let file = file.clone();
-                let spent = spent.clone();
-                std::thread::spawn(move || {
-                    if crate::pin::wanted() {
-                        // Measured like the systems: on their CPU.
-                        let _ = crate::pin::pin_current_thread_to_server();
-                    }
-                    let _ = serve(conn, &file, &spent);
-                });
-            }
-        });
-        Ok(Self { addr, stop, cpu_ns })
+    /// Starts `bench_bin` (`regmirror-bench`) as the reference server for
+    /// `file` on `127.0.0.1:0`.
+    pub fn start(bench_bin: &Path, file: &Path) -> Result<Self> {
+        let mut child = Command::new(bench_bin)
+            .env(SERVE_ENV, file)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("start {} as the reference server", bench_bin.display()))?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().context("reference server stdout")?;
+        BufReader::new(stdout).read_line(&mut line)?;
+        let addr = line.trim().to_owned();
+        if addr.is_empty() {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the reference server exited before printing its address");
+        }
+        let ceiling = Self { child, addr };
+        if crate::pin::wanted() {
+            crate::pin::pin(ceiling.pid(), crate::pin::SERVER_CPUS)?;
+        }
+        Ok(ceiling)
     }
 
-    /// CPU seconds spent serving so far (responses already finished).
-    pub fn cpu_seconds(&self) -> f64 {
-        self.cpu_ns.load(Ordering::Relaxed) as f64 / 1e9
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU seconds the server process has spent so far.
+    pub fn cpu_seconds(&self) -> Result<f64> {
+        crate::procfs::cpu_seconds(self.pid())
     }
 
     pub fn url(&self) -> String {
@@ -61,17 +67,30 @@ impl Ceiling {
 
 impl Drop for Ceiling {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = TcpStream::connect(self.addr);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
-fn thread_cpu_ns() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+/// The reference server's main: prints its address, serves `file` from a thread
+/// per connection, and exits when its stdin closes (the bench is gone).
+pub fn serve_forever(file: &Path) -> Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    println!("{}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    std::thread::spawn(|| {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        std::process::exit(0);
+    });
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let file = file.to_owned();
+        std::thread::spawn(move || serve(conn, &file));
+    }
+    Ok(())
 }
 
-fn serve(mut conn: TcpStream, path: &PathBuf, spent: &AtomicU64) -> std::io::Result<()> {
+fn serve(mut conn: TcpStream, path: &Path) -> std::io::Result<()> {
     conn.set_nodelay(true)?;
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
@@ -86,7 +105,6 @@ fn serve(mut conn: TcpStream, path: &PathBuf, spent: &AtomicU64) -> std::io::Res
         }
         let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
         buf.drain(..end);
-        let cpu0 = thread_cpu_ns();
         let file = std::fs::File::open(path)?;
         let len = file.metadata()?.len();
         write!(
@@ -102,6 +120,5 @@ fn serve(mut conn: TcpStream, path: &PathBuf, spent: &AtomicU64) -> std::io::Res
                 break;
             }
         }
-        spent.fetch_add(thread_cpu_ns().saturating_sub(cpu0), Ordering::Relaxed);
     }
 }

@@ -42,6 +42,9 @@ pub struct Config {
     /// Label shown in the report (`full`, `quick`, `micro`).
     pub profile: String,
     pub cache_bin: PathBuf,
+    /// The `regmirror-bench` binary: scenario 1 runs it again as the
+    /// reference `sendfile` server.
+    pub bench_bin: PathBuf,
     /// Runs per system for most scenarios.
     pub runs: usize,
     /// Runs per system for the 1 GiB cases (scenarios 1 at 1 GiB, 4, 8).
@@ -75,10 +78,11 @@ pub struct Config {
 
 impl Config {
     /// Issue 7 as written.
-    pub fn full(cache_bin: PathBuf) -> Self {
+    pub fn full(cache_bin: PathBuf, bench_bin: PathBuf) -> Self {
         Self {
             profile: "full".into(),
             cache_bin,
+            bench_bin,
             runs: 5,
             big_runs: 5,
             scenarios: (1..=9).collect(),
@@ -111,7 +115,7 @@ impl Config {
     }
 
     /// A short smoke run of every scenario (`BENCH_QUICK=1`).
-    pub fn quick(cache_bin: PathBuf) -> Self {
+    pub fn quick(cache_bin: PathBuf, bench_bin: PathBuf) -> Self {
         Self {
             profile: "quick".into(),
             runs: 1,
@@ -129,12 +133,12 @@ impl Config {
             load_streams: 16,
             idle_conns: 50,
             fault_cap: Duration::from_secs(5),
-            ..Self::full(cache_bin)
+            ..Self::full(cache_bin, bench_bin)
         }
     }
 
     /// Tiny sizes and a few scenarios, for the smoke test under `make test`.
-    pub fn micro(cache_bin: PathBuf) -> Self {
+    pub fn micro(cache_bin: PathBuf, bench_bin: PathBuf) -> Self {
         Self {
             profile: "micro".into(),
             scenarios: vec![1, 4, 5, 8, 9],
@@ -144,7 +148,7 @@ impl Config {
             herd_size: 256 * KIB,
             fault_modes: vec![Mode::Refuse],
             fault_cap: Duration::from_secs(3),
-            ..Self::quick(cache_bin)
+            ..Self::quick(cache_bin, bench_bin)
         }
     }
 

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, ensure};
-use regmirror_bench::{Config, run};
+use regmirror_bench::{Config, ceiling, run};
 
 fn env_num(name: &str) -> Result<Option<usize>> {
     std::env::var(name)
@@ -19,8 +19,14 @@ fn env_num(name: &str) -> Result<Option<usize>> {
         .transpose()
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    if let Some(file) = std::env::var_os(ceiling::SERVE_ENV) {
+        return ceiling::serve_forever(std::path::Path::new(&file));
+    }
+    tokio::runtime::Runtime::new()?.block_on(bench())
+}
+
+async fn bench() -> Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("workspace root")?
@@ -35,10 +41,11 @@ async fn main() -> Result<()> {
         cache_bin.display()
     );
     let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+    let bench_bin = std::env::current_exe().context("locate regmirror-bench")?;
     let mut cfg = if quick {
-        Config::quick(cache_bin)
+        Config::quick(cache_bin, bench_bin)
     } else {
-        Config::full(cache_bin)
+        Config::full(cache_bin, bench_bin)
     };
     if let Some(n) = env_num("BENCH_RUNS")? {
         cfg.runs = n;

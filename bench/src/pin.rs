@@ -39,13 +39,6 @@ pub fn pin(pid: u32, cpus: &str) -> Result<()> {
     Ok(())
 }
 
-/// Moves the calling thread to the server CPUs (the in-process reference).
-pub fn pin_current_thread_to_server() -> Result<()> {
-    let mut set = rustix::thread::CpuSet::new();
-    set.set(0);
-    rustix::thread::sched_setaffinity(None, &set).context("sched_setaffinity")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,10 @@ use regmirror_bench::{Config, run};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn micro_benchmark_produces_complete_tables() {
-    let cfg = Config::micro(regmirror_e2e::cache_binary());
+    let cfg = Config::micro(
+        regmirror_e2e::cache_binary(),
+        env!("CARGO_BIN_EXE_regmirror-bench").into(),
+    );
     let wanted = cfg.scenarios.len();
     let report = tokio::time::timeout(Duration::from_secs(120), run(cfg))
         .await

@@ -20,9 +20,10 @@
 //! HTTP/2 frames bodies itself, so h2 requests take the copying path in
 //! [`crate::read`].
 //!
-//! `sendfile` runs on a runtime thread, so right before each call the range
-//! is probed for pages missing from the page cache; missing pages are read in
-//! on the blocking pool first, and a slow disk never stalls other connections.
+//! `sendfile` runs on a runtime thread, so before a range is sent its pages
+//! are probed for ones missing from the page cache (each page once, however
+//! many calls the socket takes the range in); missing pages are read in on
+//! the blocking pool first, and a slow disk never stalls other connections.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -68,6 +69,9 @@ struct Pending {
     file: Arc<File>,
     pos: u64,
     left: u64,
+    /// Pages before this offset were found in (or read into) the page cache:
+    /// a partly sent range is not probed again.
+    ready_to: u64,
     /// Whatever must live until the bytes are sent (the store lease that
     /// keeps the file from eviction).
     _hold: Arc<dyn Send + Sync>,
@@ -114,6 +118,7 @@ pub fn file_body(
                     file: Arc::clone(&file),
                     pos,
                     left: len,
+                    ready_to: pos,
                     _hold: Arc::clone(&hold),
                 });
                 let chunk = Bytes::from_static(&PLACEHOLDER[..len as usize]);
@@ -159,15 +164,15 @@ fn warm(file: &File, pos: u64, len: u64) -> io::Result<()> {
 pub struct ZeroCopyStream {
     tcp: TcpStream,
     queue: SendQueue,
-    /// Missing pages being read in on the blocking pool.
-    warming: Option<JoinHandle<io::Result<()>>>,
-    /// The front range was just read in: send it without probing again (a
-    /// filesystem without `RWF_NOWAIT` would otherwise never be sent).
-    warmed: bool,
+    /// Missing pages being read in on the blocking pool, and the offset the
+    /// front range is ready to once they are.
+    warming: Option<(JoinHandle<io::Result<()>>, u64)>,
     /// Bytes sent since the connection last yielded to the runtime.
     since_yield: usize,
     /// Ranges read in before sending (for tests).
     warms: usize,
+    /// Bytes probed for the page cache (for tests).
+    probed: u64,
 }
 
 impl ZeroCopyStream {
@@ -177,9 +182,9 @@ impl ZeroCopyStream {
             tcp,
             queue: queue.clone(),
             warming: None,
-            warmed: false,
             since_yield: 0,
             warms: 0,
+            probed: 0,
         };
         (stream, queue)
     }
@@ -188,11 +193,16 @@ impl ZeroCopyStream {
     /// front of hyper's buffers.
     fn poll_sendfile(&mut self, cx: &mut Context<'_>, slice_len: usize) -> Poll<io::Result<usize>> {
         loop {
-            if let Some(warming) = &mut self.warming {
+            if let Some((warming, to)) = &mut self.warming {
                 let done = ready!(Pin::new(warming).poll(cx));
+                let to = *to;
                 self.warming = None;
                 done.map_err(io::Error::other)??;
-                self.warmed = true;
+                // Sent without probing again: a filesystem without
+                // `RWF_NOWAIT` would otherwise never be sent.
+                if let Some(front) = self.queue.lock().front_mut() {
+                    front.ready_to = front.ready_to.max(to);
+                }
             }
             if self.since_yield >= YIELD_AFTER {
                 self.since_yield = 0;
@@ -211,14 +221,20 @@ impl ZeroCopyStream {
                 )));
             }
             let count = slice_len.min(SEND_MAX);
-            if !std::mem::take(&mut self.warmed) && !cached(&front.file, front.pos, count as u64) {
-                let (file, pos) = (Arc::clone(&front.file), front.pos);
-                drop(queue);
-                self.warms += 1;
-                self.warming = Some(tokio::task::spawn_blocking(move || {
-                    warm(&file, pos, count as u64)
-                }));
-                continue;
+            let to = front.pos + count as u64;
+            if front.ready_to < to {
+                let from = front.ready_to.max(front.pos);
+                self.probed += to - from;
+                if cached(&front.file, from, to - from) {
+                    front.ready_to = to;
+                } else {
+                    let file = Arc::clone(&front.file);
+                    drop(queue);
+                    self.warms += 1;
+                    let warming = tokio::task::spawn_blocking(move || warm(&file, from, to - from));
+                    self.warming = Some((warming, to));
+                    continue;
+                }
             }
             ready!(self.tcp.poll_write_ready(cx))?;
             let sent = self.tcp.try_io(Interest::WRITABLE, || {
@@ -240,9 +256,8 @@ impl ZeroCopyStream {
                     self.since_yield += n;
                     return Poll::Ready(Ok(n));
                 }
-                // Partly sent ranges keep their pages: no new probe needed.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.warmed = true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => self.warmed = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
@@ -319,7 +334,18 @@ mod tests {
     }
 
     async fn pair() -> (ZeroCopyStream, SendQueue, TcpStream) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        pair_with_send_buffer(None).await
+    }
+
+    /// A connected pair whose server side has a send buffer of `sndbuf`
+    /// bytes (accepted sockets inherit it from the listener).
+    async fn pair_with_send_buffer(sndbuf: Option<u32>) -> (ZeroCopyStream, SendQueue, TcpStream) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(size) = sndbuf {
+            socket.set_send_buffer_size(size).unwrap();
+        }
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(16).unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap());
         let (client, accepted) = tokio::join!(client, listener.accept());
         let (server, queue) = ZeroCopyStream::new(accepted.unwrap().0);
@@ -366,20 +392,26 @@ mod tests {
         .await
     }
 
+    /// What [`send`] saw.
+    struct Sent {
+        got: Vec<u8>,
+        warms: usize,
+        probed: u64,
+        /// Writes that took only part of a placeholder.
+        partial: usize,
+    }
+
     /// Writes `head`, then each chunk followed by `|` (hyper passes a
     /// placeholder together with what follows it, as chunked encoding does),
     /// and returns what the client received.
-    async fn send(
-        chunks: &[Bytes],
-        mut server: ZeroCopyStream,
-        mut client: TcpStream,
-    ) -> (Vec<u8>, usize) {
+    async fn send(chunks: &[Bytes], mut server: ZeroCopyStream, mut client: TcpStream) -> Sent {
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             client.read_to_end(&mut got).await.unwrap();
             got
         });
         server.write_all(b"head\r\n").await.unwrap();
+        let mut partial = 0;
         for c in chunks {
             // Only the placeholder is written, maybe in several calls.
             let mut rest = c.clone();
@@ -387,14 +419,20 @@ mod tests {
                 let bufs = [IoSlice::new(&rest), IoSlice::new(b"|")];
                 let n = server.write_vectored(&bufs).await.unwrap();
                 assert!(n > 0 && n <= rest.len());
+                partial += usize::from(n < rest.len());
                 rest = rest.slice(n..);
             }
             server.write_all(b"|").await.unwrap();
         }
         server.shutdown().await.unwrap();
-        let warms = server.warms;
+        let (warms, probed) = (server.warms, server.probed);
         drop(server);
-        (reader.await.unwrap(), warms)
+        Sent {
+            got: reader.await.unwrap(),
+            warms,
+            probed,
+            partial,
+        }
     }
 
     fn expected(data: &[u8], start: usize, chunks: &[Bytes]) -> Vec<u8> {
@@ -427,7 +465,7 @@ mod tests {
         assert_eq!(chunks.len(), 4);
         assert!(chunks.iter().all(|c| is_placeholder(c)));
         assert_eq!(chunks.iter().map(Bytes::len).sum::<usize>(), end - start);
-        let (got, warms) = send(&chunks, server, client).await;
+        let Sent { got, warms, .. } = send(&chunks, server, client).await;
         assert!(
             got == expected(&data, start, &chunks),
             "body differs from the file"
@@ -440,6 +478,20 @@ mod tests {
         if can_evict {
             assert!(cached(&file, start as u64, (end - start) as u64));
         }
+    }
+
+    /// A range the socket takes in many parts is probed once, not again
+    /// after every partial send.
+    #[tokio::test]
+    async fn partly_sent_ranges_are_probed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, data) = test_file(dir.path(), CHUNK);
+        let (server, queue, client) = pair_with_send_buffer(Some(64 << 10)).await;
+        let chunks = body(&queue, &path, 0, data.len()).await;
+        let sent = send(&chunks, server, client).await;
+        assert!(sent.got == expected(&data, 0, &chunks));
+        assert!(sent.partial > 10, "{} partial writes", sent.partial);
+        assert_eq!(sent.probed, data.len() as u64);
     }
 
     #[test]

@@ -2,10 +2,8 @@
 //! request with one file through `sendfile(2)` (no hashing, no copies to user space).
 //!
 //! It runs as its own process (this binary, re-executed with [`SERVE_ENV`] set) so
-//! its CPU is measured exactly like the systems': utime + stime from `/proc`, on
-//! CPUs the scheduler picks for a separate process. A thread inside the bench
-//! shares the client's process and gets scheduled next to it, which on loopback
-//! makes sending look cheaper than it is for any separate server.
+//! it is measured and placed exactly like the systems: CPU is utime + stime of the
+//! whole process from `/proc`, and `BENCH_PIN` pins it with them.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};

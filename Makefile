@@ -54,6 +54,7 @@ test-deps:
 ## Not part of `make test`. BENCH_QUICK=1 for a short smoke run; results in bench/results/latest.md.
 bench:
 	./scripts/install-test-deps.sh
+	./scripts/install-go-tools.sh crane
 	$(CARGO) build --release -p regmirror-cache
 	$(CARGO) build --release -p regmirror-bench
 	ulimit -n $$(ulimit -Hn) 2>/dev/null || true; \

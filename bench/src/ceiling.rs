@@ -61,6 +61,11 @@ impl Ceiling {
     pub fn url(&self) -> String {
         format!("http://{}/blob", self.addr)
     }
+
+    /// `IP:PORT`, for clients that build registry URLs themselves.
+    pub fn host(&self) -> String {
+        self.addr.clone()
+    }
 }
 
 impl Drop for Ceiling {
@@ -102,7 +107,15 @@ fn serve(mut conn: TcpStream, path: &Path) -> std::io::Result<()> {
             buf.extend_from_slice(&chunk[..n]);
         }
         let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
+        let ping = is_registry_ping(&buf[..end]);
         buf.drain(..end);
+        if ping {
+            // Registry clients (crane) check `/v2/` before fetching.
+            conn.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+            )?;
+            continue;
+        }
         let file = std::fs::File::open(path)?;
         let len = file.metadata()?.len();
         write!(
@@ -118,5 +131,31 @@ fn serve(mut conn: TcpStream, path: &Path) -> std::io::Result<()> {
                 break;
             }
         }
+    }
+}
+
+/// Whether a request head asks for the registry API root, `GET /v2/`.
+fn is_registry_ping(head: &[u8]) -> bool {
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    matches!(
+        (parts.next(), parts.next()),
+        (Some(b"GET"), Some(b"/v2/" | b"/v2"))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_registry_ping;
+
+    #[test]
+    fn only_the_api_root_is_a_ping() {
+        assert!(is_registry_ping(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(is_registry_ping(b"GET /v2 HTTP/1.1\r\n\r\n"));
+        assert!(!is_registry_ping(
+            b"GET /v2/r/blobs/sha256:00 HTTP/1.1\r\n\r\n"
+        ));
+        assert!(!is_registry_ping(b"GET /blob HTTP/1.1\r\n\r\n"));
+        assert!(!is_registry_ping(b"HEAD /v2/ HTTP/1.1\r\n\r\n"));
     }
 }

@@ -6,6 +6,7 @@
 //! the thread that spawned them exits): call it from `#[tokio::main]`/`#[tokio::test]`.
 
 pub mod ceiling;
+pub mod clients;
 pub mod http;
 pub mod machine;
 pub mod pin;

@@ -10,10 +10,12 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::ceiling::Ceiling;
+use crate::clients::ExternalClient;
 use crate::http::{self, ACCEPT_ALL_MANIFESTS, ms, secs};
 use crate::report::{Check, Section};
 use crate::stats::{median, percentile};
 use crate::systems::{Kind, System};
+use crate::upstream::SeededBlob;
 use crate::{
     BLOB_REPO, Bench, GIB, SMALL_REPO, blob_url, manifest_url, or_failed, procfs, size_label,
 };
@@ -143,11 +145,73 @@ async fn warm_blobs(b: &Bench, systems: &[System]) -> Result<Section> {
         sec.target(&gbps, ">= distribution", Check::RatioAtLeast(1.0));
         sec.target(&cpu, "<= 0.5x distribution", Check::RatioAtMost(0.5));
     }
+    if let Some((blob, _)) = b.content.warm.iter().max_by_key(|(bl, _)| bl.size) {
+        external_clients(b, systems, blob, &mut sec).await?;
+    }
     sec.note(format!(
         "CPU-s per GiB comes from clock ticks of {} ms: small transfers round coarsely.",
         1000 / procfs::clk_tck()
     ));
     Ok(sec)
+}
+
+/// Scenario 1, the biggest blob again, one GET per client process: curl and crane.
+async fn external_clients(
+    b: &Bench,
+    systems: &[System],
+    blob: &SeededBlob,
+    sec: &mut Section,
+) -> Result<()> {
+    let label = size_label(blob.size);
+    let ceiling = Ceiling::start(&b.cfg.bench_bin, &blob.path)?;
+    let gib = blob.size as f64 / GIB as f64;
+    for client in ExternalClient::ALL {
+        if let Err(e) = client.program() {
+            sec.note(format!("{label} via {}: not run: {e:#}", client.name()));
+            continue;
+        }
+        eprintln!(
+            "[bench] 1: warm {label} via {}, {} runs",
+            client.name(),
+            b.cfg.big_runs
+        );
+        let gbps = format!("{label} via {}: throughput GB/s", client.name());
+        let cpu = format!("{label} via {}: server CPU-s per GiB", client.name());
+        let client_cpu = format!("{label} via {}: client CPU-s per GiB", client.name());
+        for _ in 0..b.cfg.big_runs {
+            for sys in systems {
+                let pid = sys.pid()?;
+                let (host, repo, digest) = (sys.host(), blob.repo.clone(), blob.digest.clone());
+                let cpu0 = procfs::cpu_seconds(pid)?;
+                let size = blob.size;
+                let run =
+                    tokio::task::spawn_blocking(move || client.fetch(&host, &repo, &digest, size))
+                        .await??;
+                let cpu1 = procfs::cpu_seconds(pid)?;
+                sec.add(&gbps, sys.kind, blob.size as f64 / run.secs / 1e9);
+                sec.add(&cpu, sys.kind, (cpu1 - cpu0) / gib);
+                sec.add(&client_cpu, sys.kind, run.cpu_secs / gib);
+            }
+            let (host, repo, digest) = (ceiling.host(), blob.repo.clone(), blob.digest.clone());
+            let cpu0 = ceiling.cpu_seconds()?;
+            let size = blob.size;
+            let run =
+                tokio::task::spawn_blocking(move || client.fetch(&host, &repo, &digest, size))
+                    .await??;
+            sec.add_reference(&gbps, blob.size as f64 / run.secs / 1e9);
+            sec.add_reference(&cpu, (ceiling.cpu_seconds()? - cpu0) / gib);
+            sec.add_reference(&client_cpu, run.cpu_secs / gib);
+        }
+        sec.target(&gbps, ">= distribution", Check::RatioAtLeast(1.0));
+        sec.target(&cpu, "<= 0.5x distribution", Check::RatioAtMost(0.5));
+    }
+    sec.note(format!(
+        "\"{label} via curl / crane\": one GET per run from a client process of its own \
+         (`curl -o /dev/null`; `crane blob`, which verifies the digest as it reads); \
+         throughput is over the client's whole life (start-up included), client CPU is its \
+         utime+stime."
+    ));
+    Ok(())
 }
 
 /// Scenario 2.

@@ -33,6 +33,16 @@ async fn micro_benchmark_produces_complete_tables() {
             );
         }
     }
+    // Scenario 1's separate-process clients ran (make test installs crane).
+    for client in ["curl", "crane"] {
+        assert!(
+            report
+                .markdown
+                .contains(&format!("via {client}: server CPU-s per GiB")),
+            "{}",
+            report.markdown
+        );
+    }
     assert!(report.markdown.contains("## Machine"));
     assert!(
         report

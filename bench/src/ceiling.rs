@@ -105,6 +105,13 @@ fn serve(mut conn: TcpStream, path: &Path) -> std::io::Result<()> {
                 return Ok(());
             }
             buf.extend_from_slice(&chunk[..n]);
+            if !looks_like_http(&buf) {
+                // A TLS ClientHello (crane tries https first): answer in plain HTTP as
+                // the registries do, so the client falls back to http at once (a bare
+                // close reads as a transient EOF, which crane retries after a pause).
+                conn.write_all(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")?;
+                return Ok(());
+            }
         }
         let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
         let ping = is_registry_ping(&buf[..end]);
@@ -134,6 +141,12 @@ fn serve(mut conn: TcpStream, path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Whether the bytes so far can start an HTTP/1 request (a method is upper-case
+/// ASCII; a TLS record starts with 0x16).
+fn looks_like_http(head: &[u8]) -> bool {
+    head.first().is_none_or(u8::is_ascii_uppercase)
+}
+
 /// Whether a request head asks for the registry API root, `GET /v2/`.
 fn is_registry_ping(head: &[u8]) -> bool {
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
@@ -146,7 +159,14 @@ fn is_registry_ping(head: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::is_registry_ping;
+    use super::{is_registry_ping, looks_like_http};
+
+    #[test]
+    fn tls_is_not_http() {
+        assert!(looks_like_http(b"GET / HTTP/1.1"));
+        assert!(looks_like_http(b""));
+        assert!(!looks_like_http(&[0x16, 0x03, 0x01, 0x02, 0x00]));
+    }
 
     #[test]
     fn only_the_api_root_is_a_ping() {

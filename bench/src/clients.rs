@@ -6,8 +6,9 @@
 //! pays for it depends on the reader's pace, so the same server's CPU per GiB
 //! differs by client; these rows show by how much.
 
+use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -42,7 +43,12 @@ impl ExternalClient {
     /// The program, or why it is missing.
     pub fn program(self) -> Result<PathBuf> {
         let p = match self {
-            ExternalClient::Curl => PathBuf::from("/usr/bin/curl"),
+            ExternalClient::Curl => {
+                std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                    .map(|dir| dir.join("curl"))
+                    .find(|p| p.is_file())
+                    .unwrap_or_else(|| PathBuf::from("curl"))
+            }
             ExternalClient::Crane => regmirror_e2e::controlplane::tools_root()
                 .join("bin")
                 .join("crane"),
@@ -85,6 +91,9 @@ impl ExternalClient {
     /// Fetches `repo@digest` (`size` bytes) from `host`; blocks until the client exits.
     pub fn fetch(self, host: &str, repo: &str, digest: &str, size: u64) -> Result<ClientRun> {
         let program = self.program()?;
+        // Files, not pipes: nobody reads them until the client has exited.
+        let mut stdout = tempfile::tempfile()?;
+        let mut stderr = tempfile::tempfile()?;
         let t0 = Instant::now();
         let child = Command::new(&program)
             .args(self.args(host, repo, digest))
@@ -93,39 +102,58 @@ impl ExternalClient {
             .stdout(match self {
                 // crane writes the blob to stdout; curl writes only its --write-out.
                 ExternalClient::Crane => Stdio::null(),
-                ExternalClient::Curl => Stdio::piped(),
+                ExternalClient::Curl => Stdio::from(stdout.try_clone()?),
             })
-            .stderr(Stdio::piped())
+            .stderr(Stdio::from(stderr.try_clone()?))
             .spawn()
             .with_context(|| format!("start {}", program.display()))?;
+        let mut child = Reaped(child);
         // Wait for the exit without reaping: a zombie's /proc/PID/stat still holds
         // the CPU of all its threads, so it is exactly this run's.
-        let pid = Pid::from_raw(i32::try_from(child.id())?).context("child pid")?;
+        let pid = Pid::from_raw(i32::try_from(child.0.id())?).context("child pid")?;
         rustix::process::waitid(
             WaitId::Pid(pid),
             WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
         )
         .context("wait for the client")?;
         let secs = t0.elapsed().as_secs_f64();
-        let cpu_secs = procfs::cpu_seconds(child.id())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
+        let cpu_secs = procfs::cpu_seconds(child.0.id())?;
+        let status = child.0.wait()?;
+        let read = |f: &mut std::fs::File| -> Result<String> {
+            let mut text = String::new();
+            f.seek(SeekFrom::Start(0))?;
+            f.read_to_string(&mut text)?;
+            Ok(text)
+        };
+        if !status.success() {
             bail!(
                 "{} {}: {}: {}",
                 self.name(),
                 host,
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
+                status,
+                read(&mut stderr)?.trim()
             );
         }
         if self == ExternalClient::Curl {
-            let got = String::from_utf8_lossy(&out.stdout);
+            let got = read(&mut stdout)?;
             ensure!(
                 got.trim() == size.to_string(),
                 "curl {host}: {got} bytes, wanted {size}"
             );
         }
         Ok(ClientRun { secs, cpu_secs })
+    }
+}
+
+/// A client process that is killed and reaped if the fetch bails out early.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
     }
 }
 
@@ -150,10 +178,20 @@ mod tests {
 
     #[test]
     fn a_failing_client_is_an_error() {
-        // Port 9 (discard) is closed on loopback here: curl fails fast.
+        if ExternalClient::Curl.program().is_err() {
+            eprintln!("skipped: no curl");
+            return;
+        }
+        // A port just released: nothing listens, so curl fails fast.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let host = format!("127.0.0.1:{port}");
         let err = ExternalClient::Curl
-            .fetch("127.0.0.1:9", "r", "sha256:00", 1)
+            .fetch(&host, "r", "sha256:00", 1)
             .unwrap_err();
-        assert!(err.to_string().contains("curl 127.0.0.1:9"), "{err:#}");
+        assert!(err.to_string().contains(&format!("curl {host}")), "{err:#}");
     }
 }

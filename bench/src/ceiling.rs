@@ -43,9 +43,7 @@ impl Ceiling {
             bail!("the reference server exited before printing its address");
         }
         let ceiling = Self { child, addr };
-        if crate::pin::wanted() {
-            crate::pin::pin(ceiling.pid(), crate::pin::SERVER_CPUS)?;
-        }
+        crate::pin::server_if_wanted(ceiling.pid())?;
         Ok(ceiling)
     }
 

@@ -25,6 +25,15 @@ pub fn client_cpus() -> Result<String> {
     Ok(format!("1-{}", n - 1))
 }
 
+/// Pins a system under test (or the reference server) to [`SERVER_CPUS`] when
+/// `BENCH_PIN` asks for it.
+pub fn server_if_wanted(pid: u32) -> Result<()> {
+    if wanted() {
+        pin(pid, SERVER_CPUS)?;
+    }
+    Ok(())
+}
+
 /// Moves every thread of `pid` to `cpus`; threads it starts later inherit them.
 pub fn pin(pid: u32, cpus: &str) -> Result<()> {
     let out = Command::new("taskset")

@@ -52,9 +52,7 @@ impl System {
             Kind::Dist => Proc::Dist(Registry::start_proxy(upstream_url).await?),
         };
         let sys = Self { kind, proc };
-        if crate::pin::wanted() {
-            crate::pin::pin(sys.pid()?, crate::pin::SERVER_CPUS)?;
-        }
+        crate::pin::server_if_wanted(sys.pid()?)?;
         Ok(sys)
     }
 

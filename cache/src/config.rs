@@ -7,10 +7,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
-use serde::Deserialize;
+use regmirror_registry::cache_file::{self, DurationText};
+use regmirror_registry::docker_hub::{DOCKER_HUB, canonical_host};
+use regmirror_registry::known::{default_url, well_known};
 use url::Url;
 
-use crate::route::canonical_host;
 use crate::store::Limits;
 
 #[derive(Debug, Parser)]
@@ -44,19 +45,28 @@ pub struct Cli {
     pub log_format: Option<LogFormat>,
     /// Byte budget for cached content (e.g. 50Gi); least recently used content
     /// is evicted to stay under it [default: unlimited].
-    #[arg(long, env = "REGMIRROR_MAX_SIZE", value_parser = crate::size::parse_size)]
+    #[arg(long, env = "REGMIRROR_MAX_SIZE", value_parser = regmirror_registry::size::parse_size)]
     pub max_size: Option<u64>,
     /// Evict content not read for this long (e.g. 30d) [default: never].
     #[arg(long, env = "REGMIRROR_MAX_AGE")]
     pub max_age: Option<humantime::Duration>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+/// The file's `log_format`, as the flag's.
+impl From<cache_file::LogFormat> for LogFormat {
+    fn from(f: cache_file::LogFormat) -> Self {
+        match f {
+            cache_file::LogFormat::Text => Self::Text,
+            cache_file::LogFormat::Json => Self::Json,
+        }
+    }
 }
 
 /// `HOST=URL` or `HOST`.
@@ -81,82 +91,8 @@ impl FromStr for UpstreamArg {
     }
 }
 
-/// The configuration file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub struct FileConfig {
-    pub listen: Option<SocketAddr>,
-    pub storage: Option<PathBuf>,
-    pub credentials: Option<PathBuf>,
-    #[serde(default, with = "humantime_serde_opt")]
-    pub tag_ttl: Option<Duration>,
-    pub log_format: Option<LogFormat>,
-    #[serde(default)]
-    pub timeouts: FileTimeouts,
-    pub max_manifest_size: Option<u64>,
-    #[serde(default, deserialize_with = "size_opt")]
-    pub max_size: Option<u64>,
-    #[serde(default, with = "humantime_serde_opt")]
-    pub max_age: Option<Duration>,
-    pub high_watermark: Option<f64>,
-    pub low_watermark: Option<f64>,
-    pub max_connections: Option<usize>,
-    #[serde(default, rename = "upstream")]
-    pub upstreams: Vec<FileUpstream>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileTimeouts {
-    #[serde(default, with = "humantime_serde_opt")]
-    pub connect: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
-    pub response_header: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
-    pub body_idle: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
-    pub stale_after: Option<Duration>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileUpstream {
-    pub host: String,
-    pub url: Option<String>,
-    #[serde(default, with = "humantime_serde_opt")]
-    pub tag_ttl: Option<Duration>,
-    #[serde(default)]
-    pub allowed_hosts: Vec<String>,
-}
-
-/// A size as a number of bytes or a string such as `"50Gi"`.
-fn size_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Size {
-        Bytes(u64),
-        Text(String),
-    }
-    match Option::<Size>::deserialize(d)? {
-        None => Ok(None),
-        Some(Size::Bytes(n)) => Ok(Some(n)),
-        Some(Size::Text(s)) => crate::size::parse_size(&s)
-            .map(Some)
-            .map_err(serde::de::Error::custom),
-    }
-}
-
-mod humantime_serde_opt {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let s: Option<String> = Option::deserialize(d)?;
-        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
-            .transpose()
-    }
-}
+/// The configuration file's types, shared with the operator that renders it.
+pub use regmirror_registry::cache_file::{FileConfig, FileTimeouts, FileUpstream};
 
 /// The resolved configuration the cache runs with.
 #[derive(Debug, Clone)]
@@ -227,30 +163,6 @@ pub enum ConfigError {
     Limits(String),
 }
 
-/// Well-known registries: the API endpoint behind the name people write, and
-/// the hosts they send clients to for blobs and tokens.
-fn well_known(host: &str) -> Option<(&'static str, &'static [&'static str])> {
-    Some(match host {
-        "docker.io" => (
-            "https://registry-1.docker.io",
-            &["*.docker.com", "*.docker.io"],
-        ),
-        "ghcr.io" => ("https://ghcr.io", &["pkg-containers.githubusercontent.com"]),
-        "quay.io" => (
-            "https://quay.io",
-            &["*.quay.io", "*.cloudfront.net", "*.amazonaws.com"],
-        ),
-        "registry.k8s.io" => ("https://registry.k8s.io", &["*.pkg.dev", "*.amazonaws.com"]),
-        "gcr.io" => ("https://gcr.io", &["*.gcr.io", "storage.googleapis.com"]),
-        "mcr.microsoft.com" => ("https://mcr.microsoft.com", &["*.microsoft.com"]),
-        "public.ecr.aws" => (
-            "https://public.ecr.aws",
-            &["*.amazonaws.com", "*.cloudfront.net"],
-        ),
-        _ => return None,
-    })
-}
-
 fn valid_host(host: &str) -> bool {
     !host.is_empty()
         && host
@@ -266,12 +178,7 @@ impl UpstreamConfig {
                 "{host:?}: host must be a registry host name such as docker.io or registry.local:5000"
             )));
         }
-        let known = well_known(&host);
-        let url = match (url, known) {
-            (Some(u), _) => u.to_owned(),
-            (None, Some((u, _))) => u.to_owned(),
-            (None, None) => format!("https://{host}"),
-        };
+        let url = url.map_or_else(|| default_url(&host), str::to_owned);
         let parsed: Url = url
             .parse()
             .map_err(|e| ConfigError::Upstream(format!("{host}={url}: {e}")))?;
@@ -285,13 +192,14 @@ impl UpstreamConfig {
                 "{host}={url}: URL must be http(s)://host[:port][/path] without credentials, query or fragment"
             )));
         }
+        let allowed_hosts = well_known(&host)
+            .map(|k| k.allowed_hosts.iter().map(|h| h.to_string()).collect())
+            .unwrap_or_default();
         Ok(Self {
             host,
             url: parsed,
             tag_ttl: Duration::ZERO,
-            allowed_hosts: known
-                .map(|(_, hosts)| hosts.iter().map(|h| h.to_string()).collect())
-                .unwrap_or_default(),
+            allowed_hosts,
         })
     }
 }
@@ -303,12 +211,19 @@ impl Config {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
-        let default_ttl = cli.tag_ttl.map(Into::into).or(file.tag_ttl);
+        let config_path = cli.config.clone();
+        let duration = |field: &str, d: &Option<DurationText>| {
+            file_duration(config_path.as_deref(), field, d.as_ref())
+        };
+        let file_ttl = duration("tag_ttl", &file.tag_ttl)?;
+        let default_ttl = cli.tag_ttl.map(Into::into).or(file_ttl);
 
         let mut upstreams = Vec::new();
         for fu in &file.upstreams {
             let mut u = UpstreamConfig::new(&fu.host, fu.url.as_deref())?;
-            u.tag_ttl = fu.tag_ttl.or(default_ttl).unwrap_or_default();
+            u.tag_ttl = duration("upstream.tag_ttl", &fu.tag_ttl)?
+                .or(default_ttl)
+                .unwrap_or_default();
             u.allowed_hosts.extend(fu.allowed_hosts.iter().cloned());
             upstreams.push(u);
         }
@@ -333,7 +248,7 @@ impl Config {
             upstreams = from_flags;
         }
         if upstreams.is_empty() {
-            let mut u = UpstreamConfig::new("docker.io", None)?;
+            let mut u = UpstreamConfig::new(DOCKER_HUB, None)?;
             u.tag_ttl = default_ttl.unwrap_or_default();
             upstreams.push(u);
         }
@@ -349,7 +264,10 @@ impl Config {
         let dl = Limits::default();
         let limits = Limits {
             max_size: cli.max_size.or(file.max_size),
-            max_age: cli.max_age.map(Into::into).or(file.max_age),
+            max_age: match cli.max_age {
+                Some(age) => Some(age.into()),
+                None => duration("max_age", &file.max_age)?,
+            },
             high_watermark: file.high_watermark.unwrap_or(dl.high_watermark),
             low_watermark: file.low_watermark.unwrap_or(dl.low_watermark),
         };
@@ -382,13 +300,18 @@ impl Config {
             upstreams,
             credentials: cli.credentials.or(file.credentials),
             timeouts: Timeouts {
-                connect: t.connect.unwrap_or(d.connect),
-                response_header: t.response_header.unwrap_or(d.response_header),
-                body_idle: t.body_idle.unwrap_or(d.body_idle),
-                stale_after: t.stale_after.unwrap_or(d.stale_after),
+                connect: duration("timeouts.connect", &t.connect)?.unwrap_or(d.connect),
+                response_header: duration("timeouts.response_header", &t.response_header)?
+                    .unwrap_or(d.response_header),
+                body_idle: duration("timeouts.body_idle", &t.body_idle)?.unwrap_or(d.body_idle),
+                stale_after: duration("timeouts.stale_after", &t.stale_after)?
+                    .unwrap_or(d.stale_after),
             },
             max_manifest_size: file.max_manifest_size.unwrap_or(DEFAULT_MAX_MANIFEST_SIZE),
-            log_format: cli.log_format.or(file.log_format).unwrap_or_default(),
+            log_format: cli
+                .log_format
+                .or(file.log_format.map(Into::into))
+                .unwrap_or_default(),
             limits,
             max_connections: file
                 .max_connections
@@ -399,6 +322,23 @@ impl Config {
     pub fn upstream_hosts(&self) -> Vec<String> {
         self.upstreams.iter().map(|u| u.host.clone()).collect()
     }
+}
+
+/// The duration a file field names. Reading the file checked its durations;
+/// this reports one that was not read from a file (a [`FileConfig`] built in
+/// code) as the file's, naming the field.
+fn file_duration(
+    path: Option<&Path>,
+    field: &str,
+    d: Option<&DurationText>,
+) -> Result<Option<Duration>, ConfigError> {
+    d.map(|d| {
+        d.to_duration().map_err(|e| ConfigError::Parse {
+            path: path.map(|p| p.display().to_string()).unwrap_or_default(),
+            message: format!("{field}: {e}"),
+        })
+    })
+    .transpose()
 }
 
 fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -514,6 +454,36 @@ host = "quay.io"
             c.upstreams[0].tag_ttl,
             Duration::from_secs(600),
             "file settings kept"
+        );
+    }
+
+    #[test]
+    fn bad_file_values_are_parse_errors_at_their_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        for (text, line) in [
+            ("tag_ttl = \"soon\"\n", "line 1"),
+            ("[timeouts]\nconnect = \"5 fortnights\"\n", "line 2"),
+            ("max_size = \"5 parsecs\"\n", "line 1"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = resolve(&["--config", path.to_str().unwrap()]).unwrap_err();
+            assert!(matches!(e, ConfigError::Parse { .. }), "{text}: {e}");
+            assert!(e.to_string().contains(line), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn durations_not_read_from_a_file_are_checked_too() {
+        let path = Path::new("/etc/c.toml");
+        let ok = file_duration(Some(path), "max_age", Some(&DurationText::new("1h30m")));
+        assert_eq!(ok.unwrap(), Some(Duration::from_secs(5400)));
+        assert_eq!(file_duration(Some(path), "max_age", None).unwrap(), None);
+        let e = file_duration(Some(path), "max_age", Some(&DurationText::new("soon"))).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("invalid config file /etc/c.toml: max_age: "),
+            "{e}"
         );
     }
 

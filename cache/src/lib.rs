@@ -19,7 +19,6 @@ pub mod range;
 pub mod read;
 pub mod route;
 pub mod server;
-pub mod size;
 pub mod store;
 pub mod upstream;
 pub mod zerocopy;

@@ -45,16 +45,9 @@ pub enum Endpoint {
     Referrers(Digest),
 }
 
-/// The canonical form of a registry host as image references name it.
-pub fn canonical_host(host: &str) -> String {
-    let h = host.trim().to_ascii_lowercase();
-    match h.as_str() {
-        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
-            "docker.io".to_owned()
-        }
-        _ => h,
-    }
-}
+/// The canonical form of a registry host as image references name it
+/// (Docker Hub's aliases are `docker.io`).
+pub use regmirror_registry::docker_hub::canonical_host;
 
 /// Docker's rule for telling a registry host from a first path component.
 fn looks_like_host(segment: &str) -> bool {

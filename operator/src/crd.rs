@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use regmirror_registry::docker_hub::{self, DOCKER_HUB};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -18,14 +19,6 @@ pub const DEFAULT_STORAGE_SIZE: &str = "20Gi";
 pub const DEFAULT_CONTAINERD_CONFIG_DIR: &str = "/etc/containerd/certs.d";
 pub const DEFAULT_CONTAINERD_CONFIG_FILE: &str = "/etc/containerd/config.toml";
 pub const DEFAULT_CACHE_PORT: i32 = 5000;
-
-/// Hosts that are spellings of `docker.io`: image references and containerd's
-/// `certs.d` lookup use `docker.io`, so a mirror for an alias would never be used.
-pub const DOCKER_HUB_ALIASES: [&str; 3] = [
-    "index.docker.io",
-    "registry-1.docker.io",
-    "registry.hub.docker.com",
-];
 
 /// A pull-through cache for one or more upstream registries, and the
 /// configuration that points every selected node's container runtime at it.
@@ -78,8 +71,7 @@ pub struct Upstream {
     #[x_kube(
         validation = Rule::new(r"self.matches('^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[0-9]{1,5})?$')")
             .message("host must be a lowercase registry host name with an optional port, such as docker.io or registry.example.com:5000 (no scheme, no path)"),
-        validation = Rule::new("!(self in ['index.docker.io', 'registry-1.docker.io', 'registry.hub.docker.com'])")
-            .message("write docker.io: image references and containerd name Docker Hub docker.io, so a mirror for this alias would never be used")
+        validation = docker_hub_alias_rule()
     )]
     pub host: String,
     /// Where the registry API is served. Defaults for well-known hosts (docker.io is
@@ -114,6 +106,22 @@ fn default_port() -> i32 {
 }
 fn default_containerd_config_dir() -> String {
     DEFAULT_CONTAINERD_CONFIG_DIR.into()
+}
+
+/// Refuses Docker Hub's aliases ([`docker_hub::ALIASES`]): image references
+/// and containerd's `certs.d` lookup name Docker Hub `docker.io`, so a mirror
+/// for an alias would never be used.
+fn docker_hub_alias_rule() -> kube::core::Rule {
+    let aliases: Vec<String> = docker_hub::ALIASES
+        .iter()
+        .map(|a| format!("'{a}'"))
+        .collect();
+    kube::core::Rule::new(format!("!(self in [{}])", aliases.join(", "))).message(
+        format!(
+            "write {DOCKER_HUB}: image references and containerd name Docker Hub {DOCKER_HUB}, so a mirror for this alias would never be used"
+        )
+        .as_str(),
+    )
 }
 
 fn duration_rule() -> kube::core::Rule {
@@ -385,29 +393,14 @@ pub enum NodeState {
     Removed,
 }
 
-/// Well-known registries: the API endpoint behind the host people write
-/// (the same table as the cache's).
-pub fn well_known_url(host: &str) -> Option<&'static str> {
-    Some(match host {
-        "docker.io" => "https://registry-1.docker.io",
-        "ghcr.io" => "https://ghcr.io",
-        "quay.io" => "https://quay.io",
-        "registry.k8s.io" => "https://registry.k8s.io",
-        "gcr.io" => "https://gcr.io",
-        "mcr.microsoft.com" => "https://mcr.microsoft.com",
-        "public.ecr.aws" => "https://public.ecr.aws",
-        _ => return None,
-    })
-}
-
 impl Upstream {
-    /// The URL the cache fetches from and nodes fall back to.
+    /// The URL the cache fetches from and nodes fall back to: `url` without a
+    /// trailing slash, else the host's default
+    /// ([`regmirror_registry::known::default_url`]).
     pub fn effective_url(&self) -> String {
         match &self.url {
             Some(u) => u.trim_end_matches('/').to_owned(),
-            None => well_known_url(&self.host)
-                .map(str::to_owned)
-                .unwrap_or_else(|| format!("https://{}", self.host)),
+            None => regmirror_registry::known::default_url(&self.host),
         }
     }
 }
@@ -456,6 +449,20 @@ mod tests {
             "https://registry-1.docker.io"
         );
         assert_eq!(m.spec.upstreams[1].effective_url(), "http://10.0.0.5:5000");
+    }
+
+    #[test]
+    fn url_description_names_every_well_known_registry() {
+        let crd = serde_json::to_value(RegistryMirror::crd()).unwrap();
+        let url = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+            ["upstreams"]["items"]["properties"]["url"]["description"];
+        let text = url.as_str().unwrap();
+        for k in regmirror_registry::known::KNOWN_REGISTRIES {
+            assert!(text.contains(k.host), "url's description lacks {}", k.host);
+            if k.url != format!("https://{}", k.host) {
+                assert!(text.contains(k.url), "url's description lacks {}", k.url);
+            }
+        }
     }
 
     #[test]

@@ -11,11 +11,12 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;
+use regmirror_registry::credentials::registry_key;
 use serde_json::{Map, Value, json};
 
 use crate::crd::RegistryMirror;
 
-pub const DOCKERCONFIGJSON: &str = ".dockerconfigjson";
+pub use regmirror_registry::credentials::DOCKERCONFIGJSON;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CredentialsError {
@@ -77,25 +78,6 @@ pub fn referenced_secrets(
         }
     }
     Ok(names)
-}
-
-/// `https://index.docker.io/v1/` -> `docker.io`, as the cache keys credentials.
-fn registry_key(key: &str) -> String {
-    let no_scheme = key
-        .strip_prefix("https://")
-        .or_else(|| key.strip_prefix("http://"))
-        .unwrap_or(key);
-    let host = no_scheme
-        .split('/')
-        .next()
-        .unwrap_or(no_scheme)
-        .to_ascii_lowercase();
-    match host.as_str() {
-        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
-            "docker.io".into()
-        }
-        _ => host,
-    }
 }
 
 /// Merges the credentials of every upstream into one `config.json`, or `None`

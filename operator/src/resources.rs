@@ -7,16 +7,18 @@
 //! [`MIRROR_LABEL`], by which the controller finds and prunes them.
 
 use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Resource;
-use serde::Serialize;
+use regmirror_registry::cache_file::{DurationText, FileConfig, FileUpstream};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::crd::{AccessMode, RegistryMirror};
+use crate::credentials::DOCKERCONFIGJSON;
 
 pub const MANAGER: &str = "regmirror-operator";
 pub const PART_OF: &str = "regmirror";
@@ -192,52 +194,37 @@ fn typed<T: serde::de::DeserializeOwned>(v: Value) -> T {
     serde_json::from_value(v).expect("builder produces a valid object")
 }
 
-/// The cache's TOML configuration file, in the format of `regmirror-cache --config`.
-#[derive(Debug, Serialize)]
-struct CacheFile {
-    listen: String,
-    storage: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    credentials: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tag_ttl: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_size: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_age: Option<String>,
-    #[serde(rename = "upstream")]
-    upstreams: Vec<CacheFileUpstream>,
-}
-
-#[derive(Debug, Serialize)]
-struct CacheFileUpstream {
-    host: String,
-    url: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tag_ttl: Option<String>,
-}
-
-/// Renders the cache configuration for `mirror`. Every upstream of the spec is
-/// served (a host another mirror claimed only loses its node configuration, so
-/// nothing restarts when the conflict is resolved).
+/// Renders the cache configuration for `mirror`: the cache's own file type
+/// ([`FileConfig`]) as TOML, under a comment saying who wrote it. Every
+/// upstream of the spec is served (a host another mirror claimed only loses
+/// its node configuration, so nothing restarts when the conflict is resolved).
+/// Durations are passed through as the spec writes them (the CRD checks their
+/// syntax, the cache parses them).
 pub fn cache_config(mirror: &RegistryMirror, with_credentials: bool) -> String {
     let spec = &mirror.spec;
-    let file = CacheFile {
-        listen: format!("0.0.0.0:{}", spec.cache.port),
-        storage: DATA_DIR.into(),
-        credentials: with_credentials.then(|| format!("{CREDENTIALS_DIR}/{CREDENTIALS_FILE}")),
-        tag_ttl: spec.cache.tag_ttl.clone(),
+    let duration = |d: &Option<String>| d.as_deref().map(DurationText::new);
+    let file = FileConfig {
+        // The CRD bounds the port to 1..=65535.
+        listen: u16::try_from(spec.cache.port)
+            .ok()
+            .map(|port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))),
+        storage: Some(DATA_DIR.into()),
+        credentials: with_credentials
+            .then(|| format!("{CREDENTIALS_DIR}/{CREDENTIALS_FILE}").into()),
+        tag_ttl: duration(&spec.cache.tag_ttl),
         max_size: cache_budget(spec),
-        max_age: spec.cache.max_age.clone(),
+        max_age: duration(&spec.cache.max_age),
         upstreams: spec
             .upstreams
             .iter()
-            .map(|u| CacheFileUpstream {
+            .map(|u| FileUpstream {
                 host: u.host.clone(),
-                url: u.effective_url(),
-                tag_ttl: u.tag_ttl.clone(),
+                url: Some(u.effective_url()),
+                tag_ttl: duration(&u.tag_ttl),
+                allowed_hosts: Vec::new(),
             })
             .collect(),
+        ..FileConfig::default()
     };
     let body = toml::to_string(&file).expect("cache config serializes");
     format!(
@@ -279,7 +266,7 @@ pub fn build(mirror: &RegistryMirror, settings: &Settings, credentials: Option<&
             "kind": "Secret",
             "metadata": metadata(mirror, settings, credentials_name(&name), COMPONENT_CACHE),
             "type": "kubernetes.io/dockerconfigjson",
-            "stringData": { ".dockerconfigjson": String::from_utf8_lossy(bytes) },
+            "stringData": { DOCKERCONFIGJSON: String::from_utf8_lossy(bytes) },
         }))
     });
 
@@ -382,7 +369,7 @@ fn deployment_json(
             .push(json!({"name": "credentials", "mountPath": CREDENTIALS_DIR, "readOnly": true}));
         volumes.push(json!({"name": "credentials", "secret": {
             "secretName": credentials_name(&name),
-            "items": [{"key": ".dockerconfigjson", "path": CREDENTIALS_FILE}],
+            "items": [{"key": DOCKERCONFIGJSON, "path": CREDENTIALS_FILE}],
         }}));
     }
     json!({
@@ -529,6 +516,7 @@ fn daemon_set_json(mirror: &RegistryMirror, settings: &Settings) -> Value {
 mod tests {
     use super::*;
     use crate::crd::RegistryMirrorSpec;
+    use serde::Serialize;
 
     pub(crate) fn mirror(spec: Value) -> RegistryMirror {
         let spec: RegistryMirrorSpec = serde_json::from_value(spec).unwrap();
@@ -606,17 +594,7 @@ mod tests {
         assert_eq!(ups[2]["url"].as_str(), Some("http://10.0.0.5:5000"));
 
         // The cache's own parser accepts it (unknown keys are errors there).
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("config.toml");
-        std::fs::write(&path, &text).unwrap();
-        use clap::Parser;
-        let cli = regmirror_cache::config::Cli::try_parse_from([
-            "regmirror-cache",
-            "--config",
-            path.to_str().unwrap(),
-        ])
-        .unwrap();
-        let c = regmirror_cache::config::Config::resolve(cli).unwrap();
+        let c = resolved_by_the_cache(&text);
         assert_eq!(
             c.upstream_hosts(),
             ["docker.io", "ghcr.io", "registry.local:5000"]
@@ -629,6 +607,126 @@ mod tests {
         assert!(
             !cache_config(&m, false).contains("credentials"),
             "no credentials line without a Secret"
+        );
+    }
+
+    /// `text` as the cache resolves it from `--config`.
+    fn resolved_by_the_cache(text: &str) -> regmirror_cache::config::Config {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CONFIG_KEY);
+        std::fs::write(&path, text).unwrap();
+        use clap::Parser;
+        let cli = regmirror_cache::config::Cli::try_parse_from([
+            "regmirror-cache",
+            "--config",
+            path.to_str().unwrap(),
+        ])
+        .unwrap();
+        regmirror_cache::config::Config::resolve(cli).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    #[test]
+    fn rendered_config_resolves_in_the_cache_with_limits() {
+        let m = mirror(json!({
+            "upstreams": [
+                {"host": "docker.io", "credentialsSecret": {"name": "hub-creds"}},
+                {"host": "ghcr.io", "tagTTL": "1h30m", "credentialsSecret": {"name": "gh"}},
+                {"host": "quay.io"},
+                {"host": "registry.local:5000", "url": "http://10.0.0.5:5000/v2-mirror/"},
+            ],
+            "cache": {"tagTTL": "5m", "maxSize": "50Gi", "maxAge": "30d"},
+        }));
+        let c = resolved_by_the_cache(&cache_config(&m, true));
+        assert_eq!(c.listen, "0.0.0.0:5000".parse().unwrap());
+        assert_eq!(c.storage, std::path::PathBuf::from(DATA_DIR));
+        assert_eq!(
+            c.credentials,
+            Some(format!("{CREDENTIALS_DIR}/{CREDENTIALS_FILE}").into())
+        );
+        let urls: Vec<&str> = c.upstreams.iter().map(|u| u.url.as_str()).collect();
+        assert_eq!(
+            urls,
+            [
+                "https://registry-1.docker.io/",
+                "https://ghcr.io/",
+                "https://quay.io/",
+                "http://10.0.0.5:5000/v2-mirror",
+            ]
+        );
+        let ttls: Vec<u64> = c.upstreams.iter().map(|u| u.tag_ttl.as_secs()).collect();
+        assert_eq!(ttls, [300, 5400, 300, 300]);
+        // Well-known registries keep their redirect hosts in the operator's config.
+        assert!(
+            c.upstreams[0]
+                .allowed_hosts
+                .contains(&"*.docker.com".into())
+        );
+        assert_eq!(c.limits.max_size, Some(50 << 30));
+        assert_eq!(
+            c.limits.max_age,
+            Some(std::time::Duration::from_secs(30 * 86400))
+        );
+
+        // Without cache.maxSize the budget is 90% of the volume.
+        let m = mirror(json!({"upstreams": [{"host": "docker.io"}], "storage": {"size": "10Gi"}}));
+        let c = resolved_by_the_cache(&cache_config(&m, false));
+        assert_eq!(c.limits.max_size, Some((10u64 << 30) / 10 * 9));
+        assert_eq!(c.limits.max_age, None);
+        assert_eq!(c.credentials, None);
+        assert_eq!(c.upstreams[0].tag_ttl, std::time::Duration::ZERO);
+    }
+
+    /// The rendered text is hashed onto the cache's pod template, so any
+    /// change to it, formatting included, restarts every cache when the
+    /// operator is upgraded: it stays byte for byte what it was.
+    #[test]
+    fn rendered_config_text_is_stable() {
+        let m = mirror(json!({"upstreams": [{"host": "docker.io"}]}));
+        assert_eq!(
+            cache_config(&m, true),
+            r#"# Generated by regmirror-operator from RegistryMirror "hub": edits are overwritten.
+listen = "0.0.0.0:5000"
+storage = "/var/lib/regmirror"
+credentials = "/var/run/regmirror/credentials/config.json"
+max_size = 19327352832
+
+[[upstream]]
+host = "docker.io"
+url = "https://registry-1.docker.io"
+"#
+        );
+        let m = mirror(json!({
+            "upstreams": [
+                {"host": "docker.io", "tagTTL": "10m", "credentialsSecret": {"name": "hub-creds"}},
+                {"host": "ghcr.io", "tagTTL": "1h30m"},
+                {"host": "registry.local:5000", "url": "http://10.0.0.5:5000/"},
+            ],
+            "cache": {"tagTTL": "1m", "port": 5001, "maxSize": "50Gi", "maxAge": "30d"},
+        }));
+        assert_eq!(
+            cache_config(&m, true),
+            r#"# Generated by regmirror-operator from RegistryMirror "hub": edits are overwritten.
+listen = "0.0.0.0:5001"
+storage = "/var/lib/regmirror"
+credentials = "/var/run/regmirror/credentials/config.json"
+tag_ttl = "1m"
+max_size = 53687091200
+max_age = "30d"
+
+[[upstream]]
+host = "docker.io"
+url = "https://registry-1.docker.io"
+tag_ttl = "10m"
+
+[[upstream]]
+host = "ghcr.io"
+url = "https://ghcr.io"
+tag_ttl = "1h30m"
+
+[[upstream]]
+host = "registry.local:5000"
+url = "http://10.0.0.5:5000"
+"#
         );
     }
 

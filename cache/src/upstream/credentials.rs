@@ -8,7 +8,8 @@ use std::path::Path;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 
-use crate::route::canonical_host;
+use regmirror_registry::credentials::registry_key;
+use regmirror_registry::docker_hub::canonical_host;
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
@@ -76,16 +77,6 @@ pub fn parse(json: &[u8]) -> Result<HashMap<String, Credentials>, String> {
         out.insert(registry_key(&key), creds);
     }
     Ok(out)
-}
-
-/// `https://index.docker.io/v1/` -> `docker.io`; `ghcr.io` -> `ghcr.io`.
-fn registry_key(key: &str) -> String {
-    let no_scheme = key
-        .strip_prefix("https://")
-        .or_else(|| key.strip_prefix("http://"))
-        .unwrap_or(key);
-    let host = no_scheme.split('/').next().unwrap_or(no_scheme);
-    canonical_host(host)
 }
 
 /// Reads the file afresh each time: a mounted Secret changes under us.

@@ -1,4 +1,5 @@
-//! Byte sizes as people write them: `50Gi`, `500MiB`, `10G`, `1048576`.
+//! Byte sizes as people write them: `50Gi`, `500MiB`, `10G`, `1048576`: the
+//! cache's `--max-size` flag and the `max_size` of its configuration file.
 
 /// Parses a byte size. Binary suffixes (`Ki`, `Mi`, `Gi`, `Ti`, optionally with
 /// `B`) are powers of 1024, as in Kubernetes quantities; decimal ones (`K`/`k`,

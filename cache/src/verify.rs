@@ -223,8 +223,10 @@ mod tests {
         (released, error)
     }
 
-    /// A tee that records each batch's offset and length.
-    fn recording_tee() -> (Tee, Arc<Mutex<Vec<(u64, usize)>>>) {
+    /// Each batch the tee saw: its offset and length.
+    type Teed = Arc<Mutex<Vec<(u64, usize)>>>;
+
+    fn recording_tee() -> (Tee, Teed) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = Arc::clone(&seen);
         let tee: Tee = Box::new(move |offset, bytes| {
@@ -380,7 +382,7 @@ mod tests {
 
         // A batch stops growing at BATCH; a larger chunk stays whole.
         let (tee, teed) = recording_tee();
-        let chunks = vec![
+        let chunks = [
             Bytes::from(vec![1; BATCH - 1]),
             Bytes::from(vec![2; 2]),
             Bytes::from(vec![3; 2 * BATCH]),

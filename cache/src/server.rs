@@ -256,9 +256,10 @@ async fn blob_response(
     let blob = match blob {
         Blob::PassThrough { body } => {
             let size = body.len;
-            let relayed = verified(body, d.clone(), None).inspect(|r| {
+            let digest = d.clone();
+            let relayed = verified(body, d.clone(), None).inspect(move |r| {
                 if let Err(e) = r {
-                    tracing::warn!(error = %e, "uncached blob transfer aborted");
+                    tracing::warn!(%digest, error = %e, "uncached blob transfer aborted");
                 }
             });
             let body = Body::from_stream(counted(relayed, metrics, "passthrough"));

@@ -57,18 +57,12 @@ pub fn verified(
         held: None,
         ended: false,
     };
-    futures::stream::unfold(verifier, |mut v| async move {
+    // After an error the stream ends: `try_unfold` drops the state.
+    futures::stream::try_unfold(verifier, |mut v| async move {
         if v.ended {
-            return None;
+            return Ok(None);
         }
-        match v.next_release().await {
-            Ok(Some(batch)) => Some((Ok(batch), v)),
-            Ok(None) => None,
-            Err(e) => {
-                v.ended = true;
-                Some((Err(e), v))
-            }
-        }
+        Ok(v.next_release().await?.map(|batch| (batch, v)))
     })
 }
 
@@ -83,6 +77,7 @@ struct Verifier {
     seen: u64,
     /// Without a known length: the newest batch, until the next arrives.
     held: Option<Bytes>,
+    /// The whole body has been checked: nothing follows.
     ended: bool,
 }
 

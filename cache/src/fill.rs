@@ -1,11 +1,16 @@
 //! Blob fills: one upstream download per blob, shared by every client.
 //!
 //! The first request for a cold blob starts a fill; the fill writes the body
-//! to a temp file while hashing it, and publishes how many bytes are readable.
+//! to a temp file as it arrives, and publishes how many bytes are readable.
 //! Every request for the same blob, any range, reads from that file as it
-//! grows. The final bytes are published only once the digest has been
-//! verified and the file renamed into the store, so a client can never
-//! receive a complete body that does not match its digest.
+//! grows. The body goes through [`verified`], so the final bytes are
+//! published only once the digest has been checked: a client can never
+//! receive a complete body that does not match its digest. The file is then
+//! renamed into the store.
+//!
+//! The fill gets its body from [`FillJob::fetch`], an [`UpstreamBody`] whose
+//! status the caller has already checked, so it runs as well on chunks made
+//! in memory (see the tests below) as on an upstream's response.
 //!
 //! Before the first byte is written the fill is admitted against the byte
 //! budget and its full size is allocated on disk, so a full disk shows up
@@ -16,13 +21,13 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::pin::pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::future::BoxFuture;
-use futures::{FutureExt, Stream, StreamExt};
-use sha2::{Digest as _, Sha256};
+use futures::{Stream, StreamExt};
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
@@ -30,9 +35,10 @@ use crate::metrics::Metrics;
 use crate::oci::Digest;
 use crate::read::read_at;
 use crate::store::{Kind, Store};
+use crate::upstream::UpstreamBody;
+use crate::verify::{Tee, verified};
 
-/// How much a reader sends per chunk, and how much the writer gathers
-/// before one write, when more is already waiting.
+/// How much a reader sends per chunk.
 const CHUNK: usize = 256 * 1024;
 
 #[derive(Clone, Debug)]
@@ -59,8 +65,12 @@ pub struct FillJob {
     pub store: Store,
     pub host: String,
     pub digest: Digest,
-    /// The upstream GET, already past auth and redirects.
-    pub fetch: BoxFuture<'static, Result<reqwest::Response>>,
+    /// The upstream's answer to the blob GET, already past auth, redirects
+    /// and the status check (a 404 or other failure is this future's error,
+    /// which every client of the fill gets). Awaited once, by the fill.
+    pub fetch: BoxFuture<'static, Result<UpstreamBody>>,
+    /// Longest wait for the next chunk of the body before the fill fails
+    /// with [`Error::UpstreamUnavailable`].
     pub body_idle: Duration,
     pub metrics: Arc<Metrics>,
 }
@@ -189,14 +199,6 @@ impl Reader {
 }
 
 async fn run(tx: &watch::Sender<FillState>, job: FillJob) -> Result<()> {
-    let unavailable = |detail: String| Error::UpstreamUnavailable {
-        upstream: job.host.clone(),
-        detail,
-    };
-    let invalid = |detail: String| Error::UpstreamInvalid {
-        upstream: job.host.clone(),
-        detail,
-    };
     // A fill that finished just before this one started leaves nothing to do.
     let dest = job.store.blob_path(&job.host, &job.digest);
     if let Ok(f) = File::open(&dest) {
@@ -207,13 +209,8 @@ async fn run(tx: &watch::Sender<FillState>, job: FillJob) -> Result<()> {
         });
         return Ok(());
     }
-    let resp = job.fetch.await?;
-    match resp.status().as_u16() {
-        200 => {}
-        404 => return Err(Error::BlobUnknown(job.digest.to_string())),
-        s => return Err(invalid(format!("blob GET answered {s}"))),
-    }
-    let size = resp.content_length();
+    let body = job.fetch.await?;
+    let size = body.len;
     let reservation = match size {
         Some(s) => Some(job.store.admit(s).await.ok_or_else(|| {
             Error::StorageFull(format!(
@@ -245,85 +242,29 @@ async fn run(tx: &watch::Sender<FillState>, job: FillJob) -> Result<()> {
         file: Arc::clone(&file),
     });
 
-    let mut hasher = Sha256::new();
+    // Every batch is written as it arrives; readers get it once released.
+    let writer = Arc::clone(&file);
+    let write: Tee = Box::new(move |offset, bytes| {
+        writer.write_all_at(bytes, offset).map_err(storage_error)?;
+        upstream_bytes.inc_by(bytes.len() as u64);
+        Ok(())
+    });
+    let mut released = pin!(verified(
+        idle_limited(body, job.body_idle),
+        job.digest.clone(),
+        Some(write),
+    ));
     let mut written = 0u64;
-    let mut body = resp.bytes_stream();
-    let mut eof = false;
-    while !eof {
-        let first = match tokio::time::timeout(job.body_idle, body.next()).await {
-            Err(_) => {
-                return Err(unavailable(format!(
-                    "blob body stalled for {:?}",
-                    job.body_idle
-                )));
-            }
-            Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(unavailable(crate::upstream::describe(&e))),
-            Ok(Some(Ok(c))) => c,
-        };
-        let mut buf = BytesMut::from(&first[..]);
-        // Gather what has already arrived into one write.
-        while buf.len() < CHUNK {
-            match body.next().now_or_never() {
-                Some(Some(Ok(c))) => buf.extend_from_slice(&c),
-                Some(Some(Err(e))) => return Err(unavailable(crate::upstream::describe(&e))),
-                Some(None) => {
-                    eof = true;
-                    break;
-                }
-                None => break,
-            }
-        }
-        let len = buf.len() as u64;
-        if size.is_some_and(|s| written + len > s) {
-            return Err(invalid("blob body longer than its Content-Length".into()));
-        }
-        let f = Arc::clone(&file);
-        let offset = written;
-        hasher = tokio::task::spawn_blocking(move || -> io::Result<Sha256> {
-            f.write_all_at(&buf, offset)?;
-            hasher.update(&buf);
-            Ok(hasher)
-        })
-        .await
-        .map_err(Error::internal)?
-        .map_err(storage_error)?;
-        written += len;
-        upstream_bytes.inc_by(len);
-        if size == Some(written) {
-            break;
-        }
-        // Without a known size, the newest chunk could be the last: hold it
-        // back until the digest is checked.
-        let publish = if size.is_some() {
-            written
-        } else {
-            written - len
-        };
+    while let Some(batch) = released.next().await {
+        written += batch?.len() as u64;
         tx.send_modify(|s| {
             if let FillState::Streaming { available, .. } = s {
-                *available = publish;
+                *available = written;
             }
         });
     }
-    if let Some(s) = size.filter(|s| *s != written) {
-        return Err(unavailable(format!(
-            "blob body ended after {written} of {s} bytes"
-        )));
-    }
-    let actual = Digest::from_hasher(hasher);
-    if actual != job.digest {
-        return Err(invalid(format!(
-            "blob content does not match its digest (got {actual})"
-        )));
-    }
-    // Verified: readers may have every byte now; the fsync and rename that
-    // make the file durable need not hold them up.
-    tx.send_modify(|s| {
-        if let FillState::Streaming { available, .. } = s {
-            *available = written;
-        }
-    });
+    // Verified and released: the fsync and rename that make the file durable
+    // need not hold readers up.
     tokio::task::spawn_blocking(move || tmp.persist(&dest))
         .await
         .map_err(Error::internal)?
@@ -338,6 +279,29 @@ async fn run(tx: &watch::Sender<FillState>, job: FillJob) -> Result<()> {
         file,
     });
     Ok(())
+}
+
+/// `body`, failing with [`Error::UpstreamUnavailable`] "blob body stalled
+/// for ..." (and then ending) when no chunk arrives for `idle`.
+fn idle_limited(body: UpstreamBody, idle: Duration) -> UpstreamBody {
+    let upstream = body.upstream.clone();
+    let chunks = futures::stream::unfold(Some(body.chunks), move |chunks| {
+        let upstream = upstream.clone();
+        async move {
+            let mut chunks = chunks?;
+            match tokio::time::timeout(idle, chunks.next()).await {
+                Ok(chunk) => Some((chunk?, Some(chunks))),
+                Err(_) => {
+                    let stalled = Error::UpstreamUnavailable {
+                        upstream,
+                        detail: format!("blob body stalled for {idle:?}"),
+                    };
+                    Some((Err(stalled), None))
+                }
+            }
+        }
+    });
+    UpstreamBody::new(&body.upstream, body.len, chunks)
 }
 
 /// Claims the blob's whole size on disk up front, so that a full disk fails
@@ -359,5 +323,405 @@ fn storage_error(e: io::Error) -> Error {
             Error::StorageFull(e.to_string())
         }
         _ => Error::from(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures::FutureExt;
+    use futures::channel::mpsc;
+
+    use super::*;
+    use crate::store::Limits;
+    use crate::verify::BATCH;
+
+    const HOST: &str = "r.example";
+    const IDLE: Duration = Duration::from_secs(30);
+
+    type Feed = mpsc::UnboundedSender<Result<Bytes>>;
+
+    /// A store in a temp dir and the fills running on it.
+    struct Harness {
+        _dir: tempfile::TempDir,
+        store: Store,
+        fills: Arc<Fills>,
+        /// How many fetch futures were made and how many ran.
+        jobs: Arc<AtomicUsize>,
+        fetches: Arc<AtomicUsize>,
+    }
+
+    impl Harness {
+        async fn new() -> Self {
+            Self::with_limits(Limits::default()).await
+        }
+
+        async fn with_limits(limits: Limits) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open_with(dir.path(), limits, Arc::default())
+                .await
+                .unwrap();
+            Self {
+                _dir: dir,
+                store,
+                fills: Arc::default(),
+                jobs: Arc::default(),
+                fetches: Arc::default(),
+            }
+        }
+
+        /// Joins the fill of `digest`, or starts one whose upstream body is
+        /// `len` bytes (if known) fed through the returned sender.
+        fn join(&self, digest: &Digest, len: Option<u64>) -> (Arc<Fill>, bool, Feed) {
+            let (feed, chunks) = mpsc::unbounded();
+            let body = UpstreamBody::new(HOST, len, chunks);
+            let (fill, joined) = self.join_with(digest, async move { Ok(body) }.boxed());
+            (fill, joined, feed)
+        }
+
+        fn join_with(
+            &self,
+            digest: &Digest,
+            fetch: BoxFuture<'static, Result<UpstreamBody>>,
+        ) -> (Arc<Fill>, bool) {
+            self.fills.join_or_start(HOST, digest, || {
+                self.jobs.fetch_add(1, Ordering::SeqCst);
+                let fetches = Arc::clone(&self.fetches);
+                FillJob {
+                    store: self.store.clone(),
+                    host: HOST.to_owned(),
+                    digest: digest.clone(),
+                    fetch: async move {
+                        fetches.fetch_add(1, Ordering::SeqCst);
+                        fetch.await
+                    }
+                    .boxed(),
+                    body_idle: IDLE,
+                    metrics: Arc::clone(self.store.metrics()),
+                }
+            })
+        }
+
+        fn stored(&self, digest: &Digest) -> Option<Vec<u8>> {
+            std::fs::read(self.store.blob_path(HOST, digest)).ok()
+        }
+
+        /// Files left in the store's temp directory (`<root>/tmp`).
+        fn temp_files(&self) -> usize {
+            std::fs::read_dir(self.store.root().join("tmp")).map_or(0, |d| d.count())
+        }
+
+        fn upstream_bytes(&self) -> u64 {
+            let m = self.store.metrics();
+            m.upstream_bytes.get_or_create(&m.upstream(HOST)).get()
+        }
+
+        /// Asserts that the fill failed and left nothing behind.
+        async fn assert_nothing_stored(&self, digest: &Digest) {
+            settle().await;
+            assert!(self.stored(digest).is_none(), "a failed fill was stored");
+            assert_eq!(self.temp_files(), 0, "a temp file was left");
+            assert_eq!(self.store.usage().committed(), 0, "bytes still reserved");
+            assert!(self.fills.in_flight(HOST, digest).is_none());
+        }
+    }
+
+    /// With the clock paused: returns once every task is waiting and no
+    /// blocking work runs, i.e. the fill has done all it can with what it got.
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    fn pattern(len: usize) -> Bytes {
+        (0..len).map(|i| (i % 251) as u8).collect::<Vec<_>>().into()
+    }
+
+    /// Sends `content` in chunks of `size`.
+    fn send(feed: &Feed, content: &[u8], size: usize) {
+        for c in content.chunks(size) {
+            feed.unbounded_send(Ok(Bytes::copy_from_slice(c))).unwrap();
+        }
+    }
+
+    /// The next `n` bytes of `reader`.
+    async fn read_n(
+        reader: &mut (impl Stream<Item = io::Result<Bytes>> + Unpin),
+        n: usize,
+    ) -> Vec<u8> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            got.extend_from_slice(&reader.next().await.unwrap().unwrap());
+        }
+        got
+    }
+
+    /// Everything `reader` yields, and the error it ended with.
+    async fn read_rest(
+        reader: &mut (impl Stream<Item = io::Result<Bytes>> + Unpin),
+    ) -> (Vec<u8>, Option<io::Error>) {
+        let mut got = Vec::new();
+        while let Some(item) = reader.next().await {
+            match item {
+                Ok(b) => got.extend_from_slice(&b),
+                Err(e) => {
+                    assert!(reader.next().await.is_none(), "a read after the error");
+                    return (got, Some(e));
+                }
+            }
+        }
+        (got, None)
+    }
+
+    /// Whether `reader` has nothing more to give for now (clock paused).
+    async fn holds_back(reader: &mut (impl Stream<Item = io::Result<Bytes>> + Unpin)) -> bool {
+        tokio::time::timeout(Duration::from_secs(1), reader.next())
+            .await
+            .is_err()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_corrupt_body_never_releases_its_last_bytes_and_is_not_stored() {
+        let h = Harness::new().await;
+        let good = pattern(BATCH);
+        let digest = Digest::of(&[&good[..], &[7; BATCH][..]].concat());
+        let (fill, _, feed) = h.join(&digest, Some(2 * BATCH as u64));
+        assert_eq!(fill.ready().await.unwrap(), Some(2 * BATCH as u64));
+        let mut reader = Box::pin(fill.read(0, None));
+        send(&feed, &good, BATCH);
+        assert_eq!(read_n(&mut reader, BATCH).await, good);
+        send(&feed, &[8; BATCH], BATCH);
+        let (rest, error) = read_rest(&mut reader).await;
+        assert!(
+            rest.is_empty(),
+            "{} bytes of the corrupt end were read",
+            rest.len()
+        );
+        assert!(
+            error
+                .unwrap()
+                .to_string()
+                .contains("does not match its digest"),
+            "wrong error"
+        );
+        // Every byte came and was written; none of the last was published.
+        assert_eq!(h.upstream_bytes(), 2 * BATCH as u64);
+        let late = Box::pin(fill.read(BATCH as u64, None)).next().await;
+        assert!(late.unwrap().is_err(), "a later reader got the end");
+        assert!(matches!(
+            fill.ready().await,
+            Err(Error::UpstreamInvalid { .. })
+        ));
+        h.assert_nothing_stored(&digest).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_corrupt_body_without_a_length_releases_only_what_came_before_the_newest_batch() {
+        let h = Harness::new().await;
+        let (a, b) = (pattern(BATCH), Bytes::from(vec![9; BATCH]));
+        let digest = Digest::of(&[&a[..], &[7; BATCH][..]].concat());
+        let (fill, _, feed) = h.join(&digest, None);
+        assert_eq!(fill.ready().await.unwrap(), None);
+        let mut reader = Box::pin(fill.read(0, None));
+        send(&feed, &a, BATCH);
+        send(&feed, &b, BATCH);
+        settle().await;
+        assert_eq!(h.upstream_bytes(), 2 * BATCH as u64, "both batches written");
+        assert_eq!(read_n(&mut reader, BATCH).await, a);
+        assert!(
+            holds_back(&mut reader).await,
+            "the newest batch was published"
+        );
+        drop(feed);
+        let (rest, error) = read_rest(&mut reader).await;
+        assert!(
+            rest.is_empty(),
+            "{} bytes of the corrupt end were read",
+            rest.len()
+        );
+        assert!(error.is_some());
+        h.assert_nothing_stored(&digest).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_without_a_length_is_verified_and_stored() {
+        let h = Harness::new().await;
+        let content = pattern(3 * BATCH + 17);
+        let digest = Digest::of(&content);
+        let (fill, _, feed) = h.join(&digest, None);
+        let mut reader = Box::pin(fill.read(0, None));
+        send(&feed, &content, BATCH);
+        settle().await;
+        // All came, but only the end of the body says which batch is last.
+        assert_eq!(read_n(&mut reader, 3 * BATCH).await, content[..3 * BATCH]);
+        assert!(
+            holds_back(&mut reader).await,
+            "the newest batch was published"
+        );
+        drop(feed);
+        let (rest, error) = read_rest(&mut reader).await;
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(rest, content[3 * BATCH..]);
+        settle().await;
+        assert_eq!(h.stored(&digest).as_deref(), Some(&content[..]));
+        assert_eq!(h.temp_files(), 0);
+        assert_eq!(h.store.usage().committed(), content.len() as u64);
+    }
+
+    /// Fills a 10-byte blob whose digest is that of `expected` from a body
+    /// that sends `sent` (in chunks of 5) and then ends; returns the error a
+    /// reader got, having checked that the reader never had 10 bytes and
+    /// that nothing was stored.
+    async fn fill_fails(expected: &[u8], sent: &[u8]) -> String {
+        let h = Harness::new().await;
+        let digest = Digest::of(expected);
+        let (fill, _, feed) = h.join(&digest, Some(10));
+        let mut reader = Box::pin(fill.read(0, None));
+        send(&feed, sent, 5);
+        drop(feed);
+        let (got, error) = read_rest(&mut reader).await;
+        assert!(got.len() < 10, "the whole body was read");
+        h.assert_nothing_stored(&digest).await;
+        error.expect("the fill succeeded").to_string()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_overlong_body_fails() {
+        let error = fill_fails(b"helloworld", b"helloworld!").await;
+        assert!(error.contains("longer than its Content-Length"), "{error}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_body_fails() {
+        // The digest of what came: only the length tells it is short.
+        let error = fill_fails(b"hello", b"hello").await;
+        assert!(error.contains("ended after 5 of 10 bytes"), "{error}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_fails_after_the_idle_timeout() {
+        let h = Harness::new().await;
+        let digest = Digest::of(b"helloworld");
+        let (fill, _, feed) = h.join(&digest, Some(10));
+        let mut reader = Box::pin(fill.read(0, None));
+        send(&feed, b"hello", 5);
+        assert_eq!(read_n(&mut reader, 5).await, b"hello");
+        let stalled_from = tokio::time::Instant::now();
+        let (_, error) = tokio::time::timeout(2 * IDLE, read_rest(&mut reader))
+            .await
+            .expect("the stall was not noticed");
+        let waited = stalled_from.elapsed();
+        assert!(
+            (IDLE..IDLE + Duration::from_secs(1)).contains(&waited),
+            "failed after {waited:?}"
+        );
+        let error = error.unwrap().to_string();
+        assert!(error.contains("blob body stalled for 30s"), "{error}");
+        assert!(matches!(
+            fill.ready().await,
+            Err(Error::UpstreamUnavailable { .. })
+        ));
+        h.assert_nothing_stored(&digest).await;
+        drop(feed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_joiners_share_one_fetch() {
+        let h = Arc::new(Harness::new().await);
+        let content = pattern(3 * BATCH + 100);
+        let digest = Digest::of(&content);
+        let (fill, joined, feed) = h.join(&digest, Some(content.len() as u64));
+        assert!(!joined);
+        let mut readers = Vec::new();
+        for _ in 0..8 {
+            let (h, digest) = (Arc::clone(&h), digest.clone());
+            readers.push(tokio::spawn(async move {
+                let (fill, joined, _) = h.join(&digest, None);
+                let mut reader = Box::pin(fill.read(0, None));
+                (joined, read_rest(&mut reader).await)
+            }));
+        }
+        settle().await;
+        send(&feed, &content, 1000);
+        for r in readers {
+            let (joined, (got, error)) = r.await.unwrap();
+            assert!(joined, "a second fill started");
+            assert!(error.is_none(), "{error:?}");
+            assert!(got == content, "a joiner got other bytes");
+        }
+        assert_eq!(
+            read_rest(&mut Box::pin(fill.read(0, None))).await.0,
+            content
+        );
+        assert_eq!(h.jobs.load(Ordering::SeqCst), 1, "fetches made");
+        assert_eq!(h.fetches.load(Ordering::SeqCst), 1, "fetches run");
+        assert_eq!(h.upstream_bytes(), content.len() as u64);
+        settle().await;
+        assert_eq!(h.stored(&digest).as_deref(), Some(&content[..]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_joiner_gets_the_bytes_it_missed() {
+        let h = Harness::new().await;
+        let content = pattern(3 * BATCH);
+        let digest = Digest::of(&content);
+        let (first, _, feed) = h.join(&digest, Some(content.len() as u64));
+        let mut early = Box::pin(first.read(0, None));
+        send(&feed, &content[..2 * BATCH], BATCH);
+        assert_eq!(read_n(&mut early, 2 * BATCH).await, content[..2 * BATCH]);
+
+        let (late, joined, _) = h.join(&digest, None);
+        assert!(joined && Arc::ptr_eq(&first, &late));
+        let mut late = Box::pin(late.read(0, None));
+        // What was written is there at once, before the rest comes.
+        assert_eq!(read_n(&mut late, 2 * BATCH).await, content[..2 * BATCH]);
+        send(&feed, &content[2 * BATCH..], BATCH);
+        let (rest, error) = read_rest(&mut late).await;
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(rest, content[2 * BATCH..]);
+        assert_eq!(read_rest(&mut early).await.0, content[2 * BATCH..]);
+        assert_eq!(h.fetches.load(Ordering::SeqCst), 1);
+
+        // Done: the next request finds it stored and fetches nothing.
+        settle().await;
+        assert!(h.fills.in_flight(HOST, &digest).is_none());
+        let (again, joined, _) = h.join(&digest, None);
+        assert!(!joined);
+        assert_eq!(again.ready().await.unwrap(), Some(content.len() as u64));
+        assert_eq!(h.fetches.load(Ordering::SeqCst), 1, "fetched a stored blob");
+    }
+
+    #[tokio::test]
+    async fn a_failed_fetch_fails_every_joiner() {
+        let h = Harness::new().await;
+        let digest = Digest::of(b"x");
+        let (gate, opened) = tokio::sync::oneshot::channel::<()>();
+        let fetch = async move {
+            let _ = opened.await;
+            Err(Error::BlobUnknown("x".into()))
+        };
+        let (fill, _) = h.join_with(&digest, fetch.boxed());
+        let (joiner, joined, _) = h.join(&digest, None);
+        assert!(joined);
+        gate.send(()).unwrap();
+        for f in [fill, joiner] {
+            assert!(matches!(f.ready().await, Err(Error::BlobUnknown(_))));
+        }
+        assert_eq!(h.fetches.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_budget_fails_before_anything_is_written() {
+        let h = Harness::with_limits(Limits {
+            max_size: Some(100),
+            ..Limits::default()
+        })
+        .await;
+        let digest = Digest::of(&[0; 1000]);
+        let (fill, _, feed) = h.join(&digest, Some(1000));
+        send(&feed, &[0; 1000], 1000);
+        assert!(matches!(fill.ready().await, Err(Error::StorageFull(_))));
+        assert_eq!(h.upstream_bytes(), 0, "bytes were written");
+        h.assert_nothing_stored(&digest).await;
     }
 }

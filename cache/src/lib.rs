@@ -2,7 +2,9 @@
 //!
 //! `route` decides what a request is, `mirror` decides where its bytes come
 //! from (`store` on disk, a shared `fill` in flight, or an `upstream`), and
-//! `server` speaks HTTP.
+//! `server` speaks HTTP. Every blob body from an upstream, filled or passed
+//! through, goes out through `verify`, which releases its last bytes only
+//! once they match the digest.
 
 pub mod config;
 pub mod error;
@@ -21,6 +23,7 @@ pub mod route;
 pub mod server;
 pub mod store;
 pub mod upstream;
+pub mod verify;
 pub mod zerocopy;
 
 use std::future::Future;

@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::oci::media::{self, accepts};
 use crate::oci::{Digest, Reference, RepoName, Tag};
 use crate::store::{Lease, Store, StoredBlob, StoredManifest, TagRecord};
-use crate::upstream::{self, Upstream};
+use crate::upstream::{self, Upstream, UpstreamBody};
 
 const MAX_PASSTHROUGH_BODY: u64 = 8 << 20;
 
@@ -51,9 +51,10 @@ pub enum Blob {
         fill: Arc<Fill>,
         size: Option<u64>,
     },
-    /// No room to store it: the upstream's response, relayed as it arrives.
+    /// No room to store it: the upstream's body, relayed as it arrives
+    /// (through [`crate::verify::verified`]).
     PassThrough {
-        resp: reqwest::Response,
+        body: UpstreamBody,
     },
 }
 
@@ -429,8 +430,7 @@ impl Mirror {
                 store: self.store.clone(),
                 host: host.clone(),
                 digest: d.clone(),
-                fetch: async move { this.blob_request(up, Method::GET, &repo, &digest).await }
-                    .boxed(),
+                fetch: async move { this.blob_body(up, &repo, &digest).await }.boxed(),
                 body_idle: self.timeouts.body_idle,
                 metrics: Arc::clone(&self.metrics),
             }
@@ -444,14 +444,21 @@ impl Mirror {
             Err(Error::StorageFull(why)) => {
                 tracing::warn!(upstream = %host, digest = %d, reason = %why, "storage full; passing the blob through uncached");
                 self.metrics.disk_full_passthrough.inc();
-                let resp = self.blob_request(up, Method::GET, repo, d).await?;
-                match resp.status().as_u16() {
-                    200 => Ok(Blob::PassThrough { resp }),
-                    404 => Err(Error::BlobUnknown(d.to_string())),
-                    _ => Err(upstream_status(host, "blob GET", resp.status())),
-                }
+                let body = self.blob_body(up, repo, d).await?;
+                Ok(Blob::PassThrough { body })
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// The body of `repo`'s blob `d` on upstream `up`, unchecked: a 404 is
+    /// [`Error::BlobUnknown`], any other status but 200 an upstream error.
+    async fn blob_body(&self, up: usize, repo: &RepoName, d: &Digest) -> Result<UpstreamBody> {
+        let resp = self.blob_request(up, Method::GET, repo, d).await?;
+        match resp.status().as_u16() {
+            200 => Ok(UpstreamBody::from_response(&self.hosts[up], resp)),
+            404 => Err(Error::BlobUnknown(d.to_string())),
+            _ => Err(upstream_status(&self.hosts[up], "blob GET", resp.status())),
         }
     }
 

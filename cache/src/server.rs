@@ -20,6 +20,7 @@ use crate::oci::{Digest, Reference};
 use crate::range::{self, RangeRequest};
 use crate::route::{Endpoint, RepoRequest, Request, route};
 use crate::store::StoredManifest;
+use crate::verify::verified;
 use crate::zerocopy::SendQueue;
 
 const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
@@ -253,13 +254,15 @@ async fn blob_response(
 ) -> Result<Response> {
     // Uncached: the whole body, as HTTP allows when a Range is not honoured.
     let blob = match blob {
-        Blob::PassThrough { resp } => {
-            let size = resp.content_length();
-            let body = Body::from_stream(counted(
-                verified(resp.bytes_stream(), d.clone()),
-                metrics,
-                "passthrough",
-            ));
+        Blob::PassThrough { body } => {
+            let size = body.len;
+            let digest = d.clone();
+            let relayed = verified(body, d.clone(), None).inspect(move |r| {
+                if let Err(e) = r {
+                    tracing::warn!(%digest, error = %e, "uncached blob transfer aborted");
+                }
+            });
+            let body = Body::from_stream(counted(relayed, metrics, "passthrough"));
             let mut out = Response::new(body);
             match size {
                 Some(s) => blob_headers(out.headers_mut(), d, s),
@@ -350,62 +353,6 @@ where
     stream.inspect(move |chunk| {
         if let Ok(b) = chunk {
             counter.inc_by(b.len() as u64);
-        }
-    })
-}
-
-/// Relays an uncached body, holding back its last chunk until the digest is
-/// checked: a client never receives a complete body that does not match.
-fn verified<S>(
-    stream: S,
-    digest: Digest,
-) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static
-where
-    S: futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send + Unpin + 'static,
-{
-    use sha2::Digest as _;
-    struct St<S> {
-        inner: S,
-        hasher: sha2::Sha256,
-        held: Option<bytes::Bytes>,
-        done: bool,
-        digest: Digest,
-    }
-    let st = St {
-        inner: stream,
-        hasher: sha2::Sha256::new(),
-        held: None,
-        done: false,
-        digest,
-    };
-    futures::stream::unfold(st, |mut st| async move {
-        if st.done {
-            return None;
-        }
-        loop {
-            match st.inner.next().await {
-                Some(Ok(chunk)) if chunk.is_empty() => continue,
-                Some(Ok(chunk)) => {
-                    st.hasher.update(&chunk);
-                    if let Some(prev) = st.held.replace(chunk) {
-                        return Some((Ok(prev), st));
-                    }
-                }
-                Some(Err(e)) => {
-                    st.done = true;
-                    return Some((Err(std::io::Error::other(e)), st));
-                }
-                None => {
-                    st.done = true;
-                    let actual = Digest::from_hasher(std::mem::take(&mut st.hasher));
-                    if actual != st.digest {
-                        tracing::warn!(expected = %st.digest, got = %actual, "uncached blob does not match its digest; transfer aborted");
-                        return Some((Err(std::io::Error::other("blob digest mismatch")), st));
-                    }
-                    let last = st.held.take()?;
-                    return Some((Ok(last), st));
-                }
-            }
         }
     })
 }

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use url::Url;
 
@@ -237,6 +238,49 @@ pub fn describe(e: &reqwest::Error) -> String {
     match root {
         Some(r) => format!("{kind}: {r}"),
         None => kind.to_owned(),
+    }
+}
+
+/// A blob body on its way from an upstream, not yet checked: what a fill
+/// writes and what a pass-through relays, both through
+/// [`crate::verify::verified`].
+pub struct UpstreamBody {
+    /// The configured host of the upstream it comes from, for errors.
+    pub upstream: String,
+    /// Its length in bytes, from `Content-Length`; `None` when the upstream
+    /// sends it chunked.
+    pub len: Option<u64>,
+    /// Its bytes in order, in the chunks they arrived in. A transport failure
+    /// is an item [`Error::UpstreamUnavailable`] (see [`describe`]).
+    pub chunks: BoxStream<'static, Result<Bytes>>,
+}
+
+impl UpstreamBody {
+    /// A body of `len` bytes (if known) arriving as `chunks` from `upstream`.
+    pub fn new(
+        upstream: &str,
+        len: Option<u64>,
+        chunks: impl Stream<Item = Result<Bytes>> + Send + 'static,
+    ) -> Self {
+        Self {
+            upstream: upstream.to_owned(),
+            len,
+            chunks: chunks.boxed(),
+        }
+    }
+
+    /// The body of `resp`, an upstream's answer whose status the caller has
+    /// already checked.
+    pub fn from_response(upstream: &str, resp: reqwest::Response) -> Self {
+        let host = upstream.to_owned();
+        let len = resp.content_length();
+        let chunks = resp.bytes_stream().map(move |chunk| {
+            chunk.map_err(|e| Error::UpstreamUnavailable {
+                upstream: host.clone(),
+                detail: describe(&e),
+            })
+        });
+        Self::new(upstream, len, chunks)
     }
 }
 

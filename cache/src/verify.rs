@@ -1,0 +1,436 @@
+//! Checking an upstream blob body against its digest before its last bytes
+//! go out.
+//!
+//! A client may receive a body's bytes as they arrive, but never all of a
+//! body that does not match its digest: the batch that ends the body is
+//! released only once the digest has been checked. With a known length that
+//! batch is the one reaching it, and every earlier batch is released at once;
+//! without one, any batch could be the last, so the newest is held back until
+//! the next one arrives or the body ends. The fill (which writes every batch
+//! to its temp file through a [`Tee`]) and the uncached pass-through both
+//! read upstream bodies through [`verified`].
+
+use std::mem;
+
+use bytes::{Bytes, BytesMut};
+use futures::stream::{BoxStream, Fuse};
+use futures::{FutureExt, Stream, StreamExt};
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{Error, Result};
+use crate::oci::Digest;
+use crate::upstream::UpstreamBody;
+
+/// Most bytes gathered from chunks that have already arrived into one batch
+/// (one hash and one write), so that small chunks do not cost a trip to the
+/// blocking pool each. A single larger chunk is one batch as it is.
+pub const BATCH: usize = 256 * 1024;
+
+/// Where every batch is copied before it is hashed, on the blocking pool:
+/// called with the batch's offset in the body (bytes) and its bytes, before
+/// the batch is released. An error ends the body with that error.
+pub type Tee = Box<dyn FnMut(u64, &[u8]) -> Result<()> + Send>;
+
+/// `body`'s bytes, in batches released as the module docs say, checked
+/// against `digest` (and copied to `tee` first, if given). A body with a
+/// known length is not read past it. The stream ends after the last byte of
+/// a body that matched, or with one error, after which it ends:
+/// - [`Error::UpstreamInvalid`] "blob body longer than its Content-Length"
+///   as soon as a batch goes past the length, before that batch is teed;
+/// - [`Error::UpstreamUnavailable`] "blob body ended after X of Y bytes";
+/// - [`Error::UpstreamInvalid`] "blob content does not match its digest";
+/// - the body's own errors and the tee's, as they are;
+/// - [`Error::Internal`] if the blocking pool fails.
+pub fn verified(
+    body: UpstreamBody,
+    digest: Digest,
+    tee: Option<Tee>,
+) -> impl Stream<Item = Result<Bytes>> + Send + 'static {
+    let verifier = Verifier {
+        chunks: body.chunks.fuse(),
+        upstream: body.upstream,
+        len: body.len,
+        digest,
+        hasher: Sha256::new(),
+        tee,
+        seen: 0,
+        held: None,
+        ended: false,
+    };
+    // After an error the stream ends: `try_unfold` drops the state.
+    futures::stream::try_unfold(verifier, |mut v| async move {
+        if v.ended {
+            return Ok(None);
+        }
+        Ok(v.next_release().await?.map(|batch| (batch, v)))
+    })
+}
+
+struct Verifier {
+    chunks: Fuse<BoxStream<'static, Result<Bytes>>>,
+    upstream: String,
+    len: Option<u64>,
+    digest: Digest,
+    hasher: Sha256,
+    tee: Option<Tee>,
+    /// Bytes hashed (and teed) so far.
+    seen: u64,
+    /// Without a known length: the newest batch, until the next arrives.
+    held: Option<Bytes>,
+    /// The whole body has been checked: nothing follows.
+    ended: bool,
+}
+
+impl Verifier {
+    /// The next batch that may go out; `None` after the last.
+    async fn next_release(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            let Some(batch) = self.next_batch().await? else {
+                self.finish()?;
+                return Ok(self.held.take());
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            if self
+                .len
+                .is_some_and(|len| self.seen + batch.len() as u64 > len)
+            {
+                return Err(self.invalid("blob body longer than its Content-Length".into()));
+            }
+            self.absorb(&batch).await?;
+            match self.len {
+                Some(len) if self.seen == len => {
+                    self.finish()?;
+                    return Ok(Some(batch));
+                }
+                Some(_) => return Ok(Some(batch)),
+                None => {
+                    if let Some(prev) = self.held.replace(batch) {
+                        return Ok(Some(prev));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next chunk together with whatever else has already arrived, up
+    /// to [`BATCH`] bytes; `None` at the end of the body.
+    async fn next_batch(&mut self) -> Result<Option<Bytes>> {
+        let Some(first) = self.chunks.next().await.transpose()? else {
+            return Ok(None);
+        };
+        let mut gathered: Option<BytesMut> = None;
+        while gathered.as_ref().map_or(first.len(), BytesMut::len) < BATCH {
+            match self.chunks.next().now_or_never() {
+                Some(Some(Ok(c))) => gathered
+                    .get_or_insert_with(|| BytesMut::from(&first[..]))
+                    .extend_from_slice(&c),
+                Some(Some(Err(e))) => return Err(e),
+                Some(None) | None => break,
+            }
+        }
+        Ok(Some(gathered.map_or(first, BytesMut::freeze)))
+    }
+
+    /// Tees and hashes `batch` on the blocking pool.
+    async fn absorb(&mut self, batch: &Bytes) -> Result<()> {
+        let (mut hasher, mut tee) = (mem::take(&mut self.hasher), self.tee.take());
+        let (offset, bytes) = (self.seen, batch.clone());
+        (self.hasher, self.tee) = tokio::task::spawn_blocking(move || -> Result<_> {
+            if let Some(tee) = tee.as_mut() {
+                tee(offset, &bytes)?;
+            }
+            hasher.update(&bytes);
+            Ok((hasher, tee))
+        })
+        .await
+        .map_err(Error::internal)??;
+        self.seen += batch.len() as u64;
+        Ok(())
+    }
+
+    /// Checks the whole body: its length, then its digest.
+    fn finish(&mut self) -> Result<()> {
+        self.ended = true;
+        if let Some(len) = self.len.filter(|len| *len != self.seen) {
+            return Err(Error::UpstreamUnavailable {
+                upstream: self.upstream.clone(),
+                detail: format!("blob body ended after {} of {len} bytes", self.seen),
+            });
+        }
+        let actual = Digest::from_hasher(mem::take(&mut self.hasher));
+        if actual != self.digest {
+            return Err(self.invalid(format!(
+                "blob content does not match its digest (got {actual})"
+            )));
+        }
+        Ok(())
+    }
+
+    fn invalid(&self, detail: String) -> Error {
+        Error::UpstreamInvalid {
+            upstream: self.upstream.clone(),
+            detail,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use futures::channel::mpsc;
+
+    use super::*;
+
+    /// One whole batch of `byte`: chunks this large are never gathered, so
+    /// each is its own batch whatever the timing.
+    fn batch_of(byte: u8) -> Bytes {
+        Bytes::from(vec![byte; BATCH])
+    }
+
+    fn body(len: Option<u64>, chunks: Vec<Result<Bytes>>) -> UpstreamBody {
+        UpstreamBody::new("r.example", len, futures::stream::iter(chunks))
+    }
+
+    fn len_of(chunks: &[Bytes]) -> u64 {
+        chunks.iter().map(|c| c.len() as u64).sum()
+    }
+
+    /// Everything the stream yields: the released batches, then its error.
+    async fn run(
+        body: UpstreamBody,
+        digest: Digest,
+        tee: Option<Tee>,
+    ) -> (Vec<Bytes>, Option<Error>) {
+        let mut released = Vec::new();
+        let mut error = None;
+        let mut s = std::pin::pin!(verified(body, digest, tee));
+        while let Some(item) = s.next().await {
+            assert!(error.is_none(), "an item after the error");
+            match item {
+                Ok(b) => released.push(b),
+                Err(e) => error = Some(e),
+            }
+        }
+        (released, error)
+    }
+
+    /// Each batch the tee saw: its offset and length.
+    type Teed = Arc<Mutex<Vec<(u64, usize)>>>;
+
+    fn recording_tee() -> (Tee, Teed) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = Arc::clone(&seen);
+        let tee: Tee = Box::new(move |offset, bytes| {
+            s.lock().unwrap().push((offset, bytes.len()));
+            Ok(())
+        });
+        (tee, seen)
+    }
+
+    #[tokio::test]
+    async fn a_matching_body_is_released_whole_with_or_without_a_length() {
+        let chunks = vec![batch_of(1), batch_of(2), Bytes::from_static(b"tail")];
+        let digest = Digest::of(&chunks.concat());
+        for len in [Some(len_of(&chunks)), None] {
+            let (released, error) = run(
+                body(len, chunks.iter().cloned().map(Ok).collect()),
+                digest.clone(),
+                None,
+            )
+            .await;
+            assert!(error.is_none(), "{len:?}: {error:?}");
+            assert_eq!(released, chunks, "{len:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_is_checked_too() {
+        let (released, error) = run(body(Some(0), vec![]), Digest::of(b""), None).await;
+        assert!(released.is_empty());
+        assert!(error.is_none(), "{error:?}");
+        let (released, error) = run(body(None, vec![]), Digest::of(b"x"), None).await;
+        assert!(released.is_empty());
+        assert!(
+            matches!(error, Some(Error::UpstreamInvalid { .. })),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_mismatching_body_never_releases_its_last_batch() {
+        let chunks = vec![batch_of(1), batch_of(2), batch_of(3)];
+        let digest = Digest::of(&[batch_of(1), batch_of(2), batch_of(4)].concat());
+        for len in [Some(len_of(&chunks)), None] {
+            let (tee, teed) = recording_tee();
+            let (released, error) = run(
+                body(len, chunks.iter().cloned().map(Ok).collect()),
+                digest.clone(),
+                Some(tee),
+            )
+            .await;
+            assert_eq!(released, chunks[..2], "{len:?}");
+            match error {
+                Some(Error::UpstreamInvalid { detail, .. }) => {
+                    assert!(detail.contains("does not match its digest"), "{detail}");
+                }
+                other => panic!("{len:?}: {other:?}"),
+            }
+            // The last batch was copied (the fill writes it), just not released.
+            let b = BATCH as u64;
+            assert_eq!(
+                *teed.lock().unwrap(),
+                [(0, BATCH), (b, BATCH), (2 * b, BATCH)]
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_overlong_body_fails_before_the_excess_is_copied() {
+        let (tee, teed) = recording_tee();
+        let chunks = vec![Ok(batch_of(1)), Ok(Bytes::from_static(b"excess"))];
+        let digest = Digest::of(&batch_of(1));
+        let (released, error) = run(body(Some(BATCH as u64 + 1), chunks), digest, Some(tee)).await;
+        assert_eq!(released, [batch_of(1)]);
+        match error {
+            Some(Error::UpstreamInvalid { detail, .. }) => {
+                assert_eq!(detail, "blob body longer than its Content-Length");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(*teed.lock().unwrap(), [(0, BATCH)]);
+    }
+
+    #[tokio::test]
+    async fn a_body_is_not_read_past_its_length() {
+        // What follows the length is never looked at, not even this error.
+        let chunks = vec![
+            Ok(batch_of(1)),
+            Err(Error::internal("read past the length")),
+        ];
+        let (released, error) = run(
+            body(Some(BATCH as u64), chunks),
+            Digest::of(&batch_of(1)),
+            None,
+        )
+        .await;
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(released, [batch_of(1)]);
+    }
+
+    #[tokio::test]
+    async fn a_short_body_fails() {
+        let chunks = vec![Ok(Bytes::from_static(b"hello"))];
+        // The digest matches what came: only the length shows it is short.
+        let (released, error) = run(body(Some(10), chunks), Digest::of(b"hello"), None).await;
+        // Not the end as far as the length says: released as it came.
+        assert_eq!(released, [Bytes::from_static(b"hello")]);
+        match error {
+            Some(Error::UpstreamUnavailable { detail, .. }) => {
+                assert_eq!(detail, "blob body ended after 5 of 10 bytes");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn body_and_tee_errors_end_the_stream_as_they_are() {
+        let broken = || Error::UpstreamUnavailable {
+            upstream: "r.example".into(),
+            detail: "connection reset".into(),
+        };
+        let digest = Digest::of(&[batch_of(1), batch_of(2)].concat());
+        let chunks = || vec![Ok(batch_of(1)), Err(broken()), Ok(batch_of(2))];
+        // With a length the first batch went out; without one it was held.
+        let (released, error) =
+            run(body(Some(2 * BATCH as u64), chunks()), digest.clone(), None).await;
+        assert_eq!(released, [batch_of(1)]);
+        assert_eq!(error.unwrap().to_string(), broken().to_string());
+        let (released, error) = run(body(None, chunks()), digest.clone(), None).await;
+        assert!(released.is_empty());
+        assert_eq!(error.unwrap().to_string(), broken().to_string());
+
+        let full: Tee = Box::new(|_, _| Err(Error::StorageFull("disk".into())));
+        let chunks = vec![Ok(batch_of(1)), Ok(batch_of(2))];
+        let (released, error) = run(body(None, chunks), digest, Some(full)).await;
+        assert!(released.is_empty());
+        assert!(matches!(error, Some(Error::StorageFull(_))), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn chunks_that_already_arrived_are_gathered_into_one_batch() {
+        let small: Vec<Bytes> = (0..100u8).map(|i| Bytes::from(vec![i; 10])).collect();
+        let content = small.concat();
+        let (tee, teed) = recording_tee();
+        let (released, error) = run(
+            body(None, small.into_iter().map(Ok).collect()),
+            Digest::of(&content),
+            Some(tee),
+        )
+        .await;
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(released, [Bytes::from(content)]);
+        assert_eq!(*teed.lock().unwrap(), [(0, 1000)]);
+
+        // A batch stops growing at BATCH; a larger chunk stays whole.
+        let (tee, teed) = recording_tee();
+        let chunks = [
+            Bytes::from(vec![1; BATCH - 1]),
+            Bytes::from(vec![2; 2]),
+            Bytes::from(vec![3; 2 * BATCH]),
+        ];
+        let (_, error) = run(
+            body(None, chunks.iter().cloned().map(Ok).collect()),
+            Digest::of(&chunks.concat()),
+            Some(tee),
+        )
+        .await;
+        assert!(error.is_none(), "{error:?}");
+        let b = BATCH as u64;
+        assert_eq!(*teed.lock().unwrap(), [(0, BATCH + 1), (b + 1, 2 * BATCH)]);
+    }
+
+    /// With the clock paused, a wait that is still pending once everything
+    /// else is idle times out at once: the stream is holding its bytes back.
+    async fn next_now(
+        s: &mut (impl Stream<Item = Result<Bytes>> + Unpin),
+    ) -> Option<Option<Result<Bytes>>> {
+        tokio::time::timeout(Duration::from_secs(1), s.next())
+            .await
+            .ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_a_length_each_batch_goes_out_at_once_without_one_the_newest_waits() {
+        let content = [batch_of(1), batch_of(2)].concat();
+        for len in [Some(content.len() as u64), None] {
+            let (tx, rx) = mpsc::unbounded();
+            let body = UpstreamBody::new("r.example", len, rx);
+            let mut s = Box::pin(verified(body, Digest::of(&content), None));
+            tx.unbounded_send(Ok(batch_of(1))).unwrap();
+            let first = next_now(&mut s).await;
+            if len.is_some() {
+                assert_eq!(first.unwrap().unwrap().unwrap(), batch_of(1));
+            } else {
+                assert!(first.is_none(), "released before the next chunk came");
+            }
+            tx.unbounded_send(Ok(batch_of(2))).unwrap();
+            if len.is_none() {
+                assert_eq!(
+                    next_now(&mut s).await.unwrap().unwrap().unwrap(),
+                    batch_of(1)
+                );
+                assert!(next_now(&mut s).await.is_none(), "released before the end");
+                drop(tx);
+            }
+            assert_eq!(
+                next_now(&mut s).await.unwrap().unwrap().unwrap(),
+                batch_of(2)
+            );
+            assert!(next_now(&mut s).await.unwrap().is_none(), "{len:?}");
+        }
+    }
+}

@@ -8,6 +8,7 @@ use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use clap::Parser;
 use regmirror_cache::config::{Cli, Config};
+use regmirror_cache::store::layout;
 use regmirror_cache::{mirror::Mirror, server, store::Store};
 use tower::ServiceExt;
 
@@ -190,7 +191,7 @@ async fn upstream_failure_is_never_a_401() {
         assert!(!body.to_string().contains("127.0.0.1:9"), "{body}");
     }
     assert_eq!(
-        files_under(&dir.path().join("upstreams")),
+        files_under(&layout::upstreams_dir(dir.path())),
         Vec::<String>::new()
     );
 }

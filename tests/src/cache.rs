@@ -5,11 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
+use regmirror_cache::oci::Digest;
+use regmirror_cache::store::layout;
 use tempfile::TempDir;
 
 use crate::process::{ChildGuard, is_addr_in_use};
-use crate::util::{free_port, read_lossy, tail_lines, workspace_root};
+use crate::util::{free_port, read_lossy, sha256_digest, tail_lines, workspace_root};
 
 /// Name of the cache binary.
 pub const CACHE_BIN: &str = "regmirror-cache";
@@ -226,6 +228,10 @@ impl CacheProcess {
     pub fn storage(&self) -> &Path {
         &self.storage
     }
+    /// The cache's files under [`CacheProcess::storage`].
+    pub fn store(&self) -> StoreLayout {
+        StoreLayout::new(&self.storage)
+    }
     /// Private temp dir (holds the default storage and the log).
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -315,4 +321,101 @@ impl Drop for CacheProcess {
             c.kill_now();
         }
     }
+}
+
+/// The cache's files under one storage root, located with the cache's own path
+/// functions ([`regmirror_cache::store::layout`]), for tests that look at (or
+/// plant) stored content with or without a running cache.
+#[derive(Debug, Clone)]
+pub struct StoreLayout {
+    root: PathBuf,
+}
+
+impl StoreLayout {
+    /// The layout under `root` (the cache's `--storage`).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// Where the blob `digest` (`sha256:<64 hex>`) of upstream `host` is kept
+    /// once complete and verified. Panics on a malformed digest.
+    pub fn blob(&self, host: &str, digest: &str) -> PathBuf {
+        let d: Digest = digest
+            .parse()
+            .unwrap_or_else(|e| panic!("{digest:?} is not a digest: {e}"));
+        layout::blob_path(&self.root, host, &d)
+    }
+
+    /// The directory of in-progress writes.
+    pub fn tmp_dir(&self) -> PathBuf {
+        layout::tmp_dir(&self.root)
+    }
+
+    /// Number of in-progress writes (files in [`StoreLayout::tmp_dir`]);
+    /// errors if that directory cannot be read (the store was never opened).
+    pub fn temp_files(&self) -> std::io::Result<usize> {
+        Ok(std::fs::read_dir(self.tmp_dir())?.count())
+    }
+
+    /// Every stored blob and manifest file (not the media-type sidecars) with
+    /// its size in bytes, across upstreams. Fails if any does not hash to its
+    /// name, or on a read error.
+    pub fn verified_content(&self) -> Result<Vec<(PathBuf, u64)>> {
+        let mut dirs = Vec::new();
+        for host in std::fs::read_dir(layout::upstreams_dir(&self.root))?.flatten() {
+            let host = host.file_name().to_string_lossy().into_owned();
+            dirs.push(layout::blobs_dir(&self.root, &host));
+            dirs.push(layout::manifests_dir(&self.root, &host));
+        }
+        let mut out = Vec::new();
+        for p in files_under(dirs) {
+            let name = file_name(&p);
+            if name.len() != 64 {
+                continue;
+            }
+            let bytes = std::fs::read(&p)?;
+            ensure!(
+                sha256_digest(&bytes) == format!("sha256:{name}"),
+                "{} does not match its digest",
+                p.display()
+            );
+            out.push((p, bytes.len() as u64));
+        }
+        Ok(out)
+    }
+
+    /// Files anywhere under the root (temp files included) named like
+    /// `digest`'s hex (`digest` with its `sha256:` prefix or without): where
+    /// the content went, if anywhere, complete or not.
+    pub fn files_named(&self, digest: &str) -> Vec<PathBuf> {
+        let hex = digest.trim_start_matches("sha256:");
+        files_under(vec![self.root.clone()])
+            .into_iter()
+            .filter(|p| file_name(p) == hex)
+            .collect()
+    }
+}
+
+/// Every file under `dirs`, recursively; unreadable directories are skipped.
+fn files_under(mut dirs: Vec<PathBuf>) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for p in entries.flatten().map(|e| e.path()) {
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    files
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }

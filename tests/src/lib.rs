@@ -9,6 +9,7 @@
 //! - [`helm`]: the Helm chart, `helm`, and kubeconform with schemas from the API server.
 //! - [`OperatorProcess`]: the `regmirror-operator` binary under test.
 //! - [`FakeUpstream`]: programmable in-process registry for fault and auth tests.
+//! - [`RequestLog`]: counting and awaiting the requests either upstream received.
 //! - [`util`]: ports, polling, digests, HTTP client.
 //!
 //! Every peer lives in its own temp dir on 127.0.0.1 with a free port and is killed on
@@ -24,18 +25,20 @@ pub mod helm;
 pub mod operator;
 pub mod process;
 pub mod registry;
+pub mod request_log;
 pub mod seed;
 pub mod skopeo;
 pub mod tools;
 pub mod util;
 
-pub use cache::{CacheOptions, CacheProcess, cache_binary};
+pub use cache::{CacheOptions, CacheProcess, StoreLayout, cache_binary};
 pub use containerd::{Containerd, write_hosts_toml};
 pub use controlplane::{ControlPlane, tools_bin_dir};
 pub use fake::{Auth, Behaviour, FakeUpstream, RecordedRequest};
 pub use operator::{AgentOptions, AgentProcess, OperatorProcess, operator_binary};
 pub use process::ensure_success;
 pub use registry::{AccessEntry, Registry};
+pub use request_log::RequestLog;
 pub use seed::{
     Blob, Flavour, ImageSpec, Platform, PushedImage, PushedIndex, build_image, build_index,
     push_blob, push_built_image, push_built_index, push_image, push_index, push_manifest,

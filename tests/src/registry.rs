@@ -1,17 +1,21 @@
 //! A real upstream: Debian's `docker-registry` (CNCF distribution 2.8) on loopback.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use tempfile::TempDir;
 
 use crate::process::{ChildGuard, is_addr_in_use};
-use crate::util::{free_port, read_lossy, wait_until};
+use crate::request_log::RequestLog;
+use crate::util::{free_port, http_client, read_lossy, wait_until};
 
 const BINARY: &str = "/usr/bin/docker-registry";
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Query parameter of [`Registry::sync_log`]'s marker requests.
+const SYNC_MARKER: &str = "regmirror-e2e-sync";
 
 /// One line of the registry access log (Apache combined format).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,39 +198,44 @@ impl Registry {
         read_lossy(&self.log_path)
     }
 
-    /// Parsed access log so far.
+    /// Parsed access log so far, without the marker requests of [`Registry::sync_log`].
     pub fn access_log(&self) -> Vec<AccessEntry> {
-        parse_access_log(&self.log())
+        let mut log = parse_access_log(&self.log());
+        log.retain(|e| !e.path.contains(SYNC_MARKER));
+        log
     }
 
-    /// Number of access-log entries with this method whose path contains `path_contains`.
-    pub fn count(&self, method: &str, path_contains: &str) -> usize {
+    /// Waits until every request the registry answered before this call is in
+    /// its access log: sends a marker request and waits for its line. (The
+    /// line is written after the response, so a count taken right after a
+    /// request can lag.) The marker line is left out of [`Registry::access_log`]
+    /// and counts. Errors if the marker is not answered or logged within 10 s.
+    pub async fn sync_log(&self) -> Result<()> {
+        static MARKERS: AtomicU64 = AtomicU64::new(0);
+        let marker = format!("{SYNC_MARKER}={}", MARKERS.fetch_add(1, Ordering::Relaxed));
+        let url = format!("{}/v2/?{marker}", self.url());
+        let status = http_client().get(&url).send().await?.status();
+        ensure!(status == 200, "GET {url}: {status}");
+        let line = &format!("/v2/?{marker} HTTP/");
+        wait_until(Duration::from_secs(10), || async move {
+            self.log().contains(line)
+        })
+        .await
+        .with_context(|| format!("{} never logged GET {url}", self.describe()))
+    }
+}
+
+impl RequestLog for Registry {
+    fn describe(&self) -> String {
+        format!("docker-registry {}", self.host())
+    }
+
+    /// Access-log entries (complete responses) with this method whose path contains `path_contains`.
+    fn count(&self, method: &str, path_contains: &str) -> usize {
         self.access_log()
             .iter()
             .filter(|e| e.method.eq_ignore_ascii_case(method) && e.path.contains(path_contains))
             .count()
-    }
-
-    /// Waits until [`Registry::count`] reaches `at_least` (the access-log line is written
-    /// just after the response, so a count right after a request can lag slightly).
-    pub async fn wait_count(
-        &self,
-        method: &str,
-        path_contains: &str,
-        at_least: usize,
-        timeout: Duration,
-    ) -> Result<usize> {
-        wait_until(timeout, || async move {
-            self.count(method, path_contains) >= at_least
-        })
-        .await
-        .with_context(|| {
-            format!(
-                "registry count({method}, {path_contains}) = {} < {at_least}",
-                self.count(method, path_contains)
-            )
-        })?;
-        Ok(self.count(method, path_contains))
     }
 }
 

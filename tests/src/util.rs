@@ -23,6 +23,10 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `check` every 50 ms until it returns `true`; fails after `timeout`.
+///
+/// The tests' one way to wait for something to happen: callers name the
+/// condition in a `.context(..)` on the error, and sleep only when the time
+/// itself is under test.
 pub async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> Result<()>
 where
     F: FnMut() -> Fut,

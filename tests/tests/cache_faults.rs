@@ -1,14 +1,13 @@
 //! The cache against a programmable upstream: corrupt bytes, hangs, errors, rate
 //! limits, resets, authentication, and fills that outlive their clients.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use base64::Engine;
 use regmirror_e2e::seed::{self, ImageSpec, PushedImage};
 use regmirror_e2e::util::{bounded, http_client, sha256_digest, wait_until};
-use regmirror_e2e::{Auth, Behaviour, CacheOptions, CacheProcess, FakeUpstream};
+use regmirror_e2e::{Auth, Behaviour, CacheOptions, CacheProcess, FakeUpstream, RequestLog};
 
 /// Short timeouts so that fault tests finish in seconds.
 const FAST_TIMEOUTS: &str = "[timeouts]\nconnect = \"2s\"\nresponse_header = \"2s\"\nbody_idle = \"2s\"\nstale_after = \"1s\"\n";
@@ -42,27 +41,6 @@ async fn setup(host: &str, image: &PushedImage, config: &str) -> Result<Setup> {
 
 fn image(layers: &[usize]) -> Result<PushedImage> {
     seed::build_image(&ImageSpec::oci(layers).gzip_level(0))
-}
-
-/// Files under the cache's storage whose name is `digest`'s hex (complete or not).
-fn stored(storage: &Path, digest: &str) -> Vec<PathBuf> {
-    let hex = digest.trim_start_matches("sha256:");
-    let mut found = Vec::new();
-    let mut stack = vec![storage.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.file_name().is_some_and(|n| n.to_string_lossy() == hex) {
-                found.push(p);
-            }
-        }
-    }
-    found
 }
 
 /// GET through the cache: status and the body, or the transfer error.
@@ -104,7 +82,7 @@ async fn corrupt_blob_is_never_stored_nor_completed_then_recovers() {
             (s, _) => assert!(s >= 500, "corrupt upstream blob answered {s}"),
         }
         assert!(
-            stored(s.cache.storage(), &layer.digest).is_empty(),
+            s.cache.store().files_named(&layer.digest).is_empty(),
             "corrupt blob left on disk"
         );
 
@@ -112,7 +90,7 @@ async fn corrupt_blob_is_never_stored_nor_completed_then_recovers() {
         let body = get_ok(&url).await?;
         assert_eq!(sha256_digest(&body), layer.digest);
         wait_until(Duration::from_secs(5), || async {
-            stored(s.cache.storage(), &layer.digest).len() == 1
+            s.cache.store().files_named(&layer.digest).len() == 1
         })
         .await
         .context("verified blob stored")?;
@@ -134,7 +112,7 @@ async fn reset_mid_blob_fails_the_transfer_and_stores_nothing() {
             status >= 500 || body.as_ref().map_or(true, |b| b.len() < layer.bytes.len()),
             "a truncated blob was delivered whole ({status})"
         );
-        assert!(stored(s.cache.storage(), &layer.digest).is_empty());
+        assert!(s.cache.store().files_named(&layer.digest).is_empty());
         s.fake.set_behaviour(Behaviour::Normal);
         assert_eq!(sha256_digest(&get_ok(&url).await?), layer.digest);
         Ok(())
@@ -157,7 +135,7 @@ async fn corrupt_manifest_is_refused_and_never_stored() {
             .await?;
             assert_eq!(status, 502, "corrupt manifest by {reference}");
         }
-        assert!(stored(s.cache.storage(), &img.digest).is_empty());
+        assert!(s.cache.store().files_named(&img.digest).is_empty());
         s.fake.set_behaviour(Behaviour::Normal);
         let body = get_ok(&format!("{base}/v1")).await?;
         assert_eq!(body, img.manifest);
@@ -322,7 +300,7 @@ async fn in_flight_blobs_serve_ranges_and_outlive_their_clients() {
 
         // The fill finished although its first client left; one upstream GET in all.
         wait_until(Duration::from_secs(10), || async {
-            stored(s.cache.storage(), &layer.digest).len() == 1
+            s.cache.store().files_named(&layer.digest).len() == 1
         })
         .await
         .context("fill completed")?;
@@ -466,7 +444,7 @@ async fn hostile_requests_are_refused_and_touch_nothing() {
         let img = image(&[1_000])?;
         let s = setup("docker.io", &img, "").await?;
         let addr = s.cache.addr();
-        let before = stored(s.cache.storage(), "x").len();
+        let before = s.cache.store().files_named("x").len();
         for path in [
             "/v2/library/../../../etc/passwd/manifests/v1",
             "/v2/library/%2e%2e/%2e%2e/etc/manifests/v1",
@@ -491,7 +469,7 @@ async fn hostile_requests_are_refused_and_touch_nothing() {
         assert!(line.contains(" 431 "), "{line}");
         // Nothing reached the upstream, nothing was written, and the cache still serves.
         assert_eq!(s.fake.requests().len(), 0, "{:?}", s.fake.requests());
-        assert_eq!(stored(s.cache.storage(), "x").len(), before);
+        assert_eq!(s.cache.store().files_named("x").len(), before);
         assert_eq!(
             get_ok(&format!("{}/v2/library/app/manifests/v1", s.cache.url())).await?,
             img.manifest
@@ -583,7 +561,7 @@ async fn an_oversized_manifest_is_refused_and_not_stored() {
             .await?;
             assert_eq!(status, 502, "{reference}");
         }
-        assert!(stored(s.cache.storage(), &digest).is_empty());
+        assert!(s.cache.store().files_named(&digest).is_empty());
         Ok(())
     })
     .await;

@@ -1,8 +1,10 @@
 //! Running the cache unattended: byte budget with LRU eviction, age limit, full
 //! and read-only disks, crashes, graceful shutdown, metrics, probes and logs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -10,64 +12,62 @@ use regmirror_e2e::seed::{self, ImageSpec, PushedImage};
 use regmirror_e2e::util::{
     bounded, http_client, metric_sample, metric_sum, require_root, sha256_digest, wait_until,
 };
-use regmirror_e2e::{Behaviour, CacheOptions, CacheProcess, FakeUpstream, Registry};
+use regmirror_e2e::{
+    Behaviour, CacheOptions, CacheProcess, FakeUpstream, Registry, RequestLog, StoreLayout,
+};
 
 /// One incompressible layer of about `size` bytes.
 fn one_layer(size: usize, seed: u64) -> Result<PushedImage> {
     seed::build_image(&ImageSpec::oci(&[size]).gzip_level(0).seed(seed))
 }
 
-fn blob_file(storage: &Path, host: &str, digest: &str) -> PathBuf {
-    let hex = digest.trim_start_matches("sha256:");
-    storage
-        .join("upstreams")
-        .join(host)
-        .join("blobs/sha256")
-        .join(&hex[..2])
-        .join(hex)
-}
-
 /// Waits until a blob is in the store. A client has its last bytes once
 /// they are verified, slightly before the file is synced and renamed into
 /// place, so "pulled" does not yet mean "stored".
-async fn stored(storage: &Path, digest: &str) -> Result<()> {
-    let file = blob_file(storage, "docker.io", digest);
+async fn stored(store: &StoreLayout, digest: &str) -> Result<()> {
+    let file = store.blob("docker.io", digest);
     wait_until(Duration::from_secs(10), || async { file.exists() })
         .await
         .with_context(|| format!("{digest} never stored"))
 }
 
-/// Every content file under `upstreams/` with its size; fails if any does not
-/// hash to its name.
-fn verify_store(storage: &Path) -> Result<Vec<(PathBuf, u64)>> {
-    let mut out = Vec::new();
-    let mut stack = vec![storage.join("upstreams")];
-    while let Some(dir) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                if !p.ends_with("repositories") {
-                    stack.push(p);
-                }
-                continue;
-            }
-            let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            if name.len() != 64 {
-                continue;
-            }
-            let bytes = std::fs::read(&p)?;
-            ensure!(
-                sha256_digest(&bytes) == format!("sha256:{name}"),
-                "{} does not match its digest",
-                p.display()
-            );
-            out.push((p, bytes.len() as u64));
+/// Bytes per second of the fake's slow bodies in the crash and shutdown tests:
+/// their blobs take seconds to send.
+const SLOW_BODY: u64 = 1_000_000;
+/// Body bytes after which such a download is under way: a fifth of a second
+/// in, seconds before its end.
+const UNDER_WAY: usize = 200_000;
+
+/// GETs `url` in a task that counts the body bytes received as they arrive;
+/// the task ends with the whole body, or the transfer error.
+fn spawn_download(url: String) -> (tokio::task::JoinHandle<Result<Vec<u8>>>, Arc<AtomicUsize>) {
+    let received = Arc::new(AtomicUsize::new(0));
+    let counter = received.clone();
+    let task = tokio::spawn(async move {
+        let mut resp = http_client().get(&url).send().await?;
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await? {
+            body.extend_from_slice(&chunk);
+            counter.store(body.len(), Ordering::Relaxed);
         }
-    }
-    Ok(out)
+        Ok(body)
+    });
+    (task, received)
+}
+
+/// Waits until a download from [`spawn_download`] has received `bytes`:
+/// the transfer is under way.
+async fn received_at_least(received: &AtomicUsize, bytes: usize) -> Result<()> {
+    wait_until(Duration::from_secs(10), || async {
+        received.load(Ordering::Relaxed) >= bytes
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "download never reached {bytes} bytes (at {})",
+            received.load(Ordering::Relaxed)
+        )
+    })
 }
 
 async fn get_blob(cache: &CacheProcess, repo: &str, digest: &str) -> Result<bytes::Bytes> {
@@ -109,34 +109,38 @@ async fn a_byte_budget_evicts_least_recently_used_content() {
             .map(String::from),
         )
         .await?;
-        let storage = cache.storage().to_path_buf();
+        let store = cache.store();
         let layer = |i: usize| images[i].layers[0].digest.clone();
+        // The store ranks recency by the millisecond: the pauses between
+        // accesses give each a later time than the one before, which is the
+        // order under test.
+        let tick = || tokio::time::sleep(Duration::from_millis(30));
 
         pull(&cache, "img0", "v1", &images[0]).await?;
-        stored(&storage, &layer(0)).await?;
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        stored(&store, &layer(0)).await?;
+        tick().await;
         pull(&cache, "img1", "v1", &images[1]).await?;
-        stored(&storage, &layer(1)).await?;
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        stored(&store, &layer(1)).await?;
+        tick().await;
         // Reading img0's layer again makes img1's the least recently used.
         get_blob(&cache, "img0", &layer(0)).await?;
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        tick().await;
         pull(&cache, "img2", "v1", &images[2]).await?;
 
         wait_until(Duration::from_secs(10), || async {
-            !blob_file(&storage, "docker.io", &layer(1)).exists()
+            !store.blob("docker.io", &layer(1)).exists()
         })
         .await
         .context("img1's layer should be evicted")?;
         assert!(
-            blob_file(&storage, "docker.io", &layer(0)).exists(),
+            store.blob("docker.io", &layer(0)).exists(),
             "recently read layer evicted"
         );
         assert!(
-            blob_file(&storage, "docker.io", &layer(2)).exists(),
+            store.blob("docker.io", &layer(2)).exists(),
             "newest layer evicted"
         );
-        let total: u64 = verify_store(&storage)?.iter().map(|(_, s)| s).sum();
+        let total: u64 = store.verified_content()?.iter().map(|(_, s)| s).sum();
         assert!(
             total <= 8_000_000,
             "store holds {total} bytes over its budget"
@@ -183,8 +187,8 @@ async fn content_not_read_for_max_age_is_removed() {
         )
         .await?;
         pull(&cache, "app", "v1", &img).await?;
-        stored(cache.storage(), &img.layers[0].digest).await?;
-        let file = blob_file(cache.storage(), "docker.io", &img.layers[0].digest);
+        stored(&cache.store(), &img.layers[0].digest).await?;
+        let file = cache.store().blob("docker.io", &img.layers[0].digest);
         wait_until(Duration::from_secs(15), || async { !file.exists() })
             .await
             .context("aged content should be removed")?;
@@ -255,14 +259,15 @@ async fn a_full_disk_passes_blobs_through_and_recovers() {
                 .arg(storage.display().to_string()),
         )
         .await?;
+        let store = cache.store();
 
         // Larger than the whole disk: served, not stored.
         pull(&cache, "big", "v1", &big).await?;
-        assert!(!blob_file(&storage, "docker.io", &big.layers[0].digest).exists());
+        assert!(!store.blob("docker.io", &big.layers[0].digest).exists());
         let m = cache.metrics().await?;
         assert!(metric_sample(&m, "regmirror_disk_full_passthrough_total") >= 1.0, "{m}");
         assert!(metric_sum(&m, "regmirror_served_bytes_total", &[r#"source="passthrough""#]) >= 6_000_000.0);
-        assert_eq!(std::fs::read_dir(storage.join("tmp"))?.count(), 0, "temp files left");
+        assert_eq!(store.temp_files()?, 0, "temp files left");
 
         // A disk filled by someone else: still served.
         let filler = disk.path().join("filler");
@@ -271,13 +276,13 @@ async fn a_full_disk_passes_blobs_through_and_recovers() {
             .arg(format!("of={}", filler.display()))
             .output()?;
         pull(&cache, "small", "v1", &small).await?;
-        assert!(!blob_file(&storage, "docker.io", &small.layers[0].digest).exists());
+        assert!(!store.blob("docker.io", &small.layers[0].digest).exists());
 
         // Space returns: caching resumes.
         std::fs::remove_file(&filler)?;
         pull(&cache, "later", "v1", &later).await?;
-        stored(&storage, &later.layers[0].digest).await?;
-        verify_store(&storage)?;
+        stored(&store, &later.layers[0].digest).await?;
+        store.verified_content()?;
 
         // A read-only volume: not ready, still alive, cached content still served.
         disk.remount("ro")?;
@@ -306,41 +311,37 @@ async fn kill_9_mid_download_leaves_nothing_servable() {
         let mut cache =
             CacheProcess::start(["--upstream".to_owned(), format!("docker.io={}", fake.url())])
                 .await?;
-        let storage = cache.storage().to_path_buf();
+        let store = cache.store();
         fake.set_behaviour(Behaviour::SlowBody {
-            bytes_per_sec: 1_000_000,
+            bytes_per_sec: SLOW_BODY,
         });
         let url = format!("{}/v2/library/app/blobs/{layer}", cache.url());
-        let download = tokio::spawn(async move {
-            let resp = http_client().get(&url).send().await?;
-            Ok::<_, anyhow::Error>(resp.bytes().await.map(|b| b.len()))
-        });
-        // Wait until the fill is writing, then crash.
+        let (download, received) = spawn_download(url);
+        // Wait until the fill is writing and bytes are flowing, then crash.
         wait_until(Duration::from_secs(10), || async {
-            std::fs::read_dir(storage.join("tmp")).is_ok_and(|mut d| d.next().is_some())
+            store.temp_files().is_ok_and(|n| n > 0)
         })
         .await
         .context("fill never started")?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        received_at_least(&received, UNDER_WAY).await?;
         cache.kill9();
-        if let Ok(Ok(n)) = download.await? {
-            assert!(n < img.layers[0].bytes.len(), "whole blob delivered");
+        if let Ok(body) = download.await? {
+            assert!(
+                body.len() < img.layers[0].bytes.len(),
+                "whole blob delivered"
+            );
         }
         assert!(
-            !blob_file(&storage, "docker.io", &layer).exists(),
+            !store.blob("docker.io", &layer).exists(),
             "partial blob in the store"
         );
 
         fake.set_behaviour(Behaviour::Normal);
         cache.restart().await?;
-        assert_eq!(
-            std::fs::read_dir(storage.join("tmp"))?.count(),
-            0,
-            "temp files not swept"
-        );
+        assert_eq!(store.temp_files()?, 0, "temp files not swept");
         pull(&cache, "app", "v1", &img).await?;
-        stored(&storage, &layer).await?;
-        let files = verify_store(&storage)?;
+        stored(&store, &layer).await?;
+        let files = store.verified_content()?;
         assert!(
             files
                 .iter()
@@ -362,16 +363,12 @@ async fn sigterm_lets_in_flight_downloads_finish() {
             CacheProcess::start(["--upstream".to_owned(), format!("docker.io={}", fake.url())])
                 .await?;
         fake.set_behaviour(Behaviour::SlowBody {
-            bytes_per_sec: 1_000_000,
+            bytes_per_sec: SLOW_BODY,
         });
         let url = format!("{}/v2/library/app/blobs/{layer}", cache.url());
         let addr = cache.addr();
-        let download = tokio::spawn(async move {
-            let resp = http_client().get(&url).send().await?;
-            let body = resp.bytes().await?;
-            Ok::<_, anyhow::Error>(sha256_digest(&body))
-        });
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        let (download, received) = spawn_download(url);
+        received_at_least(&received, UNDER_WAY).await?;
         let stopping = tokio::spawn(async move {
             let status = cache.stop().await;
             (cache, status)
@@ -382,7 +379,11 @@ async fn sigterm_lets_in_flight_downloads_finish() {
         })
         .await
         .context("still accepting after SIGTERM")?;
-        assert_eq!(download.await??, layer, "in-flight download cut short");
+        assert_eq!(
+            sha256_digest(&download.await??),
+            layer,
+            "in-flight download cut short"
+        );
         let (_cache, status) = stopping.await?;
         let status = status?;
         if !status.success() {
@@ -476,14 +477,15 @@ async fn a_large_store_is_indexed_in_the_background() {
         let dir = tempfile::tempdir()?;
         let storage = dir.path().join("store");
         // Synthetic files named like blobs: the index only stats them.
-        let base = storage.join("upstreams/docker.io/blobs/sha256");
+        let store = StoreLayout::new(&storage);
         for i in 0..FILES {
             let hex = format!("{:064x}", (i as u128) * 0x9e37_79b9_7f4a_7c15 + 1);
-            let d = base.join(&hex[..2]);
+            let file = store.blob("docker.io", &format!("sha256:{hex}"));
+            let d = file.parent().context("blob path has a directory")?;
             if i < 256 || !d.exists() {
-                std::fs::create_dir_all(&d)?;
+                std::fs::create_dir_all(d)?;
             }
-            std::fs::write(d.join(&hex), b"x")?;
+            std::fs::write(&file, b"x")?;
         }
         let fake = FakeUpstream::start().await?;
         let cache = CacheProcess::start_with(
@@ -539,7 +541,8 @@ async fn json_logs_have_one_line_per_request() {
         wait_until(Duration::from_secs(5), || async {
             cache.log().contains("nothing")
         })
-        .await?;
+        .await
+        .context("the request never logged")?;
         for line in cache.log().lines().filter(|l| !l.trim().is_empty()) {
             let v: serde_json::Value =
                 serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
@@ -625,6 +628,7 @@ async fn soak_mixed_pulls_under_eviction_then_crash() {
                             match result {
                                 Ok(()) => ok += 1,
                                 Err(e) if !tolerate_errors => failed.push(e.to_string()),
+                                // Expected while the cache is down: pace the retries.
                                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                             }
                         }
@@ -645,6 +649,7 @@ async fn soak_mixed_pulls_under_eviction_then_crash() {
         let clients = run_clients(tokio::time::Instant::now() + SOAK, false);
         let mut rss_max = rss_start;
         for _ in 0..(SOAK.as_secs() * 2) {
+            // The sampling period, for the whole soak.
             tokio::time::sleep(Duration::from_millis(500)).await;
             rss_max = rss_max.max(rss_kb(pid).unwrap_or(0));
         }
@@ -677,18 +682,21 @@ async fn soak_mixed_pulls_under_eviction_then_crash() {
 
         // Crash in the middle of fills and evictions, restart, verify everything.
         let crash_clients = run_clients(tokio::time::Instant::now() + Duration::from_secs(4), true);
+        // Halfway through their run, whatever the clients are doing then:
+        // the crash lands at an arbitrary point of the load, not at a chosen one.
         tokio::time::sleep(Duration::from_secs(2)).await;
         cache.kill9();
         for t in crash_clients {
             t.await?;
         }
         cache.restart().await?;
-        assert_eq!(std::fs::read_dir(cache.storage().join("tmp"))?.count(), 0);
-        verify_store(cache.storage())?;
+        let store = cache.store();
+        assert_eq!(store.temp_files()?, 0);
+        store.verified_content()?;
         for (i, img) in images.iter().enumerate() {
             pull(&cache, &format!("soak{i}"), "v1", img).await?;
         }
-        verify_store(cache.storage())?;
+        store.verified_content()?;
         Ok(())
     })
     .await;

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use regmirror_e2e::seed::{self, Flavour, ImageSpec, Platform, PushedImage};
 use regmirror_e2e::skopeo::{self, SkopeoOpts};
-use regmirror_e2e::util::{bounded, http_client, sha256_digest};
-use regmirror_e2e::{CacheProcess, Containerd, Registry, write_hosts_toml};
+use regmirror_e2e::util::{bounded, http_client, sha256_digest, wait_until};
+use regmirror_e2e::{CacheProcess, Containerd, Registry, RequestLog, write_hosts_toml};
 
 /// Upstream GETs of each blob of `image`, from the registry's access log.
 fn blob_gets(reg: &Registry, image: &PushedImage) -> Vec<usize> {
@@ -291,12 +291,11 @@ async fn stored_blobs_are_byte_exact_over_http1_and_http2() {
         let url = format!("{}{path}", cache.url());
         let fill = http_client().get(&url).send().await?.bytes().await?;
         ensure!(sha256_digest(&fill) == layer.digest, "cold pull digest");
-        let hex = layer.digest.trim_start_matches("sha256:");
-        let stored = cache
-            .storage()
-            .join("upstreams/docker.io/blobs/sha256")
-            .join(&hex[..2])
-            .join(hex);
+        let stored = cache.store().blob("docker.io", &layer.digest);
+        // The client has its last bytes just before the file is renamed into place.
+        wait_until(Duration::from_secs(10), || async { stored.exists() })
+            .await
+            .context("the filled blob was never stored")?;
         let stored = std::fs::File::open(&stored).with_context(|| stored.display().to_string())?;
         // Half the blob out of the page cache (whole 2 MiB folios): those
         // pages are read in before they are sent, the rest go zero-copy.
@@ -478,6 +477,11 @@ async fn one_cache_serves_several_upstreams() {
             .await?;
         assert_eq!(resp.status(), 404);
         // An upstream that is not configured is refused without dialing anything.
+        let sync_logs = || async {
+            hub.sync_log().await?;
+            other.sync_log().await
+        };
+        sync_logs().await?;
         let before = (hub.access_log().len(), other.access_log().len());
         for path in [
             "/v2/org/app/manifests/v1?ns=quay.io",
@@ -486,7 +490,7 @@ async fn one_cache_serves_several_upstreams() {
             let resp = http_client().get(format!("{base}{path}")).send().await?;
             assert_eq!(resp.status(), 404, "{path}");
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        sync_logs().await?;
         assert_eq!(
             (hub.access_log().len(), other.access_log().len()),
             before,

@@ -13,8 +13,8 @@ use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use regmirror_e2e::seed::{self, Flavour, ImageSpec, Platform};
 use regmirror_e2e::tools::tool;
-use regmirror_e2e::util::bounded;
-use regmirror_e2e::{CacheProcess, Registry};
+use regmirror_e2e::util::{bounded, wait_until};
+use regmirror_e2e::{CacheProcess, Registry, RequestLog};
 
 const REPO: &str = "conformance/repo1";
 const SUITE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -288,13 +288,22 @@ async fn oci_conformance_pull_suite_passes_against_the_cache() {
                 bail!("{e:#}\ncache log tail:\n{}", cache.log_tail(30));
             }
             if run == "cold" {
-                // The access log line lags the response slightly.
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                // Every fill is over (each seeded blob stored) and logged.
+                let store = cache.store();
+                wait_until(Duration::from_secs(10), || async {
+                    content
+                        .blobs
+                        .iter()
+                        .all(|b| store.blob(&reg.host(), b).exists())
+                })
+                .await
+                .context("the cold run did not store every seeded blob")?;
+                reg.sync_log().await?;
                 after_cold = blob_gets();
             }
         }
         // Warm means from disk: no blob fetched from the upstream again.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        reg.sync_log().await?;
         ensure!(
             blob_gets() == after_cold,
             "the warm run fetched blobs upstream: {after_cold} GETs before it, {} after",

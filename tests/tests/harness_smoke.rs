@@ -7,7 +7,9 @@ use regmirror_e2e::fake::{Auth, Behaviour, FakeUpstream};
 use regmirror_e2e::seed::{self, Flavour, ImageSpec, Platform, PushedImage};
 use regmirror_e2e::skopeo::{self, SkopeoOpts};
 use regmirror_e2e::util::{bounded, http_client, http_client_no_redirect, sha256_digest};
-use regmirror_e2e::{CacheOptions, CacheProcess, Containerd, Registry, write_hosts_toml};
+use regmirror_e2e::{
+    CacheOptions, CacheProcess, Containerd, Registry, RequestLog, write_hosts_toml,
+};
 
 async fn assert_manifest_round_trip(
     url: &str,

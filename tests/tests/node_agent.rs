@@ -9,11 +9,12 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use regmirror_e2e::seed::{self, ImageSpec};
 use regmirror_e2e::util::{tail_lines, wait_until};
 use regmirror_e2e::{
     AgentOptions, AgentProcess, CacheProcess, Containerd, ControlPlane, OperatorProcess, Registry,
+    RequestLog,
 };
 use serde_json::Value;
 
@@ -32,30 +33,21 @@ async fn mirror(cp: &ControlPlane) -> Result<Option<Value>> {
     cp.get_json(&["registrymirror", "hub"]).await
 }
 
+/// Waits until the mirror (`None` once gone) passes `check`, as
+/// [`OperatorProcess::wait_for`] does; fails with the mirror, the operator's
+/// log and the agent's log.
 async fn wait_mirror(
     cp: &ControlPlane,
     agent: &AgentProcess,
-    op: &OperatorProcess,
+    op: &mut OperatorProcess,
     what: &str,
     check: impl Fn(Option<&Value>) -> bool,
 ) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let m = mirror(cp).await?;
-        if check(m.as_ref()) {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!(
-                "{what}: not within {WAIT:?}; mirror: {}\nagent log:\n{}\noperator log:\n{}",
-                m.map(|m| serde_json::to_string_pretty(&m["status"]).unwrap())
-                    .unwrap_or_else(|| "(gone)".into()),
-                tail_lines(&agent.log(), 20),
-                tail_lines(&op.log(), 20)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    op.wait_for(cp, what, &["registrymirror", "hub"], |m| {
+        check(m).then_some(())
+    })
+    .await
+    .with_context(|| format!("agent log:\n{}", tail_lines(&agent.log(), 20)))
 }
 
 fn node_entry<'a>(m: Option<&'a Value>, node: &str) -> Option<&'a Value> {
@@ -125,7 +117,7 @@ async fn the_node_agent_points_containerd_at_the_cache_and_cleans_up() -> Result
         .await?;
     cp.install_crd().await?;
     cp.apply_ok("apiVersion: v1\nkind: PersistentVolume\nmetadata:\n  name: agent-pv\nspec:\n  capacity: {storage: 1Gi}\n  accessModes: [ReadWriteOnce]\n  hostPath: {path: /tmp/agent-pv}\n").await?;
-    let op = OperatorProcess::start(&cp.kubeconfig, NS, "op-1", &[])?;
+    let mut op = OperatorProcess::start(&cp.kubeconfig, NS, "op-1", &[])?;
     cp.apply_ok(&format!(
         "apiVersion: regmirror.dev/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: hub\nspec:\n  upstreams: [{{host: docker.io, url: '{}'}}]\n  storage: {{size: 1Gi}}\n  cache: {{nodePort: {node_port}}}\n  nodes: {{containerdConfigDir: '{}'}}\n",
         reg.url(),
@@ -135,7 +127,7 @@ async fn the_node_agent_points_containerd_at_the_cache_and_cleans_up() -> Result
 
     // The agent configures node-1 and reports it; the operator counts it.
     let mut agent = AgentProcess::start(&agent_options(&cp, certs, &ctrd, &ctrd_config))?;
-    wait_mirror(&cp, &agent, &op, "node-1 Configured", |m| {
+    wait_mirror(&cp, &agent, &mut op, "node-1 Configured", |m| {
         node_entry(m, "node-1").is_some_and(|n| n["state"] == "Configured")
             && condition_true(m, "NodesConfigured")
     })
@@ -179,14 +171,19 @@ async fn the_node_agent_points_containerd_at_the_cache_and_cleans_up() -> Result
     // files (no agent running), and lets go once the agent removed them.
     cp.kubectl_ok(&["delete", "registrymirror", "hub", "--wait=false"])
         .await?;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    wait_until(WAIT, || async {
+        op.log()
+            .contains("waiting for node agents to remove their configuration from node-1")
+    })
+    .await
+    .context("the operator never held the deletion for node-1's files")?;
     let held = mirror(&cp)
         .await?
         .context("mirror deleted before its node was cleaned")?;
     assert!(held["metadata"]["deletionTimestamp"].is_string());
     assert!(certs.join("docker.io/hosts.toml").exists());
     let agent = AgentProcess::start(&agent_options(&cp, certs, &ctrd, &ctrd_config))?;
-    wait_mirror(&cp, &agent, &op, "hub deleted", |m| m.is_none()).await?;
+    wait_mirror(&cp, &agent, &mut op, "hub deleted", |m| m.is_none()).await?;
     assert!(!certs.join("docker.io").exists(), "agent files left behind");
     assert_eq!(
         std::fs::read_to_string(&user_file)?,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::ensure;
 use regmirror_e2e::seed::{self, ImageSpec};
 use regmirror_e2e::util::bounded;
-use regmirror_e2e::{CacheProcess, Containerd, Registry};
+use regmirror_e2e::{CacheProcess, Containerd, Registry, RequestLog};
 use regmirror_node::{Apply, HostState, HostsToml, MergeMode, apply, inspect, remove_owned};
 
 fn configure(dir: &Path, cache: &str, upstream: &str) -> Vec<HostState> {

@@ -13,6 +13,7 @@
 //! credentials are never served under another upstream's name.
 
 mod fsutil;
+pub mod layout;
 pub mod usage;
 
 use std::fs::File;
@@ -283,38 +284,24 @@ impl Store {
     }
 
     fn tmp_dir(&self) -> PathBuf {
-        self.root.join("tmp")
+        layout::tmp_dir(&self.root)
     }
 
     fn upstream_dir(&self, host: &str) -> PathBuf {
-        self.root.join("upstreams").join(host)
+        layout::upstream_dir(&self.root, host)
     }
 
-    fn content_path(&self, host: &str, kind: &str, d: &Digest) -> PathBuf {
-        let hex = d.hex();
-        self.upstream_dir(host)
-            .join(kind)
-            .join(d.algorithm())
-            .join(&hex[..2])
-            .join(hex)
-    }
-
+    /// Where the blob `d` of upstream `host` is stored: [`layout::blob_path`].
     pub fn blob_path(&self, host: &str, d: &Digest) -> PathBuf {
-        self.content_path(host, "blobs", d)
+        layout::blob_path(&self.root, host, d)
     }
 
     fn manifest_path(&self, host: &str, d: &Digest) -> PathBuf {
-        self.content_path(host, "manifests", d)
+        layout::manifest_path(&self.root, host, d)
     }
 
     fn tag_path(&self, host: &str, repo: &RepoName, tag: &Tag) -> PathBuf {
-        self.repo_dir(host, repo).join("_tags").join(tag.as_str())
-    }
-
-    fn repo_dir(&self, host: &str, repo: &RepoName) -> PathBuf {
-        self.upstream_dir(host)
-            .join("repositories")
-            .join(repo.as_str())
+        layout::tag_path(&self.root, host, repo, tag)
     }
 
     /// A new temp file inside the store (same filesystem, so rename is atomic).
@@ -427,7 +414,7 @@ impl Store {
 
     /// Cached tags of one repository, sorted.
     pub async fn tags(&self, host: &str, repo: &RepoName) -> io::Result<Vec<String>> {
-        let dir = self.repo_dir(host, repo).join("_tags");
+        let dir = layout::tags_dir(&self.root, host, repo);
         blocking(move || {
             let mut tags: Vec<String> = match std::fs::read_dir(&dir) {
                 Ok(rd) => rd
@@ -445,7 +432,7 @@ impl Store {
 
     /// Repositories with at least one cached tag, sorted.
     pub async fn repositories(&self, host: &str) -> io::Result<Vec<String>> {
-        let dir = self.upstream_dir(host).join("repositories");
+        let dir = layout::repositories_dir(&self.root, host);
         blocking(move || {
             let mut out = Vec::new();
             fsutil::find_repositories(&dir, "", &mut out)?;

@@ -16,15 +16,15 @@ mod server;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::request_log::RequestLog;
 use crate::seed::{PushedImage, PushedIndex};
-use crate::util::{sha256_digest, wait_until};
+use crate::util::sha256_digest;
 
 /// How the fake answers. Applies to every request except the `/token` endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -321,15 +321,6 @@ impl FakeUpstream {
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.lock().requests.clone()
     }
-    /// Requests with this method whose path contains `path_contains`.
-    pub fn count(&self, method: &str, path_contains: &str) -> usize {
-        self.shared
-            .lock()
-            .requests
-            .iter()
-            .filter(|r| r.method.eq_ignore_ascii_case(method) && r.path.contains(path_contains))
-            .count()
-    }
     /// Number of requests to the `/token` endpoint.
     pub fn token_requests(&self) -> usize {
         self.shared.lock().token_requests
@@ -340,25 +331,22 @@ impl FakeUpstream {
         st.requests.clear();
         st.token_requests = 0;
     }
-    /// Waits until [`FakeUpstream::count`] reaches `at_least`.
-    pub async fn wait_count(
-        &self,
-        method: &str,
-        path_contains: &str,
-        at_least: usize,
-        timeout: Duration,
-    ) -> Result<usize> {
-        wait_until(timeout, || async move {
-            self.count(method, path_contains) >= at_least
-        })
-        .await
-        .with_context(|| {
-            format!(
-                "fake count({method}, {path_contains}) = {} < {at_least}",
-                self.count(method, path_contains)
-            )
-        })?;
-        Ok(self.count(method, path_contains))
+}
+
+impl RequestLog for FakeUpstream {
+    fn describe(&self) -> String {
+        format!("fake upstream {}", self.host())
+    }
+
+    /// Requests received (recorded on arrival, before the answer) with this
+    /// method whose path contains `path_contains`.
+    fn count(&self, method: &str, path_contains: &str) -> usize {
+        self.shared
+            .lock()
+            .requests
+            .iter()
+            .filter(|r| r.method.eq_ignore_ascii_case(method) && r.path.contains(path_contains))
+            .count()
     }
 }
 

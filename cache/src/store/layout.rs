@@ -1,0 +1,116 @@
+//! Where the store keeps each thing under its root: the one definition of the
+//! on-disk layout drawn in the [`store`](super) module's docs. Pure path
+//! arithmetic, no IO and no open [`Store`](super::Store), so tests can find
+//! (or plant) stored files with the same rules the store uses.
+//!
+//! `host` is an upstream's configured name (`docker.io`, `127.0.0.1:5000`),
+//! used as one path component; callers pass only configured hosts, never
+//! client input.
+
+use std::path::{Path, PathBuf};
+
+use crate::oci::{Digest, RepoName, Tag};
+
+/// `<root>/tmp`: in-progress writes, renamed into place when complete and
+/// swept when the store opens.
+pub fn tmp_dir(root: &Path) -> PathBuf {
+    root.join("tmp")
+}
+
+/// `<root>/upstreams`: everything complete and verified, one directory per upstream.
+pub fn upstreams_dir(root: &Path) -> PathBuf {
+    root.join("upstreams")
+}
+
+/// `<root>/upstreams/<host>`: one upstream's content, kept apart from every
+/// other upstream's.
+pub fn upstream_dir(root: &Path, host: &str) -> PathBuf {
+    upstreams_dir(root).join(host)
+}
+
+/// `<root>/upstreams/<host>/blobs`: the upstream's blobs by digest.
+pub fn blobs_dir(root: &Path, host: &str) -> PathBuf {
+    upstream_dir(root, host).join("blobs")
+}
+
+/// `<root>/upstreams/<host>/manifests`: the upstream's manifests by digest.
+pub fn manifests_dir(root: &Path, host: &str) -> PathBuf {
+    upstream_dir(root, host).join("manifests")
+}
+
+/// `<root>/upstreams/<host>/blobs/sha256/<ab>/<hex>`: a blob's bytes.
+pub fn blob_path(root: &Path, host: &str, d: &Digest) -> PathBuf {
+    by_digest(blobs_dir(root, host), d)
+}
+
+/// `<root>/upstreams/<host>/manifests/sha256/<ab>/<hex>`: a manifest's bytes
+/// exactly as served (its media type beside it, with the extension `.type`).
+pub fn manifest_path(root: &Path, host: &str, d: &Digest) -> PathBuf {
+    by_digest(manifests_dir(root, host), d)
+}
+
+/// `<root>/upstreams/<host>/repositories`: the upstream's repositories, by name.
+pub fn repositories_dir(root: &Path, host: &str) -> PathBuf {
+    upstream_dir(root, host).join("repositories")
+}
+
+/// `<root>/upstreams/<host>/repositories/<repo>/_tags`: one repository's
+/// cached tags, one file each.
+pub fn tags_dir(root: &Path, host: &str, repo: &RepoName) -> PathBuf {
+    repositories_dir(root, host)
+        .join(repo.as_str())
+        .join("_tags")
+}
+
+/// `<root>/upstreams/<host>/repositories/<repo>/_tags/<tag>`: a tag's record
+/// (`{"digest","media_type"}`).
+pub fn tag_path(root: &Path, host: &str, repo: &RepoName, tag: &Tag) -> PathBuf {
+    tags_dir(root, host, repo).join(tag.as_str())
+}
+
+/// `<dir>/<algorithm>/<first two hex>/<hex>`: two hex characters of fan-out
+/// keep directories small.
+fn by_digest(dir: PathBuf, d: &Digest) -> PathBuf {
+    let hex = d.hex();
+    dir.join(d.algorithm()).join(&hex[..2]).join(hex)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_follow_the_documented_layout() {
+        let root = Path::new("/s");
+        let d = Digest::of(b"x");
+        let hex = d.hex();
+        assert_eq!(tmp_dir(root), Path::new("/s/tmp"));
+        assert_eq!(
+            blob_path(root, "docker.io", &d),
+            PathBuf::from(format!(
+                "/s/upstreams/docker.io/blobs/sha256/{}/{hex}",
+                &hex[..2]
+            ))
+        );
+        assert_eq!(
+            manifest_path(root, "127.0.0.1:5000", &d),
+            PathBuf::from(format!(
+                "/s/upstreams/127.0.0.1:5000/manifests/sha256/{}/{hex}",
+                &hex[..2]
+            ))
+        );
+        let repo = RepoName::parse("library/alpine").unwrap();
+        let tag = Tag::parse("3.20").unwrap();
+        assert_eq!(
+            tag_path(root, "docker.io", &repo, &tag),
+            Path::new("/s/upstreams/docker.io/repositories/library/alpine/_tags/3.20")
+        );
+        assert!(
+            tag_path(root, "docker.io", &repo, &tag).starts_with(tags_dir(
+                root,
+                "docker.io",
+                &repo
+            ))
+        );
+    }
+}

@@ -69,8 +69,9 @@ fn sweep_period(max_age: Option<Duration>) -> Duration {
 }
 
 /// Starts the sweeper: a task that runs an eviction pass whenever a write
-/// signals pressure and at least every [`sweep_period`], until the process
-/// ends. `None` (no task) for a store without limits.
+/// signals pressure, and at least every tenth of `max_age` (1 s..10 min; a
+/// minute without an age limit), until the process ends. `None` (no task)
+/// for a store without limits.
 pub fn spawn(store: Store) -> Option<tokio::task::JoinHandle<()>> {
     let limits = *store.limits();
     if limits.max_size.is_none() && limits.max_age.is_none() {

@@ -32,7 +32,7 @@ pub fn route_request(data: &[u8]) {
         "127.0.0.1:5000".to_owned(),
     ];
     if let Ok(Request::Repo(r)) = route(&method, path, query, &hosts) {
-        assert!(r.upstream < hosts.len());
+        assert!(r.upstream.index() < hosts.len());
         let name = r.repo.as_str();
         assert!(RepoName::parse(name).is_ok(), "{name:?}");
         assert!(

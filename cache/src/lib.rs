@@ -1,14 +1,19 @@
 //! regmirror-cache: a pull-through cache for OCI registries.
 //!
-//! `route` decides what a request is, `mirror` decides where its bytes come
-//! from (`store` on disk, a shared `fill` in flight, or an `upstream`), and
-//! `server` speaks HTTP. Every blob body from an upstream, filled or passed
-//! through, goes out through `verify`, which releases its last bytes only
-//! once they match the digest.
+//! `route` decides what a request is and which configured upstream it goes
+//! to (an `UpstreamId`); `mirror` decides where its bytes come from (`store`
+//! on disk, a shared `fill` in flight, or an `upstream`), in one module per
+//! kind of content: `mirror::blobs`, `mirror::manifests`, `mirror::tags`
+//! (tag freshness and stale serving) and `mirror::listings`; `server` speaks
+//! HTTP. `oci` is the distribution spec's vocabulary (names, digests, media
+//! types, pagination); `store::usage` indexes what is stored and
+//! `store::evict` keeps it within its limits.
+//! Every blob body from an upstream, filled or passed through, goes out
+//! through `verify`, which releases its last bytes only once they match the
+//! digest.
 
 pub mod config;
 pub mod error;
-pub mod evict;
 pub mod fill;
 pub mod flight;
 #[doc(hidden)]
@@ -43,7 +48,7 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("cannot open storage {}: {e}", config.storage.display()))?;
     let mirror = Arc::new(mirror::Mirror::new(&config, store.clone())?);
-    let _evictor = evict::spawn(store);
+    let _sweeper = store::evict::spawn(store);
     tracing::info!(
         listen = %listener.local_addr()?,
         storage = %config.storage.display(),

@@ -24,10 +24,33 @@ pub enum Request {
     Repo(RepoRequest),
 }
 
+/// Which configured upstream a request goes to: its position in the cache's
+/// upstream list (`--upstream` flags or the config file's `upstreams`, in
+/// order), so [`UpstreamId::DEFAULT`] (0) is the default upstream. Requests
+/// get one from [`route`], which only ever names a configured upstream, so
+/// looking an id up in the list it was routed against cannot fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UpstreamId(usize);
+
+impl UpstreamId {
+    /// The first configured upstream: requests naming no upstream go there.
+    pub const DEFAULT: Self = Self(0);
+
+    /// The id of the upstream at `position` in the configured list.
+    pub(crate) fn at(position: usize) -> Self {
+        Self(position)
+    }
+
+    /// The position in the configured upstream list.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RepoRequest {
-    /// Index into the configured upstreams.
-    pub upstream: usize,
+    /// The configured upstream this request goes to.
+    pub upstream: UpstreamId,
     /// The repository on the upstream (with `library/` added for Docker Hub).
     pub repo: RepoName,
     /// The name as the client wrote it, for rewriting pagination links.
@@ -62,13 +85,14 @@ fn looks_like_host(segment: &str) -> bool {
     labels_ok && port_ok && (name.contains('.') || port.is_some() || name == "localhost")
 }
 
-/// Route one request. `hosts` are the canonical upstream hosts in
-/// configuration order; the first is the default.
+/// Route one request. `hosts` are the configured upstreams' canonical hosts
+/// in configuration order (position `i` is `UpstreamId` `i`; the first is the
+/// default).
 pub fn route(
     method: &Method,
     path: &str,
     query: Option<&str>,
-    hosts: &[String],
+    hosts: &[impl AsRef<str>],
 ) -> Result<Request> {
     let rest = if path == "/v2" || path == "/v2/" {
         ""
@@ -116,7 +140,7 @@ pub fn route(
     let client_name = name_segments.join("/");
     let (upstream, name) = pick_upstream(&client_name, params.get("ns"), hosts)?;
     let mut repo = RepoName::parse(name)?;
-    if hosts[upstream] == "docker.io" {
+    if hosts[upstream.index()].as_ref() == regmirror_registry::docker_hub::DOCKER_HUB {
         repo = repo.with_library_prefix();
     }
     Ok(Request::Repo(RepoRequest {
@@ -167,11 +191,11 @@ fn parse_digest(s: &str) -> Result<Digest> {
 fn pick_upstream<'n>(
     name: &'n str,
     ns: Option<&str>,
-    hosts: &[String],
-) -> Result<(usize, &'n str)> {
+    hosts: &[impl AsRef<str>],
+) -> Result<(UpstreamId, &'n str)> {
     let find = |h: &str| {
         let h = canonical_host(h);
-        hosts.iter().position(|c| *c == h)
+        hosts.iter().position(|c| c.as_ref() == h).map(UpstreamId)
     };
     let unknown =
         |h: &str| Error::NameUnknown(format!("upstream {h:?} is not configured on this cache"));
@@ -192,7 +216,7 @@ fn pick_upstream<'n>(
             return Err(unknown(first));
         }
     }
-    Ok((0, name))
+    Ok((UpstreamId::DEFAULT, name))
 }
 
 /// Query parameters, percent-decoded.
@@ -268,7 +292,7 @@ mod tests {
     #[test]
     fn docker_daemon_mirror_goes_to_default_upstream() {
         let r = repo(get("/v2/library/alpine/manifests/latest", None));
-        assert_eq!(r.upstream, 0);
+        assert_eq!(r.upstream, UpstreamId::DEFAULT);
         assert_eq!(r.repo.as_str(), "library/alpine");
         assert!(matches!(r.endpoint, Endpoint::Manifest(Reference::Tag(_))));
     }
@@ -283,25 +307,28 @@ mod tests {
     #[test]
     fn ns_parameter_selects_upstream() {
         let r = repo(get(&format!("/v2/owner/app/blobs/{D}"), Some("ns=ghcr.io")));
-        assert_eq!(r.upstream, 1);
+        assert_eq!(r.upstream, UpstreamId(1));
         assert_eq!(r.repo.as_str(), "owner/app");
         assert_eq!(r.endpoint, Endpoint::Blob(D.parse().unwrap()));
         assert_eq!(r.query, None);
         // containerd URL-encodes ports in ns.
         let r = repo(get("/v2/app/manifests/v1", Some("ns=127.0.0.1%3A5999")));
-        assert_eq!(r.upstream, 2);
+        assert_eq!(r.upstream, UpstreamId(2));
         assert_eq!(r.repo.as_str(), "app");
         // Docker Hub aliases.
         let r = repo(get("/v2/x/manifests/v1", Some("ns=index.docker.io")));
-        assert_eq!((r.upstream, r.repo.as_str()), (0, "library/x"));
+        assert_eq!((r.upstream, r.repo.as_str()), (UpstreamId(0), "library/x"));
     }
 
     #[test]
     fn prefix_selects_upstream() {
         let r = repo(get("/v2/docker.io/library/alpine/manifests/latest", None));
-        assert_eq!((r.upstream, r.repo.as_str()), (0, "library/alpine"));
+        assert_eq!(
+            (r.upstream, r.repo.as_str()),
+            (UpstreamId(0), "library/alpine")
+        );
         let r = repo(get("/v2/ghcr.io/owner/app/tags/list", Some("n=5&last=v1")));
-        assert_eq!((r.upstream, r.repo.as_str()), (1, "owner/app"));
+        assert_eq!((r.upstream, r.repo.as_str()), (UpstreamId(1), "owner/app"));
         assert_eq!(r.endpoint, Endpoint::TagsList);
         assert_eq!(r.query.as_deref(), Some("n=5&last=v1"));
         assert_eq!(r.client_name, "ghcr.io/owner/app");

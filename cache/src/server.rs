@@ -14,8 +14,9 @@ use futures::StreamExt;
 
 use crate::error::{Error, Result};
 use crate::metrics::{EndpointLabels, Metrics, RequestLabels};
-use crate::mirror::{Blob, Mirror, Relayed, next_page_link, paginate};
+use crate::mirror::{Blob, Mirror, Relayed};
 use crate::oci::media;
+use crate::oci::pagination::{next_page_link, paginate, rewrite_link};
 use crate::oci::{Digest, Reference};
 use crate::range::{self, RangeRequest};
 use crate::route::{Endpoint, RepoRequest, Request, route};
@@ -137,13 +138,13 @@ async fn registry(State(mirror): State<Arc<Mirror>>, req: HttpRequest) -> Respon
         &parts.method,
         parts.uri.path(),
         parts.uri.query(),
-        mirror.hosts(),
+        mirror.upstreams(),
     ) {
         Err(e) => Err(e),
         Ok(Request::Base) => Ok(json_response(head, "{}".into())),
         Ok(Request::Catalog { n, last }) => catalog(&mirror, n, last, head).await,
         Ok(Request::Repo(r)) => {
-            routed = Some(RoutedTo(mirror.hosts()[r.upstream].clone()));
+            routed = Some(RoutedTo(mirror.upstream(r.upstream).host().to_owned()));
             // HTTP/2 frames bodies itself; only HTTP/1 sockets can splice.
             let zero_copy = parts
                 .extensions
@@ -368,7 +369,12 @@ fn relay_response(r: Relayed, req: &RepoRequest, head: bool) -> Response {
     let h = resp.headers_mut();
     *h = r.headers;
     if let Some(link) = h.get(header::LINK).and_then(|v| v.to_str().ok()) {
-        let rewritten = rewrite_link(link, &req.client_name, &req.endpoint);
+        let path = match &req.endpoint {
+            Endpoint::TagsList => Some(format!("{}/tags/list", req.client_name)),
+            Endpoint::Referrers(d) => Some(format!("{}/referrers/{d}", req.client_name)),
+            Endpoint::Manifest(_) | Endpoint::Blob(_) => None,
+        };
+        let rewritten = path.and_then(|p| rewrite_link(link, &p));
         match rewritten.and_then(|l| HeaderValue::from_str(&l).ok()) {
             Some(v) => {
                 h.insert(header::LINK, v);
@@ -379,19 +385,6 @@ fn relay_response(r: Relayed, req: &RepoRequest, head: bool) -> Response {
         }
     }
     resp
-}
-
-/// `</v2/library/x/tags/list?last=a&n=1>; rel="next"` -> the same query on
-/// the path this client used.
-fn rewrite_link(link: &str, client_name: &str, endpoint: &Endpoint) -> Option<String> {
-    let inner = link.split_once('<')?.1.split_once('>')?.0;
-    let query = inner.split_once('?').map(|(_, q)| q).unwrap_or("");
-    let tail = match endpoint {
-        Endpoint::TagsList => "tags/list".to_owned(),
-        Endpoint::Referrers(d) => format!("referrers/{d}"),
-        _ => return None,
-    };
-    Some(format!("</v2/{client_name}/{tail}?{query}>; rel=\"next\""))
 }
 
 async fn catalog(
@@ -429,24 +422,5 @@ fn json_response(head: bool, body: String) -> Response {
 fn set(h: &mut HeaderMap, name: impl header::IntoHeaderName, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         h.insert(name, v);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn links_point_back_at_the_client_path() {
-        let l = rewrite_link(
-            r#"</v2/library/alpine/tags/list?last=b&n=2>; rel="next""#,
-            "docker.io/alpine",
-            &Endpoint::TagsList,
-        );
-        assert_eq!(
-            l.as_deref(),
-            Some(r#"</v2/docker.io/alpine/tags/list?last=b&n=2>; rel="next""#)
-        );
-        assert_eq!(rewrite_link("garbage", "x", &Endpoint::TagsList), None);
     }
 }

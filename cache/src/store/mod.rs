@@ -11,7 +11,11 @@
 //! so a path under `upstreams/` only ever holds complete, verified content.
 //! Content is kept per upstream so that bytes fetched with one upstream's
 //! credentials are never served under another upstream's name.
+//!
+//! [`usage`] indexes what is stored (sizes, recency, leases); [`evict`] keeps
+//! it within the byte budget and age limit.
 
+pub mod evict;
 mod fsutil;
 pub mod layout;
 pub mod usage;
@@ -20,7 +24,6 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -28,50 +31,9 @@ use serde::{Deserialize, Serialize};
 use crate::metrics::Metrics;
 use crate::oci::{Digest, RepoName, Tag};
 
+pub use evict::{Evicted, Limits};
 pub use fsutil::TempFile;
 pub use usage::{Kind, Lease, Reservation, Usage};
-
-/// How much the store may hold, and when content goes.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Limits {
-    /// Byte budget for content; `None`: unlimited (the volume's size).
-    pub max_size: Option<u64>,
-    /// Eviction starts above this fraction of `max_size`...
-    pub high_watermark: f64,
-    /// ...and removes least recently used content down to this fraction.
-    pub low_watermark: f64,
-    /// Content not read for this long is removed whatever the size.
-    pub max_age: Option<Duration>,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_size: None,
-            high_watermark: 0.9,
-            low_watermark: 0.8,
-            max_age: None,
-        }
-    }
-}
-
-impl Limits {
-    fn high(&self) -> Option<u64> {
-        self.max_size
-            .map(|m| (m as f64 * self.high_watermark) as u64)
-    }
-    fn low(&self) -> Option<u64> {
-        self.max_size
-            .map(|m| (m as f64 * self.low_watermark) as u64)
-    }
-}
-
-/// What one eviction pass removed.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Evicted {
-    pub by_size: (u64, u64),
-    pub by_age: (u64, u64),
-}
 
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -80,7 +42,7 @@ pub struct Store {
     limits: Limits,
     /// One eviction pass at a time.
     evicting: Arc<tokio::sync::Mutex<()>>,
-    /// Wakes the background evictor when usage crosses the high watermark.
+    /// Wakes the sweeper ([`evict::spawn`]) when usage crosses the high watermark.
     pressure: Arc<tokio::sync::Notify>,
     metrics: Arc<Metrics>,
 }
@@ -162,11 +124,6 @@ impl Store {
         &self.limits
     }
 
-    /// Resolves when usage may need eviction.
-    pub async fn pressure(&self) {
-        self.pressure.notified().await
-    }
-
     fn key(&self, host: &str, kind: Kind, d: &Digest) -> Option<usage::Key> {
         self.usage.key(host, kind, d.hex())
     }
@@ -176,98 +133,7 @@ impl Store {
         if let Some(k) = self.key(host, kind, d) {
             self.usage.insert(k, size, usage::now_ms());
         }
-        if self
-            .limits
-            .high()
-            .is_some_and(|h| self.usage.committed() > h)
-        {
-            self.pressure.notify_one();
-        }
-    }
-
-    /// Makes room for `bytes` about to be written: reserves them, evicting
-    /// least recently used content first if the budget requires it. `None`
-    /// when even that cannot keep the store within its budget.
-    pub async fn admit(&self, bytes: u64) -> Option<Reservation> {
-        let reservation = self.usage.reserve(bytes);
-        let Some(max) = self.limits.max_size else {
-            return Some(reservation);
-        };
-        if self.usage.committed() > self.limits.high().unwrap_or(max) {
-            let _ = self.evict().await;
-        }
-        (self.usage.committed() <= max).then_some(reservation)
-    }
-
-    /// One eviction pass: content unused for `max_age`, then least recently
-    /// used content until usage is under the low watermark.
-    pub async fn evict(&self) -> io::Result<Evicted> {
-        let ev = self.evict_inner().await?;
-        for (reason, (files, bytes)) in [("size", ev.by_size), ("age", ev.by_age)] {
-            if files > 0 {
-                tracing::info!(reason, files, bytes, "evicted");
-                let l = crate::metrics::ReasonLabels {
-                    reason: reason.to_owned(),
-                };
-                self.metrics.evictions.get_or_create(&l).inc_by(files);
-                self.metrics.evicted_bytes.get_or_create(&l).inc_by(bytes);
-            }
-        }
-        Ok(ev)
-    }
-
-    async fn evict_inner(&self) -> io::Result<Evicted> {
-        let _one = self.evicting.lock().await;
-        if !self.usage.is_loaded() {
-            return Ok(Evicted::default());
-        }
-        let committed = self.usage.committed();
-        let free = match (self.limits.high(), self.limits.low()) {
-            (Some(high), Some(low)) if committed > high => committed - low,
-            _ => 0,
-        };
-        let now = usage::now_ms();
-        let plan = self.usage.plan_eviction(free, self.limits.max_age, now);
-        if plan.is_empty() {
-            return Ok(Evicted::default());
-        }
-        let store = self.clone();
-        let expired_before = self
-            .limits
-            .max_age
-            .map_or(0, |a| now.saturating_sub(a.as_millis() as u64));
-        blocking(move || {
-            let mut out = Evicted::default();
-            for (key, _) in plan {
-                // Ages are re-read under the index lock: a file read since the
-                // plan was made keeps its place in the queue.
-                let old = store
-                    .usage
-                    .last_used(&key)
-                    .is_some_and(|u| u < expired_before);
-                let Some(size) = store.usage.remove_if_unleased(&key) else {
-                    continue;
-                };
-                let path = store.key_path(&key);
-                for p in [path.with_extension("type"), path] {
-                    match std::fs::remove_file(&p) {
-                        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                            tracing::warn!(path = %p.display(), error = %e, "cannot evict");
-                        }
-                        _ => {}
-                    }
-                }
-                let slot = if old {
-                    &mut out.by_age
-                } else {
-                    &mut out.by_size
-                };
-                slot.0 += 1;
-                slot.1 += size;
-            }
-            Ok(out)
-        })
-        .await
+        self.wake_sweeper_if_over();
     }
 
     fn key_path(&self, key: &usage::Key) -> PathBuf {

@@ -6,7 +6,7 @@
 //! survives restarts as the file's mtime, which reads refresh at most once
 //! per [`TOUCH_EVERY`], so hot content costs no extra syscalls.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, hash_map};
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -199,12 +199,10 @@ impl Usage {
         }
     }
 
-    /// Files to delete, least recently used first: everything unused for
-    /// `max_age`, then more until `free` bytes are released. Leased files
-    /// are never chosen.
-    pub fn plan_eviction(&self, free: u64, max_age: Option<Duration>, now: u64) -> Vec<(Key, u64)> {
-        let i = self.lock();
-        plan(i.entries.iter(), free, max_age, now)
+    /// `f` applied to every entry, under the index lock (so nothing is
+    /// added, leased or removed meanwhile): how eviction plans a pass.
+    pub fn scan<R>(&self, f: impl FnOnce(hash_map::Iter<'_, Key, Entry>) -> R) -> R {
+        f(self.lock().entries.iter())
     }
 
     /// Scans `upstreams/` (stat only, no reads) and marks the index loaded.
@@ -257,32 +255,6 @@ impl Usage {
     }
 }
 
-fn plan<'a>(
-    entries: impl Iterator<Item = (&'a Key, &'a Entry)>,
-    free: u64,
-    max_age: Option<Duration>,
-    now: u64,
-) -> Vec<(Key, u64)> {
-    let mut candidates: Vec<(u64, Key, u64)> = entries
-        .filter(|(_, e)| e.leases == 0)
-        .map(|(k, e)| (e.last_used, *k, e.size))
-        .collect();
-    candidates.sort_unstable();
-    let expired_before = max_age.map_or(0, |a| now.saturating_sub(a.as_millis() as u64));
-    let mut freed = 0u64;
-    candidates
-        .into_iter()
-        .take_while(|(used, _, size)| {
-            let take = *used < expired_before || freed < free;
-            if take {
-                freed += size;
-            }
-            take
-        })
-        .map(|(_, k, s)| (k, s))
-        .collect()
-}
-
 /// Held by a reader for as long as it streams a stored file.
 #[derive(Debug)]
 pub struct Lease {
@@ -318,40 +290,6 @@ mod tests {
 
     fn hex(n: u8) -> String {
         format!("{n:02x}").repeat(32)
-    }
-
-    #[test]
-    fn least_recently_used_go_first_and_leases_protect() {
-        let u = Arc::new(Usage::default());
-        let keys: Vec<Key> = (1..=4)
-            .map(|n| u.key("docker.io", Kind::Blob, &hex(n)).unwrap())
-            .collect();
-        // used at t=10, 40, 20, 30
-        for (k, used) in keys.iter().zip([10, 40, 20, 30]) {
-            u.insert(*k, 100, used);
-        }
-        assert_eq!(u.stored_bytes(), 400);
-        let plan = u.plan_eviction(150, None, 1000);
-        assert_eq!(plan, vec![(keys[0], 100), (keys[2], 100)]);
-        let lease = u.lease(keys[0]);
-        let plan = u.plan_eviction(150, None, 1000);
-        assert_eq!(plan, vec![(keys[2], 100), (keys[3], 100)]);
-        assert_eq!(u.remove_if_unleased(&keys[0]), None, "leased");
-        drop(lease);
-        assert_eq!(u.remove_if_unleased(&keys[0]), Some(100));
-        assert_eq!(u.stored_bytes(), 300);
-    }
-
-    #[test]
-    fn max_age_expires_old_content_without_size_pressure() {
-        let u = Usage::default();
-        let a = u.key("h", Kind::Manifest, &hex(1)).unwrap();
-        let b = u.key("h", Kind::Blob, &hex(2)).unwrap();
-        u.insert(a, 5, 100);
-        u.insert(b, 5, 900);
-        let plan = u.plan_eviction(0, Some(Duration::from_millis(500)), 1000);
-        assert_eq!(plan, vec![(a, 5)]);
-        assert!(u.plan_eviction(0, None, 1000).is_empty());
     }
 
     #[test]

@@ -35,6 +35,14 @@ pub struct Upstream {
     metrics: Arc<Metrics>,
 }
 
+/// An upstream stands for its canonical host, so the configured list routes
+/// requests as it is (see [`crate::route::route`]).
+impl AsRef<str> for Upstream {
+    fn as_ref(&self) -> &str {
+        self.host()
+    }
+}
+
 /// Shared by all upstreams: one connection pool, keep-alive, proxy env vars.
 pub fn build_client(t: &Timeouts) -> Result<reqwest::Client> {
     reqwest::Client::builder()
@@ -159,10 +167,8 @@ impl Upstream {
                     answered_challenge = true;
                 }
                 StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                    return Err(Error::Denied {
-                        upstream: self.host().to_owned(),
-                        detail: format!("{method} {} answered {status}", url.path()),
-                    });
+                    let what = format!("{method} {}", url.path());
+                    return Err(status_error(self.host(), &what, status));
                 }
                 StatusCode::TOO_MANY_REQUESTS => {
                     let retry_after = retry_after(resp.headers());
@@ -202,6 +208,30 @@ impl Upstream {
                 _ => return Ok(resp),
             }
         }
+    }
+}
+
+/// The error for an upstream answering `what` (e.g. `manifest HEAD`) with a
+/// status the caller cannot use. One mapping for every request, so a status
+/// means the same to a client whichever request met it:
+/// - 401 and 403: [`Error::Denied`] (a client sees 403, never a challenge);
+/// - 429 and 5xx: [`Error::UpstreamUnavailable`] (503: try again later). A
+///   429 only gets here from callers other than [`Upstream::send`], which
+///   turns it into [`Error::TooManyRequests`] with the upstream's Retry-After;
+/// - anything else (an unexpected 4xx, 1xx or 3xx): [`Error::UpstreamInvalid`]
+///   (502: the upstream answered, but not as a registry should).
+///
+/// Callers decide first which statuses they handle themselves (success,
+/// 404, or the 4xx a listing relays to its client).
+pub fn status_error(host: &str, what: &str, status: StatusCode) -> Error {
+    let upstream = host.to_owned();
+    let detail = format!("{what} answered {status}");
+    match status {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::Denied { upstream, detail },
+        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
+            Error::UpstreamUnavailable { upstream, detail }
+        }
+        _ => Error::UpstreamInvalid { upstream, detail },
     }
 }
 
@@ -333,6 +363,35 @@ pub fn accept_header(accept: &[String]) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statuses_map_to_one_error_each() {
+        let e =
+            |code: u16| status_error("r.example", "blob GET", StatusCode::from_u16(code).unwrap());
+        // What the client sees: 503 try later, 403 denied, 502 bad upstream.
+        for (codes, client_sees) in [
+            (&[500, 502, 503, 504, 429][..], 503),
+            (&[401, 403][..], 403),
+            (&[400, 405, 416, 304, 100][..], 502),
+        ] {
+            for &code in codes {
+                assert_eq!(
+                    e(code).status().as_u16(),
+                    client_sees,
+                    "{code}: {:?}",
+                    e(code)
+                );
+                assert!(e(code).is_upstream_failure(), "{code}");
+            }
+        }
+        assert!(matches!(e(503), Error::UpstreamUnavailable { .. }));
+        assert!(matches!(e(401), Error::Denied { .. }));
+        assert!(matches!(e(400), Error::UpstreamInvalid { .. }));
+        assert_eq!(
+            e(503).to_string(),
+            "upstream r.example is unavailable: blob GET answered 503 Service Unavailable"
+        );
+    }
 
     #[test]
     fn retry_after_seconds_and_dates() {

@@ -131,23 +131,10 @@ impl Children {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::RegistryMirror;
-    use crate::resources::Settings;
-    use serde_json::json;
+    use crate::fixtures;
 
     fn children(credentials: Option<&[u8]>) -> Children {
-        let mut m = RegistryMirror::new(
-            "hub",
-            serde_json::from_value(json!({"upstreams": [{"host": "docker.io"}]})).unwrap(),
-        );
-        m.metadata.uid = Some("u".into());
-        let settings = Settings {
-            namespace: "ns".into(),
-            cache_image: "c".into(),
-            agent_image: "a".into(),
-            agent_service_account: "sa".into(),
-        };
-        resources::build(&m, &settings, credentials)
+        resources::build(&fixtures::mirror(true), &fixtures::settings(), credentials)
     }
 
     #[test]

@@ -745,18 +745,8 @@ mod tests {
 
     #[test]
     fn children_map_to_their_cluster_scoped_owner() {
-        let mut m = RegistryMirror::new(
-            "hub",
-            serde_json::from_value(json!({"upstreams": [{"host": "docker.io"}]})).unwrap(),
-        );
-        m.metadata.uid = Some("u".into());
-        let settings = Settings {
-            namespace: "ns".into(),
-            cache_image: "c".into(),
-            agent_image: "a".into(),
-            agent_service_account: "sa".into(),
-        };
-        let c = resources::build(&m, &settings, None);
+        let m = crate::fixtures::mirror(true);
+        let c = resources::build(&m, &crate::fixtures::settings(), None);
         let r = owner_of(c.deployment).unwrap();
         assert_eq!(r, ObjectRef::<RegistryMirror>::new("hub"));
         assert_eq!(r.namespace, None, "cluster-scoped: no namespace");
@@ -773,7 +763,7 @@ mod tests {
     mod against_the_api {
         use super::*;
         use crate::crd::{NodeResult, NodeState, RegistryMirrorStatus};
-        use crate::fixtures::{self, NS, metadata_list, mirror_path, not_found};
+        use crate::fixtures::{self, ApiServer, NS, metadata_list};
         use http::{Method, StatusCode};
         use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -821,17 +811,9 @@ mod tests {
         #[tokio::test]
         async fn first_reconcile_adds_the_finalizer_and_nothing_else() {
             let result = fixtures::reconcile(fixtures::mirror(false), |mut api| async move {
-                let call = api
-                    .expect(
-                        Method::PATCH,
-                        &mirror_path("hub", ""),
-                        StatusCode::OK,
-                        |_| serde_json::to_value(fixtures::mirror(true)).unwrap(),
-                    )
-                    .await;
-                assert_eq!(call.content_type, "application/json-patch+json");
+                let patch = api.expect_finalizer_patch(true).await;
                 assert_eq!(
-                    call.body,
+                    patch,
                     json!([
                         {"op": "test", "path": "/metadata/finalizers", "value": null},
                         {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
@@ -847,10 +829,7 @@ mod tests {
         async fn apply_applies_children_in_order_then_prunes_then_writes_the_status() {
             let result = fixtures::reconcile(fixtures::mirror(true), |mut api| async move {
                 let deployment = apps("deployments", "regmirror-hub");
-                api.expect(Method::GET, &deployment, StatusCode::NOT_FOUND, |_| {
-                    not_found()
-                })
-                .await;
+                api.expect_not_found(Method::GET, &deployment).await;
 
                 // Server-side apply, what is referred to first; no Secret
                 // without credentials.
@@ -927,15 +906,7 @@ mod tests {
                     ("Normal".into(), "Created".into())
                 );
                 assert_eq!(api.expect_event().await, ("Normal".into(), "Ready".into()));
-                let call = api
-                    .expect(
-                        Method::PATCH,
-                        &mirror_path("hub", "/status"),
-                        StatusCode::OK,
-                        |_| serde_json::to_value(fixtures::mirror(true)).unwrap(),
-                    )
-                    .await;
-                let status = &call.body["status"];
+                let status = api.expect_status().await;
                 assert_eq!(status["nodePort"], 31500);
                 assert_eq!(status["nodesConfigured"], 1);
                 assert_eq!(status["conditions"][0]["type"], "Ready");
@@ -950,10 +921,7 @@ mod tests {
         async fn a_failed_apply_is_reported_in_the_status_from_the_children_as_they_are() {
             let result = fixtures::reconcile(fixtures::mirror(true), |mut api| async move {
                 let deployment = apps("deployments", "regmirror-hub");
-                api.expect(Method::GET, &deployment, StatusCode::NOT_FOUND, |_| {
-                    not_found()
-                })
-                .await;
+                api.expect_not_found(Method::GET, &deployment).await;
                 api.expect(
                     Method::PATCH,
                     &core("configmaps", "regmirror-hub"),
@@ -971,22 +939,14 @@ mod tests {
                     core("services", "regmirror-hub"),
                     apps("daemonsets", "regmirror-hub-agent"),
                 ] {
-                    api.expect(Method::GET, &path, StatusCode::NOT_FOUND, |_| not_found())
-                        .await;
+                    api.expect_not_found(Method::GET, &path).await;
                 }
                 assert_eq!(
                     api.expect_event().await,
                     ("Warning".into(), "ApplyFailed".into())
                 );
-                let call = api
-                    .expect(
-                        Method::PATCH,
-                        &mirror_path("hub", "/status"),
-                        StatusCode::OK,
-                        |_| serde_json::to_value(fixtures::mirror(true)).unwrap(),
-                    )
-                    .await;
-                let ready = &call.body["status"]["conditions"][0];
+                let status = api.expect_status().await;
+                let ready = &status["conditions"][0];
                 assert_eq!(ready["reason"], "ApplyFailed");
                 assert!(
                     ready["message"]
@@ -1005,71 +965,31 @@ mod tests {
         async fn deletion_deletes_the_children_agents_last_then_releases_the_finalizer() {
             let m = deleted(fixtures::mirror(true), &[("n1", NodeState::Removed)]);
             let result = fixtures::reconcile(m, |mut api| async move {
-                let deployment = apps("deployments", "regmirror-hub");
-                let daemon_set = apps("daemonsets", "regmirror-hub-agent");
-                api.expect(Method::GET, &deployment, StatusCode::OK, |_| {
-                    json!({"apiVersion": "apps/v1", "kind": "Deployment",
-                           "metadata": {"name": "regmirror-hub"}})
-                })
-                .await;
-                api.expect(
-                    Method::GET,
-                    &core("services", "regmirror-hub"),
-                    StatusCode::NOT_FOUND,
-                    |_| not_found(),
-                )
-                .await;
-                api.expect(Method::GET, &daemon_set, StatusCode::OK, |_| {
-                    merged_daemon_set(agents_scheduled(1))
-                })
-                .await;
-                assert_eq!(
-                    api.expect_event().await,
-                    ("Warning".into(), "Deleting".into())
-                );
-                let call = api
-                    .expect(
-                        Method::PATCH,
-                        &mirror_path("hub", "/status"),
-                        StatusCode::OK,
-                        |_| serde_json::to_value(fixtures::mirror(true)).unwrap(),
-                    )
-                    .await;
-                assert_eq!(call.body["status"]["conditions"][0]["reason"], "Deleting");
+                expect_deleting_status(&mut api, 1).await;
 
                 // Every node reported Removed: the children go, agents last.
                 for (path, found) in [
-                    (deployment, true),
+                    (apps("deployments", "regmirror-hub"), true),
                     (core("services", "regmirror-hub"), true),
                     (core("configmaps", "regmirror-hub"), true),
                     (core("secrets", "regmirror-hub-credentials"), false),
                     (core("persistentvolumeclaims", "regmirror-hub"), true),
-                    (daemon_set, true),
+                    (apps("daemonsets", "regmirror-hub-agent"), true),
                 ] {
                     if found {
                         api.expect(Method::DELETE, &path, StatusCode::OK, |_| success())
                             .await;
                     } else {
-                        api.expect(Method::DELETE, &path, StatusCode::NOT_FOUND, |_| {
-                            not_found()
-                        })
-                        .await;
+                        api.expect_not_found(Method::DELETE, &path).await;
                     }
                 }
                 assert_eq!(
                     api.expect_event().await,
                     ("Normal".into(), "Deleted".into())
                 );
-                let call = api
-                    .expect(
-                        Method::PATCH,
-                        &mirror_path("hub", ""),
-                        StatusCode::OK,
-                        |_| serde_json::to_value(fixtures::mirror(false)).unwrap(),
-                    )
-                    .await;
+                let patch = api.expect_finalizer_patch(false).await;
                 assert_eq!(
-                    call.body,
+                    patch,
                     json!([
                         {"op": "test", "path": "/metadata/finalizers/0", "value": FINALIZER},
                         {"op": "remove", "path": "/metadata/finalizers/0"},
@@ -1088,31 +1008,7 @@ mod tests {
                 &[("n1", NodeState::Removed), ("n2", NodeState::Configured)],
             );
             let result = fixtures::reconcile(m, |mut api| async move {
-                for path in [
-                    apps("deployments", "regmirror-hub"),
-                    core("services", "regmirror-hub"),
-                ] {
-                    api.expect(Method::GET, &path, StatusCode::NOT_FOUND, |_| not_found())
-                        .await;
-                }
-                api.expect(
-                    Method::GET,
-                    &apps("daemonsets", "regmirror-hub-agent"),
-                    StatusCode::OK,
-                    |_| merged_daemon_set(agents_scheduled(2)),
-                )
-                .await;
-                assert_eq!(
-                    api.expect_event().await,
-                    ("Warning".into(), "Deleting".into())
-                );
-                api.expect(
-                    Method::PATCH,
-                    &mirror_path("hub", "/status"),
-                    StatusCode::OK,
-                    |_| serde_json::to_value(fixtures::mirror(true)).unwrap(),
-                )
-                .await;
+                expect_deleting_status(&mut api, 2).await;
                 // No deletion, and the finalizer stays.
                 api
             })
@@ -1122,12 +1018,32 @@ mod tests {
             assert!(err.to_string().contains("n2"), "{err}");
         }
 
-        fn merged_daemon_set(status: Value) -> Value {
-            fixtures::merged(
-                json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
-                       "metadata": {"name": "regmirror-hub-agent"}}),
-                &status,
+        /// What cleanup does first: reads the children (the cache gone, the
+        /// agents on `agents` nodes), then reports Deleting.
+        async fn expect_deleting_status(api: &mut ApiServer, agents: i32) {
+            api.expect_not_found(Method::GET, &apps("deployments", "regmirror-hub"))
+                .await;
+            api.expect_not_found(Method::GET, &core("services", "regmirror-hub"))
+                .await;
+            api.expect(
+                Method::GET,
+                &apps("daemonsets", "regmirror-hub-agent"),
+                StatusCode::OK,
+                |_| {
+                    fixtures::merged(
+                        json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+                               "metadata": {"name": "regmirror-hub-agent"}}),
+                        &agents_scheduled(agents),
+                    )
+                },
             )
+            .await;
+            assert_eq!(
+                api.expect_event().await,
+                ("Warning".into(), "Deleting".into())
+            );
+            let status = api.expect_status().await;
+            assert_eq!(status["conditions"][0]["reason"], "Deleting");
         }
     }
 }

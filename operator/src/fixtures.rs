@@ -53,17 +53,22 @@ pub fn context() -> (Arc<Context>, ApiServer) {
     };
     let ctx = Context::new(
         client.clone(),
-        Settings {
-            namespace: NS.into(),
-            cache_image: "regmirror/cache:test".into(),
-            agent_image: "regmirror/operator:test".into(),
-            agent_service_account: "regmirror-agent".into(),
-        },
+        settings(),
         Recorder::new(client, reporter),
         Arc::new(Metrics::default()),
         store,
     );
     (Arc::new(ctx), ApiServer(handle))
+}
+
+/// Operator settings with the children in [`NS`].
+pub fn settings() -> Settings {
+    Settings {
+        namespace: NS.into(),
+        cache_image: "regmirror/cache:test".into(),
+        agent_image: "regmirror/operator:test".into(),
+        agent_service_account: "regmirror-agent".into(),
+    }
 }
 
 /// Runs one [`controller::reconcile`] of `mirror` while `script` plays the API
@@ -106,7 +111,7 @@ pub fn mirror(finalized: bool) -> RegistryMirror {
 }
 
 /// Path of the mirror `name` (cluster-scoped), plus `sub` (`""` or `"/status"`).
-pub fn mirror_path(name: &str, sub: &str) -> String {
+fn mirror_path(name: &str, sub: &str) -> String {
     let url = RegistryMirror::url_path(&(), None);
     format!("{url}/{name}{sub}")
 }
@@ -215,6 +220,43 @@ impl ApiServer {
             call.query
         );
         call
+    }
+
+    /// Expects a call of `method path` and answers 404 Not Found.
+    pub async fn expect_not_found(&mut self, method: Method, path: &str) -> Call {
+        self.expect(method, path, StatusCode::NOT_FOUND, |_| not_found())
+            .await
+    }
+
+    /// Expects a JSON patch of the mirror `hub` itself (the finalizer's),
+    /// answers the mirror as it is then (`finalized`: carrying the
+    /// finalizer), and returns the patch.
+    pub async fn expect_finalizer_patch(&mut self, finalized: bool) -> Value {
+        let mut call = self
+            .expect(
+                Method::PATCH,
+                &mirror_path("hub", ""),
+                StatusCode::OK,
+                |_| serde_json::to_value(mirror(finalized)).unwrap(),
+            )
+            .await;
+        assert_eq!(call.content_type, "application/json-patch+json");
+        call.body.take()
+    }
+
+    /// Expects the status of the mirror `hub` to be server-side applied,
+    /// answers the mirror, and returns the applied `status`.
+    pub async fn expect_status(&mut self) -> Value {
+        let mut call = self
+            .expect(
+                Method::PATCH,
+                &mirror_path("hub", "/status"),
+                StatusCode::OK,
+                |_| serde_json::to_value(mirror(true)).unwrap(),
+            )
+            .await;
+        assert_eq!(call.content_type, "application/apply-patch+yaml");
+        call.body["status"].take()
     }
 
     /// Expects an event about the mirror `hub` and answers it as created;

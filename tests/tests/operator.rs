@@ -38,6 +38,26 @@ fn mirror_yaml(name: &str, upstreams: &str, extra: &str) -> String {
     )
 }
 
+/// Creates the mirror `name` of `upstreams` with 1Gi of storage, and waits
+/// until the operator applied its children (the agents' DaemonSet is applied
+/// last).
+async fn create_mirror(
+    cp: &ControlPlane,
+    op: &mut OperatorProcess,
+    name: &str,
+    upstreams: &str,
+) -> Result<()> {
+    cp.apply_ok(&mirror_yaml(name, upstreams, "  storage: {size: 1Gi}\n"))
+        .await?;
+    op.wait_for(
+        cp,
+        &format!("{name}'s children applied"),
+        &["daemonset", &format!("regmirror-{name}-agent"), "-n", NS],
+        |d| d.map(|_| ()),
+    )
+    .await
+}
+
 /// A PersistentVolume the cache's claim can bind to (no provisioner here).
 fn pv_yaml(name: &str) -> String {
     format!(
@@ -204,12 +224,7 @@ async fn a_mirror_becomes_ready_with_owned_labelled_children_events_and_metrics(
     let mut turn =
         turn("a_mirror_becomes_ready_with_owned_labelled_children_events_and_metrics").await;
     let (cp, op) = turn.cluster().await?;
-    cp.apply_ok(&mirror_yaml(
-        "hub",
-        "[{host: docker.io}, {host: ghcr.io}]",
-        "  storage: {size: 1Gi}\n",
-    ))
-    .await?;
+    create_mirror(cp, op, "hub", "[{host: docker.io}, {host: ghcr.io}]").await?;
 
     // Ready, with everything derived from the real children.
     let hub = op
@@ -344,26 +359,15 @@ async fn a_later_mirror_loses_a_shared_host_until_the_older_is_deleted() -> Resu
     let (cp, op) = turn.cluster().await?;
     // Created in this order, and named so that the older also wins a tie on
     // the (one-second) creation time.
-    cp.apply_ok(&mirror_yaml(
-        "first",
-        "[{host: registry.k8s.io}]",
-        "  storage: {size: 1Gi}\n",
-    ))
-    .await?;
-    op.wait_for(
-        cp,
-        "first's children applied",
-        &["daemonset", "regmirror-first-agent", "-n", NS],
-        |d| d.map(|_| ()),
-    )
-    .await?;
+    create_mirror(cp, op, "first", "[{host: registry.k8s.io}]").await?;
 
     // A second mirror claiming registry.k8s.io loses it to the older one.
-    cp.apply_ok(&mirror_yaml(
+    create_mirror(
+        cp,
+        op,
         "second",
         "[{host: registry.k8s.io}, {host: quay.io}]",
-        "  storage: {size: 1Gi}\n",
-    ))
+    )
     .await?;
     let second = op
         .wait_for(
@@ -425,25 +429,17 @@ async fn a_later_mirror_loses_a_shared_host_until_the_older_is_deleted() -> Resu
 async fn a_spec_change_rolls_the_cache_config() -> Result<()> {
     let mut turn = turn("a_spec_change_rolls_the_cache_config").await;
     let (cp, op) = turn.cluster().await?;
-    cp.apply_ok(&mirror_yaml(
-        "rolled",
-        "[{host: mcr.microsoft.com}]",
-        "  storage: {size: 1Gi}\n",
-    ))
-    .await?;
+    create_mirror(cp, op, "rolled", "[{host: mcr.microsoft.com}]").await?;
     let hash = |d: &serde_json::Value| {
         d["spec"]["template"]["metadata"]["annotations"]["regmirror.dev/config-hash"]
             .as_str()
             .map(str::to_owned)
     };
-    let hash1 = op
-        .wait_for(
-            cp,
-            "rolled's Deployment",
-            &["deployment", "regmirror-rolled", "-n", NS],
-            |d| hash(d?),
-        )
-        .await?;
+    let deploy = cp
+        .get_json(&["deployment", "regmirror-rolled", "-n", NS])
+        .await?
+        .context("rolled's Deployment")?;
+    let hash1 = hash(&deploy).context("config hash")?;
 
     // A spec change rolls the ConfigMap and the pod template.
     cp.kubectl_ok(&[
@@ -493,19 +489,7 @@ async fn without_the_operator_the_finalizer_holds_and_the_garbage_collector_clea
     let mut turn =
         turn("without_the_operator_the_finalizer_holds_and_the_garbage_collector_cleans_up").await;
     let (cp, op) = turn.cluster().await?;
-    cp.apply_ok(&mirror_yaml(
-        "held",
-        "[{host: public.ecr.aws}]",
-        "  storage: {size: 1Gi}\n",
-    ))
-    .await?;
-    op.wait_for(
-        cp,
-        "held's children applied",
-        &["daemonset", "regmirror-held-agent", "-n", NS],
-        |d| d.map(|_| ()),
-    )
-    .await?;
+    create_mirror(cp, op, "held", "[{host: public.ecr.aws}]").await?;
 
     // With the operator stopped (it releases its lease), the finalizer holds
     // a deleted mirror...

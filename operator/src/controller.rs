@@ -1,11 +1,12 @@
 //! The reconcile loop: validate -> build -> server-side apply -> prune ->
 //! status, per `RegistryMirror`, plus the finalizer that removes node
-//! configuration before a mirror goes away.
+//! configuration before a mirror goes away. Watching, applying, pruning and
+//! deleting children all walk [`ChildKind`]'s one list.
 //!
 //! Children are namespaced (the operator's namespace) while the mirror is
 //! cluster-scoped. `Controller::owns` would map a child's owner reference to
 //! a *namespaced* object reference that never matches the mirror, so children
-//! are watched with `watches` and an explicit owner-reference mapper.
+//! are watched with `watches_with` and an explicit owner-reference mapper.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -13,24 +14,24 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::json;
+use serde_json::{Value, json};
 
+use crate::children::ChildKind;
 use crate::crd::RegistryMirror;
 use crate::credentials;
 use crate::metrics::Metrics;
 use crate::resources::{self, Children, MANAGER, Settings};
-use crate::status::{self, Observed, Problem, reason};
+use crate::status::{self, Conflict, Observed, Problem, reason};
 
 /// Held on every mirror until its node configuration is removed.
 pub const FINALIZER: &str = "regmirror.dev/node-config";
@@ -81,11 +82,39 @@ pub struct Context {
 }
 
 impl Context {
+    /// Shared state for [`reconcile`] and [`error_policy`]: `mirrors` is the
+    /// controller's store of every mirror.
+    pub fn new(
+        client: Client,
+        settings: Settings,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        mirrors: Store<RegistryMirror>,
+    ) -> Self {
+        Self {
+            client,
+            settings,
+            recorder,
+            metrics,
+            mirrors,
+            failures: Mutex::default(),
+        }
+    }
+
     fn ns<K>(&self) -> Api<K>
     where
         K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
     {
         Api::namespaced(self.client.clone(), &self.settings.namespace)
+    }
+
+    /// The children of `kind` in the operator's namespace.
+    fn children(&self, kind: ChildKind) -> Api<DynamicObject> {
+        Api::namespaced_with(
+            self.client.clone(),
+            &self.settings.namespace,
+            &kind.api_resource(),
+        )
     }
 }
 
@@ -98,67 +127,49 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let mirrors = Api::<RegistryMirror>::all(client.clone());
-    let controller = Controller::new(mirrors.clone(), watcher::Config::default().any_semantic());
+    let mut controller =
+        Controller::new(mirrors.clone(), watcher::Config::default().any_semantic());
     let store = controller.store();
-    let ns = settings.namespace.clone();
-    let children =
+    let labelled =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        recorder: Recorder::new(client.clone(), reporter),
+    let ctx = Arc::new(Context::new(
+        client.clone(),
         settings,
+        Recorder::new(client.clone(), reporter),
         metrics,
-        mirrors: store.clone(),
-        failures: Mutex::default(),
-    });
-    let secrets_store = store.clone();
+        store.clone(),
+    ));
+    for kind in ChildKind::ALL {
+        let api = ctx.children(kind);
+        let resource = kind.api_resource();
+        controller = match kind {
+            // Users' credential Secrets carry no label of ours: watch the
+            // namespace, and map a Secret to the mirrors that reference it as
+            // well as to the mirror that owns it.
+            ChildKind::Secret => {
+                let store = store.clone();
+                controller.watches_with(api, resource, watcher::Config::default(), move |secret| {
+                    let name = secret.name_any();
+                    let owner = owner_of(secret);
+                    store
+                        .state()
+                        .into_iter()
+                        .filter(|m| {
+                            m.spec.upstreams.iter().any(|u| {
+                                u.credentials_secret
+                                    .as_ref()
+                                    .is_some_and(|r| r.name == name)
+                            }) || owner.as_ref().is_some_and(|o| o.name == m.name_any())
+                        })
+                        .map(|m| ObjectRef::from_obj(m.as_ref()))
+                        .collect::<Vec<_>>()
+                })
+            }
+            _ => controller.watches_with(api, resource, labelled.clone(), owner_of),
+        };
+    }
     let peers_store = store.clone();
     controller
-        .watches(
-            Api::<Deployment>::namespaced(client.clone(), &ns),
-            children.clone(),
-            owner_of,
-        )
-        .watches(
-            Api::<DaemonSet>::namespaced(client.clone(), &ns),
-            children.clone(),
-            owner_of,
-        )
-        .watches(
-            Api::<Service>::namespaced(client.clone(), &ns),
-            children.clone(),
-            owner_of,
-        )
-        .watches(
-            Api::<ConfigMap>::namespaced(client.clone(), &ns),
-            children.clone(),
-            owner_of,
-        )
-        .watches(
-            Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns),
-            children,
-            owner_of,
-        )
-        // Users' credential Secrets carry no label of ours: watch the namespace.
-        .watches(
-            Api::<Secret>::namespaced(client.clone(), &ns),
-            watcher::Config::default(),
-            move |secret: Secret| {
-                let name = secret.name_any();
-                secrets_store
-                    .state()
-                    .into_iter()
-                    .filter(|m| {
-                        m.spec.upstreams.iter().any(|u| {
-                            u.credentials_secret
-                                .as_ref()
-                                .is_some_and(|r| r.name == name)
-                        }) || owner_of(secret.clone()).is_some_and(|o| o.name == m.name_any())
-                    })
-                    .map(|m| ObjectRef::from_obj(m.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
         // A mirror's change or deletion can end another's host conflict.
         .watches(mirrors, watcher::Config::default(), move |changed| {
             peers_store
@@ -253,10 +264,7 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
                 reason: reason::CREDENTIALS_UNAVAILABLE,
                 message: e.to_string(),
             };
-            let mut observed = observe(mirror, ctx).await?;
-            observed.conflicts = conflicts;
-            observed.problem = Some(problem);
-            update_status(mirror, ctx, &observed).await?;
+            report(mirror, ctx, conflicts, Outcome::Stopped(problem)).await?;
             return Ok(Action::requeue(Duration::from_secs(60)));
         }
     };
@@ -270,13 +278,11 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
     let applied = match apply_children(&children, ctx).await {
         Ok(a) => a,
         Err(e) => {
-            let mut observed = observe(mirror, ctx).await?;
-            observed.conflicts = conflicts;
-            observed.problem = Some(Problem {
+            let problem = Problem {
                 reason: reason::APPLY_FAILED,
                 message: e.to_string(),
-            });
-            update_status(mirror, ctx, &observed).await?;
+            };
+            report(mirror, ctx, conflicts, Outcome::Stopped(problem)).await?;
             return Err(e);
         }
     };
@@ -302,11 +308,7 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
         publish(ctx, mirror, EventType::Normal, reason, "Apply", note).await;
     }
 
-    let observed = Observed {
-        conflicts,
-        ..observed_from(&applied)
-    };
-    let ready = update_status(mirror, ctx, &observed).await?;
+    let ready = report(mirror, ctx, conflicts, Outcome::Applied(applied)).await?;
     Ok(Action::requeue(if ready {
         Duration::from_secs(300)
     } else {
@@ -337,19 +339,62 @@ async fn load_credentials(
     ))
 }
 
-struct Applied {
-    deployment: Deployment,
-    service: Service,
-    daemon_set: DaemonSet,
+/// The children the status is computed from, as the API server last returned
+/// them (`None`: not there).
+#[derive(Debug, Default)]
+struct Seen {
+    deployment: Option<Deployment>,
+    service: Option<Service>,
+    daemon_set: Option<DaemonSet>,
 }
 
-fn observed_from(a: &Applied) -> Observed {
-    Observed {
-        cache_replicas: Some(replicas(&a.deployment)),
-        node_port: node_port(&a.service),
-        agents: Some(agents(&a.daemon_set)),
-        ..Default::default()
+impl Seen {
+    /// Reads the children as they are (when they were not all applied).
+    async fn read(mirror: &RegistryMirror, ctx: &Context) -> Result<Self, Error> {
+        let name = mirror.name_any();
+        Ok(Self {
+            deployment: ctx
+                .ns::<Deployment>()
+                .get_opt(&resources::deployment_name(&name))
+                .await?,
+            service: ctx
+                .ns::<Service>()
+                .get_opt(&resources::service_name(&name))
+                .await?,
+            daemon_set: ctx
+                .ns::<DaemonSet>()
+                .get_opt(&resources::daemon_set_name(&name))
+                .await?,
+        })
     }
+
+    /// Keeps `applied` if it is one of the children the status reads.
+    fn record(&mut self, kind: ChildKind, applied: DynamicObject) -> Result<(), Error> {
+        match kind {
+            ChildKind::Deployment => self.deployment = Some(decode(applied)?),
+            ChildKind::Service => self.service = Some(decode(applied)?),
+            ChildKind::DaemonSet => self.daemon_set = Some(decode(applied)?),
+            ChildKind::ConfigMap | ChildKind::Secret | ChildKind::PersistentVolumeClaim => {}
+        }
+        Ok(())
+    }
+
+    /// What the status says about these children.
+    fn observed(&self) -> Observed {
+        Observed {
+            cache_replicas: self.deployment.as_ref().map(replicas),
+            node_port: self.service.as_ref().and_then(node_port),
+            agents: self.daemon_set.as_ref().map(agents),
+            ..Default::default()
+        }
+    }
+}
+
+/// A child as returned by a dynamic API, as its own type.
+fn decode<K: DeserializeOwned>(object: DynamicObject) -> Result<K, Error> {
+    serde_json::to_value(object)
+        .and_then(serde_json::from_value)
+        .map_err(|e| Error::Kube(kube::Error::SerdeError(e)))
 }
 
 fn replicas(d: &Deployment) -> (i32, i32) {
@@ -385,107 +430,93 @@ fn config_hash(d: &Deployment) -> Option<&str> {
         .map(String::as_str)
 }
 
-/// Reads the children as they are (when nothing is applied).
-async fn observe(mirror: &RegistryMirror, ctx: &Context) -> Result<Observed, Error> {
-    let name = mirror.name_any();
-    let d = ctx
-        .ns::<Deployment>()
-        .get_opt(&resources::deployment_name(&name))
-        .await?;
-    let s = ctx
-        .ns::<Service>()
-        .get_opt(&resources::service_name(&name))
-        .await?;
-    let ds = ctx
-        .ns::<DaemonSet>()
-        .get_opt(&resources::daemon_set_name(&name))
-        .await?;
-    Ok(Observed {
-        cache_replicas: d.as_ref().map(replicas),
-        node_port: s.as_ref().and_then(node_port),
-        agents: ds.as_ref().map(agents),
-        ..Default::default()
-    })
+/// Where a reconcile pass ended, which decides what the status is computed from.
+enum Outcome {
+    /// Every child applied, as the API server returned them.
+    Applied(Seen),
+    /// Stopped by a problem before every child was applied: the status reads
+    /// the children as they are.
+    Stopped(Problem),
+    /// The mirror is being deleted; the children as read.
+    Deleting(Seen),
 }
 
-async fn ssa<K>(api: &Api<K>, obj: &K) -> Result<K, Error>
-where
-    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
-{
-    let name = obj.meta().name.clone().unwrap_or_default();
-    api.patch(
-        &name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(obj),
-    )
-    .await
-    .map_err(|source| Error::Apply {
-        kind: std::any::type_name::<K>()
-            .rsplit("::")
-            .next()
-            .unwrap_or("object"),
-        name,
-        source,
-    })
+/// Writes the status for a pass that ended in `outcome` with `conflicts`;
+/// returns whether the mirror is Ready.
+async fn report(
+    mirror: &RegistryMirror,
+    ctx: &Context,
+    conflicts: Vec<Conflict>,
+    outcome: Outcome,
+) -> Result<bool, Error> {
+    let (observed, problem, deleting) = match outcome {
+        Outcome::Applied(seen) => (seen.observed(), None, false),
+        Outcome::Stopped(p) => (Seen::read(mirror, ctx).await?.observed(), Some(p), false),
+        Outcome::Deleting(seen) => (seen.observed(), None, true),
+    };
+    let observed = Observed {
+        conflicts,
+        problem,
+        deleting,
+        ..observed
+    };
+    update_status(mirror, ctx, &observed).await
 }
 
-async fn apply_children(c: &Children, ctx: &Context) -> Result<Applied, Error> {
-    ssa(&ctx.ns::<ConfigMap>(), &c.config_map).await?;
-    if let Some(s) = &c.credentials {
-        ssa(&ctx.ns::<Secret>(), s).await?;
+/// Server-side applies `object`, a child of `kind`, as [`MANAGER`].
+async fn ssa(ctx: &Context, kind: ChildKind, object: &Value) -> Result<DynamicObject, Error> {
+    let name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    ctx.children(kind)
+        .patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(object),
+        )
+        .await
+        .map_err(|source| Error::Apply {
+            kind: kind.as_str(),
+            name,
+            source,
+        })
+}
+
+/// Applies every child in [`ChildKind::ALL`]'s order.
+async fn apply_children(c: &Children, ctx: &Context) -> Result<Seen, Error> {
+    let mut seen = Seen::default();
+    for kind in ChildKind::ALL {
+        if let Some(object) = c.object(kind) {
+            let applied = ssa(ctx, kind, &object).await?;
+            seen.record(kind, applied)?;
+        }
     }
-    ssa(&ctx.ns::<PersistentVolumeClaim>(), &c.pvc).await?;
-    let deployment = ssa(&ctx.ns::<Deployment>(), &c.deployment).await?;
-    let service = ssa(&ctx.ns::<Service>(), &c.service).await?;
-    let daemon_set = ssa(&ctx.ns::<DaemonSet>(), &c.daemon_set).await?;
-    Ok(Applied {
-        deployment,
-        service,
-        daemon_set,
-    })
+    Ok(seen)
 }
 
 /// Deletes this mirror's children that are no longer wanted (today: the
 /// credentials Secret once no upstream has credentials; also any child left
-/// by an older naming scheme).
+/// by an older naming scheme): of every kind, those labelled as the mirror's
+/// and owned by it that [`Children::wanted`] does not name.
 async fn prune(mirror: &RegistryMirror, c: &Children, ctx: &Context) -> Result<(), Error> {
-    let wanted = c.names();
+    let wanted = c.wanted();
     let uid = mirror.uid().unwrap_or_default();
-    prune_kind::<ConfigMap>(ctx, mirror, &uid, &wanted).await?;
-    prune_kind::<Secret>(ctx, mirror, &uid, &wanted).await?;
-    prune_kind::<PersistentVolumeClaim>(ctx, mirror, &uid, &wanted).await?;
-    prune_kind::<Deployment>(ctx, mirror, &uid, &wanted).await?;
-    prune_kind::<Service>(ctx, mirror, &uid, &wanted).await?;
-    prune_kind::<DaemonSet>(ctx, mirror, &uid, &wanted).await?;
-    Ok(())
-}
-
-async fn prune_kind<K>(
-    ctx: &Context,
-    mirror: &RegistryMirror,
-    uid: &str,
-    wanted: &[(&'static str, String)],
-) -> Result<(), Error>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug,
-{
-    let api = ctx.ns::<K>();
-    let kind = K::kind(&());
     let lp = ListParams::default().labels(&resources::children_selector(&mirror.name_any()));
-    for item in api.list_metadata(&lp).await?.items {
-        let name = item.metadata.name.clone().unwrap_or_default();
-        let ours = item
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .any(|o| o.uid == uid);
-        if ours && !wanted.iter().any(|(k, n)| *k == kind && *n == name) {
-            tracing::info!(mirror = %mirror.name_any(), %kind, %name, "pruning child no longer wanted");
-            delete_ignoring_missing(&api, &name).await?;
+    for kind in ChildKind::ALL {
+        let api = ctx.children(kind);
+        for item in api.list_metadata(&lp).await?.items {
+            let name = item.metadata.name.clone().unwrap_or_default();
+            let ours = item
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.uid == uid);
+            if ours && !wanted.iter().any(|(k, n)| *k == kind && *n == name) {
+                tracing::info!(mirror = %mirror.name_any(), kind = kind.as_str(), %name, "pruning child no longer wanted");
+                delete_ignoring_missing(&api, &name).await?;
+            }
         }
     }
     Ok(())
@@ -510,34 +541,9 @@ async fn update_status(
 ) -> Result<bool, Error> {
     let previous = mirror.status.as_ref();
     let new = status::compute(mirror, previous, observed, Timestamp::now());
-    let ready = status::condition(Some(&new), status::READY);
-    let is_ready = ready.is_some_and(|c| c.status == "True");
-
-    // Events on Ready transitions and reason changes, never on every pass.
-    let old_ready = status::condition(previous, status::READY);
-    if let Some(r) = ready
-        && old_ready.is_none_or(|o| o.status != r.status || o.reason != r.reason)
-    {
-        let type_ = if is_ready {
-            EventType::Normal
-        } else if matches!(
-            r.reason.as_str(),
-            reason::CACHE_UNAVAILABLE | reason::AGENTS_NOT_READY | reason::NOT_OBSERVED
-        ) {
-            // Expected while things start; not worth a warning.
-            EventType::Normal
-        } else {
-            EventType::Warning
-        };
-        publish(
-            ctx,
-            mirror,
-            type_,
-            &r.reason,
-            "Reconcile",
-            r.message.clone(),
-        )
-        .await;
+    let is_ready = status::condition(Some(&new), status::READY).is_some_and(|c| c.status == "True");
+    if let Some(e) = status::ready_event(previous, &new) {
+        publish(ctx, mirror, e.type_, &e.reason, "Reconcile", e.note).await;
     }
 
     let mut comparable = previous.cloned().unwrap_or_default();
@@ -633,18 +639,13 @@ pub fn node_cleanup_pending(
 }
 
 /// Finalizer cleanup: wait for the node agents' acknowledgement, then delete
-/// the children (the agents last), so the finalizer can be released.
+/// the children in [`ChildKind::deletion_order`] (the agents last), so the
+/// finalizer can be released.
 async fn cleanup(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> {
     let name = mirror.name_any();
-    let observed = Observed {
-        deleting: true,
-        ..observe(mirror, ctx).await?
-    };
-    update_status(mirror, ctx, &observed).await?;
-    let ds = ctx
-        .ns::<DaemonSet>()
-        .get_opt(&resources::daemon_set_name(&name))
-        .await?;
+    let seen = Seen::read(mirror, ctx).await?;
+    let ds = seen.daemon_set.clone();
+    report(mirror, ctx, Vec::new(), Outcome::Deleting(seen)).await?;
     if let Some(waiting) = node_cleanup_pending(mirror, ds.as_ref(), Timestamp::now()) {
         return Err(Error::NodeCleanupPending(waiting));
     }
@@ -667,16 +668,9 @@ async fn cleanup(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error
         )
         .await;
     }
-    delete_ignoring_missing(&ctx.ns::<Deployment>(), &resources::deployment_name(&name)).await?;
-    delete_ignoring_missing(&ctx.ns::<Service>(), &resources::service_name(&name)).await?;
-    delete_ignoring_missing(&ctx.ns::<ConfigMap>(), &resources::config_map_name(&name)).await?;
-    delete_ignoring_missing(&ctx.ns::<Secret>(), &resources::credentials_name(&name)).await?;
-    delete_ignoring_missing(
-        &ctx.ns::<PersistentVolumeClaim>(),
-        &resources::pvc_name(&name),
-    )
-    .await?;
-    delete_ignoring_missing(&ctx.ns::<DaemonSet>(), &resources::daemon_set_name(&name)).await?;
+    for kind in ChildKind::deletion_order() {
+        delete_ignoring_missing(&ctx.children(kind), &kind.child_name(&name)).await?;
+    }
     publish(
         ctx,
         mirror,
@@ -751,18 +745,8 @@ mod tests {
 
     #[test]
     fn children_map_to_their_cluster_scoped_owner() {
-        let mut m = RegistryMirror::new(
-            "hub",
-            serde_json::from_value(json!({"upstreams": [{"host": "docker.io"}]})).unwrap(),
-        );
-        m.metadata.uid = Some("u".into());
-        let settings = Settings {
-            namespace: "ns".into(),
-            cache_image: "c".into(),
-            agent_image: "a".into(),
-            agent_service_account: "sa".into(),
-        };
-        let c = resources::build(&m, &settings, None);
+        let m = crate::fixtures::mirror(true);
+        let c = resources::build(&m, &crate::fixtures::settings(), None);
         let r = owner_of(c.deployment).unwrap();
         assert_eq!(r, ObjectRef::<RegistryMirror>::new("hub"));
         assert_eq!(r.namespace, None, "cluster-scoped: no namespace");
@@ -773,5 +757,293 @@ mod tests {
     fn long_notes_are_cut_on_char_boundaries() {
         assert_eq!(truncate("ééé".into(), 3), "é");
         assert_eq!(truncate("abc".into(), 10), "abc");
+    }
+
+    /// Reconciles against a mocked API server (see [`crate::fixtures`]).
+    mod against_the_api {
+        use super::*;
+        use crate::crd::{NodeResult, NodeState, RegistryMirrorStatus};
+        use crate::fixtures::{self, ApiServer, NS, metadata_list};
+        use http::{Method, StatusCode};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+        fn core(plural: &str, name: &str) -> String {
+            format!("/api/v1/namespaces/{NS}/{plural}/{name}")
+        }
+
+        fn apps(plural: &str, name: &str) -> String {
+            format!("/apis/apps/v1/namespaces/{NS}/{plural}/{name}")
+        }
+
+        fn success() -> Value {
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"})
+        }
+
+        fn owned(name: &str, uid: &str) -> Value {
+            json!({"name": name, "namespace": NS, "ownerReferences": [{
+                "apiVersion": "regmirror.dev/v1alpha1", "kind": "RegistryMirror",
+                "name": "hub", "uid": uid, "controller": true,
+            }]})
+        }
+
+        fn agents_scheduled(n: i32) -> Value {
+            json!({"status": {"currentNumberScheduled": n, "desiredNumberScheduled": n,
+                              "numberMisscheduled": 0, "numberReady": n}})
+        }
+
+        fn deleted(mut m: RegistryMirror, nodes: &[(&str, NodeState)]) -> RegistryMirror {
+            m.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+            m.status = Some(RegistryMirrorStatus {
+                nodes: nodes
+                    .iter()
+                    .map(|(name, state)| NodeResult {
+                        name: (*name).into(),
+                        state: *state,
+                        message: None,
+                        last_update: None,
+                    })
+                    .collect(),
+                ..Default::default()
+            });
+            m
+        }
+
+        #[tokio::test]
+        async fn first_reconcile_adds_the_finalizer_and_nothing_else() {
+            let result = fixtures::reconcile(fixtures::mirror(false), |mut api| async move {
+                let patch = api.expect_finalizer_patch(true).await;
+                assert_eq!(
+                    patch,
+                    json!([
+                        {"op": "test", "path": "/metadata/finalizers", "value": null},
+                        {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+                    ])
+                );
+                api
+            })
+            .await;
+            assert_eq!(result.unwrap(), Action::await_change());
+        }
+
+        #[tokio::test]
+        async fn apply_applies_children_in_order_then_prunes_then_writes_the_status() {
+            let result = fixtures::reconcile(fixtures::mirror(true), |mut api| async move {
+                let deployment = apps("deployments", "regmirror-hub");
+                api.expect_not_found(Method::GET, &deployment).await;
+
+                // Server-side apply, what is referred to first; no Secret
+                // without credentials.
+                let service_port = json!({"spec": {"ports": [
+                    {"name": "registry", "port": 5000, "nodePort": 31500},
+                ]}});
+                for (path, stored) in [
+                    (core("configmaps", "regmirror-hub"), json!({})),
+                    (core("persistentvolumeclaims", "regmirror-hub"), json!({})),
+                    (
+                        deployment.clone(),
+                        json!({"status": {"availableReplicas": 1}}),
+                    ),
+                    (core("services", "regmirror-hub"), service_port),
+                    (
+                        apps("daemonsets", "regmirror-hub-agent"),
+                        agents_scheduled(1),
+                    ),
+                ] {
+                    let call = api.expect_apply(&path, stored).await;
+                    let owner = &call.body["metadata"]["ownerReferences"][0];
+                    assert_eq!(owner["uid"], "uid-hub", "{path}");
+                }
+
+                // Pruning lists every kind by the mirror's labels and deletes
+                // what the mirror owns but no longer wants, nothing else.
+                for (path, items) in [
+                    (
+                        format!("/api/v1/namespaces/{NS}/configmaps"),
+                        vec![owned("regmirror-hub", "uid-hub")],
+                    ),
+                    (
+                        format!("/api/v1/namespaces/{NS}/secrets"),
+                        vec![
+                            owned("regmirror-hub-credentials", "uid-hub"),
+                            owned("regmirror-hub-other", "uid-of-an-older-hub"),
+                        ],
+                    ),
+                    (
+                        format!("/api/v1/namespaces/{NS}/persistentvolumeclaims"),
+                        vec![],
+                    ),
+                    (format!("/apis/apps/v1/namespaces/{NS}/deployments"), vec![]),
+                    (format!("/api/v1/namespaces/{NS}/services"), vec![]),
+                    (
+                        format!("/apis/apps/v1/namespaces/{NS}/daemonsets"),
+                        vec![owned("regmirror-hub-agent", "uid-hub")],
+                    ),
+                ] {
+                    let call = api
+                        .expect(Method::GET, &path, StatusCode::OK, |_| {
+                            metadata_list(&items)
+                        })
+                        .await;
+                    assert!(
+                        call.query.contains("regmirror.dev%2Fmirror%3Dhub"),
+                        "{path}: {}",
+                        call.query
+                    );
+                    if path.ends_with("/secrets") {
+                        api.expect(
+                            Method::DELETE,
+                            &core("secrets", "regmirror-hub-credentials"),
+                            StatusCode::OK,
+                            |_| success(),
+                        )
+                        .await;
+                    }
+                }
+
+                // Then the events and the status, from what the API server returned.
+                assert_eq!(
+                    api.expect_event().await,
+                    ("Normal".into(), "Created".into())
+                );
+                assert_eq!(api.expect_event().await, ("Normal".into(), "Ready".into()));
+                let status = api.expect_status().await;
+                assert_eq!(status["nodePort"], 31500);
+                assert_eq!(status["nodesConfigured"], 1);
+                assert_eq!(status["conditions"][0]["type"], "Ready");
+                assert_eq!(status["conditions"][0]["status"], "True");
+                api
+            })
+            .await;
+            assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(300)));
+        }
+
+        #[tokio::test]
+        async fn a_failed_apply_is_reported_in_the_status_from_the_children_as_they_are() {
+            let result = fixtures::reconcile(fixtures::mirror(true), |mut api| async move {
+                let deployment = apps("deployments", "regmirror-hub");
+                api.expect_not_found(Method::GET, &deployment).await;
+                api.expect(
+                    Method::PATCH,
+                    &core("configmaps", "regmirror-hub"),
+                    StatusCode::FORBIDDEN,
+                    |_| {
+                        json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                               "status": "Failure", "reason": "Forbidden", "code": 403,
+                               "message": "configmaps is forbidden"})
+                    },
+                )
+                .await;
+                // Nothing more is applied or pruned; the status reads the children.
+                for path in [
+                    deployment,
+                    core("services", "regmirror-hub"),
+                    apps("daemonsets", "regmirror-hub-agent"),
+                ] {
+                    api.expect_not_found(Method::GET, &path).await;
+                }
+                assert_eq!(
+                    api.expect_event().await,
+                    ("Warning".into(), "ApplyFailed".into())
+                );
+                let status = api.expect_status().await;
+                let ready = &status["conditions"][0];
+                assert_eq!(ready["reason"], "ApplyFailed");
+                assert!(
+                    ready["message"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("applying ConfigMap regmirror-hub: "),
+                    "{ready}"
+                );
+                api
+            })
+            .await;
+            assert_eq!(result.unwrap_err().kind(), "apply");
+        }
+
+        #[tokio::test]
+        async fn deletion_deletes_the_children_agents_last_then_releases_the_finalizer() {
+            let m = deleted(fixtures::mirror(true), &[("n1", NodeState::Removed)]);
+            let result = fixtures::reconcile(m, |mut api| async move {
+                expect_deleting_status(&mut api, 1).await;
+
+                // Every node reported Removed: the children go, agents last.
+                for (path, found) in [
+                    (apps("deployments", "regmirror-hub"), true),
+                    (core("services", "regmirror-hub"), true),
+                    (core("configmaps", "regmirror-hub"), true),
+                    (core("secrets", "regmirror-hub-credentials"), false),
+                    (core("persistentvolumeclaims", "regmirror-hub"), true),
+                    (apps("daemonsets", "regmirror-hub-agent"), true),
+                ] {
+                    if found {
+                        api.expect(Method::DELETE, &path, StatusCode::OK, |_| success())
+                            .await;
+                    } else {
+                        api.expect_not_found(Method::DELETE, &path).await;
+                    }
+                }
+                assert_eq!(
+                    api.expect_event().await,
+                    ("Normal".into(), "Deleted".into())
+                );
+                let patch = api.expect_finalizer_patch(false).await;
+                assert_eq!(
+                    patch,
+                    json!([
+                        {"op": "test", "path": "/metadata/finalizers/0", "value": FINALIZER},
+                        {"op": "remove", "path": "/metadata/finalizers/0"},
+                    ])
+                );
+                api
+            })
+            .await;
+            assert_eq!(result.unwrap(), Action::await_change());
+        }
+
+        #[tokio::test]
+        async fn deletion_waits_while_a_node_agent_still_has_configuration() {
+            let m = deleted(
+                fixtures::mirror(true),
+                &[("n1", NodeState::Removed), ("n2", NodeState::Configured)],
+            );
+            let result = fixtures::reconcile(m, |mut api| async move {
+                expect_deleting_status(&mut api, 2).await;
+                // No deletion, and the finalizer stays.
+                api
+            })
+            .await;
+            let err = result.unwrap_err();
+            assert_eq!(err.kind(), "node_cleanup_pending");
+            assert!(err.to_string().contains("n2"), "{err}");
+        }
+
+        /// What cleanup does first: reads the children (the cache gone, the
+        /// agents on `agents` nodes), then reports Deleting.
+        async fn expect_deleting_status(api: &mut ApiServer, agents: i32) {
+            api.expect_not_found(Method::GET, &apps("deployments", "regmirror-hub"))
+                .await;
+            api.expect_not_found(Method::GET, &core("services", "regmirror-hub"))
+                .await;
+            api.expect(
+                Method::GET,
+                &apps("daemonsets", "regmirror-hub-agent"),
+                StatusCode::OK,
+                |_| {
+                    fixtures::merged(
+                        json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+                               "metadata": {"name": "regmirror-hub-agent"}}),
+                        &agents_scheduled(agents),
+                    )
+                },
+            )
+            .await;
+            assert_eq!(
+                api.expect_event().await,
+                ("Warning".into(), "Deleting".into())
+            );
+            let status = api.expect_status().await;
+            assert_eq!(status["conditions"][0]["reason"], "Deleting");
+        }
     }
 }

@@ -1,13 +1,18 @@
 //! regmirror-operator: reconciles `RegistryMirror` resources into a running
 //! cache (ConfigMap, PVC, Deployment, Service) and the node agent DaemonSet.
 //!
-//! `crd` holds the types, `resources` the pure builders, `controller` the
-//! reconcile loop (validate -> build -> apply -> prune -> status).
+//! `crd` holds the types, `children` the one list of kinds a mirror owns,
+//! `resources` the pure builders, `status` the pure status decisions,
+//! `controller` the reconcile loop (validate -> build -> apply -> prune ->
+//! status).
 
 pub mod agent;
+pub mod children;
 pub mod controller;
 pub mod crd;
 pub mod credentials;
+#[cfg(test)]
+mod fixtures;
 pub mod leader;
 pub mod metrics;
 pub mod quantity;

@@ -57,7 +57,9 @@ pub struct Settings {
     pub agent_service_account: String,
 }
 
-/// Everything one mirror needs, ready to apply.
+/// Everything one mirror needs, ready to apply: one object per
+/// [`ChildKind`](crate::children::ChildKind), which also maps the kinds to
+/// these fields.
 #[derive(Debug, Clone)]
 pub struct Children {
     pub config_map: ConfigMap,
@@ -69,27 +71,6 @@ pub struct Children {
     pub daemon_set: DaemonSet,
     /// Hash of the cache configuration, also on the pod template.
     pub config_hash: String,
-}
-
-impl Children {
-    /// `(kind, name)` of every child, for pruning.
-    pub fn names(&self) -> Vec<(&'static str, String)> {
-        let mut v = vec![
-            ("ConfigMap", name_of(&self.config_map)),
-            ("PersistentVolumeClaim", name_of(&self.pvc)),
-            ("Deployment", name_of(&self.deployment)),
-            ("Service", name_of(&self.service)),
-            ("DaemonSet", name_of(&self.daemon_set)),
-        ];
-        if let Some(s) = &self.credentials {
-            v.push(("Secret", name_of(s)));
-        }
-        v
-    }
-}
-
-fn name_of<K: Resource>(k: &K) -> String {
-    k.meta().name.clone().unwrap_or_default()
 }
 
 fn short_hash(s: &str) -> String {

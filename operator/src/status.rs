@@ -3,6 +3,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
+use kube::runtime::events::EventType;
 
 use crate::crd::{NodeState, RegistryMirror, RegistryMirrorStatus};
 
@@ -349,6 +350,46 @@ pub fn condition<'a>(
     status?.conditions.iter().find(|c| c.type_ == type_)
 }
 
+/// An event to publish about the mirror's Ready condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadyEvent {
+    pub type_: EventType,
+    /// The Ready condition's reason (one of [`reason`]).
+    pub reason: String,
+    /// The Ready condition's message.
+    pub note: String,
+}
+
+/// The event for a status going from `previous` to `new`: one when the Ready
+/// condition appears, flips or changes reason, none otherwise (so a resync
+/// that changes nothing publishes nothing). Normal when Ready, and when not
+/// Ready for a reason expected while things start (cache unavailable, agents
+/// not ready, children not observed yet); Warning otherwise.
+pub fn ready_event(
+    previous: Option<&RegistryMirrorStatus>,
+    new: &RegistryMirrorStatus,
+) -> Option<ReadyEvent> {
+    let ready = condition(Some(new), READY)?;
+    let old = condition(previous, READY);
+    if old.is_some_and(|o| o.status == ready.status && o.reason == ready.reason) {
+        return None;
+    }
+    let expected = ready.status == "True"
+        || matches!(
+            ready.reason.as_str(),
+            reason::CACHE_UNAVAILABLE | reason::AGENTS_NOT_READY | reason::NOT_OBSERVED
+        );
+    Some(ReadyEvent {
+        type_: if expected {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        },
+        reason: ready.reason.clone(),
+        note: ready.message.clone(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -535,6 +576,84 @@ mod tests {
                 .last_transition_time,
             Time(t(100)),
             "NodesConfigured did not flip"
+        );
+    }
+
+    #[test]
+    fn ready_events_only_on_transitions_and_warn_on_real_problems() {
+        let m = mirror("a", 1, &["docker.io"]);
+        let up = Observed {
+            cache_replicas: Some((1, 1)),
+            agents: Some((1, 1)),
+            ..Default::default()
+        };
+        let ready = compute(&m, None, &up, t(1));
+        let e = ready_event(None, &ready).expect("first Ready");
+        assert_eq!(
+            (e.type_, e.reason.as_str(), e.note.as_str()),
+            (
+                EventType::Normal,
+                reason::READY,
+                "cache available; 1/1 node agents ready"
+            )
+        );
+        // Nothing changed: no event on every pass.
+        let again = compute(&m, Some(&ready), &up, t(2));
+        assert_eq!(ready_event(Some(&ready), &again), None);
+
+        // Expected while things start: Normal.
+        let starting = compute(
+            &m,
+            Some(&ready),
+            &Observed {
+                cache_replicas: Some((1, 0)),
+                ..up.clone()
+            },
+            t(3),
+        );
+        let e = ready_event(Some(&ready), &starting).unwrap();
+        assert_eq!(
+            (e.type_, e.reason.as_str()),
+            (EventType::Normal, reason::CACHE_UNAVAILABLE)
+        );
+
+        // Not Ready before and after, but for another reason: a Warning.
+        let failed = compute(
+            &m,
+            Some(&starting),
+            &Observed {
+                problem: Some(Problem {
+                    reason: reason::APPLY_FAILED,
+                    message: "forbidden".into(),
+                }),
+                ..up.clone()
+            },
+            t(4),
+        );
+        let e = ready_event(Some(&starting), &failed).unwrap();
+        assert_eq!(
+            (e.type_, e.reason.as_str(), e.note.as_str()),
+            (EventType::Warning, reason::APPLY_FAILED, "forbidden")
+        );
+        let deleting = compute(
+            &m,
+            Some(&failed),
+            &Observed {
+                deleting: true,
+                ..Default::default()
+            },
+            t(5),
+        );
+        let e = ready_event(Some(&failed), &deleting).unwrap();
+        assert_eq!(
+            (e.type_, e.reason.as_str()),
+            (EventType::Warning, reason::DELETING)
+        );
+
+        // A status without a Ready condition says nothing.
+        assert_eq!(
+            ready_event(Some(&ready), &RegistryMirrorStatus::default()),
+            None
         );
     }
 }

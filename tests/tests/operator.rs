@@ -1,21 +1,61 @@
 //! The operator against a real control plane (etcd, kube-apiserver,
 //! kube-controller-manager, kube-scheduler, kwok): CRD validation, children,
 //! status, events, host conflicts, spec changes, finalizer, garbage collection
-//! and leader election. One control plane for the whole scenario keeps the
-//! run to about a minute.
+//! and leader election, as named scenarios.
+//!
+//! The scenarios share one control plane and one operator, started by the
+//! first scenario and stopped when the last has finished (see [`turn`]); they
+//! take turns, and each uses its own mirrors and upstream hosts, so none
+//! depends on another having run.
 
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use regmirror_e2e::operator::condition;
 use regmirror_e2e::{ControlPlane, OperatorProcess};
+use tokio::sync::{Mutex, MutexGuard};
 
 const NS: &str = "regmirror-system";
+/// The operator's identity in the leader lease (the same after a restart).
+const IDENTITY: &str = "op-1";
+
+/// Every scenario of this file: the shared control plane is stopped when this
+/// many have had their [`turn`].
+const SCENARIOS: [&str; 5] = [
+    "invalid_specs_are_rejected_with_the_schemas_messages",
+    "a_mirror_becomes_ready_with_owned_labelled_children_events_and_metrics",
+    "a_later_mirror_loses_a_shared_host_until_the_older_is_deleted",
+    "a_spec_change_rolls_the_cache_config",
+    "without_the_operator_the_finalizer_holds_and_the_garbage_collector_cleans_up",
+];
 
 fn mirror_yaml(name: &str, upstreams: &str, extra: &str) -> String {
     format!(
         "apiVersion: regmirror.dev/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: {name}\nspec:\n  upstreams: {upstreams}\n{extra}"
     )
+}
+
+/// Creates the mirror `name` of `upstreams` with 1Gi of storage, and waits
+/// until the operator applied its children (the agents' DaemonSet is applied
+/// last).
+async fn create_mirror(
+    cp: &ControlPlane,
+    op: &mut OperatorProcess,
+    name: &str,
+    upstreams: &str,
+) -> Result<()> {
+    cp.apply_ok(&mirror_yaml(name, upstreams, "  storage: {size: 1Gi}\n"))
+        .await?;
+    op.wait_for(
+        cp,
+        &format!("{name}'s children applied"),
+        &["daemonset", &format!("regmirror-{name}-agent"), "-n", NS],
+        |d| d.map(|_| ()),
+    )
+    .await
 }
 
 /// A PersistentVolume the cache's claim can bind to (no provisioner here).
@@ -25,19 +65,115 @@ fn pv_yaml(name: &str) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn operator_reconciles_mirrors_on_a_real_control_plane() -> Result<()> {
-    let cp = ControlPlane::start().await?;
-    cp.add_node("node-1").await?;
-    cp.kubectl_ok(&["create", "namespace", NS]).await?;
-    cp.kubectl_ok(&["create", "serviceaccount", "regmirror-agent", "-n", NS])
-        .await?;
-    for pv in ["cache-pv-1", "cache-pv-2"] {
-        cp.apply_ok(&pv_yaml(pv)).await?;
-    }
-    cp.install_crd().await?;
+/// What the scenarios share. The operator is declared first, so it stops
+/// before the control plane.
+struct Cluster {
+    op: OperatorProcess,
+    cp: ControlPlane,
+}
 
-    // Invalid specs are rejected by the API server with the schema's messages.
+impl Cluster {
+    /// A control plane with one node, a volume per scenario mirror, the
+    /// operator's namespace and agent ServiceAccount, the CRD, and the operator.
+    async fn start() -> Result<Self> {
+        let cp = ControlPlane::start().await?;
+        cp.add_node("node-1").await?;
+        cp.kubectl_ok(&["create", "namespace", NS]).await?;
+        cp.kubectl_ok(&["create", "serviceaccount", "regmirror-agent", "-n", NS])
+            .await?;
+        for i in 1..=SCENARIOS.len() {
+            cp.apply_ok(&pv_yaml(&format!("cache-pv-{i}"))).await?;
+        }
+        cp.install_crd().await?;
+        let op = OperatorProcess::start(&cp.kubeconfig, NS, IDENTITY, &[])?;
+        Ok(Self { op, cp })
+    }
+}
+
+/// Runs `job` on the keeper thread and returns its result.
+///
+/// The harness starts processes under `setpriv --pdeathsig KILL`: they die
+/// when the thread that spawned them ends. A scenario's thread ends with the
+/// scenario; the keeper thread waits for jobs until the test binary exits. So
+/// what the keeper starts outlives each scenario, and still dies with the
+/// binary however it ends (a failed scenario, a filter that leaves the last
+/// turn untaken, a kill).
+async fn on_keeper<T: Send + 'static>(job: impl FnOnce() -> T + Send + 'static) -> T {
+    type Job = Box<dyn FnOnce() + Send>;
+    static KEEPER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("cluster-keeper".into())
+            .spawn(move || rx.into_iter().for_each(|job| job()))
+            .expect("spawn the keeper thread");
+        tx
+    });
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    keeper
+        .send(Box::new(move || {
+            let _ = tx.send(job());
+        }))
+        .expect("the keeper thread runs as long as the binary");
+    rx.await.expect("the keeper thread answers")
+}
+
+/// The shared cluster, `None` until the first turn and after the last.
+static CLUSTER: Mutex<Option<Cluster>> = Mutex::const_new(None);
+/// Turns ended so far.
+static ENDED: AtomicUsize = AtomicUsize::new(0);
+
+/// One scenario's exclusive use of the shared cluster.
+struct Turn(MutexGuard<'static, Option<Cluster>>);
+
+/// Waits for `scenario`'s turn (one scenario at a time: scenarios stop the
+/// operator, and a failure is easier to read alone).
+async fn turn(scenario: &str) -> Turn {
+    assert!(
+        SCENARIOS.contains(&scenario),
+        "{scenario} is not listed in SCENARIOS, so the cluster would stop too early"
+    );
+    Turn(CLUSTER.lock().await)
+}
+
+impl Turn {
+    /// The cluster, started on the first turn, with the operator restarted
+    /// if it is not running (a scenario stopped it, or it failed).
+    async fn cluster(&mut self) -> Result<(&ControlPlane, &mut OperatorProcess)> {
+        if self.0.is_none() {
+            let started = on_keeper(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for the keeper")
+                    .block_on(Cluster::start())
+            })
+            .await?;
+            *self.0 = Some(started);
+        }
+        let cluster = self.0.as_mut().expect("started above");
+        if !cluster.op.is_running() {
+            let kubeconfig = cluster.cp.kubeconfig.clone();
+            cluster.op =
+                on_keeper(move || OperatorProcess::start(&kubeconfig, NS, IDENTITY, &[])).await?;
+        }
+        Ok((&cluster.cp, &mut cluster.op))
+    }
+}
+
+impl Drop for Turn {
+    /// The last turn stops the cluster (processes and their directories).
+    fn drop(&mut self) {
+        if ENDED.fetch_add(1, Ordering::SeqCst) + 1 == SCENARIOS.len() {
+            drop(self.0.take());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_specs_are_rejected_with_the_schemas_messages() -> Result<()> {
+    let mut turn = turn("invalid_specs_are_rejected_with_the_schemas_messages").await;
+    let (cp, _) = turn.cluster().await?;
     for (upstreams, extra, expected) in [
         (
             "[{host: Docker.IO/library}]",
@@ -80,18 +216,19 @@ async fn operator_reconciles_mirrors_on_a_real_control_plane() -> Result<()> {
             out.status
         );
     }
+    Ok(())
+}
 
-    let mut op = OperatorProcess::start(&cp.kubeconfig, NS, "op-1", &[])?;
-    cp.apply_ok(&mirror_yaml(
-        "hub",
-        "[{host: docker.io}, {host: ghcr.io}]",
-        "  storage: {size: 1Gi}\n",
-    ))
-    .await?;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_becomes_ready_with_owned_labelled_children_events_and_metrics() -> Result<()> {
+    let mut turn =
+        turn("a_mirror_becomes_ready_with_owned_labelled_children_events_and_metrics").await;
+    let (cp, op) = turn.cluster().await?;
+    create_mirror(cp, op, "hub", "[{host: docker.io}, {host: ghcr.io}]").await?;
 
     // Ready, with everything derived from the real children.
     let hub = op
-        .wait_for(&cp, "hub Ready", &["registrymirror", "hub"], |m| {
+        .wait_for(cp, "hub Ready", &["registrymirror", "hub"], |m| {
             let m = m?;
             (condition(m, "Ready")?["status"] == "True").then(|| m.clone())
         })
@@ -169,10 +306,6 @@ async fn operator_reconciles_mirrors_on_a_real_control_plane() -> Result<()> {
         .get_json(&["deployment", "regmirror-hub", "-n", NS])
         .await?
         .unwrap();
-    let hash1 = deploy["spec"]["template"]["metadata"]["annotations"]["regmirror.dev/config-hash"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     assert_eq!(deploy["spec"]["strategy"]["type"], "Recreate");
 
     let table = cp.kubectl_ok(&["get", "registrymirrors"]).await?;
@@ -186,7 +319,7 @@ async fn operator_reconciles_mirrors_on_a_real_control_plane() -> Result<()> {
 
     // Events on the mirror (cluster-scoped objects' events live in `default`).
     op.wait_for(
-        &cp,
+        cp,
         "Created and Ready events for hub",
         &["events", "-n", "default"],
         |l| {
@@ -206,7 +339,7 @@ async fn operator_reconciles_mirrors_on_a_real_control_plane() -> Result<()> {
         .get_json(&["lease", "regmirror-operator", "-n", NS])
         .await?
         .context("lease")?;
-    assert_eq!(lease["spec"]["holderIdentity"], "op-1");
+    assert_eq!(lease["spec"]["holderIdentity"], IDENTITY);
     let metrics = regmirror_e2e::http_client()
         .get(format!("{}/metrics", op.metrics_url))
         .send()
@@ -217,17 +350,28 @@ async fn operator_reconciles_mirrors_on_a_real_control_plane() -> Result<()> {
         metrics.contains("regmirror_operator_reconciles_total{mirror=\"hub\"}"),
         "{metrics}"
     );
+    Ok(())
+}
 
-    // A second mirror claiming docker.io loses it to the older one.
-    cp.apply_ok(&mirror_yaml(
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_mirror_loses_a_shared_host_until_the_older_is_deleted() -> Result<()> {
+    let mut turn = turn("a_later_mirror_loses_a_shared_host_until_the_older_is_deleted").await;
+    let (cp, op) = turn.cluster().await?;
+    // Created in this order, and named so that the older also wins a tie on
+    // the (one-second) creation time.
+    create_mirror(cp, op, "first", "[{host: registry.k8s.io}]").await?;
+
+    // A second mirror claiming registry.k8s.io loses it to the older one.
+    create_mirror(
+        cp,
+        op,
         "second",
-        "[{host: docker.io}, {host: quay.io}]",
-        "  storage: {size: 1Gi}\n",
-    ))
+        "[{host: registry.k8s.io}, {host: quay.io}]",
+    )
     .await?;
     let second = op
         .wait_for(
-            &cp,
+            cp,
             "second HostConflict",
             &["registrymirror", "second"],
             |m| {
@@ -240,35 +384,82 @@ async fn operator_reconciles_mirrors_on_a_real_control_plane() -> Result<()> {
         .as_str()
         .unwrap();
     assert!(
-        msg.contains("docker.io is already mirrored by RegistryMirror \"hub\""),
+        msg.contains("registry.k8s.io is already mirrored by RegistryMirror \"first\""),
         "{msg}"
     );
     assert_eq!(second["status"]["hosts"], serde_json::json!(["quay.io"]));
-    assert_eq!(second["status"]["upstreams"], "docker.io(conflict),quay.io");
+    assert_eq!(
+        second["status"]["upstreams"],
+        "registry.k8s.io(conflict),quay.io"
+    );
+
+    // Deleting first runs the finalizer: children go, then the mirror, and
+    // `second` gets registry.k8s.io.
+    cp.kubectl_ok(&["delete", "registrymirror", "first", "--wait=false"])
+        .await?;
+    op.wait_for(cp, "first gone", &["registrymirror", "first"], |m| {
+        m.is_none().then_some(())
+    })
+    .await?;
+    for (kind, name) in [
+        ("deployment", "regmirror-first"),
+        ("daemonset", "regmirror-first-agent"),
+        ("configmap", "regmirror-first"),
+        ("service", "regmirror-first"),
+    ] {
+        assert!(
+            cp.get_json(&[kind, name, "-n", NS]).await?.is_none(),
+            "{kind} {name} left behind"
+        );
+    }
+    op.wait_for(
+        cp,
+        "second takes registry.k8s.io",
+        &["registrymirror", "second"],
+        |m| {
+            let hosts = m?["status"]["hosts"].as_array()?.clone();
+            (hosts.len() == 2).then_some(())
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_change_rolls_the_cache_config() -> Result<()> {
+    let mut turn = turn("a_spec_change_rolls_the_cache_config").await;
+    let (cp, op) = turn.cluster().await?;
+    create_mirror(cp, op, "rolled", "[{host: mcr.microsoft.com}]").await?;
+    let hash = |d: &serde_json::Value| {
+        d["spec"]["template"]["metadata"]["annotations"]["regmirror.dev/config-hash"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let deploy = cp
+        .get_json(&["deployment", "regmirror-rolled", "-n", NS])
+        .await?
+        .context("rolled's Deployment")?;
+    let hash1 = hash(&deploy).context("config hash")?;
 
     // A spec change rolls the ConfigMap and the pod template.
     cp.kubectl_ok(&[
         "patch",
         "registrymirror",
-        "hub",
+        "rolled",
         "--type=merge",
         "-p",
         r#"{"spec":{"cache":{"tagTTL":"5m"}}}"#,
     ])
     .await?;
     op.wait_for(
-        &cp,
-        "hub config rolled",
-        &["deployment", "regmirror-hub", "-n", NS],
-        |d| {
-            let h = d?["spec"]["template"]["metadata"]["annotations"]["regmirror.dev/config-hash"]
-                .as_str()?;
-            (h != hash1).then_some(())
-        },
+        cp,
+        "rolled config rolled",
+        &["deployment", "regmirror-rolled", "-n", NS],
+        |d| (hash(d?)? != hash1).then_some(()),
     )
     .await?;
     let cm = cp
-        .get_json(&["configmap", "regmirror-hub", "-n", NS])
+        .get_json(&["configmap", "regmirror-rolled", "-n", NS])
         .await?
         .unwrap();
     assert!(
@@ -278,9 +469,9 @@ async fn operator_reconciles_mirrors_on_a_real_control_plane() -> Result<()> {
             .contains("tag_ttl = \"5m\"")
     );
     op.wait_for(
-        &cp,
-        "hub observedGeneration 2",
-        &["registrymirror", "hub"],
+        cp,
+        "rolled observedGeneration 2",
+        &["registrymirror", "rolled"],
         |m| {
             let m = m?;
             (m["status"]["observedGeneration"] == m["metadata"]["generation"]
@@ -289,38 +480,19 @@ async fn operator_reconciles_mirrors_on_a_real_control_plane() -> Result<()> {
         },
     )
     .await?;
+    Ok(())
+}
 
-    // Deleting hub runs the finalizer: children go, then the mirror, and
-    // `second` gets docker.io.
-    cp.kubectl_ok(&["delete", "registrymirror", "hub", "--wait=false"])
-        .await?;
-    op.wait_for(&cp, "hub gone", &["registrymirror", "hub"], |m| {
-        m.is_none().then_some(())
-    })
-    .await?;
-    for (kind, name) in [
-        ("deployment", "regmirror-hub"),
-        ("daemonset", "regmirror-hub-agent"),
-        ("configmap", "regmirror-hub"),
-        ("service", "regmirror-hub"),
-    ] {
-        assert!(
-            cp.get_json(&[kind, name, "-n", NS]).await?.is_none(),
-            "{kind} {name} left behind"
-        );
-    }
-    op.wait_for(
-        &cp,
-        "second takes docker.io",
-        &["registrymirror", "second"],
-        |m| {
-            let hosts = m?["status"]["hosts"].as_array()?.clone();
-            (hosts.len() == 2).then_some(())
-        },
-    )
-    .await?;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_operator_the_finalizer_holds_and_the_garbage_collector_cleans_up() -> Result<()>
+{
+    let mut turn =
+        turn("without_the_operator_the_finalizer_holds_and_the_garbage_collector_cleans_up").await;
+    let (cp, op) = turn.cluster().await?;
+    create_mirror(cp, op, "held", "[{host: public.ecr.aws}]").await?;
 
-    // With the operator stopped, the finalizer holds a deleted mirror...
+    // With the operator stopped (it releases its lease), the finalizer holds
+    // a deleted mirror...
     op.stop(Duration::from_secs(10)).await?;
     let lease = cp
         .get_json(&["lease", "regmirror-operator", "-n", NS])
@@ -330,36 +502,47 @@ async fn operator_reconciles_mirrors_on_a_real_control_plane() -> Result<()> {
         lease["spec"]["holderIdentity"].is_null(),
         "lease released on shutdown: {lease}"
     );
-    cp.kubectl_ok(&["delete", "registrymirror", "second", "--wait=false"])
+    cp.kubectl_ok(&["delete", "registrymirror", "held", "--wait=false"])
         .await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let held = cp
-        .get_json(&["registrymirror", "second"])
+    // Without a finalizer the API server would remove it at once; with one it
+    // is only marked.
+    let held = op
+        .wait_for(
+            cp,
+            "held marked deleted",
+            &["registrymirror", "held"],
+            |m| match m {
+                None => Some(None),
+                Some(m) => m["metadata"]["deletionTimestamp"]
+                    .is_string()
+                    .then(|| Some(m.clone())),
+            },
+        )
         .await?
-        .context("second deleted without its finalizer")?;
+        .context("held deleted without its finalizer")?;
     assert!(held["metadata"]["deletionTimestamp"].is_string());
     // ...and without it, kube-controller-manager's garbage collector removes
     // the children through their owner references.
     cp.kubectl_ok(&[
         "patch",
         "registrymirror",
-        "second",
+        "held",
         "--type=merge",
         "-p",
         r#"{"metadata":{"finalizers":null}}"#,
     ])
     .await?;
     op.wait_for(
-        &cp,
-        "second's Deployment garbage-collected",
-        &["deployment", "regmirror-second", "-n", NS],
+        cp,
+        "held's Deployment garbage-collected",
+        &["deployment", "regmirror-held", "-n", NS],
         |d| d.is_none().then_some(()),
     )
     .await?;
     op.wait_for(
-        &cp,
-        "second's DaemonSet garbage-collected",
-        &["daemonset", "regmirror-second-agent", "-n", NS],
+        cp,
+        "held's DaemonSet garbage-collected",
+        &["daemonset", "regmirror-held-agent", "-n", NS],
         |d| d.is_none().then_some(()),
     )
     .await?;

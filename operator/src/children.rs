@@ -1,0 +1,184 @@
+//! The kinds of object a mirror owns, listed once. The controller watches,
+//! applies, prunes and deletes children by walking [`ChildKind::ALL`], so a
+//! new kind is added here (and built in [`crate::resources::build`]) and
+//! nowhere else.
+//!
+//! Pruning follows Stackable operator-rs's
+//! `ClusterResources::delete_orphaned_resources`: list every kind by the
+//! mirror's labels and delete what the mirror owns but no longer wants.
+
+use k8s_openapi::Resource as _;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
+use kube::core::ApiResource;
+use serde_json::Value;
+
+use crate::resources::{self, Children};
+
+/// One kind of child of a `RegistryMirror`. Every child lives in the
+/// operator's namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChildKind {
+    /// The cache configuration file.
+    ConfigMap,
+    /// The merged upstream credentials (only when an upstream has some).
+    Secret,
+    /// The cache's storage.
+    PersistentVolumeClaim,
+    /// The cache.
+    Deployment,
+    /// The cache's NodePort.
+    Service,
+    /// The node agents.
+    DaemonSet,
+}
+
+impl ChildKind {
+    /// Every kind, in apply order: what a child refers to is applied before
+    /// it (the cache Deployment mounts the ConfigMap, the credentials Secret
+    /// and the claim), and the node agents come last, once the cache they
+    /// point nodes at exists.
+    pub const ALL: [Self; 6] = [
+        Self::ConfigMap,
+        Self::Secret,
+        Self::PersistentVolumeClaim,
+        Self::Deployment,
+        Self::Service,
+        Self::DaemonSet,
+    ];
+
+    /// The kind as the API spells it (`"Deployment"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ConfigMap => ConfigMap::KIND,
+            Self::Secret => Secret::KIND,
+            Self::PersistentVolumeClaim => PersistentVolumeClaim::KIND,
+            Self::Deployment => Deployment::KIND,
+            Self::Service => Service::KIND,
+            Self::DaemonSet => DaemonSet::KIND,
+        }
+    }
+
+    /// Group, version and plural of the kind, for an `Api<DynamicObject>`.
+    pub fn api_resource(self) -> ApiResource {
+        match self {
+            Self::ConfigMap => ApiResource::erase::<ConfigMap>(&()),
+            Self::Secret => ApiResource::erase::<Secret>(&()),
+            Self::PersistentVolumeClaim => ApiResource::erase::<PersistentVolumeClaim>(&()),
+            Self::Deployment => ApiResource::erase::<Deployment>(&()),
+            Self::Service => ApiResource::erase::<Service>(&()),
+            Self::DaemonSet => ApiResource::erase::<DaemonSet>(&()),
+        }
+    }
+
+    /// Name of the child of this kind of the mirror named `mirror` (see
+    /// [`resources::child_name`]).
+    pub fn child_name(self, mirror: &str) -> String {
+        match self {
+            Self::ConfigMap => resources::config_map_name(mirror),
+            Self::Secret => resources::credentials_name(mirror),
+            Self::PersistentVolumeClaim => resources::pvc_name(mirror),
+            Self::Deployment => resources::deployment_name(mirror),
+            Self::Service => resources::service_name(mirror),
+            Self::DaemonSet => resources::daemon_set_name(mirror),
+        }
+    }
+
+    /// Every kind in the order the finalizer deletes them: the cache's
+    /// Deployment and Service before what its pods mount, the node agents last.
+    pub fn deletion_order() -> [Self; 6] {
+        let mut kinds = Self::ALL;
+        // Stable: kinds of one stage keep their apply order.
+        kinds.sort_by_key(|k| match k {
+            Self::Deployment => 0,
+            Self::Service => 1,
+            Self::ConfigMap | Self::Secret | Self::PersistentVolumeClaim => 2,
+            Self::DaemonSet => 3,
+        });
+        kinds
+    }
+}
+
+impl Children {
+    /// The built child of `kind` as JSON (with `apiVersion` and `kind`), ready
+    /// for a server-side apply; `None` when the mirror has no child of that
+    /// kind (the credentials Secret when no upstream has credentials).
+    pub fn object(&self, kind: ChildKind) -> Option<Value> {
+        let value = match kind {
+            ChildKind::ConfigMap => serde_json::to_value(&self.config_map),
+            ChildKind::Secret => serde_json::to_value(self.credentials.as_ref()?),
+            ChildKind::PersistentVolumeClaim => serde_json::to_value(&self.pvc),
+            ChildKind::Deployment => serde_json::to_value(&self.deployment),
+            ChildKind::Service => serde_json::to_value(&self.service),
+            ChildKind::DaemonSet => serde_json::to_value(&self.daemon_set),
+        };
+        Some(value.expect("Kubernetes objects serialize"))
+    }
+
+    /// `(kind, name)` of every child the mirror wants, in apply order: what
+    /// pruning keeps.
+    pub fn wanted(&self) -> Vec<(ChildKind, String)> {
+        ChildKind::ALL
+            .into_iter()
+            .filter_map(|kind| {
+                let object = self.object(kind)?;
+                Some((kind, object["metadata"]["name"].as_str()?.to_owned()))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures;
+
+    fn children(credentials: Option<&[u8]>) -> Children {
+        resources::build(&fixtures::mirror(true), &fixtures::settings(), credentials)
+    }
+
+    #[test]
+    fn every_built_child_is_of_its_kind_and_named_by_it() {
+        let c = children(Some(b"{}"));
+        for kind in ChildKind::ALL {
+            let o = c.object(kind).expect("every kind built with credentials");
+            let ar = kind.api_resource();
+            assert_eq!(o["kind"], kind.as_str());
+            assert_eq!(o["kind"], ar.kind.as_str());
+            assert_eq!(o["apiVersion"], ar.api_version.as_str());
+            assert_eq!(o["metadata"]["name"], kind.child_name("hub").as_str());
+        }
+        assert_eq!(c.wanted().len(), ChildKind::ALL.len());
+    }
+
+    #[test]
+    fn without_credentials_no_secret_is_wanted() {
+        let c = children(None);
+        assert_eq!(c.object(ChildKind::Secret), None);
+        assert_eq!(
+            c.wanted(),
+            [
+                (ChildKind::ConfigMap, "regmirror-hub".to_owned()),
+                (ChildKind::PersistentVolumeClaim, "regmirror-hub".into()),
+                (ChildKind::Deployment, "regmirror-hub".into()),
+                (ChildKind::Service, "regmirror-hub".into()),
+                (ChildKind::DaemonSet, "regmirror-hub-agent".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn deletion_takes_the_cache_first_and_the_agents_last() {
+        assert_eq!(
+            ChildKind::deletion_order(),
+            [
+                ChildKind::Deployment,
+                ChildKind::Service,
+                ChildKind::ConfigMap,
+                ChildKind::Secret,
+                ChildKind::PersistentVolumeClaim,
+                ChildKind::DaemonSet,
+            ]
+        );
+    }
+}

@@ -9,6 +9,7 @@
 //! keep the client's routing, so following them reaches the same upstream.
 
 use http::Method;
+use regmirror_registry::docker_hub::DOCKER_HUB;
 
 use crate::error::{Error, Result};
 use crate::oci::{Digest, Reference, RepoName};
@@ -106,7 +107,6 @@ pub enum Endpoint {
     Referrers(Digest),
 }
 
-use regmirror_registry::docker_hub::DOCKER_HUB;
 /// The canonical form of a registry host as image references name it
 /// (Docker Hub's aliases are `docker.io`).
 pub use regmirror_registry::docker_hub::canonical_host;

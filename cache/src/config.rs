@@ -31,7 +31,9 @@ pub struct Cli {
     #[arg(long, env = "REGMIRROR_STORAGE")]
     pub storage: Option<PathBuf>,
     /// Upstream registry as HOST=URL (or just HOST for well-known registries);
-    /// repeatable, the first is the default [default: docker.io=https://registry-1.docker.io].
+    /// repeatable. Requests naming no registry (no ns, no host prefix, as
+    /// Docker's registry-mirrors send) go to docker.io when it is configured,
+    /// else to the first [default: docker.io=https://registry-1.docker.io].
     #[arg(long = "upstream", env = "REGMIRROR_UPSTREAMS", value_delimiter = ',')]
     pub upstreams: Vec<UpstreamArg>,
     /// Docker config.json (or a mounted kubernetes.io/dockerconfigjson Secret) with upstream credentials.
@@ -99,6 +101,8 @@ pub use regmirror_registry::cache_file::{FileConfig, FileTimeouts, FileUpstream}
 pub struct Config {
     pub listen: SocketAddr,
     pub storage: PathBuf,
+    /// The upstreams in configured order, none twice; requests naming none
+    /// go to [`crate::route::default_upstream`] of them.
     pub upstreams: Vec<UpstreamConfig>,
     pub credentials: Option<PathBuf>,
     pub timeouts: Timeouts,
@@ -386,6 +390,23 @@ mod tests {
         let hosts = c.upstream_hosts();
         assert_eq!(hosts, ["docker.io", "ghcr.io", "registry.local:5000"]);
         assert_eq!(c.upstreams[1].url.as_str(), "https://ghcr.io/");
+    }
+
+    #[test]
+    fn docker_hub_takes_unnamed_requests_wherever_it_is_listed() {
+        use crate::route::{UpstreamId, default_upstream};
+        // Any spelling of Docker Hub is docker.io, so it is found by routing.
+        let c = resolve(&[
+            "--upstream",
+            "ghcr.io",
+            "--upstream",
+            "registry-1.docker.io=http://127.0.0.1:5999",
+        ])
+        .unwrap();
+        assert_eq!(c.upstream_hosts(), ["ghcr.io", "docker.io"]);
+        assert_eq!(default_upstream(&c.upstream_hosts()), UpstreamId::at(1));
+        let c = resolve(&["--upstream", "ghcr.io", "--upstream", "quay.io"]).unwrap();
+        assert_eq!(default_upstream(&c.upstream_hosts()), UpstreamId::at(0));
     }
 
     #[test]

@@ -3,10 +3,13 @@
 //! Order of precedence for the upstream: the `ns` query parameter (containerd
 //! hosts.toml mirrors), then a first path segment naming a configured upstream
 //! host (CRI-O and explicit prefixes), then the default upstream (Docker's
-//! `registry-mirrors`). An `ns` or host-like prefix that is not configured is
-//! refused: the cache only ever dials hosts in its configuration.
+//! `registry-mirrors`; see [`default_upstream`]). An `ns` or host-like prefix
+//! that is not configured is refused: the cache only ever dials hosts in its
+//! configuration. URLs the cache writes for a client ([`RepoRequest::client_url`])
+//! keep the client's routing, so following them reaches the same upstream.
 
 use http::Method;
+use regmirror_registry::docker_hub::DOCKER_HUB;
 
 use crate::error::{Error, Result};
 use crate::oci::{Digest, Reference, RepoName};
@@ -26,16 +29,13 @@ pub enum Request {
 
 /// Which configured upstream a request goes to: its position in the cache's
 /// upstream list (`--upstream` flags or the config file's `upstreams`, in
-/// order), so [`UpstreamId::DEFAULT`] (0) is the default upstream. Requests
-/// get one from [`route`], which only ever names a configured upstream, so
-/// looking an id up in the list it was routed against cannot fail.
+/// order). Requests get one from [`route`], which only ever names a
+/// configured upstream, so looking an id up in the list it was routed against
+/// cannot fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UpstreamId(usize);
 
 impl UpstreamId {
-    /// The first configured upstream: requests naming no upstream go there.
-    pub const DEFAULT: Self = Self(0);
-
     /// The id of the upstream at `position` in the configured list.
     pub(crate) fn at(position: usize) -> Self {
         Self(position)
@@ -53,11 +53,50 @@ pub struct RepoRequest {
     pub upstream: UpstreamId,
     /// The repository on the upstream (with `library/` added for Docker Hub).
     pub repo: RepoName,
-    /// The name as the client wrote it, for rewriting pagination links.
+    /// The name as the client wrote it (with its host prefix, if it used
+    /// one), for the URLs the cache writes and the names it answers with.
     pub client_name: String,
+    /// The `ns` query parameter as the client sent it (percent-decoded), if
+    /// it sent one: put back into the URLs the cache writes.
+    pub ns: Option<String>,
     pub endpoint: Endpoint,
     /// The query string minus `ns`, forwarded for pass-through endpoints.
     pub query: Option<String>,
+}
+
+impl RepoRequest {
+    /// The path and query of `rest` (e.g. `tags/list`) in this request's
+    /// repository as the client named it, for a URL the cache writes (a
+    /// pagination `Link`): `/v2/{client_name}/{rest}?{query}`, with the
+    /// client's `ns` appended when it sent one, so the client following it
+    /// reaches the same upstream (its host prefix is in `client_name`).
+    /// `query` (without `?`, possibly empty) is kept byte for byte, less any
+    /// `ns` of its own.
+    pub fn client_url(&self, rest: &str, query: &str) -> String {
+        let is_ns = |pair: &&str| {
+            url::form_urlencoded::parse(pair.as_bytes())
+                .next()
+                .is_some_and(|(k, _)| k == "ns")
+        };
+        let mut pairs: Vec<String> = query
+            .split('&')
+            .filter(|p| !p.is_empty() && !is_ns(p))
+            .map(str::to_owned)
+            .collect();
+        if let Some(ns) = &self.ns {
+            pairs.push(
+                url::form_urlencoded::Serializer::new(String::new())
+                    .append_pair("ns", ns)
+                    .finish(),
+            );
+        }
+        let path = format!("/v2/{}/{rest}", self.client_name);
+        if pairs.is_empty() {
+            path
+        } else {
+            format!("{path}?{}", pairs.join("&"))
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,9 +124,20 @@ fn looks_like_host(segment: &str) -> bool {
     labels_ok && port_ok && (name.contains('.') || port.is_some() || name == "localhost")
 }
 
+/// The upstream for requests that name none (no `ns`, no host prefix):
+/// Docker Hub ([`DOCKER_HUB`]) wherever it is in `hosts` (canonical hosts,
+/// so its aliases are `docker.io` too), else the first. Such requests come
+/// from Docker's `registry-mirrors`, which only ever stand in for Docker Hub
+/// (the daemon sends nothing else to a mirror), so answering them from
+/// another registry would install its image under a Docker Hub name.
+pub fn default_upstream(hosts: &[impl AsRef<str>]) -> UpstreamId {
+    let hub = hosts.iter().position(|h| h.as_ref() == DOCKER_HUB);
+    UpstreamId(hub.unwrap_or(0))
+}
+
 /// Route one request. `hosts` are the configured upstreams' canonical hosts
-/// in configuration order (position `i` is `UpstreamId` `i`; the first is the
-/// default).
+/// in configuration order (position `i` is `UpstreamId` `i`; requests naming
+/// no upstream go to [`default_upstream`]).
 pub fn route(
     method: &Method,
     path: &str,
@@ -140,13 +190,14 @@ pub fn route(
     let client_name = name_segments.join("/");
     let (upstream, name) = pick_upstream(&client_name, params.get("ns"), hosts)?;
     let mut repo = RepoName::parse(name)?;
-    if hosts[upstream.index()].as_ref() == regmirror_registry::docker_hub::DOCKER_HUB {
+    if hosts[upstream.index()].as_ref() == DOCKER_HUB {
         repo = repo.with_library_prefix();
     }
     Ok(Request::Repo(RepoRequest {
         upstream,
         repo,
         client_name,
+        ns: params.get("ns").map(str::to_owned),
         endpoint,
         query: params.without("ns"),
     }))
@@ -216,7 +267,7 @@ fn pick_upstream<'n>(
             return Err(unknown(first));
         }
     }
-    Ok((UpstreamId::DEFAULT, name))
+    Ok((default_upstream(hosts), name))
 }
 
 /// Query parameters, percent-decoded.
@@ -292,7 +343,7 @@ mod tests {
     #[test]
     fn docker_daemon_mirror_goes_to_default_upstream() {
         let r = repo(get("/v2/library/alpine/manifests/latest", None));
-        assert_eq!(r.upstream, UpstreamId::DEFAULT);
+        assert_eq!(r.upstream, UpstreamId(0));
         assert_eq!(r.repo.as_str(), "library/alpine");
         assert!(matches!(r.endpoint, Endpoint::Manifest(Reference::Tag(_))));
     }
@@ -378,6 +429,70 @@ mod tests {
             let e = get(p, None).unwrap_err();
             assert_eq!(e.code(), *code, "{p}: {e:?}");
         }
+    }
+
+    #[test]
+    fn requests_naming_no_upstream_go_to_docker_hub_wherever_it_is() {
+        // Docker's registry-mirrors: `docker pull org/tool:v2` must not get
+        // ghcr.io's org/tool because ghcr.io comes first.
+        let hosts = ["ghcr.io", "127.0.0.1:5999", "docker.io"];
+        assert_eq!(default_upstream(&hosts), UpstreamId(2));
+        let r = repo(route(
+            &Method::GET,
+            "/v2/org/tool/manifests/v2",
+            None,
+            &hosts,
+        ));
+        assert_eq!((r.upstream, r.repo.as_str()), (UpstreamId(2), "org/tool"));
+        let r = repo(route(&Method::GET, "/v2/alpine/tags/list", None, &hosts));
+        assert_eq!(
+            (r.upstream, r.repo.as_str()),
+            (UpstreamId(2), "library/alpine")
+        );
+        // Named upstreams are still theirs.
+        let r = repo(route(
+            &Method::GET,
+            "/v2/org/tool/manifests/v2",
+            Some("ns=ghcr.io"),
+            &hosts,
+        ));
+        assert_eq!(r.upstream, UpstreamId(0));
+        // Without Docker Hub the first upstream takes them, as they are.
+        let hosts = ["ghcr.io", "quay.io"];
+        assert_eq!(default_upstream(&hosts), UpstreamId(0));
+        let r = repo(route(&Method::GET, "/v2/alpine/manifests/3", None, &hosts));
+        assert_eq!((r.upstream, r.repo.as_str()), (UpstreamId(0), "alpine"));
+    }
+
+    #[test]
+    fn client_urls_keep_the_clients_routing() {
+        // ns: kept, whatever else the query says; ports encoded as containerd does.
+        let r = repo(get("/v2/owner/app/tags/list", Some("ns=ghcr.io&n=2")));
+        assert_eq!(r.ns.as_deref(), Some("ghcr.io"));
+        assert_eq!(
+            r.client_url("tags/list", "n=2&last=t2"),
+            "/v2/owner/app/tags/list?n=2&last=t2&ns=ghcr.io"
+        );
+        assert_eq!(
+            r.client_url("tags/list", "ns=quay.io&last=t2&n%73=x"),
+            "/v2/owner/app/tags/list?last=t2&ns=ghcr.io",
+            "an ns of the upstream's own is not the client's"
+        );
+        let r = repo(get("/v2/app/tags/list", Some("ns=127.0.0.1%3A5999")));
+        assert_eq!(
+            r.client_url("tags/list", "last=b"),
+            "/v2/app/tags/list?last=b&ns=127.0.0.1%3A5999"
+        );
+        // A host prefix is part of the client's name.
+        let r = repo(get(&format!("/v2/ghcr.io/owner/app/referrers/{D}"), None));
+        assert_eq!(r.ns, None);
+        assert_eq!(
+            r.client_url(&format!("referrers/{D}"), "last=x&n=1"),
+            format!("/v2/ghcr.io/owner/app/referrers/{D}?last=x&n=1")
+        );
+        // The default upstream: the name as the client wrote it, nothing added.
+        let r = repo(get("/v2/alpine/tags/list", None));
+        assert_eq!(r.client_url("tags/list", ""), "/v2/alpine/tags/list");
     }
 
     #[test]

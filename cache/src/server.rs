@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::metrics::{EndpointLabels, Metrics, RequestLabels};
 use crate::mirror::{Blob, Mirror, Relayed};
 use crate::oci::media;
-use crate::oci::pagination::{next_page_link, paginate, rewrite_link};
+use crate::oci::pagination::{link_query, next_link, next_page_link, paginate, rename_tag_list};
 use crate::oci::{Digest, Reference};
 use crate::range::{self, RangeRequest};
 use crate::route::{Endpoint, RepoRequest, Request, route};
@@ -358,32 +358,43 @@ where
     })
 }
 
-/// Relays an upstream listing, pointing pagination links back at us.
-fn relay_response(r: Relayed, req: &RepoRequest, head: bool) -> Response {
+/// Relays an upstream listing to the client that asked `req`: a pagination
+/// `Link` points back at the URL the client used, with its routing (`ns` or
+/// host prefix, see [`RepoRequest::client_url`]), so the next page comes
+/// from the same upstream; a tag list names the repository as the client
+/// did ([`rename_tag_list`]). Everything else as the upstream sent it.
+fn relay_response(mut r: Relayed, req: &RepoRequest, head: bool) -> Response {
+    let rest = match &req.endpoint {
+        Endpoint::TagsList => Some("tags/list".to_owned()),
+        Endpoint::Referrers(d) => Some(format!("referrers/{d}")),
+        Endpoint::Manifest(_) | Endpoint::Blob(_) => None,
+    };
+    if let Some(link) = r.headers.get(header::LINK).and_then(|v| v.to_str().ok()) {
+        let target = rest
+            .as_deref()
+            .zip(link_query(link))
+            .map(|(rest, query)| next_link(&req.client_url(rest, query)));
+        match target.and_then(|l| HeaderValue::from_str(&l).ok()) {
+            Some(v) => r.headers.insert(header::LINK, v),
+            None => r.headers.remove(header::LINK),
+        };
+    }
+    if req.endpoint == Endpoint::TagsList
+        && r.status == StatusCode::OK
+        && let Some(body) = rename_tag_list(&r.body, &req.client_name)
+    {
+        r.body = body;
+    }
+    let len = r.body.len();
     let mut resp = Response::new(if head {
         Body::empty()
     } else {
         Body::from(r.body)
     });
     *resp.status_mut() = r.status;
-    let h = resp.headers_mut();
-    *h = r.headers;
-    if let Some(link) = h.get(header::LINK).and_then(|v| v.to_str().ok()) {
-        let path = match &req.endpoint {
-            Endpoint::TagsList => Some(format!("{}/tags/list", req.client_name)),
-            Endpoint::Referrers(d) => Some(format!("{}/referrers/{d}", req.client_name)),
-            Endpoint::Manifest(_) | Endpoint::Blob(_) => None,
-        };
-        let rewritten = path.and_then(|p| rewrite_link(link, &p));
-        match rewritten.and_then(|l| HeaderValue::from_str(&l).ok()) {
-            Some(v) => {
-                h.insert(header::LINK, v);
-            }
-            None => {
-                h.remove(header::LINK);
-            }
-        }
-    }
+    *resp.headers_mut() = r.headers;
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     resp
 }
 

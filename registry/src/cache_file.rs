@@ -59,7 +59,8 @@ pub struct FileConfig {
     /// Open client connections at most.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
-    /// The upstreams in order, the first the default; `[[upstream]]` tables.
+    /// The upstreams in order; `[[upstream]]` tables. Requests naming no
+    /// upstream go to `docker.io` when it is one of them, else to the first.
     #[serde(default, rename = "upstream", skip_serializing_if = "Vec::is_empty")]
     pub upstreams: Vec<FileUpstream>,
 }

@@ -7,9 +7,9 @@ use http::{HeaderMap, HeaderValue, Method, header};
 
 use super::Mirror;
 use crate::error::Result;
-use crate::oci::pagination::{page_params, page_tags, paginate};
+use crate::oci::pagination::{next_page_link, page_params, page_tags, paginate};
 use crate::oci::{Digest, RepoName};
-use crate::route::UpstreamId;
+use crate::route::{UpstreamId, default_upstream};
 use crate::upstream;
 
 /// Largest relayed listing body, in bytes; a larger one is an upstream error.
@@ -17,6 +17,9 @@ const MAX_PASSTHROUGH_BODY: u64 = 8 << 20;
 
 /// An upstream answer relayed to the client: its status, the headers a
 /// client may use (`Content-Type`, `Link`, `OCI-Filters-Applied`) and body.
+/// A `Link` here still has the upstream's path (or `/v2/tags/list` for pages
+/// the cache cut itself): only its query counts, and the server points it at
+/// the URL the client used ([`crate::route::RepoRequest::client_url`]).
 pub struct Relayed {
     pub status: http::StatusCode,
     pub headers: HeaderMap,
@@ -24,6 +27,30 @@ pub struct Relayed {
 }
 
 impl Relayed {
+    /// The tag list the cache answers from `tags` (sorted), the tags it
+    /// holds for `repo`, when the upstream fails: `query`'s page of them,
+    /// with a `Link` (on the path `/v2/tags/list`, see [`Relayed`]) when
+    /// more follow.
+    fn cached_tags(repo: &RepoName, tags: &[String], query: Option<&str>) -> Self {
+        let (n, last) = page_params(query);
+        let page = paginate(tags, n, last.as_deref());
+        let body = serde_json::json!({"name": repo.as_str(), "tags": page}).to_string();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let next = next_page_link("tags/list", tags, page, n);
+        if let Some(v) = next.and_then(|l| HeaderValue::from_str(&l).ok()) {
+            headers.insert(header::LINK, v);
+        }
+        Self {
+            status: http::StatusCode::OK,
+            headers,
+            body: body.into(),
+        }
+    }
+
     /// A tag list with `query`'s page cut here when the upstream ignored
     /// `n` and `last` (see [`page_tags`]), its `Link` replaced by ours; any
     /// other answer as it came.
@@ -46,13 +73,15 @@ impl Relayed {
 
 impl Mirror {
     /// Cached repositories, as a client would name them: unprefixed for the
-    /// default upstream, `host/name` for the others; sorted.
+    /// default upstream ([`default_upstream`]: where requests naming no
+    /// upstream go), `host/name` for the others; sorted.
     pub async fn catalog(&self) -> Result<Vec<String>> {
+        let default = default_upstream(&self.upstreams);
         let mut names = Vec::new();
         for (i, upstream) in self.upstreams.iter().enumerate() {
             let host = upstream.host();
             for repo in self.store.repositories(host).await? {
-                names.push(if UpstreamId::at(i) == UpstreamId::DEFAULT {
+                names.push(if UpstreamId::at(i) == default {
                     repo
                 } else {
                     format!("{host}/{repo}")
@@ -64,7 +93,9 @@ impl Mirror {
     }
 
     /// `tags/list` from the upstream (paged here if it ignored `n`/`last`),
-    /// or the tags we know when it fails.
+    /// or the tags we know when it fails, paged here with a `Link` to the
+    /// next page. The body names the upstream's repository; the server
+    /// renames it to the client's.
     pub async fn tags_list(
         &self,
         up: UpstreamId,
@@ -79,19 +110,7 @@ impl Mirror {
                     return Err(e);
                 }
                 tracing::warn!(upstream = %host, %repo, error = %e, "upstream failed; listing cached tags");
-                let (n, last) = page_params(query);
-                let page = paginate(&tags, n, last.as_deref());
-                let body = serde_json::json!({"name": repo.as_str(), "tags": page}).to_string();
-                let mut headers = HeaderMap::new();
-                headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                Ok(Relayed {
-                    status: http::StatusCode::OK,
-                    headers,
-                    body: body.into(),
-                })
+                Ok(Relayed::cached_tags(repo, &tags, query))
             }
             Ok(relayed) => Ok(relayed.paged_tags(query)),
             other => other,
@@ -213,5 +232,23 @@ mod tests {
         not_found.status = http::StatusCode::NOT_FOUND;
         let r = not_found.paged_tags(Some("last=z"));
         assert_eq!(tags_of(&r), ["a"]);
+    }
+
+    #[test]
+    fn cached_tag_pages_link_to_the_next() {
+        let repo = RepoName::parse("app").unwrap();
+        let tags: Vec<String> = ["a", "b", "c"].map(String::from).into();
+        let r = Relayed::cached_tags(&repo, &tags, Some("n=2"));
+        assert_eq!(tags_of(&r), ["a", "b"]);
+        assert_eq!(
+            r.headers[header::LINK],
+            r#"</v2/tags/list?n=2&last=b>; rel="next""#
+        );
+        let r = Relayed::cached_tags(&repo, &tags, Some("n=2&last=b"));
+        assert_eq!(tags_of(&r), ["c"]);
+        assert!(r.headers.get(header::LINK).is_none(), "last page");
+        let r = Relayed::cached_tags(&repo, &tags, None);
+        assert_eq!(tags_of(&r), ["a", "b", "c"]);
+        assert!(r.headers.get(header::LINK).is_none());
     }
 }

@@ -45,9 +45,10 @@ pub struct Mirror {
 
 impl Mirror {
     /// A mirror of `config`'s upstreams over `store`, sharing one HTTP client.
-    /// Fails only when the HTTP client cannot be built.
+    /// Fails only when the HTTP client cannot be built (see
+    /// [`upstream::build_client`]: no CA certificates for an https upstream).
     pub fn new(config: &Config, store: Store) -> Result<Self> {
-        let client = upstream::build_client(&config.timeouts)?;
+        let client = upstream::build_client(&config.timeouts, &config.upstreams)?;
         let metrics = Arc::clone(store.metrics());
         let registry = metrics.registry();
         metrics

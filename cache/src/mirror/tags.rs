@@ -513,7 +513,7 @@ mod tests {
     fn confirmations_age_and_are_forgotten() {
         let cache = TagCache::default();
         let tag: TagName = (
-            UpstreamId::DEFAULT,
+            UpstreamId::at(0),
             RepoName::parse("library/app").unwrap(),
             Tag::parse("v1").unwrap(),
         );

@@ -1,7 +1,8 @@
 //! Listing pagination as the distribution spec defines it for `tags/list`,
 //! `_catalog` and `referrers`: `n` (page size) and `last` (the item the page
 //! starts after) in the query, and a `Link: <…>; rel="next"` header pointing
-//! at the next page.
+//! at the next page; and the tag list body (`{"name": …, "tags": […]}`) the
+//! cache pages or renames on its way to the client.
 
 use bytes::Bytes;
 
@@ -46,7 +47,13 @@ pub fn next_page_link(
         .append_pair("n", &n.to_string())
         .append_pair("last", end)
         .finish();
-    Some(format!("</v2/{path}?{q}>; rel=\"next\""))
+    Some(next_link(&format!("/v2/{path}?{q}")))
+}
+
+/// The `Link` header value to the next page at `target`, a path and query
+/// on this cache: `<{target}>; rel="next"`.
+pub fn next_link(target: &str) -> String {
+    format!("<{target}>; rel=\"next\"")
 }
 
 /// A tag list cut here because its upstream ignored `n` and `last`.
@@ -95,15 +102,90 @@ pub fn page_tags(body: &[u8], query: Option<&str>) -> Option<TagPage> {
     })
 }
 
-/// An upstream's `Link` header value
-/// (`</v2/library/x/tags/list?last=a&n=1>; rel="next"`) pointed at `path`
-/// on this cache (`</v2/{path}?last=a&n=1>; rel="next"`), keeping its query:
-/// the client follows it back to us, under the name it used. `None` when the
-/// value has no `<…>` target.
-pub fn rewrite_link(link: &str, path: &str) -> Option<String> {
+/// The query of a `Link` header value's `<…>` target
+/// (`</v2/library/x/tags/list?last=a&n=1>; rel="next"` -> `last=a&n=1`), as
+/// it is (empty when the target has none): what the cache keeps of a next
+/// page link when it points the link back at itself. `None` when the value
+/// has no `<…>` target.
+pub fn link_query(link: &str) -> Option<&str> {
     let inner = link.split_once('<')?.1.split_once('>')?.0;
-    let query = inner.split_once('?').map(|(_, q)| q).unwrap_or("");
-    Some(format!("</v2/{path}?{query}>; rel=\"next\""))
+    Some(inner.split_once('?').map_or("", |(_, q)| q))
+}
+
+/// A tag list `body` (`{"name": …, "tags": […]}`) naming the repository
+/// `name`: only the string value of the top-level `name` member is
+/// replaced, every other byte is kept (member order, spacing, escapes, any
+/// other field of the upstream's), so the client gets the upstream's body
+/// but for that field. Distribution answers with the name in the request
+/// path, so through the cache that is the client's name, host prefix and
+/// all. `None` when `body` is not a JSON object with a string `name`, or
+/// already names `name` (the caller relays it untouched).
+pub fn rename_tag_list(body: &[u8], name: &str) -> Option<Bytes> {
+    let list = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+    if list.get("name")?.as_str()? == name {
+        return None;
+    }
+    let literal = serde_json::to_string(name).ok()?;
+    let mut out = Vec::with_capacity(body.len() + literal.len());
+    let mut copied = 0;
+    for span in top_level_string_values(body, "name") {
+        out.extend_from_slice(&body[copied..span.start]);
+        out.extend_from_slice(literal.as_bytes());
+        copied = span.end;
+    }
+    out.extend_from_slice(&body[copied..]);
+    Some(out.into())
+}
+
+/// Byte ranges (quotes included) of the string values of the top-level
+/// members called `key` in `body`, a JSON object already parsed as valid.
+/// A scan that only tracks strings and nesting: valid JSON needs no more.
+fn top_level_string_values(body: &[u8], key: &str) -> Vec<std::ops::Range<usize>> {
+    let mut spans = Vec::new();
+    // Inside the top-level object: is the next string a member name, and
+    // was the last member name `key` (so a string after it is its value)?
+    let (mut depth, mut want_key, mut keyed) = (0usize, false, false);
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'"' => {
+                let end = string_end(body, i);
+                if depth == 1 && want_key {
+                    let k = serde_json::from_slice::<String>(&body[i..end]);
+                    keyed = k.is_ok_and(|k| k == key);
+                    want_key = false;
+                } else if depth == 1 && keyed {
+                    spans.push(i..end);
+                    keyed = false;
+                }
+                i = end;
+                continue;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                want_key = depth == 1;
+                keyed &= depth == 1;
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b',' if depth == 1 => (want_key, keyed) = (true, false),
+            _ => {}
+        }
+        i += 1;
+    }
+    spans
+}
+
+/// The index just past the JSON string starting with the quote at `start`.
+fn string_end(body: &[u8], start: usize) -> usize {
+    let mut i = start + 1;
+    while i < body.len() {
+        match body[i] {
+            b'\\' => i += 2,
+            b'"' => return i + 1,
+            _ => i += 1,
+        }
+    }
+    body.len()
 }
 
 #[cfg(test)]
@@ -183,15 +265,48 @@ mod tests {
     }
 
     #[test]
-    fn links_point_back_at_the_client_path() {
-        let l = rewrite_link(
-            r#"</v2/library/alpine/tags/list?last=b&n=2>; rel="next""#,
-            "docker.io/alpine/tags/list",
-        );
+    fn link_queries_are_kept_as_they_are() {
+        let q = link_query(r#"</v2/library/alpine/tags/list?last=b&n=2>; rel="next""#);
+        assert_eq!(q, Some("last=b&n=2"));
+        let q = link_query(r#"<https://r.example/v2/a/tags/list?last=a%2Bb>; rel="next""#);
+        assert_eq!(q, Some("last=a%2Bb"));
+        assert_eq!(link_query("</v2/a/tags/list>"), Some(""));
+        assert_eq!(link_query("garbage"), None);
         assert_eq!(
-            l.as_deref(),
-            Some(r#"</v2/docker.io/alpine/tags/list?last=b&n=2>; rel="next""#)
+            next_link("/v2/a/tags/list?n=1&ns=b.test"),
+            r#"</v2/a/tags/list?n=1&ns=b.test>; rel="next""#
         );
-        assert_eq!(rewrite_link("garbage", "x/tags/list"), None);
+    }
+
+    #[test]
+    fn tag_lists_are_renamed_in_their_name_alone() {
+        // Go's encoding/json, spacing, other fields and a tag called "name":
+        // only the name's value changes.
+        let body = br#"{"name":"org/tool","tags":["name","v1"]}"#;
+        assert_eq!(
+            rename_tag_list(body, "ghcr.io/org/tool").unwrap(),
+            br#"{"name":"ghcr.io/org/tool","tags":["name","v1"]}"#[..]
+        );
+        let body = br#"{ "tags" : ["a"], "extra": {"name": "x", "l": ["name", "y"]},
+  "n\u0061me" : "library/alpine" , "z": 1 }"#;
+        assert_eq!(
+            rename_tag_list(body, "alpine").unwrap(),
+            br#"{ "tags" : ["a"], "extra": {"name": "x", "l": ["name", "y"]},
+  "n\u0061me" : "alpine" , "z": 1 }"#[..]
+        );
+        let body = br#"{"name":"a\"b","tags":null}"#;
+        assert_eq!(
+            rename_tag_list(body, "a").unwrap(),
+            br#"{"name":"a","tags":null}"#[..]
+        );
+        for untouched in [
+            &br#"{"name":"same","tags":[]}"#[..],
+            br#"{"name":1,"tags":[]}"#,
+            br#"{"tags":[]}"#,
+            br#"["name","x"]"#,
+            b"not json",
+        ] {
+            assert_eq!(rename_tag_list(untouched, "same"), None);
+        }
     }
 }

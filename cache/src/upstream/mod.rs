@@ -43,18 +43,86 @@ impl AsRef<str> for Upstream {
     }
 }
 
-/// Shared by all upstreams: one connection pool, keep-alive, proxy env vars.
-pub fn build_client(t: &Timeouts) -> Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .connect_timeout(t.connect)
-        .read_timeout(t.body_idle)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(32)
-        // We follow redirects ourselves, checking every hop's host.
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("regmirror/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(Error::internal)
+/// The HTTP client shared by all `upstreams`: one connection pool,
+/// keep-alive, proxy environment variables, certificates verified against
+/// the system's CA certificates.
+///
+/// reqwest (with rustls) reads those when the client is built, through
+/// rustls-platform-verifier and rustls-native-certs: the OS bundle, or only
+/// `SSL_CERT_FILE` / `SSL_CERT_DIR` when either is set; none at all fails
+/// the build. Then, if no upstream URL is https, the client is built
+/// without CA certificates (a warning says https redirects and token realms
+/// will fail), so a plain-http cache starts on a machine without a bundle.
+///
+/// Errors: [`Error::UpstreamUnavailable`] for the https upstreams when there
+/// are no CA certificates (saying what to install, see [`no_ca_certificates`]);
+/// [`Error::Internal`] with reqwest's reasons when the client cannot be
+/// built even without them.
+pub fn build_client(t: &Timeouts, upstreams: &[UpstreamConfig]) -> Result<reqwest::Client> {
+    let builder = || {
+        reqwest::Client::builder()
+            .connect_timeout(t.connect)
+            .read_timeout(t.body_idle)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(32)
+            // We follow redirects ourselves, checking every hop's host.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("regmirror/", env!("CARGO_PKG_VERSION")))
+    };
+    let with_system_roots = match builder().build() {
+        Ok(client) => return Ok(client),
+        Err(e) => e,
+    };
+    // Built without system CA certificates, the client works: they were the
+    // problem.
+    let without_roots = builder().tls_certs_only([]).build().map_err(|e| {
+        Error::Internal(format!(
+            "cannot build the upstream HTTP client: {}",
+            error_chain(&e)
+        ))
+    })?;
+    no_ca_certificates(upstreams, &error_chain(&with_system_roots))?;
+    tracing::warn!(
+        reason = %error_chain(&with_system_roots),
+        "no CA certificates found; every upstream is plain http, so starting without them \
+         (https redirects and token realms will fail)"
+    );
+    Ok(without_roots)
+}
+
+/// Whether the cache may run without CA certificates (`why`: what loading
+/// them said): `Ok` when no upstream URL is https, else
+/// [`Error::UpstreamUnavailable`] naming the https upstreams and how to
+/// provide certificates.
+fn no_ca_certificates(upstreams: &[UpstreamConfig], why: &str) -> Result<()> {
+    let https: Vec<&str> = upstreams
+        .iter()
+        .filter(|u| u.url.scheme() == "https")
+        .map(|u| u.host.as_str())
+        .collect();
+    if https.is_empty() {
+        return Ok(());
+    }
+    Err(Error::UpstreamUnavailable {
+        upstream: https.join(", "),
+        detail: format!(
+            "no CA certificates found to verify its https URL \
+             (install ca-certificates, or set SSL_CERT_FILE or SSL_CERT_DIR to PEM certificates): {why}"
+        ),
+    })
+}
+
+/// An error and its sources, `: `-separated: reqwest's own message for a
+/// build failure is only "builder error".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 impl Upstream {
@@ -426,11 +494,53 @@ mod tests {
     }
 
     #[test]
+    fn only_https_upstreams_need_ca_certificates() {
+        let http = UpstreamConfig::new("registry.local:5000", Some("http://127.0.0.1:1")).unwrap();
+        let ghcr = UpstreamConfig::new("ghcr.io", None).unwrap();
+        let quay = UpstreamConfig::new("quay.io", None).unwrap();
+        assert!(no_ca_certificates(std::slice::from_ref(&http), "none loaded").is_ok());
+        assert!(no_ca_certificates(&[], "none loaded").is_ok());
+        let e = no_ca_certificates(&[http, ghcr, quay], "none loaded").unwrap_err();
+        assert!(matches!(e, Error::UpstreamUnavailable { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "upstream ghcr.io, quay.io is unavailable: no CA certificates found to verify its \
+             https URL (install ca-certificates, or set SSL_CERT_FILE or SSL_CERT_DIR to PEM \
+             certificates): none loaded"
+        );
+    }
+
+    #[test]
+    fn error_chains_name_every_cause() {
+        let inner = std::io::Error::other("No CA certificates were loaded from the system");
+        assert_eq!(
+            error_chain(&ChainLink(inner)),
+            "builder error: No CA certificates were loaded from the system"
+        );
+    }
+
+    /// An error with a source, as reqwest's builder errors are.
+    #[derive(Debug)]
+    struct ChainLink(std::io::Error);
+
+    impl std::fmt::Display for ChainLink {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("builder error")
+        }
+    }
+
+    impl std::error::Error for ChainLink {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
     fn upstream_urls_keep_a_path_prefix() {
         let mut cfg = UpstreamConfig::new("r.example", Some("https://r.example/mirror/")).unwrap();
         cfg.tag_ttl = Duration::ZERO;
         let t = Timeouts::default();
-        let u = Upstream::new(cfg, build_client(&t).unwrap(), None, Arc::default());
+        let u = Upstream::new(cfg, build_client(&t, &[]).unwrap(), None, Arc::default());
         let repo = RepoName::parse("a/b").unwrap();
         assert_eq!(
             u.url_for(&repo, "tags/list", Some("n=1")).as_str(),

@@ -82,21 +82,16 @@ impl System {
 
     /// Where a complete, committed blob lives in this system's storage.
     fn blob_path(&self, digest: &str) -> PathBuf {
-        let hex = digest.trim_start_matches("sha256:");
         match &self.proc {
-            Proc::Ours(c) => c
-                .storage()
-                .join("upstreams")
-                .join(UPSTREAM_HOST)
-                .join("blobs/sha256")
-                .join(&hex[..2])
-                .join(hex),
-            Proc::Dist(r) => r
-                .storage()
-                .join("docker/registry/v2/blobs/sha256")
-                .join(&hex[..2])
-                .join(hex)
-                .join("data"),
+            Proc::Ours(c) => c.store().blob(UPSTREAM_HOST, digest),
+            Proc::Dist(r) => {
+                let hex = digest.trim_start_matches("sha256:");
+                r.storage()
+                    .join("docker/registry/v2/blobs/sha256")
+                    .join(&hex[..2])
+                    .join(hex)
+                    .join("data")
+            }
         }
     }
 

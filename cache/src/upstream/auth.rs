@@ -202,14 +202,10 @@ impl Auth {
             .await
             .map_err(|e| unavailable(format!("token request failed: {}", super::describe(&e))))?;
         let status = resp.status();
-        if status == 401 || status == 403 {
-            return Err(Error::Denied {
-                upstream: self.host.clone(),
-                detail: format!("token endpoint refused the credentials ({status})"),
-            });
-        }
         if !status.is_success() {
-            return Err(unavailable(format!("token endpoint answered {status}")));
+            // 401/403: the credentials were refused (Denied); 5xx/429: try
+            // later; any other status: the realm is not a token service.
+            return Err(super::status_error(&self.host, "token endpoint", status));
         }
         let body = super::read_limited(resp, 1 << 20, &self.host).await?;
         let parsed = parse_token(&body).ok_or_else(|| Error::UpstreamInvalid {

@@ -137,6 +137,40 @@ mod tests {
         resources::build(&fixtures::mirror(true), &fixtures::settings(), credentials)
     }
 
+    /// The chart's Role grants, for each kind, what watching, applying and
+    /// pruning it takes: a kind added to [`ChildKind::ALL`] without its RBAC
+    /// rule fails here, not on a live cluster.
+    #[test]
+    fn the_charts_role_covers_every_child_kind() {
+        let rbac = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../charts/regmirror/templates/rbac.yaml"
+        ))
+        .expect("chart RBAC template");
+        let lines: Vec<&str> = rbac.lines().map(str::trim).collect();
+        for kind in ChildKind::ALL {
+            let ar = kind.api_resource();
+            let plural = format!("\"{}\"", ar.plural);
+            let group = format!("\"{}\"", ar.group);
+            let rule = lines.iter().enumerate().find(|(i, l)| {
+                l.starts_with("resources:")
+                    && l.contains(&plural)
+                    && *i > 0
+                    && lines[i - 1].starts_with("- apiGroups:")
+                    && lines[i - 1].contains(&group)
+            });
+            let (i, _) = rule.unwrap_or_else(|| panic!("no RBAC rule for {}", ar.plural));
+            let verbs = lines.get(i + 1).copied().unwrap_or_default();
+            for verb in ["list", "watch", "create", "patch", "delete"] {
+                assert!(
+                    verbs.starts_with("verbs:") && verbs.contains(&format!("\"{verb}\"")),
+                    "the chart's Role lacks {verb} on {}: {verbs}",
+                    ar.plural
+                );
+            }
+        }
+    }
+
     #[test]
     fn every_built_child_is_of_its_kind_and_named_by_it() {
         let c = children(Some(b"{}"));

@@ -334,6 +334,7 @@ mod tests {
     use futures::channel::mpsc;
 
     use super::*;
+    use crate::oci::Algorithm;
     use crate::store::Limits;
     use crate::verify::BATCH;
 
@@ -566,6 +567,43 @@ mod tests {
         assert_eq!(h.stored(&digest).as_deref(), Some(&content[..]));
         assert_eq!(h.temp_files(), 0);
         assert_eq!(h.store.usage().committed(), content.len() as u64);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sha512_blob_is_hashed_with_sha512_and_stored_under_it() {
+        let h = Harness::new().await;
+        let content = pattern(2 * BATCH + 3);
+        let digest = Algorithm::Sha512.digest(&content);
+        let (fill, _, feed) = h.join(&digest, Some(content.len() as u64));
+        let mut reader = Box::pin(fill.read(0, None));
+        send(&feed, &content, BATCH);
+        let (got, error) = read_rest(&mut reader).await;
+        assert!(error.is_none(), "{error:?}");
+        assert!(got == content[..], "other bytes");
+        settle().await;
+        assert_eq!(h.stored(&digest).as_deref(), Some(&content[..]));
+        assert!(
+            h.store
+                .blob_path(HOST, &digest)
+                .to_string_lossy()
+                .contains("/blobs/sha512/"),
+            "stored under its algorithm"
+        );
+        assert_eq!(h.store.usage().files(), 1);
+        assert_eq!(h.store.usage().committed(), content.len() as u64);
+
+        // The bytes of another sha512 digest are refused and not stored.
+        let wrong = Algorithm::Sha512.digest(b"something else");
+        let (fill, _, feed) = h.join(&wrong, None);
+        let mut reader = Box::pin(fill.read(0, None));
+        send(&feed, &content, BATCH);
+        drop(feed);
+        let (_, error) = read_rest(&mut reader).await;
+        let error = error.expect("a mismatch was released").to_string();
+        assert!(error.contains("does not match its digest"), "{error}");
+        settle().await;
+        assert!(h.stored(&wrong).is_none());
+        assert_eq!(h.temp_files(), 0);
     }
 
     /// Fills a 10-byte blob whose digest is that of `expected` from a body

@@ -42,7 +42,7 @@ pub fn route_request(data: &[u8]) {
         );
         assert!(!name.contains('\\') && !name.contains('%'), "{name:?}");
         if let Endpoint::Blob(d) | Endpoint::Referrers(d) = &r.endpoint {
-            assert_eq!(d.hex().len(), 64);
+            assert_eq!(d.hex().len(), d.algorithm().hex_len());
             assert!(d.hex().bytes().all(|b| b.is_ascii_hexdigit()));
         }
         assert!(method == Method::GET || method == Method::HEAD);

@@ -356,6 +356,31 @@ mod tests {
     }
 
     #[test]
+    fn sha512_digests_address_blobs_manifests_and_referrers() {
+        let d512 = crate::oci::Algorithm::Sha512.digest(b"x").to_string();
+        let r = repo(get(&format!("/v2/ghcr.io/a/blobs/{d512}"), None));
+        assert_eq!(r.endpoint, Endpoint::Blob(d512.parse().unwrap()));
+        let r = repo(get(&format!("/v2/a/manifests/{d512}"), None));
+        assert_eq!(
+            r.endpoint,
+            Endpoint::Manifest(Reference::Digest(d512.parse().unwrap()))
+        );
+        let r = repo(get(&format!("/v2/a/referrers/{d512}"), None));
+        assert_eq!(r.endpoint, Endpoint::Referrers(d512.parse().unwrap()));
+        // Wrong lengths and uppercase stay invalid, as for sha256.
+        for bad in [
+            format!("/v2/a/blobs/{}", &d512[..d512.len() - 1]),
+            format!("/v2/a/blobs/{d512}0"),
+            format!("/v2/a/blobs/{}", d512.to_ascii_uppercase()),
+            format!("/v2/a/blobs/sha512:{}", &D["sha256:".len()..]),
+            format!("/v2/a/manifests/sha384:{}", &d512["sha512:".len()..][..96]),
+        ] {
+            let e = get(&bad, None).unwrap_err();
+            assert_eq!(e.code(), "DIGEST_INVALID", "{bad}: {e:?}");
+        }
+    }
+
+    #[test]
     fn ns_parameter_selects_upstream() {
         let r = repo(get(&format!("/v2/owner/app/blobs/{D}"), Some("ns=ghcr.io")));
         assert_eq!(r.upstream, UpstreamId(1));

@@ -15,10 +15,10 @@ use std::mem;
 use bytes::{Bytes, BytesMut};
 use futures::stream::{BoxStream, Fuse};
 use futures::{FutureExt, Stream, StreamExt};
-use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result};
 use crate::oci::Digest;
+use crate::oci::digest::Hasher;
 use crate::upstream::UpstreamBody;
 
 /// Most bytes gathered from chunks that have already arrived into one batch
@@ -32,7 +32,8 @@ pub const BATCH: usize = 256 * 1024;
 pub type Tee = Box<dyn FnMut(u64, &[u8]) -> Result<()> + Send>;
 
 /// `body`'s bytes, in batches released as the module docs say, checked
-/// against `digest` (and copied to `tee` first, if given). A body with a
+/// against `digest` with its algorithm (sha256 or sha512), and copied to
+/// `tee` first, if given. A body with a
 /// known length is not read past it. The stream ends after the last byte of
 /// a body that matched, or with one error, after which it ends:
 /// - [`Error::UpstreamInvalid`] "blob body longer than its Content-Length"
@@ -50,8 +51,8 @@ pub fn verified(
         chunks: body.chunks.fuse(),
         upstream: body.upstream,
         len: body.len,
+        hasher: digest.algorithm().hasher(),
         digest,
-        hasher: Sha256::new(),
         tee,
         seen: 0,
         held: None,
@@ -71,7 +72,8 @@ struct Verifier {
     upstream: String,
     len: Option<u64>,
     digest: Digest,
-    hasher: Sha256,
+    /// Of `digest`'s algorithm.
+    hasher: Hasher,
     tee: Option<Tee>,
     /// Bytes hashed (and teed) so far.
     seen: u64,
@@ -135,7 +137,7 @@ impl Verifier {
 
     /// Tees and hashes `batch` on the blocking pool.
     async fn absorb(&mut self, batch: &Bytes) -> Result<()> {
-        let (mut hasher, mut tee) = (mem::take(&mut self.hasher), self.tee.take());
+        let (mut hasher, mut tee) = (self.take_hasher(), self.tee.take());
         let (offset, bytes) = (self.seen, batch.clone());
         (self.hasher, self.tee) = tokio::task::spawn_blocking(move || -> Result<_> {
             if let Some(tee) = tee.as_mut() {
@@ -159,13 +161,18 @@ impl Verifier {
                 detail: format!("blob body ended after {} of {len} bytes", self.seen),
             });
         }
-        let actual = Digest::from_hasher(mem::take(&mut self.hasher));
+        let actual = self.take_hasher().finish();
         if actual != self.digest {
             return Err(self.invalid(format!(
                 "blob content does not match its digest (got {actual})"
             )));
         }
         Ok(())
+    }
+
+    /// The hasher, leaving a fresh one of the same algorithm in its place.
+    fn take_hasher(&mut self) -> Hasher {
+        mem::replace(&mut self.hasher, self.digest.algorithm().hasher())
     }
 
     fn invalid(&self, detail: String) -> Error {
@@ -184,6 +191,7 @@ mod tests {
     use futures::channel::mpsc;
 
     use super::*;
+    use crate::oci::Algorithm;
 
     /// One whole batch of `byte`: chunks this large are never gathered, so
     /// each is its own batch whatever the timing.
@@ -234,16 +242,42 @@ mod tests {
     #[tokio::test]
     async fn a_matching_body_is_released_whole_with_or_without_a_length() {
         let chunks = vec![batch_of(1), batch_of(2), Bytes::from_static(b"tail")];
-        let digest = Digest::of(&chunks.concat());
-        for len in [Some(len_of(&chunks)), None] {
-            let (released, error) = run(
-                body(len, chunks.iter().cloned().map(Ok).collect()),
-                digest.clone(),
-                None,
-            )
-            .await;
-            assert!(error.is_none(), "{len:?}: {error:?}");
-            assert_eq!(released, chunks, "{len:?}");
+        // Checked with the algorithm the digest names.
+        for algorithm in Algorithm::ALL {
+            let digest = algorithm.digest(&chunks.concat());
+            for len in [Some(len_of(&chunks)), None] {
+                let (released, error) = run(
+                    body(len, chunks.iter().cloned().map(Ok).collect()),
+                    digest.clone(),
+                    None,
+                )
+                .await;
+                assert!(error.is_none(), "{algorithm:?} {len:?}: {error:?}");
+                assert_eq!(released, chunks, "{algorithm:?} {len:?}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_not_matching_its_sha512_digest_is_caught_with_sha512() {
+        let chunks = [batch_of(1), Bytes::from_static(b"tail")];
+        // The last batch is held back; the error names the sha512 computed.
+        let other = Algorithm::Sha512.digest(&[&batch_of(1)[..], b"tall"].concat());
+        let (released, error) = run(
+            body(None, chunks.iter().cloned().map(Ok).collect()),
+            other,
+            None,
+        )
+        .await;
+        assert_eq!(released, chunks[..1]);
+        match error {
+            Some(Error::UpstreamInvalid { detail, .. }) => {
+                assert!(
+                    detail.contains("does not match its digest (got sha512:"),
+                    "{detail}"
+                );
+            }
+            other => panic!("{other:?}"),
         }
     }
 

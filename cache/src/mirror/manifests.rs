@@ -12,7 +12,7 @@ use http::{HeaderMap, Method, header};
 use super::{Mirror, header_str};
 use crate::error::{Error, Result};
 use crate::oci::media;
-use crate::oci::{Digest, Reference, RepoName};
+use crate::oci::{Algorithm, Digest, Reference, RepoName};
 use crate::route::UpstreamId;
 use crate::store::StoredManifest;
 use crate::upstream;
@@ -120,11 +120,27 @@ impl Mirror {
         let claimed = header_str(resp.headers(), "docker-content-digest")
             .and_then(|v| v.parse::<Digest>().ok());
         let bytes = upstream::read_limited(resp, self.max_manifest_size, host).await?;
-        let digest = Digest::of(&bytes);
+        let media_type = content_type
+            .filter(|t| t.starts_with("application/vnd."))
+            .or_else(|| media::sniff(&bytes).map(str::to_owned))
+            .unwrap_or_else(|| media::OCI_MANIFEST.to_owned());
         let expected = match reference {
             Reference::Digest(d) => Some(d.clone()),
             Reference::Tag(_) => claimed,
         };
+        // Hashed the way the registry digests it, with the algorithm of the
+        // digest it is checked against (sha256 when there is none), so that
+        // it is stored under that digest.
+        let algorithm = expected
+            .as_ref()
+            .map_or(Algorithm::Sha256, Digest::algorithm);
+        let digest = Digest::of_manifest(algorithm, &media_type, &bytes).map_err(|e| {
+            tracing::warn!(upstream = %host, %repo, %reference, error = %e, "manifest without a digestible payload; not stored");
+            Error::UpstreamInvalid {
+                upstream: host.to_owned(),
+                detail: e.to_string(),
+            }
+        })?;
         if let Some(want) = expected.filter(|w| *w != digest) {
             tracing::warn!(upstream = %host, %repo, %reference, expected = %want, got = %digest, "manifest digest mismatch; not stored");
             return Err(Error::UpstreamInvalid {
@@ -132,10 +148,6 @@ impl Mirror {
                 detail: format!("manifest content does not match digest {want}"),
             });
         }
-        let media_type = content_type
-            .filter(|t| t.starts_with("application/vnd."))
-            .or_else(|| media::sniff(&bytes).map(str::to_owned))
-            .unwrap_or_else(|| media::OCI_MANIFEST.to_owned());
         let m = StoredManifest {
             digest,
             media_type,

@@ -4,8 +4,12 @@ pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.
 pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// Docker schema1, signed: its digest covers the payload without the
+/// signatures ([`super::schema1`]).
 pub const DOCKER_MANIFEST_V1_SIGNED: &str =
     "application/vnd.docker.distribution.manifest.v1+prettyjws";
+/// Docker schema1, unsigned: digested as bytes, like every other manifest.
+pub const DOCKER_MANIFEST_V1: &str = "application/vnd.docker.distribution.manifest.v1+json";
 
 /// What we ask an upstream for when the client did not say.
 pub const ALL_MANIFESTS: [&str; 4] = [
@@ -45,8 +49,9 @@ pub fn sniff(body: &[u8]) -> Option<&'static str> {
         media_type: Option<String>,
         #[serde(rename = "schemaVersion")]
         schema_version: Option<u32>,
-        manifests: Option<serde_json::Value>,
-        config: Option<serde_json::Value>,
+        manifests: Option<serde::de::IgnoredAny>,
+        config: Option<serde::de::IgnoredAny>,
+        signatures: Option<serde::de::IgnoredAny>,
     }
     let shape: Shape = serde_json::from_slice(body).ok()?;
     if let Some(declared) = shape.media_type.as_deref() {
@@ -60,7 +65,10 @@ pub fn sniff(body: &[u8]) -> Option<&'static str> {
         .find(|t| *t == declared);
     }
     match (shape.schema_version, shape.manifests, shape.config) {
-        (Some(1), _, _) => Some(DOCKER_MANIFEST_V1_SIGNED),
+        // Schema1 as distribution serves it is signed; without signatures
+        // its digest is that of its bytes.
+        (Some(1), _, _) if shape.signatures.is_some() => Some(DOCKER_MANIFEST_V1_SIGNED),
+        (Some(1), _, _) => Some(DOCKER_MANIFEST_V1),
         (_, Some(_), _) => Some(OCI_INDEX),
         (_, _, Some(_)) => Some(OCI_MANIFEST),
         _ => None,
@@ -105,6 +113,14 @@ mod tests {
         assert_eq!(
             sniff(br#"{"schemaVersion":2,"config":{}}"#),
             Some(OCI_MANIFEST)
+        );
+        assert_eq!(
+            sniff(br#"{"schemaVersion":1,"fsLayers":[],"signatures":[]}"#),
+            Some(DOCKER_MANIFEST_V1_SIGNED)
+        );
+        assert_eq!(
+            sniff(br#"{"schemaVersion":1,"fsLayers":[]}"#),
+            Some(DOCKER_MANIFEST_V1)
         );
         assert_eq!(sniff(b"not json"), None);
     }

@@ -236,6 +236,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::oci::Algorithm;
     use crate::store::{Kind, Usage};
 
     fn hex(n: u8) -> String {
@@ -250,7 +251,10 @@ mod tests {
     fn least_recently_used_go_first_and_leases_protect() {
         let u = Arc::new(Usage::default());
         let keys: Vec<Key> = (1..=4)
-            .map(|n| u.key("docker.io", Kind::Blob, &hex(n)).unwrap())
+            .map(|n| {
+                u.key("docker.io", Kind::Blob, Algorithm::Sha256, &hex(n))
+                    .unwrap()
+            })
             .collect();
         // used at t=10, 40, 20, 30
         for (k, used) in keys.iter().zip([10, 40, 20, 30]) {
@@ -271,8 +275,10 @@ mod tests {
     #[test]
     fn max_age_expires_old_content_without_size_pressure() {
         let u = Usage::default();
-        let a = u.key("h", Kind::Manifest, &hex(1)).unwrap();
-        let b = u.key("h", Kind::Blob, &hex(2)).unwrap();
+        let a = u
+            .key("h", Kind::Manifest, Algorithm::Sha256, &hex(1))
+            .unwrap();
+        let b = u.key("h", Kind::Blob, Algorithm::Sha256, &hex(2)).unwrap();
         u.insert(a, 5, 100);
         u.insert(b, 5, 900);
         let plan = plan_eviction(&u, 0, Some(Duration::from_millis(500)), 1000);

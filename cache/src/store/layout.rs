@@ -38,12 +38,12 @@ pub fn manifests_dir(root: &Path, host: &str) -> PathBuf {
     upstream_dir(root, host).join("manifests")
 }
 
-/// `<root>/upstreams/<host>/blobs/sha256/<ab>/<hex>`: a blob's bytes.
+/// `<root>/upstreams/<host>/blobs/<algorithm>/<ab>/<hex>`: a blob's bytes.
 pub fn blob_path(root: &Path, host: &str, d: &Digest) -> PathBuf {
     by_digest(blobs_dir(root, host), d)
 }
 
-/// `<root>/upstreams/<host>/manifests/sha256/<ab>/<hex>`: a manifest's bytes
+/// `<root>/upstreams/<host>/manifests/<algorithm>/<ab>/<hex>`: a manifest's bytes
 /// exactly as served (its media type beside it, with the extension `.type`).
 pub fn manifest_path(root: &Path, host: &str, d: &Digest) -> PathBuf {
     by_digest(manifests_dir(root, host), d)
@@ -68,16 +68,18 @@ pub fn tag_path(root: &Path, host: &str, repo: &RepoName, tag: &Tag) -> PathBuf 
     tags_dir(root, host, repo).join(tag.as_str())
 }
 
-/// `<dir>/<algorithm>/<first two hex>/<hex>`: two hex characters of fan-out
-/// keep directories small.
+/// `<dir>/<algorithm>/<first two hex>/<hex>` (`sha256` or `sha512`): each
+/// algorithm apart, so a store from before sha512 keeps its paths; two hex
+/// characters of fan-out keep directories small.
 fn by_digest(dir: PathBuf, d: &Digest) -> PathBuf {
     let hex = d.hex();
-    dir.join(d.algorithm()).join(&hex[..2]).join(hex)
+    dir.join(d.algorithm().name()).join(&hex[..2]).join(hex)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::Algorithm;
 
     #[test]
     fn paths_follow_the_documented_layout() {
@@ -96,6 +98,22 @@ mod tests {
             manifest_path(root, "127.0.0.1:5000", &d),
             PathBuf::from(format!(
                 "/s/upstreams/127.0.0.1:5000/manifests/sha256/{}/{hex}",
+                &hex[..2]
+            ))
+        );
+        let d512 = Algorithm::Sha512.digest(b"x");
+        let hex = d512.hex();
+        assert_eq!(
+            blob_path(root, "docker.io", &d512),
+            PathBuf::from(format!(
+                "/s/upstreams/docker.io/blobs/sha512/{}/{hex}",
+                &hex[..2]
+            ))
+        );
+        assert_eq!(
+            manifest_path(root, "docker.io", &d512),
+            PathBuf::from(format!(
+                "/s/upstreams/docker.io/manifests/sha512/{}/{hex}",
                 &hex[..2]
             ))
         );

@@ -1,12 +1,14 @@
 //! Content-addressed filesystem storage.
 //!
 //! ```text
-//! <root>/tmp/                                          in-progress writes, swept at start
-//! <root>/upstreams/<host>/blobs/sha256/<ab>/<hex>      blob content
-//! <root>/upstreams/<host>/manifests/sha256/<ab>/<hex>  manifest bytes, exactly as served
-//! <root>/upstreams/<host>/manifests/sha256/<ab>/<hex>.type   its media type
-//! <root>/upstreams/<host>/repositories/<repo>/_tags/<tag>    {"digest","media_type"}
+//! <root>/tmp/                                        in-progress writes, swept at start
+//! <root>/upstreams/<host>/blobs/<alg>/<ab>/<hex>     blob content
+//! <root>/upstreams/<host>/manifests/<alg>/<ab>/<hex> manifest bytes, exactly as served
+//! <root>/upstreams/<host>/manifests/<alg>/<ab>/<hex>.type   its media type
+//! <root>/upstreams/<host>/repositories/<repo>/_tags/<tag>   {"digest","media_type"}
 //! ```
+//! `<alg>` is the digest's algorithm, `sha256` or `sha512`; `<hex>` its
+//! encoded part, `<ab>` that part's first two characters.
 //! Every file is written to `tmp/`, fsynced, verified and renamed into place,
 //! so a path under `upstreams/` only ever holds complete, verified content.
 //! Content is kept per upstream so that bytes fetched with one upstream's
@@ -55,10 +57,14 @@ pub struct StoredBlob {
     pub lease: Option<Lease>,
 }
 
+/// A manifest as stored and served.
 #[derive(Debug, Clone)]
 pub struct StoredManifest {
+    /// The digest its registry gives it ([`Digest::of_manifest`]): of
+    /// `bytes`, except for signed schema1, where it covers the payload.
     pub digest: Digest,
     pub media_type: String,
+    /// Exactly as the upstream sent them (signed schema1 with signatures).
     pub bytes: Bytes,
 }
 
@@ -125,7 +131,7 @@ impl Store {
     }
 
     fn key(&self, host: &str, kind: Kind, d: &Digest) -> Option<usage::Key> {
-        self.usage.key(host, kind, d.hex())
+        self.usage.key(host, kind, d.algorithm(), d.hex())
     }
 
     /// Records a file just renamed into place.
@@ -136,13 +142,13 @@ impl Store {
         self.wake_sweeper_if_over();
     }
 
+    /// Where the file `key` names is stored.
     fn key_path(&self, key: &usage::Key) -> PathBuf {
-        let hex = hex::encode(key.sha256);
-        self.upstream_dir(&self.usage.host_of(key))
-            .join(key.kind.dir())
-            .join("sha256")
-            .join(&hex[..2])
-            .join(hex)
+        let (host, d) = (self.usage.host_of(key), key.digest.digest());
+        match key.kind {
+            Kind::Blob => self.blob_path(&host, &d),
+            Kind::Manifest => self.manifest_path(&host, &d),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -151,10 +157,6 @@ impl Store {
 
     fn tmp_dir(&self) -> PathBuf {
         layout::tmp_dir(&self.root)
-    }
-
-    fn upstream_dir(&self, host: &str) -> PathBuf {
-        layout::upstream_dir(&self.root, host)
     }
 
     /// Where the blob `d` of upstream `host` is stored: [`layout::blob_path`].
@@ -236,10 +238,14 @@ impl Store {
         .await
     }
 
-    /// Stores a manifest whose digest the caller verified. The media type
-    /// goes first so the content never appears without it.
+    /// Stores a manifest whose digest the caller verified
+    /// ([`Digest::of_manifest`]). The media type goes first so the content
+    /// never appears without it.
     pub async fn put_manifest(&self, host: &str, m: &StoredManifest) -> io::Result<()> {
-        debug_assert_eq!(Digest::of(&m.bytes), m.digest);
+        debug_assert_eq!(
+            Digest::of_manifest(m.digest.algorithm(), &m.media_type, &m.bytes).as_ref(),
+            Ok(&m.digest)
+        );
         let path = self.manifest_path(host, &m.digest);
         let store = self.clone();
         let m = m.clone();
@@ -327,6 +333,7 @@ async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::Algorithm;
 
     #[tokio::test]
     async fn manifests_round_trip_with_media_type() {
@@ -366,6 +373,66 @@ mod tests {
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
             0
         );
+    }
+
+    #[tokio::test]
+    async fn sha512_content_is_stored_indexed_and_evicted_under_its_algorithm() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).await.unwrap();
+        let body = Bytes::from_static(br#"{"schemaVersion":2,"config":{}}"#);
+        let m = StoredManifest {
+            digest: Algorithm::Sha512.digest(&body),
+            media_type: crate::oci::media::OCI_MANIFEST.into(),
+            bytes: body.clone(),
+        };
+        store.put_manifest("r.example", &m).await.unwrap();
+        let got = store
+            .manifest("r.example", &m.digest)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((got.digest, got.bytes), (m.digest.clone(), body.clone()));
+        // The same bytes under sha256 are another manifest, not stored.
+        assert!(
+            store
+                .manifest("r.example", &Digest::of(&body))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let blob = Algorithm::Sha512.digest(b"layer");
+        let path = store.blob_path("r.example", &blob);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"layer").unwrap();
+        let manifest = layout::manifest_path(dir.path(), "r.example", &m.digest);
+        let stored = [path, manifest.with_extension("type"), manifest];
+        for p in &stored {
+            assert!(p.exists(), "{}", p.display());
+            assert!(p.to_string_lossy().contains("/sha512/"), "{}", p.display());
+        }
+
+        // A restart finds both; an age limit then evicts both, sidecar and all.
+        let limits = Limits {
+            max_age: Some(std::time::Duration::from_millis(1)),
+            ..Limits::default()
+        };
+        let store = Store::open_with(dir.path(), limits, Arc::default())
+            .await
+            .unwrap();
+        for _ in 0..500 {
+            if store.usage().is_loaded() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(store.usage().files(), 2);
+        assert_eq!(store.usage().stored_bytes(), body.len() as u64 + 5);
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let ev = store.evict().await.unwrap();
+        assert_eq!(ev.by_age, (2, body.len() as u64 + 5));
+        for p in &stored {
+            assert!(!p.exists(), "{} was not evicted", p.display());
+        }
     }
 
     #[tokio::test]

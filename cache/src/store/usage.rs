@@ -1,16 +1,19 @@
 //! What the store holds, how big it is and when each piece was last used:
 //! the in-memory index behind the byte budget and least-recently-used eviction.
 //!
-//! Entries are compact (host id, kind, raw digest) so that a store of 100k+
-//! files cost a few MB. Recency is kept in memory to the millisecond and
-//! survives restarts as the file's mtime, which reads refresh at most once
-//! per [`TOUCH_EVERY`], so hot content costs no extra syscalls.
+//! Entries are compact (host id, kind, raw digest: about 100 bytes with
+//! their bookkeeping) so that a store of 100k+ files costs a few MB. Recency
+//! is kept in memory to the millisecond and survives restarts as the file's
+//! mtime, which reads refresh at most once per [`TOUCH_EVERY`], so hot
+//! content costs no extra syscalls.
 
 use std::collections::{HashMap, hash_map};
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::oci::{Algorithm, Digest};
 
 /// Reads refresh a file's recorded recency at most this often.
 pub const TOUCH_EVERY: Duration = Duration::from_secs(60);
@@ -30,12 +33,47 @@ impl Kind {
     }
 }
 
-/// One stored file: `upstreams/<host>/<kind>/sha256/<ab>/<hex>`.
+/// A digest's raw bytes, by algorithm: half the size of its hex, and `Copy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RawDigest {
+    Sha256([u8; 32]),
+    Sha512([u8; 64]),
+}
+
+impl RawDigest {
+    /// The raw bytes of `hex` under `algorithm`; `None` unless `hex` is
+    /// exactly that algorithm's hex.
+    fn decode(algorithm: Algorithm, hex: &str) -> Option<Self> {
+        fn bytes<const N: usize>(hex: &str) -> Option<[u8; N]> {
+            let mut raw = [0u8; N];
+            hex::decode_to_slice(hex, &mut raw).ok()?;
+            Some(raw)
+        }
+        Some(match algorithm {
+            Algorithm::Sha256 => Self::Sha256(bytes(hex)?),
+            Algorithm::Sha512 => Self::Sha512(bytes(hex)?),
+        })
+    }
+
+    /// The digest these bytes are.
+    pub fn digest(&self) -> Digest {
+        let (algorithm, raw) = match self {
+            Self::Sha256(b) => (Algorithm::Sha256, &b[..]),
+            Self::Sha512(b) => (Algorithm::Sha512, &b[..]),
+        };
+        format!("{}:{}", algorithm.name(), hex::encode(raw))
+            .parse()
+            .expect("raw bytes of a registered algorithm make a valid digest")
+    }
+}
+
+/// One stored file: `upstreams/<host>/<kind>/<algorithm>/<ab>/<hex>`
+/// ([`super::layout`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key {
     host: u32,
     pub kind: Kind,
-    pub sha256: [u8; 32],
+    pub digest: RawDigest,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,9 +113,11 @@ impl Usage {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn key(&self, host: &str, kind: Kind, hex: &str) -> Option<Key> {
-        let mut sha256 = [0u8; 32];
-        hex::decode_to_slice(hex, &mut sha256).ok()?;
+    /// The key of `host`'s file of `kind` whose digest is `hex` under
+    /// `algorithm`; `None` when `hex` is not that algorithm's hex (a file in
+    /// the store that is not content, such as a `.type` sidecar).
+    pub fn key(&self, host: &str, kind: Kind, algorithm: Algorithm, hex: &str) -> Option<Key> {
+        let digest = RawDigest::decode(algorithm, hex)?;
         let mut inner = self.lock();
         let host = match inner.hosts.iter().position(|h| h == host) {
             Some(i) => i,
@@ -86,7 +126,7 @@ impl Usage {
                 inner.hosts.len() - 1
             }
         } as u32;
-        Some(Key { host, kind, sha256 })
+        Some(Key { host, kind, digest })
     }
 
     pub fn host_of(&self, key: &Key) -> String {
@@ -221,36 +261,43 @@ impl Usage {
                 continue;
             };
             for kind in [Kind::Blob, Kind::Manifest] {
-                let dir = host.path().join(kind.dir()).join("sha256");
-                let Ok(prefixes) = std::fs::read_dir(&dir) else {
-                    continue;
-                };
-                for prefix in prefixes {
-                    let Ok(files) = std::fs::read_dir(prefix?.path()) else {
-                        continue;
-                    };
-                    for f in files {
-                        let f = f?;
-                        let Ok(fname) = f.file_name().into_string() else {
-                            continue;
-                        };
-                        if fname.len() != 64 {
-                            continue; // `.type` sidecars
-                        }
-                        let Ok(meta) = f.metadata() else { continue };
-                        let used = meta
-                            .modified()
-                            .ok()
-                            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                            .map_or(0, |d| d.as_millis() as u64);
-                        if let Some(key) = self.key(&name, kind, &fname) {
-                            self.insert(key, meta.len(), used);
-                        }
-                    }
+                for algorithm in Algorithm::ALL {
+                    let dir = host.path().join(kind.dir()).join(algorithm.name());
+                    self.load_dir(&dir, &name, kind, algorithm)?;
                 }
             }
         }
         self.lock().loaded = true;
+        Ok(())
+    }
+
+    /// Indexes `dir` (`<host>/<kind>/<algorithm>`, if it exists): its
+    /// `<ab>/<hex>` files, skipping anything else (`.type` sidecars).
+    fn load_dir(&self, dir: &Path, host: &str, kind: Kind, algorithm: Algorithm) -> io::Result<()> {
+        let Ok(prefixes) = std::fs::read_dir(dir) else {
+            return Ok(());
+        };
+        for prefix in prefixes {
+            let Ok(files) = std::fs::read_dir(prefix?.path()) else {
+                continue;
+            };
+            for f in files {
+                let f = f?;
+                let Ok(fname) = f.file_name().into_string() else {
+                    continue;
+                };
+                let Some(key) = self.key(host, kind, algorithm, &fname) else {
+                    continue;
+                };
+                let Ok(meta) = f.metadata() else { continue };
+                let used = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_millis() as u64);
+                self.insert(key, meta.len(), used);
+            }
+        }
         Ok(())
     }
 }
@@ -295,7 +342,7 @@ mod tests {
     #[test]
     fn reservations_count_until_dropped_and_reinsert_is_idempotent() {
         let u = Arc::new(Usage::default());
-        let k = u.key("h", Kind::Blob, &hex(3)).unwrap();
+        let k = u.key("h", Kind::Blob, Algorithm::Sha256, &hex(3)).unwrap();
         u.insert(k, 10, 1);
         u.insert(k, 10, 5);
         assert_eq!(u.stored_bytes(), 10);
@@ -303,16 +350,38 @@ mod tests {
         assert_eq!(u.committed(), 60);
         drop(r);
         assert_eq!(u.committed(), 10);
-        assert!(u.key("h", Kind::Blob, "not-hex").is_none());
+        assert!(
+            u.key("h", Kind::Blob, Algorithm::Sha256, "not-hex")
+                .is_none()
+        );
     }
 
     #[test]
     fn touch_refreshes_stale_recency_only() {
         let u = Usage::default();
-        let k = u.key("h", Kind::Blob, &hex(4)).unwrap();
+        let k = u.key("h", Kind::Blob, Algorithm::Sha256, &hex(4)).unwrap();
         u.insert(k, 1, 0);
         assert!(u.touch(&k), "an old entry is due a refresh");
         assert!(!u.touch(&k), "a fresh one is not");
+    }
+
+    #[test]
+    fn keys_are_per_algorithm_and_give_back_their_digest() {
+        let u = Usage::default();
+        for a in Algorithm::ALL {
+            let d = a.digest(b"x");
+            let k = u.key("h", Kind::Blob, a, d.hex()).unwrap();
+            assert_eq!(k.digest.digest(), d);
+            // A hex of the other length names nothing under this algorithm.
+            let other = Algorithm::ALL.into_iter().find(|o| *o != a).unwrap();
+            assert!(u.key("h", Kind::Blob, other, d.hex()).is_none());
+        }
+        // The same leading bytes under two algorithms are two keys.
+        let short = u.key("h", Kind::Blob, Algorithm::Sha256, &hex(5)).unwrap();
+        let long = u
+            .key("h", Kind::Blob, Algorithm::Sha512, &hex(5).repeat(2))
+            .unwrap();
+        assert_ne!(short, long);
     }
 
     #[test]
@@ -326,10 +395,25 @@ mod tests {
         std::fs::write(b.join("aa".repeat(32)), vec![0u8; 300]).unwrap();
         std::fs::write(m.join("bb".repeat(32)), vec![0u8; 20]).unwrap();
         std::fs::write(m.join(format!("{}.type", "bb".repeat(32))), "x").unwrap();
+        // sha512 content beside it, and names of the wrong length for their
+        // algorithm (never written by the store) skipped.
+        let b512 = up.join("docker.io/blobs/sha512/cc");
+        let m512 = up.join("ghcr.io/manifests/sha512/dd");
+        std::fs::create_dir_all(&b512).unwrap();
+        std::fs::create_dir_all(&m512).unwrap();
+        std::fs::write(b512.join("cc".repeat(64)), vec![0u8; 4000]).unwrap();
+        std::fs::write(b512.join("cc".repeat(32)), vec![0u8; 1]).unwrap();
+        std::fs::write(b.join("aa".repeat(64)), vec![0u8; 1]).unwrap();
+        std::fs::write(m512.join("dd".repeat(64)), vec![0u8; 5]).unwrap();
+        std::fs::write(m512.join(format!("{}.type", "dd".repeat(64))), "x").unwrap();
         let u = Usage::default();
         assert!(!u.is_loaded());
         u.load(&up).unwrap();
         assert!(u.is_loaded());
-        assert_eq!((u.files(), u.stored_bytes()), (2, 320));
+        assert_eq!((u.files(), u.stored_bytes()), (4, 4325));
+        let k = u
+            .key("docker.io", Kind::Blob, Algorithm::Sha512, &"cc".repeat(64))
+            .unwrap();
+        assert!(u.last_used(&k).is_some(), "the sha512 blob is indexed");
     }
 }

@@ -9,7 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::oci::{Digest, RepoName, Tag};
+use super::usage::Kind;
+use crate::oci::{Algorithm, Digest, RepoName, Tag};
 
 /// `<root>/tmp`: in-progress writes, renamed into place when complete and
 /// swept when the store opens.
@@ -38,15 +39,26 @@ pub fn manifests_dir(root: &Path, host: &str) -> PathBuf {
     upstream_dir(root, host).join("manifests")
 }
 
+/// `<root>/upstreams/<host>/<blobs|manifests>/<algorithm>`: every stored
+/// `kind` of content addressed by `algorithm`, fanned out as [`blob_path`]
+/// and [`manifest_path`] say.
+pub fn digests_dir(root: &Path, host: &str, kind: Kind, algorithm: Algorithm) -> PathBuf {
+    let dir = match kind {
+        Kind::Blob => blobs_dir(root, host),
+        Kind::Manifest => manifests_dir(root, host),
+    };
+    dir.join(algorithm.name())
+}
+
 /// `<root>/upstreams/<host>/blobs/<algorithm>/<ab>/<hex>`: a blob's bytes.
 pub fn blob_path(root: &Path, host: &str, d: &Digest) -> PathBuf {
-    by_digest(blobs_dir(root, host), d)
+    by_digest(root, host, Kind::Blob, d)
 }
 
 /// `<root>/upstreams/<host>/manifests/<algorithm>/<ab>/<hex>`: a manifest's bytes
 /// exactly as served (its media type beside it, with the extension `.type`).
 pub fn manifest_path(root: &Path, host: &str, d: &Digest) -> PathBuf {
-    by_digest(manifests_dir(root, host), d)
+    by_digest(root, host, Kind::Manifest, d)
 }
 
 /// `<root>/upstreams/<host>/repositories`: the upstream's repositories, by name.
@@ -68,12 +80,14 @@ pub fn tag_path(root: &Path, host: &str, repo: &RepoName, tag: &Tag) -> PathBuf 
     tags_dir(root, host, repo).join(tag.as_str())
 }
 
-/// `<dir>/<algorithm>/<first two hex>/<hex>` (`sha256` or `sha512`): each
-/// algorithm apart, so a store from before sha512 keeps its paths; two hex
-/// characters of fan-out keep directories small.
-fn by_digest(dir: PathBuf, d: &Digest) -> PathBuf {
+/// `<kind dir>/<algorithm>/<first two hex>/<hex>` (`sha256` or `sha512`):
+/// each algorithm apart, so a store from before sha512 keeps its paths; two
+/// hex characters of fan-out keep directories small.
+fn by_digest(root: &Path, host: &str, kind: Kind, d: &Digest) -> PathBuf {
     let hex = d.hex();
-    dir.join(d.algorithm().name()).join(&hex[..2]).join(hex)
+    digests_dir(root, host, kind, d.algorithm())
+        .join(&hex[..2])
+        .join(hex)
 }
 
 #[cfg(test)]

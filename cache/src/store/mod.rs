@@ -97,14 +97,14 @@ impl Store {
         };
         let s = store.clone();
         tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(s.root.join("upstreams"))?;
+            std::fs::create_dir_all(layout::upstreams_dir(&s.root))?;
             fsutil::sweep_dir(&s.tmp_dir())
         })
         .await??;
         let s = store.clone();
         tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
-            match s.usage.load(&s.root.join("upstreams")) {
+            match s.usage.load(&s.root) {
                 Ok(()) => tracing::info!(
                     files = s.usage.files(),
                     bytes = s.usage.stored_bytes(),

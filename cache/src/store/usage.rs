@@ -19,18 +19,11 @@ use crate::oci::{Algorithm, Digest};
 pub const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// What a stored file holds; each kind has its own directory (see
+/// [`layout::digests_dir`](super::layout::digests_dir)).
 pub enum Kind {
     Blob,
     Manifest,
-}
-
-impl Kind {
-    pub fn dir(self) -> &'static str {
-        match self {
-            Kind::Blob => "blobs",
-            Kind::Manifest => "manifests",
-        }
-    }
 }
 
 /// A digest's raw bytes, by algorithm: half the size of its hex, and `Copy`.
@@ -245,9 +238,10 @@ impl Usage {
         f(self.lock().entries.iter())
     }
 
-    /// Scans `upstreams/` (stat only, no reads) and marks the index loaded.
-    pub fn load(&self, upstreams: &Path) -> io::Result<()> {
-        let hosts = match std::fs::read_dir(upstreams) {
+    /// Scans the store under `root` (stat only, no reads: every file where
+    /// [`layout`](super::layout) puts content) and marks the index loaded.
+    pub fn load(&self, root: &Path) -> io::Result<()> {
+        let hosts = match std::fs::read_dir(super::layout::upstreams_dir(root)) {
             Ok(rd) => rd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 self.lock().loaded = true;
@@ -262,7 +256,7 @@ impl Usage {
             };
             for kind in [Kind::Blob, Kind::Manifest] {
                 for algorithm in Algorithm::ALL {
-                    let dir = host.path().join(kind.dir()).join(algorithm.name());
+                    let dir = super::layout::digests_dir(root, &name, kind, algorithm);
                     self.load_dir(&dir, &name, kind, algorithm)?;
                 }
             }
@@ -408,7 +402,7 @@ mod tests {
         std::fs::write(m512.join(format!("{}.type", "dd".repeat(64))), "x").unwrap();
         let u = Usage::default();
         assert!(!u.is_loaded());
-        u.load(&up).unwrap();
+        u.load(dir.path()).unwrap();
         assert!(u.is_loaded());
         assert_eq!((u.files(), u.stored_bytes()), (4, 4325));
         let k = u

@@ -95,7 +95,10 @@ impl Mirror {
         d: &Digest,
     ) -> Result<u64> {
         match self.blob(up, repo, d).await? {
-            Blob::Stored { size, .. } | Blob::Filling { size: Some(size), .. } => Ok(size),
+            Blob::Stored { size, .. }
+            | Blob::Filling {
+                size: Some(size), ..
+            } => Ok(size),
             Blob::Filling { fill, size: None } => match counted(fill.read(0, None)).await {
                 Ok(size) => Ok(size),
                 // The fill's own error says more than its reader's.

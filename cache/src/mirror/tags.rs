@@ -555,10 +555,7 @@ mod tests {
     #[test]
     fn without_an_acceptable_record_the_upstream_answer_stands() {
         let none = TagPlan::Revalidate { stale: None };
-        assert_eq!(
-            plan(None, &[], all(Some(Duration::ZERO)), 5 * MIN),
-            none
-        );
+        assert_eq!(plan(None, &[], all(Some(Duration::ZERO)), 5 * MIN), none);
         // A client that cannot take an index neither gets the stored index
         // nor has it served stale.
         let rec = record(media::OCI_INDEX);
@@ -567,10 +564,7 @@ mod tests {
             plan(Some(&rec), &narrow, all(Some(Duration::ZERO)), 5 * MIN),
             none
         );
-        assert_eq!(
-            plan(Some(&rec), &narrow, all(None), Duration::ZERO),
-            none
-        );
+        assert_eq!(plan(Some(&rec), &narrow, all(None), Duration::ZERO), none);
     }
 
     #[test]
@@ -580,7 +574,11 @@ mod tests {
         let schema2 = list(&[media::DOCKER_MANIFEST]);
         let class = AcceptClass::of(&schema2);
         let rec = with_answer(
-            with_answer(TagRecord::default(), AcceptClass::BROAD, Some(index.clone())),
+            with_answer(
+                TagRecord::default(),
+                AcceptClass::BROAD,
+                Some(index.clone()),
+            ),
             class,
             Some(amd64.clone()),
         );

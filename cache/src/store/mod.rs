@@ -490,10 +490,7 @@ mod tests {
             rec.broad.clone().unwrap()
         );
         // Narrow answers only: no top-level answer for anyone to misread.
-        let narrow = TagRecord {
-            broad: None,
-            ..rec
-        };
+        let narrow = TagRecord { broad: None, ..rec };
         let json = serde_json::to_vec(&narrow).unwrap();
         assert!(serde_json::from_slice::<TagAnswer>(&json).is_err());
         assert_eq!(serde_json::from_slice::<TagRecord>(&json).unwrap(), narrow);

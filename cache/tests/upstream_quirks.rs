@@ -314,24 +314,29 @@ const FULL: &[&str] = &[
 ];
 
 fn oci_manifest(seed: &str) -> Manifest {
-    Manifest::new(
+    image_manifest(
         media::OCI_MANIFEST,
-        serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": media::OCI_MANIFEST,
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": Digest::of(seed.as_bytes()).to_string(), "size": seed.len()},
-            "layers": [],
-        }),
+        "application/vnd.oci.image.config.v1+json",
+        seed,
     )
 }
 
 fn docker_manifest(seed: &str) -> Manifest {
-    Manifest::new(
+    image_manifest(
         media::DOCKER_MANIFEST,
+        "application/vnd.docker.container.image.v1+json",
+        seed,
+    )
+}
+
+/// An image manifest of `media_type` without layers, told apart by `seed`.
+fn image_manifest(media_type: &'static str, config_type: &str, seed: &str) -> Manifest {
+    Manifest::new(
+        media_type,
         serde_json::json!({
             "schemaVersion": 2,
-            "mediaType": media::DOCKER_MANIFEST,
-            "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": Digest::of(seed.as_bytes()).to_string(), "size": seed.len()},
+            "mediaType": media_type,
+            "config": {"mediaType": config_type, "digest": Digest::of(seed.as_bytes()).to_string(), "size": seed.len()},
             "layers": [],
         }),
     )

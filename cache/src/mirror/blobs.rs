@@ -39,7 +39,7 @@ impl Mirror {
     /// The size in bytes of `repo`'s blob `d` on upstream `up`, for a HEAD:
     /// from the store, a fill in flight, or an upstream HEAD (never a
     /// download), or, where the upstream refuses HEAD, from the blob's GET
-    /// ([`Mirror::size_by_get`]). Errors: [`Error::BlobUnknown`] on an
+    /// (`size_by_get`). Errors: [`Error::BlobUnknown`] on an
     /// upstream 404 (to the GET), [`Error::UpstreamInvalid`] for a HEAD
     /// without `Content-Length`, upstream errors otherwise.
     pub async fn blob_size(

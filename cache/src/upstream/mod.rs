@@ -137,7 +137,7 @@ impl Upstream {
     /// A HEAD of `<repo>/<rest>` (with `headers`), as [`Upstream::send`]
     /// sends it. `None` when the upstream refuses HEAD there, in its final
     /// answer after redirects ([`head_refused`]), or refused it with 405 or
-    /// 501 within [`HEAD_REFUSAL_MEMORY`]: the caller asks with GET instead,
+    /// 501 within the last 10 minutes: the caller asks with GET instead,
     /// whose answer stands (a 404 to the GET is a real 404, a 403 a real
     /// denial). Docker and containerd fall back the same way. Otherwise the
     /// HEAD's answer, whatever its status but 401/403/429 (errors as for
@@ -177,7 +177,7 @@ impl Upstream {
     }
 
     /// Whether this upstream refused HEAD on `endpoint` with 405 or 501
-    /// within [`HEAD_REFUSAL_MEMORY`].
+    /// within `HEAD_REFUSAL_MEMORY`.
     fn refused_head_lately(&self, endpoint: &str) -> bool {
         let refused = self.head_refused.lock().expect("poisoned");
         refused

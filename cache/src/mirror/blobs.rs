@@ -5,7 +5,8 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use futures::FutureExt;
+use bytes::Bytes;
+use futures::{FutureExt, Stream, StreamExt};
 use http::{HeaderMap, Method, header};
 
 use super::{Mirror, header_str};
@@ -15,6 +16,7 @@ use crate::oci::{Digest, RepoName};
 use crate::route::UpstreamId;
 use crate::store::{Lease, StoredBlob};
 use crate::upstream::{self, UpstreamBody};
+use crate::verify::verified;
 
 /// Where a blob's bytes come from.
 pub enum Blob {
@@ -36,9 +38,10 @@ pub enum Blob {
 impl Mirror {
     /// The size in bytes of `repo`'s blob `d` on upstream `up`, for a HEAD:
     /// from the store, a fill in flight, or an upstream HEAD (never a
-    /// download). Errors: [`Error::BlobUnknown`] on an upstream 404,
-    /// [`Error::UpstreamInvalid`] for a HEAD without `Content-Length`,
-    /// upstream errors otherwise.
+    /// download), or, where the upstream refuses HEAD, from the blob's GET
+    /// (`size_by_get`). Errors: [`Error::BlobUnknown`] on an
+    /// upstream 404 (to the GET), [`Error::UpstreamInvalid`] for a HEAD
+    /// without `Content-Length`, upstream errors otherwise.
     pub async fn blob_size(
         self: &Arc<Self>,
         up: UpstreamId,
@@ -54,8 +57,18 @@ impl Mirror {
                 return Ok(size);
             }
         }
-        // A HEAD never downloads the blob.
-        let resp = self.blob_request(up, Method::HEAD, repo, d).await?;
+        let head = self
+            .upstream(up)
+            .head(
+                repo,
+                &format!("blobs/{d}"),
+                HeaderMap::new(),
+                self.timeouts.response_header,
+            )
+            .await?;
+        let Some(resp) = head else {
+            return self.size_by_get(up, repo, d).await;
+        };
         match resp.status().as_u16() {
             // Not `content_length()`: that is the (empty) HEAD body's length.
             200 => header_str(resp.headers(), header::CONTENT_LENGTH)
@@ -64,22 +77,50 @@ impl Mirror {
                     upstream: host.to_owned(),
                     detail: "blob HEAD without Content-Length".into(),
                 }),
-            404 => Err(Error::BlobUnknown(d.to_string())),
             _ => Err(upstream::status_error(host, "blob HEAD", resp.status())),
         }
     }
 
-    /// A HEAD or GET of `repo`'s blob `d` on upstream `up`.
+    /// The size of `repo`'s blob `d` on upstream `up` as its GET tells, for
+    /// an upstream that refuses HEAD. The GET is the blob's fill (started or
+    /// joined as for a client's GET), so its bytes are stored, not wasted:
+    /// a HEAD is mostly followed by the GET, which then reads the fill. The
+    /// size is the GET's `Content-Length`; without one, the length of the
+    /// verified body once it has all arrived (so also when the store has
+    /// no room and the body passes through). Errors as for [`Mirror::blob`].
+    async fn size_by_get(
+        self: &Arc<Self>,
+        up: UpstreamId,
+        repo: &RepoName,
+        d: &Digest,
+    ) -> Result<u64> {
+        match self.blob(up, repo, d).await? {
+            Blob::Stored { size, .. }
+            | Blob::Filling {
+                size: Some(size), ..
+            } => Ok(size),
+            Blob::Filling { fill, size: None } => match counted(fill.read(0, None)).await {
+                Ok(size) => Ok(size),
+                // The fill's own error says more than its reader's.
+                Err(e) => Err(fill.ready().await.err().unwrap_or(e)),
+            },
+            Blob::PassThrough { body } => match body.len {
+                Some(size) => Ok(size),
+                None => counted(verified(body, d.clone(), None)).await,
+            },
+        }
+    }
+
+    /// A GET of `repo`'s blob `d` on upstream `up`.
     async fn blob_request(
         &self,
         up: UpstreamId,
-        method: Method,
         repo: &RepoName,
         d: &Digest,
     ) -> Result<reqwest::Response> {
         self.upstream(up)
             .send(
-                method,
+                Method::GET,
                 repo,
                 &format!("blobs/{d}"),
                 None,
@@ -138,11 +179,24 @@ impl Mirror {
     /// but 200 an upstream error ([`upstream::status_error`]).
     async fn blob_body(&self, up: UpstreamId, repo: &RepoName, d: &Digest) -> Result<UpstreamBody> {
         let host = self.host(up);
-        let resp = self.blob_request(up, Method::GET, repo, d).await?;
+        let resp = self.blob_request(up, repo, d).await?;
         match resp.status().as_u16() {
             200 => Ok(UpstreamBody::from_response(host, resp)),
             404 => Err(Error::BlobUnknown(d.to_string())),
             _ => Err(upstream::status_error(host, "blob GET", resp.status())),
         }
     }
+}
+
+/// The number of bytes in `body`, read to its end; its first error fails it.
+async fn counted<E>(body: impl Stream<Item = std::result::Result<Bytes, E>>) -> Result<u64>
+where
+    Error: From<E>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut len = 0;
+    while let Some(chunk) = body.next().await {
+        len += chunk?.len() as u64;
+    }
+    Ok(len)
 }

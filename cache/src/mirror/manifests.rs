@@ -82,15 +82,33 @@ impl Mirror {
         reference: impl Display,
         accept: &[String],
     ) -> Result<reqwest::Response> {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::ACCEPT, upstream::accept_header(accept));
         self.upstream(up)
             .send(
                 method,
                 repo,
                 &format!("manifests/{reference}"),
                 None,
-                headers,
+                manifest_headers(accept),
+                self.timeouts.response_header,
+            )
+            .await
+    }
+
+    /// A HEAD of `repo`'s manifest `reference` on upstream `up`, asking for
+    /// the media types in `accept`: `None` when the upstream refuses HEAD
+    /// ([`upstream::Upstream::head`]), so the caller GETs the manifest.
+    pub(super) async fn manifest_head(
+        &self,
+        up: UpstreamId,
+        repo: &RepoName,
+        reference: impl Display,
+        accept: &[String],
+    ) -> Result<Option<reqwest::Response>> {
+        self.upstream(up)
+            .head(
+                repo,
+                &format!("manifests/{reference}"),
+                manifest_headers(accept),
                 self.timeouts.response_header,
             )
             .await
@@ -159,4 +177,11 @@ impl Mirror {
         }
         Ok(m)
     }
+}
+
+/// The headers of a manifest request for a client accepting `accept`.
+fn manifest_headers(accept: &[String]) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::ACCEPT, upstream::accept_header(accept));
+    headers
 }

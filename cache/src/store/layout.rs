@@ -75,7 +75,7 @@ pub fn tags_dir(root: &Path, host: &str, repo: &RepoName) -> PathBuf {
 }
 
 /// `<root>/upstreams/<host>/repositories/<repo>/_tags/<tag>`: a tag's record
-/// (`{"digest","media_type"}`).
+/// (its answers per `Accept` class, [`super::TagRecord`]).
 pub fn tag_path(root: &Path, host: &str, repo: &RepoName, tag: &Tag) -> PathBuf {
     tags_dir(root, host, repo).join(tag.as_str())
 }

@@ -5,7 +5,7 @@
 //! <root>/upstreams/<host>/blobs/<alg>/<ab>/<hex>     blob content
 //! <root>/upstreams/<host>/manifests/<alg>/<ab>/<hex> manifest bytes, exactly as served
 //! <root>/upstreams/<host>/manifests/<alg>/<ab>/<hex>.type   its media type
-//! <root>/upstreams/<host>/repositories/<repo>/_tags/<tag>   {"digest","media_type"}
+//! <root>/upstreams/<host>/repositories/<repo>/_tags/<tag>   its answers ([`TagRecord`])
 //! ```
 //! `<alg>` is the digest's algorithm, `sha256` or `sha512`; `<hex>` its
 //! encoded part, `<ab>` that part's first two characters.
@@ -22,6 +22,7 @@ mod fsutil;
 pub mod layout;
 pub mod usage;
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -68,10 +69,42 @@ pub struct StoredManifest {
     pub bytes: Bytes,
 }
 
+/// One answer an upstream gave to a tag lookup: the manifest the tag named.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TagRecord {
+pub struct TagAnswer {
+    /// The manifest's digest, `<algorithm>:<hex>`.
     pub digest: String,
+    /// The manifest's media type, as stored beside it.
     pub media_type: String,
+}
+
+/// What the store keeps of one tag: the upstream's last successful answer to
+/// each class of `Accept` list that got one (the classes and what they
+/// decide are [`crate::mirror::tags::AcceptClass`]'s).
+///
+/// On disk, JSON: the broad class's answer at the top level, as
+/// `{"digest","media_type"}`, and the narrower classes' answers under
+/// `"narrow"`, by class name:
+/// `{"digest":"sha256:…","media_type":"…","narrow":{"<class>":{"digest":"…","media_type":"…"}}}`.
+/// Records written before answers were kept per class have the top level
+/// only, so they read as the broad answer they were (only lookups accepting
+/// every manifest kind wrote them); a cache that predates classes reads the
+/// broad answer of a new record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRecord {
+    /// The answer to lookups that accept every manifest kind.
+    #[serde(flatten)]
+    pub broad: Option<TagAnswer>,
+    /// The answers to narrower lookups, by the name of their class.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub narrow: BTreeMap<String, TagAnswer>,
+}
+
+impl TagRecord {
+    /// Whether the record holds no answer at all.
+    pub fn is_empty(&self) -> bool {
+        self.broad.is_none() && self.narrow.is_empty()
+    }
 }
 
 impl Store {
@@ -259,11 +292,16 @@ impl Store {
         .await
     }
 
+    /// The record of `tag` in `repo` on upstream `host`; `None` when there
+    /// is none, it cannot be read or it holds no answer.
     pub async fn tag(&self, host: &str, repo: &RepoName, tag: &Tag) -> Option<TagRecord> {
         let bytes = tokio::fs::read(self.tag_path(host, repo, tag)).await.ok()?;
-        serde_json::from_slice(&bytes).ok()
+        serde_json::from_slice::<TagRecord>(&bytes)
+            .ok()
+            .filter(|r| !r.is_empty())
     }
 
+    /// Replaces the record of `tag` in `repo` on upstream `host`.
     pub async fn put_tag(
         &self,
         host: &str,
@@ -277,6 +315,7 @@ impl Store {
         blocking(move || store.write_atomic(&path, &bytes)).await
     }
 
+    /// Removes the record of `tag` (all its answers); a missing one is fine.
     pub async fn remove_tag(&self, host: &str, repo: &RepoName, tag: &Tag) -> io::Result<()> {
         match tokio::fs::remove_file(self.tag_path(host, repo, tag)).await {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
@@ -440,8 +479,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).await.unwrap();
         let rec = TagRecord {
-            digest: Digest::of(b"x").to_string(),
-            media_type: "t".into(),
+            broad: Some(TagAnswer {
+                digest: Digest::of(b"x").to_string(),
+                media_type: "t".into(),
+            }),
+            narrow: BTreeMap::new(),
         };
         for (repo, tag) in [
             ("library/alpine", "3"),
@@ -474,6 +516,53 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.tags("docker.io", &alpine).await.unwrap(), ["latest"]);
+    }
+
+    fn answer(body: &[u8], media_type: &str) -> TagAnswer {
+        TagAnswer {
+            digest: Digest::of(body).to_string(),
+            media_type: media_type.into(),
+        }
+    }
+
+    #[test]
+    fn a_record_from_before_accept_classes_reads_as_the_broad_answer() {
+        let old = br#"{"digest":"sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855","media_type":"application/vnd.oci.image.index.v1+json"}"#;
+        let rec: TagRecord = serde_json::from_slice(old).unwrap();
+        assert_eq!(
+            rec,
+            TagRecord {
+                broad: Some(answer(b"", crate::oci::media::OCI_INDEX)),
+                narrow: BTreeMap::new(),
+            }
+        );
+        // Written back unchanged: a broad answer alone is the old format.
+        assert_eq!(serde_json::to_vec(&rec).unwrap(), old);
+    }
+
+    #[test]
+    fn records_keep_every_class_and_old_readers_see_the_broad_answer() {
+        let rec = TagRecord {
+            broad: Some(answer(b"index", crate::oci::media::OCI_INDEX)),
+            narrow: BTreeMap::from([(
+                "a-class".to_owned(),
+                answer(b"one platform", crate::oci::media::DOCKER_MANIFEST),
+            )]),
+        };
+        let json = serde_json::to_vec(&rec).unwrap();
+        assert_eq!(serde_json::from_slice::<TagRecord>(&json).unwrap(), rec);
+        // A cache from before classes reads `{"digest","media_type"}`.
+        assert_eq!(
+            serde_json::from_slice::<TagAnswer>(&json).unwrap(),
+            rec.broad.clone().unwrap()
+        );
+        // Narrow answers only: no top-level answer for anyone to misread.
+        let narrow = TagRecord { broad: None, ..rec };
+        let json = serde_json::to_vec(&narrow).unwrap();
+        assert!(serde_json::from_slice::<TagAnswer>(&json).is_err());
+        assert_eq!(serde_json::from_slice::<TagRecord>(&json).unwrap(), narrow);
+        assert!(!narrow.is_empty());
+        assert!(TagRecord::default().is_empty());
     }
 
     #[tokio::test]

@@ -6,9 +6,10 @@ pub mod challenge;
 pub mod credentials;
 pub mod hosts;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::BoxStream;
@@ -26,6 +27,10 @@ use hosts::HostPolicy;
 /// Longest `Retry-After` we wait out before giving up on a request.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(5);
 const MAX_REDIRECTS: usize = 5;
+/// How long an upstream that answered a HEAD with 405 or 501 is asked with
+/// GET only ([`Upstream::head`]). Bounded, so an upstream that starts
+/// answering HEAD gets HEADs again (they spare Docker Hub's pull quota).
+const HEAD_REFUSAL_MEMORY: Duration = Duration::from_secs(600);
 
 pub struct Upstream {
     pub config: UpstreamConfig,
@@ -33,6 +38,9 @@ pub struct Upstream {
     policy: HostPolicy,
     auth: Auth,
     metrics: Arc<Metrics>,
+    /// When this upstream last refused HEAD with 405 or 501, by endpoint
+    /// (`manifests`, `blobs`): at most one entry per endpoint the cache asks.
+    head_refused: Mutex<HashMap<String, Instant>>,
 }
 
 /// An upstream stands for its canonical host, so the configured list routes
@@ -139,6 +147,7 @@ impl Upstream {
             client,
             policy,
             metrics,
+            head_refused: Mutex::default(),
         }
     }
 
@@ -179,6 +188,75 @@ impl Upstream {
     /// waiting out short rate limits and following checked redirects.
     /// Returns the final response whatever its status, except 401/403/429.
     pub async fn send(
+        &self,
+        method: Method,
+        repo: &RepoName,
+        rest: &str,
+        query: Option<&str>,
+        headers: HeaderMap,
+        header_timeout: Duration,
+    ) -> Result<reqwest::Response> {
+        let resp = self
+            .exchange(method.clone(), repo, rest, query, headers, header_timeout)
+            .await?;
+        denied(self.host(), &method, resp)
+    }
+
+    /// A HEAD of `<repo>/<rest>` (with `headers`), as [`Upstream::send`]
+    /// sends it. `None` when the upstream refuses HEAD there, in its final
+    /// answer after redirects ([`head_refused`]), or refused it with 405 or
+    /// 501 within the last 10 minutes: the caller asks with GET instead,
+    /// whose answer stands (a 404 to the GET is a real 404, a 403 a real
+    /// denial). Docker and containerd fall back the same way. Otherwise the
+    /// HEAD's answer, whatever its status but 401/403/429 (errors as for
+    /// [`Upstream::send`]).
+    pub async fn head(
+        &self,
+        repo: &RepoName,
+        rest: &str,
+        headers: HeaderMap,
+        header_timeout: Duration,
+    ) -> Result<Option<reqwest::Response>> {
+        // The endpoint, e.g. `manifests` of `manifests/v1`.
+        let endpoint = rest.split('/').next().unwrap_or(rest);
+        if self.refused_head_lately(endpoint) {
+            return Ok(None);
+        }
+        let resp = self
+            .exchange(Method::HEAD, repo, rest, None, headers, header_timeout)
+            .await?;
+        let status = resp.status();
+        if !head_refused(status) {
+            return denied(self.host(), &Method::HEAD, resp).map(Some);
+        }
+        tracing::debug!(upstream = %self.host(), %repo, %rest, %status, "HEAD refused; asking with GET");
+        // 405 and 501 say the method is refused, whatever the resource; 403
+        // and 404 may be about the resource, so they are not remembered.
+        if matches!(
+            status,
+            StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED
+        ) {
+            self.head_refused
+                .lock()
+                .expect("poisoned")
+                .insert(endpoint.to_owned(), Instant::now());
+        }
+        Ok(None)
+    }
+
+    /// Whether this upstream refused HEAD on `endpoint` with 405 or 501
+    /// within `HEAD_REFUSAL_MEMORY`.
+    fn refused_head_lately(&self, endpoint: &str) -> bool {
+        let refused = self.head_refused.lock().expect("poisoned");
+        refused
+            .get(endpoint)
+            .is_some_and(|at| at.elapsed() < HEAD_REFUSAL_MEMORY)
+    }
+
+    /// [`Upstream::send`]'s exchange: the final response whatever its
+    /// status, except 429 (waited out once, else an error); a 401 or 403 is
+    /// returned for the caller to judge.
+    async fn exchange(
         &self,
         method: Method,
         repo: &RepoName,
@@ -234,10 +312,6 @@ impl Upstream {
                     );
                     answered_challenge = true;
                 }
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                    let what = format!("{method} {}", url.path());
-                    return Err(status_error(self.host(), &what, status));
-                }
                 StatusCode::TOO_MANY_REQUESTS => {
                     let retry_after = retry_after(resp.headers());
                     match retry_after {
@@ -277,6 +351,34 @@ impl Upstream {
             }
         }
     }
+}
+
+/// `resp`, unless the upstream denied the `method` request with 401 or 403:
+/// then [`Error::Denied`] (see [`status_error`]), naming the path that
+/// denied it (the last redirect's).
+fn denied(host: &str, method: &Method, resp: reqwest::Response) -> Result<reqwest::Response> {
+    match resp.status() {
+        s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+            let what = format!("{method} {}", resp.url().path());
+            Err(status_error(host, &what, s))
+        }
+        _ => Ok(resp),
+    }
+}
+
+/// Whether an upstream's final answer to a HEAD (after challenges and
+/// redirects) refuses the method where a GET may well work, so the GET is
+/// worth asking: 405 and 501 (HEAD not supported), 403 (proxies and object
+/// stores whose signed URLs or rules admit GET only) and 404 (registries and
+/// proxies that route HEAD nowhere). A GET's answer then stands.
+pub fn head_refused(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::METHOD_NOT_ALLOWED
+            | StatusCode::NOT_IMPLEMENTED
+            | StatusCode::FORBIDDEN
+            | StatusCode::NOT_FOUND
+    )
 }
 
 /// The error for an upstream answering `what` (e.g. `manifest HEAD`) with a
@@ -459,6 +561,17 @@ mod tests {
             e(503).to_string(),
             "upstream r.example is unavailable: blob GET answered 503 Service Unavailable"
         );
+    }
+
+    #[test]
+    fn a_head_refused_where_a_get_may_work_is_asked_again_with_get() {
+        for code in [405, 501, 403, 404] {
+            assert!(head_refused(StatusCode::from_u16(code).unwrap()), "{code}");
+        }
+        // Answers about the upstream or the request, not the method, stand.
+        for code in [200, 204, 304, 400, 401, 429, 500, 502, 503] {
+            assert!(!head_refused(StatusCode::from_u16(code).unwrap()), "{code}");
+        }
     }
 
     #[test]

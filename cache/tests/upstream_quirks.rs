@@ -66,6 +66,10 @@ struct Fake {
     /// Whether a refused HEAD is first redirected (the refusal comes from
     /// the redirect's target, as from an object store).
     head_redirected: Mutex<bool>,
+    /// Digests a tag's HEAD names but a GET by digest does not find (as
+    /// distribution 2.8 answers for a manifest it converts to schema1 on the
+    /// fly for a schema1-only client).
+    unserved_by_digest: Mutex<Vec<String>>,
     /// Every request: method and path.
     log: Mutex<Vec<(Method, String)>>,
 }
@@ -131,6 +135,7 @@ async fn start_fake() -> Running {
         mode: Mutex::new(Mode::Up),
         head_refusal: Mutex::default(),
         head_redirected: Mutex::default(),
+        unserved_by_digest: Mutex::default(),
         log: Mutex::default(),
     });
     let app = axum::Router::new()
@@ -224,7 +229,12 @@ async fn answer(
             .filter(|t| !t.is_empty())
             .collect();
         let m = if reference.starts_with("sha256:") {
-            fake.by_digest(reference)
+            let unserved = fake
+                .unserved_by_digest
+                .lock()
+                .unwrap()
+                .contains(&reference.to_owned());
+            fake.by_digest(reference).filter(|_| !unserved)
         } else {
             let tags = fake.tags.lock().unwrap();
             tags.get(&format!("{repo}:{reference}"))
@@ -402,6 +412,32 @@ async fn a_manifest_whose_head_is_refused_is_asked_with_get() {
         let got = call(&cache, Method::GET, uri, FULL).await;
         assert_serves(&got, &m, &format!("{what}, upstream down"));
     }
+}
+
+/// The tag's HEAD names a digest that a GET by that digest does not find:
+/// the tag's own GET answers (and is verified against what it claims).
+#[tokio::test]
+async fn a_digest_named_by_head_but_not_served_by_digest_is_fetched_by_tag() {
+    let up = start_fake().await;
+    let m = docker_manifest("converted");
+    up.fake.tag("app/conv:v1", &[&m]);
+    up.fake.unserved_by_digest.lock().unwrap().push(m.digest());
+    let dir = tempfile::tempdir().unwrap();
+    let cache = cache(dir.path(), up.addr).await;
+    let uri = "/v2/app/conv/manifests/v1";
+    let got = call(&cache, Method::GET, uri, FULL).await;
+    assert_serves(&got, &m, "GET by tag after the digest's 404");
+    assert_eq!(got.body, m.bytes);
+    // Stored under the digest the registry named: served by digest warm.
+    up.stop();
+    let got = call(
+        &cache,
+        Method::GET,
+        &format!("/v2/app/conv/manifests/{}", m.digest()),
+        FULL,
+    )
+    .await;
+    assert_serves(&got, &m, "by digest, upstream down");
 }
 
 #[tokio::test]

@@ -402,7 +402,15 @@ impl Mirror {
                             self.metrics.hit(host, "manifest");
                             m
                         }
-                        None => self.manifest_by_digest(up, repo, &d).await?,
+                        // A digest the registry names but does not serve by
+                        // digest (distribution 2.8 converting an image to
+                        // schema1 for a schema1-only client): the tag's GET.
+                        None => match self.manifest_by_digest(up, repo, &d).await {
+                            Err(Error::ManifestUnknown(_)) => {
+                                self.fetch_tag(&name, class, accept).await?
+                            }
+                            other => other?,
+                        },
                     },
                     // Registries that do not report digests on HEAD.
                     None => self.fetch_tag(&name, class, accept).await?,

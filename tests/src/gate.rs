@@ -6,7 +6,9 @@
 //! issue's outages describe without being stopped: the cache is configured
 //! with the gate's URL, the tests' direct requests use the upstream's own.
 //! Every change of mode ends the connections open through the gate, so a
-//! pooled keep-alive connection cannot carry requests past an outage.
+//! pooled keep-alive connection cannot carry requests past an outage. The
+//! gate's port lies below the kernel's ephemeral port range, so while it is
+//! down no outgoing connection or `bind(:0)` elsewhere can take it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -55,9 +57,7 @@ pub struct FaultGate {
 impl FaultGate {
     /// Starts relaying `127.0.0.1:<free port>` to `target`, with no outage.
     pub async fn start(target: SocketAddr) -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("bind fault gate")?;
+        let listener = bind_below_ephemeral().await?;
         let addr = listener.local_addr()?;
         let (mode, rx) = watch::channel(Mode {
             outage: Outage::None,
@@ -140,6 +140,23 @@ async fn serve(
             tokio::spawn(connection(conn, target, mode.outage, rx.clone()));
         }
     }
+}
+
+/// A listener on 127.0.0.1 at a free port below the ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`, 32768 when unreadable).
+async fn bind_below_ephemeral() -> Result<TcpListener> {
+    let lowest_ephemeral: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let below = lowest_ephemeral / 2..lowest_ephemeral;
+    for _ in 0..100 {
+        let port = rand::random_range(below.clone());
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)).await {
+            return Ok(l);
+        }
+    }
+    bail!("no free port in {below:?} for a fault gate")
 }
 
 /// Binds `addr` again after an outage; `None` if it stays taken for 5 s.
@@ -225,6 +242,7 @@ fn status_response(code: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::RequestLog;
 
     #[test]
     fn status_responses_are_complete() {
@@ -234,5 +252,32 @@ mod tests {
         assert!(head.contains("Retry-After: 60"));
         assert!(head.contains(&format!("Content-Length: {}", body.len())));
         assert!(!status_response(500).contains("Retry-After"));
+    }
+
+    #[tokio::test]
+    async fn acts_out_each_outage_and_recovers() {
+        let upstream = crate::FakeUpstream::start().await.unwrap();
+        let gate = FaultGate::start(upstream.addr()).await.unwrap();
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_millis(500))
+            .build()
+            .unwrap();
+        let url = format!("{}/v2/", gate.url());
+        let get = || client.get(&url).send();
+        assert_eq!(get().await.unwrap().status(), 200);
+        for code in [500, 429] {
+            gate.set(Outage::Status(code)).await.unwrap();
+            let r = get().await.unwrap();
+            assert_eq!(r.status(), code);
+            assert_eq!(r.headers().contains_key("retry-after"), code == 429);
+        }
+        gate.set(Outage::Down).await.unwrap();
+        assert!(get().await.unwrap_err().is_connect());
+        gate.set(Outage::Silent).await.unwrap();
+        assert!(get().await.unwrap_err().is_timeout());
+        gate.set(Outage::None).await.unwrap();
+        assert_eq!(get().await.unwrap().status(), 200);
+        assert_eq!(upstream.count("GET", "/v2/"), 2, "outages never reach it");
     }
 }

@@ -9,6 +9,9 @@
 //! - [`helm`]: the Helm chart, `helm`, and kubeconform with schemas from the API server.
 //! - [`OperatorProcess`]: the `regmirror-operator` binary under test.
 //! - [`FakeUpstream`]: programmable in-process registry for fault and auth tests.
+//! - [`FaultGate`]: a relay in front of any upstream that acts out outages.
+//! - [`answer`]: one request as a client makes it, and when two answers match.
+//! - [`clients`]: the `Accept` lists real clients send.
 //! - [`RequestLog`]: counting and awaiting the requests either upstream received.
 //! - [`util`]: ports, polling, digests, HTTP client.
 //!
@@ -17,10 +20,13 @@
 //! when the thread that started them exits: start peers from the test's own thread
 //! (`#[tokio::test]`), not from `spawn_blocking` or a shared static.
 
+pub mod answer;
 pub mod cache;
+pub mod clients;
 pub mod containerd;
 pub mod controlplane;
 pub mod fake;
+pub mod gate;
 pub mod helm;
 pub mod operator;
 pub mod process;
@@ -34,7 +40,8 @@ pub mod util;
 pub use cache::{CacheOptions, CacheProcess, StoreLayout, cache_binary};
 pub use containerd::{Containerd, write_hosts_toml};
 pub use controlplane::{ControlPlane, tools_bin_dir};
-pub use fake::{Auth, Behaviour, FakeUpstream, RecordedRequest};
+pub use fake::{Auth, Behaviour, FakeUpstream, RecordedRequest, TokenFields};
+pub use gate::{FaultGate, Outage};
 pub use operator::{AgentOptions, AgentProcess, OperatorProcess, operator_binary};
 pub use process::ensure_success;
 pub use registry::{AccessEntry, Registry};
@@ -44,4 +51,4 @@ pub use seed::{
     push_blob, push_built_image, push_built_index, push_image, push_index, push_manifest,
 };
 pub use skopeo::{skopeo_copy, skopeo_inspect_raw};
-pub use util::{free_port, http_client, sha256_digest, wait_until};
+pub use util::{free_port, http_client, sha256_digest, sha512_digest, wait_until};

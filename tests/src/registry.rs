@@ -70,6 +70,8 @@ pub struct Registry {
     log_path: PathBuf,
     storage: PathBuf,
     proxy_remote: Option<String>,
+    /// `compatibility: {schema1: {enabled: true}}`: signed schema1 pushes are accepted.
+    schema1: bool,
     // Last: removed after the child is killed.
     dir: TempDir,
 }
@@ -77,16 +79,24 @@ pub struct Registry {
 impl Registry {
     /// Plain registry (push and pull), delete enabled.
     pub async fn start() -> Result<Self> {
-        Self::start_inner(None).await
+        Self::start_inner(None, false).await
+    }
+
+    /// Plain registry with schema1 compatibility on (distribution 2.8's
+    /// `compatibility: {schema1: {enabled: true}}`): it accepts pushes of
+    /// signed schema1 manifests, and signs them afresh, with a key made at
+    /// start, on every GET.
+    pub async fn start_schema1() -> Result<Self> {
+        Self::start_inner(None, true).await
     }
 
     /// Pull-through proxy of `remote_url` (`proxy: {remoteurl: ...}`).
     /// The remote must already answer `/v2/` (distribution panics otherwise).
     pub async fn start_proxy(remote_url: &str) -> Result<Self> {
-        Self::start_inner(Some(remote_url.trim_end_matches('/').to_owned())).await
+        Self::start_inner(Some(remote_url.trim_end_matches('/').to_owned()), false).await
     }
 
-    async fn start_inner(proxy_remote: Option<String>) -> Result<Self> {
+    async fn start_inner(proxy_remote: Option<String>, schema1: bool) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("regmirror-registry-")
             .tempdir()?;
@@ -99,6 +109,7 @@ impl Registry {
             log_path: dir.path().join("registry.log"),
             storage,
             proxy_remote,
+            schema1,
             dir,
         };
         // The port is picked before the registry binds it: retry on the rare collision.
@@ -125,6 +136,9 @@ impl Registry {
         );
         if let Some(remote) = &self.proxy_remote {
             cfg.push_str(&format!("proxy: {{remoteurl: \"{remote}\"}}\n"));
+        }
+        if self.schema1 {
+            cfg.push_str("compatibility: {schema1: {enabled: true}}\n");
         }
         std::fs::write(&self.config_path, cfg).context("write registry config")
     }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use sha2::{Digest, Sha256};
+use sha2::{Digest, Sha256, Sha512};
 
 /// Default overall timeout for one HTTP request made by the harness.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -47,6 +47,12 @@ where
 /// `sha256:<hex>` of `bytes`, the OCI digest form.
 pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// `sha512:<hex>` of `bytes` (128 hex digits), the other algorithm the OCI
+/// image spec registers.
+pub fn sha512_digest(bytes: &[u8]) -> String {
+    format!("sha512:{}", hex::encode(Sha512::digest(bytes)))
 }
 
 /// reqwest client for loopback tests: no proxy, 5 s connect timeout, 120 s total timeout,

@@ -1,7 +1,9 @@
-//! The distribution API subset served by the fake: manifests, blobs, uploads, tags.
+//! The distribution API subset served by the fake: manifests, blobs, uploads,
+//! tag lists and referrers; and blobs as object storage serves them.
 
 use axum::body::Body;
 use axum::response::Response;
+use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
 use serde_json::json;
 
@@ -42,7 +44,7 @@ pub(super) async fn manifest(
             (name.into(), digest.clone()),
             StoredManifest { media_type, bytes },
         );
-        if !reference.starts_with("sha256:") {
+        if !is_digest(reference) {
             st.tags
                 .insert((name.into(), reference.into()), digest.clone());
         }
@@ -57,7 +59,7 @@ pub(super) async fn manifest(
     }
     let found = {
         let mut st = shared.lock();
-        let digest = if reference.starts_with("sha256:") {
+        let digest = if is_digest(reference) {
             Some(reference.to_owned())
         } else {
             st.tags
@@ -92,15 +94,23 @@ pub(super) async fn manifest(
     if method != Method::GET && method != Method::HEAD {
         return error(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", "method");
     }
-    let len = m.bytes.len();
-    let builder = Response::builder()
+    let head = method == Method::HEAD;
+    let content_type = match behaviour {
+        Behaviour::ManifestsAsJson => "application/json",
+        _ => &m.media_type,
+    };
+    let mut builder = Response::builder()
         .status(StatusCode::OK)
         .header(API_VERSION.0, API_VERSION.1)
-        .header("content-type", &m.media_type)
-        .header("docker-content-digest", &digest)
-        .header("etag", format!("\"{digest}\""))
-        .header("content-length", len);
-    let body = if method == Method::HEAD {
+        .header("content-type", content_type)
+        .header("etag", format!("\"{digest}\""));
+    if !(head && *behaviour == Behaviour::HeadWithoutDigest) {
+        builder = builder.header("docker-content-digest", &digest);
+    }
+    if head || *behaviour != Behaviour::Chunked {
+        builder = builder.header("content-length", m.bytes.len());
+    }
+    let body = if head {
         Body::empty()
     } else {
         match behaviour {
@@ -108,10 +118,22 @@ pub(super) async fn manifest(
             Behaviour::SlowBody { bytes_per_sec } => {
                 slow_body(shared, m.bytes.clone(), *bytes_per_sec)
             }
+            Behaviour::Chunked => chunked(m.bytes.clone()),
             _ => Body::from(m.bytes.clone()),
         }
     };
     builder.body(body).expect("valid response")
+}
+
+/// Whether a manifest reference is a digest (`<algorithm>:<encoded>`; tags
+/// cannot contain a colon).
+fn is_digest(reference: &str) -> bool {
+    reference.contains(':')
+}
+
+/// `data` as a body of unknown length, which hyper sends chunked.
+fn chunked(data: Bytes) -> Body {
+    Body::from_stream(futures::stream::iter([Ok::<_, std::io::Error>(data)]))
 }
 
 /// `Range: bytes=a-b` / `bytes=a-` against `len`: Some((start, end_inclusive)).
@@ -166,6 +188,19 @@ pub(super) fn blob(
             .body(Body::empty())
             .expect("valid response");
     }
+    if let Behaviour::RedirectBlobsToObjects { base } = behaviour {
+        let base = base.as_deref().unwrap_or("").trim_end_matches('/');
+        return Response::builder()
+            .status(StatusCode::TEMPORARY_REDIRECT)
+            .header(API_VERSION.0, API_VERSION.1)
+            .header(
+                "location",
+                format!("{base}/objects/{digest}?X-Amz-Expires=300"),
+            )
+            .header("content-length", 0)
+            .body(Body::empty())
+            .expect("valid response");
+    }
     let Some(data) = shared
         .lock()
         .blobs
@@ -188,23 +223,27 @@ pub(super) fn blob(
         ),
         None => (StatusCode::OK, data, None),
     };
+    let head = method == Method::HEAD;
     let mut builder = Response::builder()
         .status(status)
         .header(API_VERSION.0, API_VERSION.1)
         .header("content-type", "application/octet-stream")
         .header("docker-content-digest", digest)
         .header("accept-ranges", "bytes")
-        .header("etag", format!("\"{digest}\""))
-        .header("content-length", data.len());
+        .header("etag", format!("\"{digest}\""));
+    if head || *behaviour != Behaviour::Chunked {
+        builder = builder.header("content-length", data.len());
+    }
     if let Some(cr) = content_range {
         builder = builder.header("content-range", cr);
     }
-    let body = if method == Method::HEAD {
+    let body = if head {
         Body::empty()
     } else {
         match behaviour {
             Behaviour::SlowBody { bytes_per_sec } => slow_body(shared, data, *bytes_per_sec),
             Behaviour::ResetMidBlob => reset_mid_body(data),
+            Behaviour::Chunked => chunked(data),
             _ => Body::from(data),
         }
     };
@@ -308,7 +347,7 @@ pub(super) async fn upload(
     }
 }
 
-pub(super) fn tags(shared: &Shared, name: &str) -> Response {
+pub(super) fn tags(shared: &Shared, name: &str, query: &str) -> Response {
     let mut tags: Vec<String> = shared
         .lock()
         .tags
@@ -324,12 +363,137 @@ pub(super) fn tags(shared: &Shared, name: &str) -> Response {
         );
     }
     tags.sort();
-    let body = json!({"name": name, "tags": tags}).to_string();
-    Response::builder()
+    let (page, next) = page(&tags, query);
+    let body = json!({"name": name, "tags": page}).to_string();
+    listing(
+        "application/json",
+        body,
+        next.map(|(n, last)| format!("/v2/{name}/tags/list?n={n}&last={last}")),
+    )
+}
+
+/// The referrers API: an OCI index of the manifests in `name` whose
+/// `subject` is `digest`, sorted by digest and paged like [`tags`]. Always
+/// 200, as the spec asks of registries that support the API.
+pub(super) fn referrers(shared: &Shared, name: &str, digest: &str, query: &str) -> Response {
+    let mut found: Vec<(String, serde_json::Value)> = shared
+        .lock()
+        .manifests
+        .iter()
+        .filter(|((repo, _), _)| repo == name)
+        .filter_map(|((_, d), m)| {
+            let v: serde_json::Value = serde_json::from_slice(&m.bytes).ok()?;
+            (v["subject"]["digest"] == digest).then(|| (d.clone(), referrer(d, m, &v)))
+        })
+        .collect();
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    let digests: Vec<String> = found.iter().map(|(d, _)| d.clone()).collect();
+    let (page, next) = page(&digests, query);
+    let manifests: Vec<&serde_json::Value> = found
+        .iter()
+        .filter(|(d, _)| page.contains(d))
+        .map(|(_, v)| v)
+        .collect();
+    let body = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+    })
+    .to_string();
+    listing(
+        "application/vnd.oci.image.index.v1+json",
+        body,
+        next.map(|(n, last)| format!("/v2/{name}/referrers/{digest}?n={n}&last={last}")),
+    )
+}
+
+/// The descriptor of referrer `digest` (manifest `m`, parsed as `v`) in a
+/// referrers list: its `artifactType` (or config media type) and annotations.
+fn referrer(digest: &str, m: &StoredManifest, v: &serde_json::Value) -> serde_json::Value {
+    let mut d = json!({"mediaType": m.media_type, "digest": digest, "size": m.bytes.len()});
+    let artifact_type = v
+        .get("artifactType")
+        .or_else(|| v["config"].get("mediaType"));
+    if let Some(t) = artifact_type {
+        d["artifactType"] = t.clone();
+    }
+    if let Some(a) = v.get("annotations") {
+        d["annotations"] = a.clone();
+    }
+    d
+}
+
+/// The page of sorted `items` that `query`'s `n` and `last` ask for, and
+/// when more follow, the `(n, last)` of the next page.
+fn page<'a>(items: &'a [String], query: &str) -> (&'a [String], Option<(usize, &'a str)>) {
+    let params = query_params(query);
+    let get = |k: &str| params.iter().find(|(pk, _)| pk == k).map(|(_, v)| v);
+    let start = get("last").map_or(0, |l| items.partition_point(|i| i <= l));
+    let n = get("n").and_then(|n| n.parse::<usize>().ok());
+    let end = n.map_or(items.len(), |n| (start + n).min(items.len()));
+    let page = &items[start..end];
+    let next = n
+        .filter(|_| end < items.len())
+        .and_then(|n| Some((n, page.last()?.as_str())));
+    (page, next)
+}
+
+/// A 200 listing with `body`, and a `Link` to `next` when there is one.
+fn listing(content_type: &str, body: String, next: Option<String>) -> Response {
+    let mut builder = Response::builder()
         .status(StatusCode::OK)
         .header(API_VERSION.0, API_VERSION.1)
-        .header("content-type", "application/json")
-        .header("content-length", body.len())
-        .body(Body::from(body))
-        .expect("valid response")
+        .header("content-type", content_type)
+        .header("content-length", body.len());
+    if let Some(next) = next {
+        builder = builder.header("link", format!("<{next}>; rel=\"next\""));
+    }
+    builder.body(Body::from(body)).expect("valid response")
+}
+
+/// A blob as object storage serves it at a presigned URL: the bytes with
+/// `Content-Type`, `Content-Length` and `ETag`, but no registry headers.
+pub(super) fn object(shared: &Shared, method: &Method, digest: &str) -> Response {
+    if method != Method::GET && method != Method::HEAD {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", "method");
+    }
+    let data = shared
+        .lock()
+        .blobs
+        .iter()
+        .find(|((_, d), _)| d == digest)
+        .map(|(_, b)| b.clone());
+    let Some(data) = data else {
+        return Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .header("content-type", "application/xml")
+            .body(Body::from("<Error><Code>NoSuchKey</Code></Error>"))
+            .expect("valid response");
+    };
+    let etag = digest.split_once(':').map_or(digest, |(_, hex)| hex);
+    let builder = Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/octet-stream")
+        .header("content-length", data.len())
+        .header("etag", format!("\"{etag}\""));
+    let body = if method == Method::HEAD {
+        Body::empty()
+    } else {
+        Body::from(data)
+    };
+    builder.body(body).expect("valid response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_follow_n_and_last() {
+        let items: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(page(&items, ""), (&items[..], None));
+        assert_eq!(page(&items, "n=2"), (&items[..2], Some((2, "b"))));
+        assert_eq!(page(&items, "n=2&last=b"), (&items[2..], None));
+        assert_eq!(page(&items, "last=a"), (&items[1..], None));
+    }
 }

@@ -1,8 +1,13 @@
 //! `FakeUpstream`: a programmable in-process registry on loopback for fault and auth tests.
 //!
-//! It serves manifests (by tag and digest) and blobs, accepts pushes (so
-//! [`crate::seed::push_image`] works against it too), records every request, and can be
-//! switched at runtime between [`Behaviour`]s and [`Auth`] modes.
+//! It serves manifests (by tag and digest), blobs, tag lists and the referrers
+//! API (both paged with `n` and `last`, as the OCI distribution spec allows),
+//! accepts pushes (so [`crate::seed::push_image`] works against it too),
+//! records every request, and can be switched at runtime between
+//! [`Behaviour`]s and [`Auth`] modes. Every fake also serves its blobs as
+//! object storage would, at `/objects/<digest>`: no registry headers, no
+//! authorisation (a presigned URL), the target of
+//! [`Behaviour::RedirectBlobsToObjects`].
 //!
 //! It is served by a task of the test's own tokio runtime: never block that runtime
 //! (e.g. with `std::process::Command::output` or `std::thread::sleep`) while something is
@@ -49,6 +54,21 @@ pub enum Behaviour {
     ResetMidBlob,
     /// Blob GET/HEAD answer `307` with `Location: <to><same path and query>`.
     RedirectBlobs { to: String },
+    /// Blob GET/HEAD answer `307` to object storage:
+    /// `Location: <base>/objects/<digest>?X-Amz-Expires=300`, relative when
+    /// `base` is `None`. Any fake serves `/objects/<digest>` (see
+    /// [`FakeUpstream`]), so `base` may name this fake or another one.
+    RedirectBlobsToObjects { base: Option<String> },
+    /// HEAD on manifests and blobs answers this status while GET works, as
+    /// some registries and proxies do (405, 403, 404, 501).
+    HeadRefused(u16),
+    /// Manifest HEADs answer without `Docker-Content-Digest` (GETs keep it).
+    HeadWithoutDigest,
+    /// Manifests are served as `Content-Type: application/json`.
+    ManifestsAsJson,
+    /// Manifest and blob GET bodies are sent chunked, without Content-Length
+    /// (HEADs keep it).
+    Chunked,
 }
 
 /// Authentication required by the fake for `/v2/...` (the `/token` endpoint is open).
@@ -72,6 +92,26 @@ pub enum Auth {
         username: String,
         password: String,
     },
+}
+
+/// The fields of the fake's token responses. Registries differ: Docker Hub
+/// sends both `token` and `access_token`, others only one, and `expires_in` is
+/// optional (clients then assume 60 s). Default: all three.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenFields {
+    pub token: bool,
+    pub access_token: bool,
+    pub expires_in: bool,
+}
+
+impl Default for TokenFields {
+    fn default() -> Self {
+        Self {
+            token: true,
+            access_token: true,
+            expires_in: true,
+        }
+    }
 }
 
 impl Auth {
@@ -138,6 +178,7 @@ pub(crate) struct State {
     pub(crate) requests: Vec<RecordedRequest>,
     pub(crate) token_requests: usize,
     pub(crate) token_expires_in: u64,
+    pub(crate) token_fields: TokenFields,
     /// Tokens issued before this (ms since epoch) are rejected.
     pub(crate) tokens_not_before_ms: u128,
 }
@@ -189,6 +230,7 @@ impl FakeUpstream {
                 requests: Vec::new(),
                 token_requests: 0,
                 token_expires_in: 300,
+                token_fields: TokenFields::default(),
                 tokens_not_before_ms: 0,
             }),
             cancel: cancel.clone(),
@@ -243,6 +285,10 @@ impl FakeUpstream {
     pub fn set_token_expires_in(&self, secs: u64) {
         self.shared.lock().token_expires_in = secs;
     }
+    /// Which fields token responses carry from now on.
+    pub fn set_token_fields(&self, fields: TokenFields) {
+        self.shared.lock().token_fields = fields;
+    }
     /// Makes every token issued so far invalid (by any fake honouring this one's check).
     pub fn revoke_tokens(&self) {
         self.shared.lock().tokens_not_before_ms = auth::now_ms() + 1;
@@ -254,11 +300,16 @@ impl FakeUpstream {
     pub fn add_blob(&self, repo: &str, bytes: impl Into<Bytes>) -> String {
         let bytes = bytes.into();
         let digest = sha256_digest(&bytes);
+        self.add_blob_as(repo, &digest, bytes);
+        digest
+    }
+    /// Stores a blob in `repo` under `digest`, which the caller computed (a
+    /// `sha512:` digest, say); the fake does not check it.
+    pub fn add_blob_as(&self, repo: &str, digest: &str, bytes: impl Into<Bytes>) {
         self.shared
             .lock()
             .blobs
-            .insert((repo.into(), digest.clone()), bytes);
-        digest
+            .insert((repo.into(), digest.into()), bytes.into());
     }
     /// Removes a blob from `repo` (later GETs are 404).
     pub fn remove_blob(&self, repo: &str, digest: &str) {
@@ -277,18 +328,31 @@ impl FakeUpstream {
     ) -> String {
         let bytes = bytes.into();
         let digest = sha256_digest(&bytes);
+        self.add_manifest_as(repo, tag, media_type, bytes, &digest);
+        digest
+    }
+    /// Stores a manifest under `digest`, which the caller computed: a signed
+    /// schema1 manifest's digest covers its payload without the signatures,
+    /// and a `sha512:` digest is not the fake's default. Tagged `tag` if given.
+    pub fn add_manifest_as(
+        &self,
+        repo: &str,
+        tag: Option<&str>,
+        media_type: &str,
+        bytes: impl Into<Bytes>,
+        digest: &str,
+    ) {
         let mut st = self.shared.lock();
         st.manifests.insert(
-            (repo.into(), digest.clone()),
+            (repo.into(), digest.into()),
             StoredManifest {
                 media_type: media_type.into(),
-                bytes,
+                bytes: bytes.into(),
             },
         );
         if let Some(t) = tag {
-            st.tags.insert((repo.into(), t.into()), digest.clone());
+            st.tags.insert((repo.into(), t.into()), digest.into());
         }
-        digest
     }
     /// Points `repo:tag` at `digest` (which should be stored already).
     pub fn set_tag(&self, repo: &str, tag: &str, digest: &str) {

@@ -11,7 +11,7 @@ use http::{HeaderMap, Method, StatusCode};
 use serde_json::json;
 
 use super::auth::{self, Need};
-use super::content::{blob, manifest, tags, upload};
+use super::content::{blob, manifest, object, referrers, tags, upload};
 use super::{Behaviour, RecordedRequest, Shared};
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
@@ -73,12 +73,18 @@ enum Route<'a> {
     Blob(&'a str, &'a str),
     Upload(&'a str, &'a str),
     Tags(&'a str),
+    Referrers(&'a str, &'a str),
+    /// `/objects/<digest>`: a blob as object storage serves it.
+    Object(&'a str),
     Other,
 }
 
 fn route(path: &str) -> Route<'_> {
     if path == "/v2/" || path == "/v2" {
         return Route::Base;
+    }
+    if let Some(digest) = path.strip_prefix("/objects/") {
+        return Route::Object(digest);
     }
     let Some(rest) = path.strip_prefix("/v2/") else {
         return Route::Other;
@@ -94,6 +100,9 @@ fn route(path: &str) -> Route<'_> {
     }
     if let Some((name, d)) = rest.rsplit_once("/blobs/") {
         return Route::Blob(name, d);
+    }
+    if let Some((name, d)) = rest.rsplit_once("/referrers/") {
+        return Route::Referrers(name, d);
     }
     if let Some(name) = rest.strip_suffix("/tags/list") {
         return Route::Tags(name);
@@ -187,8 +196,13 @@ async fn handle(AxState(shared): AxState<Arc<Shared>>, req: Request) -> Response
     let r = route(&path);
     // Authorisation.
     let need: Need<'_> = match &r {
-        Route::Base | Route::Other => None,
-        Route::Manifest(n, _) | Route::Blob(n, _) | Route::Upload(n, _) | Route::Tags(n) => {
+        // Object storage URLs are presigned: no registry authorisation.
+        Route::Base | Route::Other | Route::Object(_) => None,
+        Route::Manifest(n, _)
+        | Route::Blob(n, _)
+        | Route::Upload(n, _)
+        | Route::Tags(n)
+        | Route::Referrers(n, _) => {
             let action = if method == Method::GET || method == Method::HEAD {
                 "pull"
             } else {
@@ -219,6 +233,13 @@ async fn handle(AxState(shared): AxState<Arc<Shared>>, req: Request) -> Response
         }
     }
 
+    if let (Behaviour::HeadRefused(code), Route::Manifest(..) | Route::Blob(..)) = (&behaviour, &r)
+    {
+        if method == Method::HEAD {
+            let status = StatusCode::from_u16(*code).unwrap_or(StatusCode::METHOD_NOT_ALLOWED);
+            return error(status, "UNSUPPORTED", "HEAD is not served here");
+        }
+    }
     match r {
         Route::Base => {
             if method == Method::GET || method == Method::HEAD {
@@ -237,7 +258,9 @@ async fn handle(AxState(shared): AxState<Arc<Shared>>, req: Request) -> Response
             &shared, &method, name, digest, &headers, &path_q, &behaviour,
         ),
         Route::Upload(name, id) => upload(&shared, &method, name, id, &query, body).await,
-        Route::Tags(name) => tags(&shared, name),
+        Route::Tags(name) => tags(&shared, name, &query),
+        Route::Referrers(name, digest) => referrers(&shared, name, digest, &query),
+        Route::Object(digest) => object(&shared, &method, digest),
         Route::Other => error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route"),
     }
 }
@@ -310,8 +333,18 @@ async fn token_endpoint(
         return error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "bad credentials");
     }
     let token = auth::issue_token(&scopes, st.token_expires_in);
-    let body = json!({"token": token, "access_token": token, "expires_in": st.token_expires_in})
-        .to_string();
+    let fields = st.token_fields;
+    let mut body = serde_json::Map::new();
+    if fields.token {
+        body.insert("token".into(), json!(token));
+    }
+    if fields.access_token {
+        body.insert("access_token".into(), json!(token));
+    }
+    if fields.expires_in {
+        body.insert("expires_in".into(), json!(st.token_expires_in));
+    }
+    let body = serde_json::Value::Object(body).to_string();
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/json")

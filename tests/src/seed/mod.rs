@@ -3,6 +3,7 @@
 
 mod build;
 mod push;
+mod schema1;
 
 use std::fmt;
 
@@ -13,8 +14,11 @@ use crate::util::sha256_digest;
 
 pub use build::{build_image, build_index};
 pub use push::{
-    FetchedManifest, fetch_blob, fetch_manifest, push_blob, push_built_image, push_built_index,
-    push_image, push_index, push_manifest,
+    FetchedManifest, fetch_blob, fetch_manifest, push_blob, push_blob_as, push_built_image,
+    push_built_index, push_image, push_index, push_manifest,
+};
+pub use schema1::{
+    DOCKER_SCHEMA1_SIGNED, SignedSchema1, push_schema1, schema1_payload, sign_schema1,
 };
 
 /// Docker schema 2 or OCI media types.

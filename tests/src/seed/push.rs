@@ -30,7 +30,7 @@ pub async fn push_built_image(
     image: &PushedImage,
 ) -> Result<()> {
     for blob in image.blobs() {
-        push_blob_bytes(registry_url, repo, &blob.digest, blob.bytes.clone()).await?;
+        push_blob_as(registry_url, repo, &blob.digest, blob.bytes.clone()).await?;
     }
     let got = push_manifest(
         registry_url,
@@ -91,11 +91,19 @@ pub async fn push_built_index(
 pub async fn push_blob(registry_url: &str, repo: &str, bytes: impl Into<Bytes>) -> Result<String> {
     let bytes = bytes.into();
     let digest = sha256_digest(&bytes);
-    push_blob_bytes(registry_url, repo, &digest, bytes).await?;
+    push_blob_as(registry_url, repo, &digest, bytes).await?;
     Ok(digest)
 }
 
-async fn push_blob_bytes(registry_url: &str, repo: &str, digest: &str, bytes: Bytes) -> Result<()> {
+/// Pushes one blob under `digest` (monolithic upload: POST, then PUT with
+/// `?digest=`); skips it if `HEAD` finds it. `digest` may use another
+/// algorithm than sha256 (`sha512:<hex>`); the registry checks it.
+pub async fn push_blob_as(
+    registry_url: &str,
+    repo: &str,
+    digest: &str,
+    bytes: Bytes,
+) -> Result<()> {
     let base = registry_url.trim_end_matches('/');
     let client = http_client();
     let head = client
@@ -163,6 +171,21 @@ pub async fn push_manifest(
 ) -> Result<String> {
     let body = body.into();
     let digest = sha256_digest(&body);
+    put_manifest(registry_url, repo, reference, media_type, body, &digest).await?;
+    Ok(digest)
+}
+
+/// PUTs a manifest body as `repo:reference` with `Content-Type: media_type`;
+/// errors unless the registry answers 201 and, if it sends
+/// `Docker-Content-Digest`, names the manifest `digest`.
+pub(crate) async fn put_manifest(
+    registry_url: &str,
+    repo: &str,
+    reference: &str,
+    media_type: &str,
+    body: Bytes,
+    digest: &str,
+) -> Result<()> {
     let base = registry_url.trim_end_matches('/');
     let url = format!("{base}/v2/{repo}/manifests/{reference}");
     let resp = http_client()
@@ -186,10 +209,10 @@ pub async fn push_manifest(
     {
         ensure!(
             d == digest,
-            "PUT {url}: Docker-Content-Digest {d}, body digest {digest}"
+            "PUT {url}: Docker-Content-Digest {d}, expected {digest}"
         );
     }
-    Ok(digest)
+    Ok(())
 }
 
 /// A manifest fetched back: exact body, `Content-Type` and `Docker-Content-Digest`.

@@ -58,6 +58,18 @@ pub const SCHEMA2_ONLY: Client = Client {
     accept: &["application/vnd.docker.distribution.manifest.v2+json"],
 };
 
+/// A client from before schema 2 (Docker before 1.10, whose distribution
+/// client registered only schema1's types): distribution 2.8 with schema1
+/// compatibility converts a schema 2 image to a freshly signed schema1
+/// manifest for it, whose digest a GET by digest does not find.
+pub const SCHEMA1_ONLY: Client = Client {
+    name: "schema1-only",
+    accept: &[
+        "application/vnd.docker.distribution.manifest.v1+prettyjws",
+        "application/json",
+    ],
+};
+
 /// A client that takes OCI image manifests only, as artifact tools send.
 pub const OCI_ONLY: Client = Client {
     name: "OCI-manifest-only",

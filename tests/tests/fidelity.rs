@@ -35,7 +35,7 @@ use http::Method;
 use regmirror_e2e::answer::{self, Answer, BodyRule, TypeRule, differences};
 use regmirror_e2e::clients::{
     CONTAINERD, CONTAINERD_FETCH_LAYER, CONTAINERD_FETCH_OCI, CRANE, CRANE_REFERRERS, Client,
-    DOCKER, OCI_ONLY, PLAIN, SCHEMA2_ONLY, SKOPEO,
+    DOCKER, OCI_ONLY, PLAIN, SCHEMA1_ONLY, SCHEMA2_ONLY, SKOPEO,
 };
 use regmirror_e2e::seed::{
     self, Blob, Flavour, ImageSpec, OCI_MANIFEST, Platform, PushedImage, PushedIndex,
@@ -574,8 +574,20 @@ async fn load_schema1(registry: &Registry, rows: &mut Vec<Row>) -> Result<()> {
     let layer = oci_image("linux/amd64")?.layers[0].clone();
     let signed = seed::sign_schema1("fid/schema1", "v1", "amd64", std::slice::from_ref(&layer))?;
     seed::push_schema1(&registry.url(), "fid/schema1", "v1", &signed).await?;
+    // A schema 2 image, converted to schema1 for a client that cannot take
+    // schema 2: the HEAD names a digest only the tag's GET serves.
+    let converted = seed::build_image(&ImageSpec::docker(&[1_500]).platform("linux/amd64"))?;
+    seed::push_built_image(&registry.url(), "fid/converted", "v1", &converted).await?;
     let payload = BodyRule::Schema1Payload;
     rows.extend([
+        Row::new(
+            "schema 2 image converted to schema1",
+            Up::Schema1,
+            "fid/converted/manifests/v1".into(),
+            Via::Ns,
+            &SCHEMA1_ONLY,
+        )
+        .body(payload.clone()),
         Row::new(
             "signed schema1",
             Up::Schema1,

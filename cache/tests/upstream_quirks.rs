@@ -583,3 +583,28 @@ async fn a_narrow_clients_tag_is_served_when_the_upstream_fails() {
         "upstream down",
     );
 }
+
+/// A silent upstream costs a tag listing `stale_after` (300 ms here), as it
+/// costs a tag's revalidation, before the cached tags answer; not the whole
+/// response-header timeout (3 s here).
+#[tokio::test]
+async fn cached_tags_are_listed_within_stale_after_of_a_silent_upstream() {
+    let up = start_fake().await;
+    let m = oci_manifest("listed");
+    up.fake.tag("app/l:v1", &[&m]);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = cache(dir.path(), up.addr).await;
+    let got = call(&cache, Method::GET, "/v2/app/l/manifests/v1", FULL).await;
+    assert_serves(&got, &m, "warm-up pull");
+    up.fake.set_mode(Mode::Silent);
+    let started = std::time::Instant::now();
+    let got = call(&cache, Method::GET, "/v2/app/l/tags/list", &[]).await;
+    let took = started.elapsed();
+    assert_eq!(got.status, StatusCode::OK);
+    let body: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+    assert_eq!(body["tags"], serde_json::json!(["v1"]));
+    assert!(
+        took < Duration::from_secs(2),
+        "cached tags listed after {took:?}, not within stale_after"
+    );
+}

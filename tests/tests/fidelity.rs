@@ -588,6 +588,33 @@ async fn load_schema1(registry: &Registry, rows: &mut Vec<Row>) -> Result<()> {
             &SCHEMA1_ONLY,
         )
         .body(payload.clone()),
+        // A client admitting neither schema 2 nor schema1 gets the converted
+        // schema1 too: the cache relays what the registry chose, it does not
+        // refuse it for the Accept list.
+        Row::new(
+            "schema 2 image converted to schema1",
+            Up::Schema1,
+            "fid/converted/manifests/v1".into(),
+            Via::Ns,
+            &OCI_ONLY,
+        )
+        .body(payload.clone()),
+        Row::new(
+            "signed schema1, narrow client",
+            Up::Schema1,
+            "fid/schema1/manifests/v1".into(),
+            Via::Ns,
+            &OCI_ONLY,
+        )
+        .body(payload.clone()),
+        Row::new(
+            "signed schema1, narrow client",
+            Up::Schema1,
+            "fid/schema1/manifests/v1".into(),
+            Via::Prefix,
+            &SCHEMA2_ONLY,
+        )
+        .body(payload.clone()),
         Row::new(
             "signed schema1",
             Up::Schema1,

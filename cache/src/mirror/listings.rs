@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, header};
 
 use super::Mirror;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::oci::pagination::{next_page_link, page_params, page_tags, paginate};
 use crate::oci::{Digest, RepoName};
 use crate::route::{UpstreamId, default_upstream};
@@ -102,15 +102,28 @@ impl Mirror {
         repo: &RepoName,
         query: Option<&str>,
     ) -> Result<Relayed> {
-        match self.relay(up, repo, "tags/list", query).await {
-            Err(e) if e.is_upstream_failure() => {
-                let host = self.host(up);
-                let tags = self.store.tags(host, repo).await?;
-                if tags.is_empty() {
-                    return Err(e);
-                }
+        let host = self.host(up);
+        // With tags to fall back on, a silent upstream gets `stale_after`, as
+        // a cached tag's revalidation does, not the whole header timeout.
+        let cached = self.store.tags(host, repo).await.unwrap_or_default();
+        let relay = self.relay(up, repo, "tags/list", query);
+        let answer = if cached.is_empty() {
+            relay.await
+        } else {
+            let waited = self.timeouts.stale_after;
+            tokio::time::timeout(waited, relay)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::UpstreamUnavailable {
+                        upstream: host.to_owned(),
+                        detail: format!("no answer within {waited:?}"),
+                    })
+                })
+        };
+        match answer {
+            Err(e) if e.is_upstream_failure() && !cached.is_empty() => {
                 tracing::warn!(upstream = %host, %repo, error = %e, "upstream failed; listing cached tags");
-                Ok(Relayed::cached_tags(repo, &tags, query))
+                Ok(Relayed::cached_tags(repo, &cached, query))
             }
             Ok(relayed) => Ok(relayed.paged_tags(query)),
             other => other,

@@ -184,8 +184,10 @@ pub enum TagPlan<'a> {
 /// answer if the client accepts its media type (that is the tag's own
 /// manifest, which the upstream gives every list that admits its kind). Of
 /// these the more recently confirmed one counts (its own class's on a tie).
-/// An answer of a media type the client does not accept counts as none, and
-/// a broad client is never given a narrower class's answer.
+/// The class's own answer serves whatever its media type (it is what the
+/// upstream gave lists of this class: distribution gives schema1 to lists
+/// that do not name it); the broad answer only if the client accepts its
+/// media type; a broad client is never given a narrower class's answer.
 pub fn plan<'a>(
     record: Option<&'a TagRecord>,
     accept: &[String],
@@ -194,9 +196,11 @@ pub fn plan<'a>(
 ) -> TagPlan<'a> {
     let class = AcceptClass::of(accept);
     let usable = |a: &&TagAnswer| accepts(accept, &a.media_type);
+    // The class's own answer is what the upstream chose for lists like this
+    // one, whatever its media type (distribution answers schema1 to lists
+    // that do not name it): it serves as it was given.
     let own = record
         .and_then(|r| answer_of(r, class))
-        .filter(usable)
         .map(|a| (a, age(class)));
     let broad = record
         .filter(|_| !class.is_broad())
@@ -634,6 +638,29 @@ mod tests {
             broad: Some(a),
             ..TagRecord::default()
         }
+    }
+
+    /// distribution answers schema1 (pushed, or converted from schema 2) to
+    /// lists that name neither it nor the tag's own kind: that answer is the
+    /// class's, and serves it, stale too, although the list does not name it.
+    #[test]
+    fn a_class_answer_of_a_type_the_list_does_not_name_still_serves_it() {
+        let signed = answer(b"s1", media::DOCKER_MANIFEST_V1_SIGNED);
+        let oci_only = list(&[media::OCI_MANIFEST]);
+        let class = AcceptClass::of(&oci_only);
+        let rec = with_answer(TagRecord::default(), class, Some(signed.clone()));
+        assert_eq!(
+            plan(Some(&rec), &oci_only, all(None), 5 * MIN),
+            TagPlan::Revalidate {
+                stale: Some(&signed)
+            }
+        );
+        // A broad answer of that type is not given to the narrow list.
+        let rec = record_with_broad(signed);
+        assert_eq!(
+            plan(Some(&rec), &oci_only, all(None), 5 * MIN),
+            TagPlan::Revalidate { stale: None }
+        );
     }
 
     #[test]

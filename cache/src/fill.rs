@@ -6,7 +6,11 @@
 //! grows. The body goes through [`verified`], so the final bytes are
 //! published only once the digest has been checked: a client can never
 //! receive a complete body that does not match its digest. The file is then
-//! renamed into the store.
+//! renamed into the store. Should that rename fail, the verified bytes are
+//! still in the open file: every client that joined the fill, reading
+//! already or not yet, gets them from there, and a request that comes after
+//! the fill has ended starts another one, to store the blob
+//! ([`FillState::Done`]).
 //!
 //! The fill gets its body from [`FillJob::fetch`], an [`UpstreamBody`] whose
 //! status the caller has already checked, so it runs as well on chunks made
@@ -34,7 +38,7 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::oci::Digest;
 use crate::read::read_at;
-use crate::store::{Kind, Store};
+use crate::store::{Kind, Reservation, Store};
 use crate::upstream::UpstreamBody;
 use crate::verify::{Tee, verified};
 
@@ -49,9 +53,18 @@ pub enum FillState {
         available: u64,
         file: Arc<File>,
     },
+    /// Every byte is verified and readable from `file`.
     Done {
         size: u64,
         file: Arc<File>,
+        /// Whether the blob is in the store. `false` when the rename into
+        /// the store failed: `file` is then the temp file, already unlinked,
+        /// which its readers keep on disk until the last one is done.
+        stored: bool,
+        /// For a blob not stored, the reservation of its bytes (when its
+        /// size was known), released with this state, that is when the last
+        /// reader is gone and the unlinked file's space is freed.
+        held: Option<Arc<Reservation>>,
     },
     Failed(Error),
 }
@@ -177,7 +190,7 @@ impl Reader {
                 FillState::Streaming {
                     available, file, ..
                 } => (Some(Arc::clone(file)), *available, false),
-                FillState::Done { size, file } => (Some(Arc::clone(file)), *size, true),
+                FillState::Done { size, file, .. } => (Some(Arc::clone(file)), *size, true),
                 FillState::Failed(e) => return Err(io::Error::other(e.to_string())),
             };
             let target = self.end.map_or(limit, |e| e.min(limit));
@@ -206,6 +219,8 @@ async fn run(tx: &watch::Sender<FillState>, job: FillJob) -> Result<()> {
         tx.send_replace(FillState::Done {
             size,
             file: Arc::new(f),
+            stored: true,
+            held: None,
         });
         return Ok(());
     }
@@ -265,18 +280,33 @@ async fn run(tx: &watch::Sender<FillState>, job: FillJob) -> Result<()> {
     }
     // Verified and released: the fsync and rename that make the file durable
     // need not hold readers up.
-    tokio::task::spawn_blocking(move || tmp.persist(&dest))
+    let persisted = tokio::task::spawn_blocking(move || tmp.persist(&dest))
         .await
-        .map_err(Error::internal)?
-        .map_err(storage_error)?;
-    // The reservation becomes the stored file: counting both at once would
-    // make the evictor remove more than the budget requires.
-    drop(reservation);
-    job.store
-        .record(&job.host, Kind::Blob, &job.digest, written);
+        .map_err(Error::internal)?;
+    let (stored, held) = match persisted {
+        Ok(()) => {
+            // The reservation becomes the stored file: counting both at once
+            // would make the evictor remove more than the budget requires.
+            drop(reservation);
+            job.store
+                .record(&job.host, Kind::Blob, &job.digest, written);
+            (true, None)
+        }
+        // Every byte checked out and the file is open: its clients need not
+        // lose them. The failed persist has unlinked the temp file (or, when
+        // only the directory's fsync failed, left it in place, unrecorded, as
+        // a failed fill always has).
+        Err(e) => {
+            tracing::warn!(upstream = %job.host, digest = %job.digest, error = %e, "blob verified but not stored: its rename into the store failed; served from its temp file, fetched again on the next request");
+            job.metrics.unstored_blobs.inc();
+            (false, reservation.map(Arc::new))
+        }
+    };
     tx.send_replace(FillState::Done {
         size: written,
         file,
+        stored,
+        held,
     });
     Ok(())
 }
@@ -408,9 +438,9 @@ mod tests {
             std::fs::read(self.store.blob_path(HOST, digest)).ok()
         }
 
-        /// Files left in the store's temp directory (`<root>/tmp`).
+        /// Files left in the store's temp directory (`<root>/tmp/<pid>-<nonce>`).
         fn temp_files(&self) -> usize {
-            std::fs::read_dir(self.store.root().join("tmp")).map_or(0, |d| d.count())
+            self.store.temp_files()
         }
 
         fn upstream_bytes(&self) -> u64 {
@@ -727,6 +757,74 @@ mod tests {
         assert!(!joined);
         assert_eq!(again.ready().await.unwrap(), Some(content.len() as u64));
         assert_eq!(h.fetches.load(Ordering::SeqCst), 1, "fetched a stored blob");
+    }
+
+    /// Makes the rename of `digest`'s fill fail: a file stands where the
+    /// blob's directory must be (so creating it fails with ENOTDIR, root or
+    /// not). Returns that file, to remove.
+    fn block_the_store(h: &Harness, digest: &Digest) -> std::path::PathBuf {
+        let blob = h.store.blob_path(HOST, digest);
+        let parent = blob.parent().unwrap().to_owned();
+        std::fs::create_dir_all(parent.parent().unwrap()).unwrap();
+        std::fs::write(&parent, b"in the way").unwrap();
+        parent
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_rename_still_serves_the_verified_bytes_and_stores_nothing() {
+        let h = Harness::new().await;
+        let content = pattern(3 * BATCH + 5);
+        let len = content.len() as u64;
+        let digest = Digest::of(&content);
+        let obstacle = block_the_store(&h, &digest);
+        let (fill, _, feed) = h.join(&digest, Some(len));
+        let mut early = Box::pin(fill.read(0, None));
+        send(&feed, &content[..BATCH], BATCH);
+        assert_eq!(read_n(&mut early, BATCH).await, content[..BATCH]);
+        // Joined while the fill runs; reads only after it ended.
+        let (joiner, joined, _) = h.join(&digest, None);
+        assert!(joined);
+        send(&feed, &content[BATCH..], BATCH);
+        settle().await;
+
+        // Verified, not stored: the fill is over, its file unlinked, its
+        // reservation held while its readers still read.
+        assert!(matches!(
+            &*fill.rx.borrow(),
+            FillState::Done { stored: false, size, .. } if *size == len
+        ));
+        assert!(h.fills.in_flight(HOST, &digest).is_none());
+        assert!(h.stored(&digest).is_none());
+        assert_eq!(h.temp_files(), 0, "the temp file was kept");
+        assert_eq!(h.store.usage().files(), 0, "recorded as stored");
+        assert_eq!(h.store.usage().committed(), len);
+        assert_eq!(h.store.metrics().unstored_blobs.get(), 1);
+
+        let (rest, error) = read_rest(&mut early).await;
+        assert!(error.is_none(), "{error:?}");
+        assert!(rest == content[BATCH..], "the attached reader lost bytes");
+        let (late, error) = read_rest(&mut Box::pin(joiner.read(0, None))).await;
+        assert!(error.is_none(), "{error:?}");
+        assert!(late == content, "the joiner lost bytes");
+        assert_eq!(fill.ready().await.unwrap(), Some(len));
+        drop((early, fill, joiner));
+        assert_eq!(h.store.usage().committed(), 0, "bytes still reserved");
+
+        // The next request fetches it again, and stores it this time.
+        std::fs::remove_file(obstacle).unwrap();
+        let (again, joined, feed) = h.join(&digest, Some(len));
+        assert!(!joined, "joined a fill that was over");
+        let mut reader = Box::pin(again.read(0, None));
+        send(&feed, &content, BATCH);
+        let (got, error) = read_rest(&mut reader).await;
+        assert!(error.is_none(), "{error:?}");
+        assert!(got == content);
+        settle().await;
+        assert_eq!(h.fetches.load(Ordering::SeqCst), 2);
+        assert_eq!(h.stored(&digest).as_deref(), Some(&content[..]));
+        assert_eq!(h.store.usage().committed(), len);
+        assert_eq!(h.temp_files(), 0);
+        assert_eq!(h.store.metrics().unstored_blobs.get(), 1);
     }
 
     #[tokio::test]

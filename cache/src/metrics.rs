@@ -72,6 +72,10 @@ pub struct Metrics {
     pub store_files: Gauge,
     pub store_max_bytes: Gauge,
     pub disk_full_passthrough: Counter,
+    /// Blobs fetched and verified whose rename into the store failed: their
+    /// clients got them from the open temp file, and the next request
+    /// fetches them again.
+    pub unstored_blobs: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -110,6 +114,7 @@ impl Metrics {
             store_files: Gauge::default(),
             store_max_bytes: Gauge::default(),
             disk_full_passthrough: Counter::default(),
+            unstored_blobs: Counter::default(),
         }
     }
 
@@ -200,6 +205,11 @@ impl Metrics {
             "disk_full_passthrough",
             "Blobs streamed from the upstream uncached because the disk or budget was full",
             self.disk_full_passthrough.clone(),
+        );
+        r.register(
+            "unstored_blobs",
+            "Verified blobs served from their temp file because the rename into the store failed",
+            self.unstored_blobs.clone(),
         );
         r
     }

@@ -59,6 +59,9 @@ fn code(body: &serde_json::Value) -> &str {
     body["errors"][0]["code"].as_str().unwrap_or("")
 }
 
+/// Every file under `dir`, recursively, but the lock files of the
+/// processes' temp directories ([`layout::TMP_LOCK`]), which the store
+/// holds from its start, whatever it is asked.
 fn files_under(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -67,7 +70,7 @@ fn files_under(dir: &Path) -> Vec<String> {
             let e = e.unwrap();
             if e.file_type().unwrap().is_dir() {
                 stack.push(e.path());
-            } else {
+            } else if e.file_name() != layout::TMP_LOCK {
                 out.push(e.path().display().to_string());
             }
         }

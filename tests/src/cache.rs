@@ -351,10 +351,49 @@ impl StoreLayout {
         layout::tmp_dir(&self.root)
     }
 
-    /// Number of in-progress writes (files in [`StoreLayout::tmp_dir`]);
+    /// The processes' temp directories in [`StoreLayout::tmp_dir`]
+    /// ([`layout::process_tmp_dir`]), with the pid each is named after;
     /// errors if that directory cannot be read (the store was never opened).
+    pub fn process_tmp_dirs(&self) -> std::io::Result<Vec<(u32, PathBuf)>> {
+        let mut dirs = Vec::new();
+        for entry in std::fs::read_dir(self.tmp_dir())? {
+            let path = entry?.path();
+            if let Some(pid) = layout::tmp_dir_pid(&path).filter(|_| path.is_dir()) {
+                dirs.push((pid, path));
+            }
+        }
+        Ok(dirs)
+    }
+
+    /// The temp directory of the process `pid`, if it has one.
+    pub fn process_tmp_dir(&self, pid: u32) -> std::io::Result<Option<PathBuf>> {
+        Ok(self
+            .process_tmp_dirs()?
+            .into_iter()
+            .find_map(|(p, dir)| (p == pid).then_some(dir)))
+    }
+
+    /// Number of in-progress writes: the files in [`StoreLayout::tmp_dir`]
+    /// and in the processes' temp directories in it, their lock files
+    /// ([`layout::process_tmp_lock`]) aside; errors if `tmp/` cannot be read
+    /// (the store was never opened).
     pub fn temp_files(&self) -> std::io::Result<usize> {
-        Ok(std::fs::read_dir(self.tmp_dir())?.count())
+        let mut n = 0;
+        for entry in std::fs::read_dir(self.tmp_dir())? {
+            let path = entry?.path();
+            n += match std::fs::read_dir(&path) {
+                Ok(files) => files
+                    .filter(|e| {
+                        e.as_ref()
+                            .map_or(true, |e| e.file_name() != layout::TMP_LOCK)
+                    })
+                    .count(),
+                // Swept or removed by its process meanwhile.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+                Err(_) => 1,
+            };
+        }
+        Ok(n)
     }
 
     /// Every stored blob and manifest file (not the media-type sidecars) with

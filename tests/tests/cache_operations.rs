@@ -55,6 +55,57 @@ fn spawn_download(url: String) -> (tokio::task::JoinHandle<Result<Vec<u8>>>, Arc
     (task, received)
 }
 
+/// Two clients of one slow blob download: one that keeps up, and one that
+/// reads the first chunk and then nothing until told: left far behind the
+/// fill it joined (the socket buffers hold far less than the blobs this is
+/// used on).
+struct FrontAndBehind {
+    front: tokio::task::JoinHandle<Result<Vec<u8>>>,
+    behind: tokio::task::JoinHandle<Result<Vec<u8>>>,
+    resume: Arc<tokio::sync::Notify>,
+}
+
+impl FrontAndBehind {
+    /// Starts both GETs of `url`; returns once the front one is under way.
+    async fn start(url: String) -> Result<Self> {
+        let (front, received) = spawn_download(url.clone());
+        let resume = Arc::new(tokio::sync::Notify::new());
+        let wait = resume.clone();
+        let behind = tokio::spawn(async move {
+            let mut resp = http_client().get(&url).send().await?;
+            ensure!(resp.status() == 200, "GET {url}: {}", resp.status());
+            let mut body = resp.chunk().await?.context("empty body")?.to_vec();
+            wait.notified().await;
+            while let Some(chunk) = resp.chunk().await? {
+                body.extend_from_slice(&chunk);
+            }
+            Ok(body)
+        });
+        received_at_least(&received, UNDER_WAY).await?;
+        Ok(Self {
+            front,
+            behind,
+            resume,
+        })
+    }
+
+    /// Waits for the front client's whole body, which must be `digest`'s;
+    /// then lets the one behind read on, and checks its body the same way.
+    /// `between` runs in between: the fill is over, its file stored or not.
+    async fn finish(self, digest: &str, between: impl Future<Output = Result<()>>) -> Result<()> {
+        let body = self.front.await??;
+        ensure!(sha256_digest(&body) == digest, "the download was cut short");
+        between.await?;
+        self.resume.notify_one();
+        let body = self.behind.await??;
+        ensure!(
+            sha256_digest(&body) == digest,
+            "the client behind was cut short"
+        );
+        Ok(())
+    }
+}
+
 /// Waits until a download from [`spawn_download`] has received `bytes`:
 /// the transfer is under way.
 async fn received_at_least(received: &AtomicUsize, bytes: usize) -> Result<()> {
@@ -696,6 +747,198 @@ async fn soak_mixed_pulls_under_eviction_then_crash() {
         for (i, img) in images.iter().enumerate() {
             pull(&cache, &format!("soak{i}"), "v1", img).await?;
         }
+        store.verified_content()?;
+        Ok(())
+    })
+    .await;
+}
+
+/// Starts a cache on `storage`, shared with other processes, in front of `fake`.
+async fn start_on(storage: &Path, fake: &FakeUpstream) -> Result<CacheProcess> {
+    CacheProcess::start_with(
+        CacheOptions::new()
+            .upstream("docker.io", &fake.url())
+            .arg("--storage")
+            .arg(storage.display().to_string()),
+    )
+    .await
+}
+
+/// The temp directory of `cache`'s process on `store`, which must have one.
+fn tmp_dir_of(store: &StoreLayout, cache: &CacheProcess) -> Result<std::path::PathBuf> {
+    let pid = cache.pid().context("not running")?;
+    store
+        .process_tmp_dir(pid)?
+        .with_context(|| format!("process {pid} has no temp directory"))
+}
+
+/// Whether `dir` holds a temp file besides its lock file.
+fn holds_temp_files(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|files| {
+        files
+            .flatten()
+            .any(|f| f.file_name() != regmirror_cache::store::layout::TMP_LOCK)
+    })
+}
+
+#[tokio::test]
+async fn a_process_starting_on_the_same_storage_leaves_downloads_in_flight_alone() {
+    bounded(90, async {
+        let fake = FakeUpstream::start().await?;
+        let img = one_layer(8_000_000, 41)?;
+        fake.add_image("library/app", Some("v1"), &img);
+        let layer = img.layers[0].digest.clone();
+        let shared = tempfile::tempdir()?;
+        let storage = shared.path().join("store");
+        let a = start_on(&storage, &fake).await?;
+        let store = a.store();
+        let a_tmp = tmp_dir_of(&store, &a)?;
+        fake.set_behaviour(Behaviour::SlowBody {
+            bytes_per_sec: 2 * SLOW_BODY,
+        });
+        let clients =
+            FrontAndBehind::start(format!("{}/v2/library/app/blobs/{layer}", a.url())).await?;
+
+        // A rolling update's new pod on a ReadWriteMany volume: it starts
+        // while the old one is serving.
+        let b = start_on(&storage, &fake).await?;
+        let b_tmp = tmp_dir_of(&store, &b)?;
+        assert_ne!(a_tmp, b_tmp);
+        assert!(
+            holds_temp_files(&a_tmp),
+            "the download's temp file was swept"
+        );
+        clients.finish(&layer, stored(&store, &layer)).await?;
+        store.verified_content()?;
+        // The other process reads it from disk.
+        fake.set_behaviour(Behaviour::Normal);
+        fake.clear_requests();
+        get_blob(&b, "library/app", &layer).await?;
+        assert!(
+            fake.requests().iter().all(|r| !r.path.contains("/blobs/")),
+            "fetched again"
+        );
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_next_process_sweeps_a_killed_ones_temp_files_and_no_live_ones() {
+    bounded(90, async {
+        let fake = FakeUpstream::start().await?;
+        let live = one_layer(6_000_000, 42)?;
+        let killed = one_layer(3_000_000, 43)?;
+        fake.add_image("library/live", Some("v1"), &live);
+        fake.add_image("library/killed", Some("v1"), &killed);
+        let (live_layer, killed_layer) = (&live.layers[0].digest, &killed.layers[0].digest);
+        let shared = tempfile::tempdir()?;
+        let storage = shared.path().join("store");
+        let a = start_on(&storage, &fake).await?;
+        let mut b = start_on(&storage, &fake).await?;
+        let store = a.store();
+        let (a_tmp, b_tmp) = (tmp_dir_of(&store, &a)?, tmp_dir_of(&store, &b)?);
+        fake.set_behaviour(Behaviour::SlowBody {
+            bytes_per_sec: SLOW_BODY,
+        });
+        let (download, received) =
+            spawn_download(format!("{}/v2/library/live/blobs/{live_layer}", a.url()));
+        let (doomed, doomed_received) = spawn_download(format!(
+            "{}/v2/library/killed/blobs/{killed_layer}",
+            b.url()
+        ));
+        received_at_least(&received, UNDER_WAY).await?;
+        received_at_least(&doomed_received, UNDER_WAY).await?;
+        assert!(holds_temp_files(&b_tmp), "no temp file mid-download");
+        b.kill9();
+        let _ = doomed.await?;
+        assert!(
+            b_tmp.exists(),
+            "a killed process's temp files are left to the next one"
+        );
+
+        let c = start_on(&storage, &fake).await?;
+        assert!(!b_tmp.exists(), "the killed process's temp files were kept");
+        assert!(
+            holds_temp_files(&a_tmp),
+            "a live process's temp files were swept"
+        );
+        let mut dirs: Vec<_> = store
+            .process_tmp_dirs()?
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect();
+        dirs.sort();
+        let mut expected = vec![a_tmp, tmp_dir_of(&store, &c)?];
+        expected.sort();
+        assert_eq!(dirs, expected);
+        assert!(
+            !store.blob("docker.io", killed_layer).exists(),
+            "partial blob in the store"
+        );
+        let body = download.await??;
+        assert_eq!(
+            sha256_digest(&body),
+            *live_layer,
+            "the live download was cut short"
+        );
+        stored(&store, live_layer).await?;
+        store.verified_content()?;
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_failed_rename_still_serves_the_verified_blob_to_every_client() {
+    bounded(90, async {
+        let fake = FakeUpstream::start().await?;
+        let img = one_layer(8_000_000, 44)?;
+        fake.add_image("library/app", Some("v1"), &img);
+        let layer = img.layers[0].digest.clone();
+        let dir = tempfile::tempdir()?;
+        let cache = start_on(&dir.path().join("store"), &fake).await?;
+        let store = cache.store();
+        fake.set_behaviour(Behaviour::SlowBody {
+            bytes_per_sec: 2 * SLOW_BODY,
+        });
+        let clients =
+            FrontAndBehind::start(format!("{}/v2/library/app/blobs/{layer}", cache.url())).await?;
+        // A file where the blob's directory must be: the rename fails.
+        let blob = store.blob("docker.io", &layer);
+        let obstacle = blob.parent().context("blob path has a directory")?;
+        std::fs::create_dir_all(obstacle.parent().context("and a parent")?)?;
+        std::fs::write(obstacle, b"in the way")?;
+
+        let not_stored = async {
+            wait_until(Duration::from_secs(10), || async {
+                cache.log().contains("blob verified but not stored")
+            })
+            .await
+            .with_context(|| cache.log_tail(20))
+        };
+        clients.finish(&layer, not_stored).await?;
+        assert_eq!(store.temp_files()?, 0, "the temp file was kept");
+        let m = cache.metrics().await?;
+        assert_eq!(
+            metric_sample(&m, "regmirror_unstored_blobs_total"),
+            1.0,
+            "{m}"
+        );
+        assert_eq!(metric_sample(&m, "regmirror_store_bytes"), 0.0, "{m}");
+
+        // The next request fetches it again, and this time stores it.
+        std::fs::remove_file(obstacle)?;
+        fake.set_behaviour(Behaviour::Normal);
+        fake.clear_requests();
+        get_blob(&cache, "library/app", &layer).await?;
+        stored(&store, &layer).await?;
+        let gets = fake
+            .requests()
+            .iter()
+            .filter(|r| r.path.contains("/blobs/"))
+            .count();
+        assert_eq!(gets, 1, "blob GETs upstream");
         store.verified_content()?;
         Ok(())
     })

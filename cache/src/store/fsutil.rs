@@ -1,4 +1,4 @@
-//! Small filesystem helpers: temp files that commit by rename, directory sweeps.
+//! Small filesystem helpers: temp files that commit by rename, repository listing.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -68,18 +68,6 @@ impl Drop for TempFile {
             let _ = std::fs::remove_file(&self.path);
         }
     }
-}
-
-/// Removes every file in `dir` (creating it if missing).
-pub fn sweep_dir(dir: &Path) -> io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_type()?.is_file() {
-            std::fs::remove_file(entry.path())?;
-        }
-    }
-    Ok(())
 }
 
 /// Collects repository names: directories holding a `_tags` directory.

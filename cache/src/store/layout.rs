@@ -12,10 +12,42 @@ use std::path::{Path, PathBuf};
 use super::usage::Kind;
 use crate::oci::{Algorithm, Digest, RepoName, Tag};
 
-/// `<root>/tmp`: in-progress writes, renamed into place when complete and
-/// swept when the store opens.
+/// `<root>/tmp`: in-progress writes, renamed into place when complete. Each
+/// running process writes in a directory of its own in here
+/// ([`process_tmp_dir`]); files directly in it were written by versions
+/// from before those directories.
 pub fn tmp_dir(root: &Path) -> PathBuf {
     root.join("tmp")
+}
+
+/// The name of the lock file in each process's temp directory
+/// ([`process_tmp_lock`]).
+pub const TMP_LOCK: &str = ".lock";
+
+/// `<root>/tmp/<pid>-<nonce>`: the temp files of the process `pid`, `nonce`
+/// (in hex) telling apart the processes that had the same pid (a restart,
+/// another container). Swept by the next process that starts once its lock
+/// ([`process_tmp_lock`]) is free, that is once its process is gone.
+pub fn process_tmp_dir(root: &Path, pid: u32, nonce: u64) -> PathBuf {
+    tmp_dir(root).join(format!("{pid}-{nonce:x}"))
+}
+
+/// `<dir>/.lock` ([`TMP_LOCK`]) in a process's temp directory `dir`
+/// ([`process_tmp_dir`]): held locked (`flock`, exclusive) by that process
+/// for as long as it runs. Inside the directory, not beside it, because
+/// versions from before process directories remove every file directly in
+/// `tmp/` when they start, and leave directories alone.
+pub fn process_tmp_lock(dir: &Path) -> PathBuf {
+    dir.join(TMP_LOCK)
+}
+
+/// The pid a process temp directory (a [`process_tmp_dir`]) is named after,
+/// `None` for any other path. A name, not proof of life: pids are reused.
+pub fn tmp_dir_pid(dir: &Path) -> Option<u32> {
+    let name = dir.file_name()?.to_str()?;
+    let (pid, nonce) = name.split_once('-')?;
+    u64::from_str_radix(nonce, 16).ok()?;
+    pid.parse().ok()
 }
 
 /// `<root>/upstreams`: everything complete and verified, one directory per upstream.
@@ -101,6 +133,16 @@ mod tests {
         let d = Digest::of(b"x");
         let hex = d.hex();
         assert_eq!(tmp_dir(root), Path::new("/s/tmp"));
+        let mine = process_tmp_dir(root, 42, 0xbeef);
+        assert_eq!(mine, Path::new("/s/tmp/42-beef"));
+        assert_eq!(process_tmp_lock(&mine), Path::new("/s/tmp/42-beef/.lock"));
+        assert_eq!(tmp_dir_pid(&mine), Some(42));
+        // Temp files of older versions, directly in `tmp/`, name no process.
+        assert_eq!(
+            tmp_dir_pid(Path::new("/s/tmp/42-7-1700000000000000000")),
+            None
+        );
+        assert_eq!(tmp_dir_pid(&tmp_dir(root)), None);
         assert_eq!(
             blob_path(root, "docker.io", &d),
             PathBuf::from(format!(

@@ -1,7 +1,8 @@
 //! Content-addressed filesystem storage.
 //!
 //! ```text
-//! <root>/tmp/                                        in-progress writes, swept at start
+//! <root>/tmp/<pid>-<nonce>/                          one process's in-progress writes
+//! <root>/tmp/<pid>-<nonce>/.lock                     locked while that process runs
 //! <root>/upstreams/<host>/blobs/<alg>/<ab>/<hex>     blob content
 //! <root>/upstreams/<host>/manifests/<alg>/<ab>/<hex> manifest bytes, exactly as served
 //! <root>/upstreams/<host>/manifests/<alg>/<ab>/<hex>.type   its media type
@@ -9,8 +10,11 @@
 //! ```
 //! `<alg>` is the digest's algorithm, `sha256` or `sha512`; `<hex>` its
 //! encoded part, `<ab>` that part's first two characters.
-//! Every file is written to `tmp/`, fsynced, verified and renamed into place,
-//! so a path under `upstreams/` only ever holds complete, verified content.
+//! Every file is written to its process's directory in `tmp/`, fsynced,
+//! verified and renamed into place, so a path under `upstreams/` only ever
+//! holds complete, verified content. A process that starts removes the
+//! temp directories of processes that are gone, and no other
+//! ([`tmpdir`]).
 //! Content is kept per upstream so that bytes fetched with one upstream's
 //! credentials are never served under another upstream's name.
 //!
@@ -20,6 +24,7 @@
 pub mod evict;
 mod fsutil;
 pub mod layout;
+pub mod tmpdir;
 pub mod usage;
 
 use std::collections::BTreeMap;
@@ -41,6 +46,8 @@ pub use usage::{Kind, Lease, Reservation, Usage};
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// This process's temp directory, claimed while any clone lives.
+    tmp: Arc<tmpdir::ProcessTmp>,
     usage: Arc<Usage>,
     limits: Limits,
     /// One eviction pass at a time.
@@ -108,32 +115,45 @@ impl TagRecord {
 }
 
 impl Store {
-    /// Opens (creating) the store and removes temp files a previous run left.
+    /// Opens (creating) the store and removes the temp files of processes
+    /// that are gone ([`tmpdir::sweep`]).
     pub async fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
         Self::open_with(root, Limits::default(), Arc::default()).await
     }
 
-    /// Opens the store; its index is built in the background (stat only), so
-    /// serving starts at once however much is stored.
+    /// Opens the store: sweeps the temp directories of processes that are
+    /// gone ([`tmpdir::sweep`]) and claims one for this process
+    /// ([`tmpdir::ProcessTmp`]). Its index is built in the background (stat
+    /// only), so serving starts at once however much is stored.
     pub async fn open_with(
         root: impl Into<PathBuf>,
         limits: Limits,
         metrics: Arc<Metrics>,
     ) -> io::Result<Self> {
+        let root = root.into();
+        let r = root.clone();
+        let tmp = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(layout::upstreams_dir(&r))?;
+            let swept = tmpdir::sweep(&r, std::time::SystemTime::now())?;
+            if swept != tmpdir::Swept::default() {
+                tracing::info!(
+                    dirs = swept.dirs,
+                    files = swept.files,
+                    "removed temp files of processes that are gone"
+                );
+            }
+            tmpdir::ProcessTmp::claim(&r)
+        })
+        .await??;
         let store = Self {
-            root: root.into(),
+            root,
+            tmp: Arc::new(tmp),
             usage: Arc::default(),
             limits,
             evicting: Arc::default(),
             pressure: Arc::default(),
             metrics,
         };
-        let s = store.clone();
-        tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(layout::upstreams_dir(&s.root))?;
-            fsutil::sweep_dir(&s.tmp_dir())
-        })
-        .await??;
         let s = store.clone();
         tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
@@ -188,8 +208,23 @@ impl Store {
         &self.root
     }
 
-    fn tmp_dir(&self) -> PathBuf {
-        layout::tmp_dir(&self.root)
+    /// This process's temp directory, where [`Store::temp_file`] creates
+    /// files: `<root>/tmp/<pid>-<nonce>` ([`layout::process_tmp_dir`]).
+    pub fn temp_dir(&self) -> &Path {
+        self.tmp.dir()
+    }
+
+    /// How many temp files this process has: the entries of its temp
+    /// directory besides the lock file.
+    #[cfg(test)]
+    pub(crate) fn temp_files(&self) -> usize {
+        std::fs::read_dir(self.temp_dir()).map_or(0, |d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .map_or(true, |e| e.file_name() != layout::TMP_LOCK)
+            })
+            .count()
+        })
     }
 
     /// Where the blob `d` of upstream `host` is stored: [`layout::blob_path`].
@@ -207,7 +242,7 @@ impl Store {
 
     /// A new temp file inside the store (same filesystem, so rename is atomic).
     pub fn temp_file(&self) -> io::Result<TempFile> {
-        TempFile::create_in(&self.tmp_dir())
+        TempFile::create_in(self.temp_dir())
     }
 
     /// An open cached blob, leased against eviction, its recency refreshed.
@@ -408,10 +443,7 @@ mod tests {
                 .is_none()
         );
         // No temp files are left behind.
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-            0
-        );
+        assert_eq!(store.temp_files(), 0);
     }
 
     #[tokio::test]
@@ -566,14 +598,47 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn open_sweeps_leftover_temp_files() {
+    async fn open_sweeps_the_temp_files_of_processes_that_are_gone_only() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
-        std::fs::write(dir.path().join("tmp/partial"), b"half a blob").unwrap();
-        Store::open(dir.path()).await.unwrap();
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-            0
+        let tmp = layout::tmp_dir(dir.path());
+        // A process killed mid-write: its directory, lock file unlocked.
+        let dead = layout::process_tmp_dir(dir.path(), 1, 1);
+        std::fs::create_dir_all(&dead).unwrap();
+        std::fs::write(layout::process_tmp_lock(&dead), b"").unwrap();
+        std::fs::write(dead.join("partial"), b"half a blob").unwrap();
+        // A loose file an older version left long ago.
+        let legacy = tmp.join("1-0-1");
+        std::fs::write(&legacy, b"half a blob").unwrap();
+        File::options()
+            .write(true)
+            .open(&legacy)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - 2 * tmpdir::STALE_AFTER)
+            .unwrap();
+        let first = Store::open(dir.path()).await.unwrap();
+        assert!(!dead.exists(), "a dead process's temp files were kept");
+        assert!(!legacy.exists(), "a stale loose temp file was kept");
+        let partial = first.temp_file().unwrap();
+
+        // A second process on the same root leaves the first one's alone.
+        let second = Store::open(dir.path()).await.unwrap();
+        assert_ne!(first.temp_dir(), second.temp_dir());
+        assert_eq!(first.temp_files(), 1);
+        drop(partial);
+        assert_eq!(first.temp_files(), 0);
+        let first_dir = first.temp_dir().to_owned();
+        drop(first);
+        // The index loads in the background, on a clone of the store.
+        for _ in 0..500 {
+            if !first_dir.exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(
+            !first_dir.exists(),
+            "a closed store kept its temp directory"
         );
+        assert!(second.temp_dir().exists());
     }
 }

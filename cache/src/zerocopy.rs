@@ -473,10 +473,12 @@ mod tests {
             got == expected(&data, start, &chunks),
             "body differs from the file"
         );
-        // Sending read the missing pages in first: the first three chunks
-        // each miss a dropped folio.
+        // Sending read the missing pages in first. The first chunk misses a
+        // dropped folio (checked above); the kernel's readahead while one
+        // range is read in may bring back the next dropped folio too, so how
+        // many more are read in depends on it (1 to 3 seen under load).
         if can_evict {
-            assert!(warms >= 3, "{warms} ranges read in");
+            assert!(warms >= 1, "{warms} ranges read in");
             assert!(cached(&file, start as u64, (end - start) as u64));
         }
     }

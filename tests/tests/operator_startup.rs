@@ -66,10 +66,12 @@ async fn without_the_crd_the_operator_is_unready_says_so_stops_and_picks_it_up()
     // Without the CRD: an error-level line saying what to do, /readyz fails,
     // and SIGTERM ends the process.
     let mut op = OperatorProcess::start(&cp.kubeconfig, NS, "op-1", &[])?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ready = readyz(&op).await?;
+    stops_promptly(&mut op, "without the CRD").await?;
+    assert_eq!(ready, 503, "ready without the CRD");
     let line = log_line(&op, &["ERROR", "CRD", "not installed"]).await?;
     assert!(line.contains("crds/registrymirror.yaml"), "{line}");
-    assert_eq!(readyz(&op).await?, 503, "ready without the CRD");
-    stops_promptly(&mut op, "without the CRD").await?;
 
     // Installed while it waits: it becomes ready and reconciles a mirror.
     let mut op = OperatorProcess::start(&cp.kubeconfig, NS, "op-1", &[])?;
@@ -119,10 +121,13 @@ async fn with_the_api_server_unreachable_sigterm_ends_the_operator() -> Result<(
             "op-1",
             &["--leader-election", leader_election],
         )?;
+        // Let it try (and fail) to reach the API server, then stop it.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let ready = readyz(&op).await?;
+        stops_promptly(&mut op, &format!("leader election {leader_election}")).await?;
+        assert_eq!(ready, 503, "ready without an API server");
         let line = log_line(&op, &["WARN", "cannot list RegistryMirrors"]).await?;
         assert!(line.contains("retrying"), "{line}");
-        assert_eq!(readyz(&op).await?, 503, "ready without an API server");
-        stops_promptly(&mut op, &format!("leader election {leader_election}")).await?;
     }
     Ok(())
 }

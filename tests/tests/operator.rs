@@ -303,6 +303,8 @@ async fn a_mirror_becomes_ready_with_owned_labelled_children_events_and_metrics(
         config.contains("url = \"https://registry-1.docker.io\""),
         "{config}"
     );
+    // Dual-stack: nodes reach the cache over IPv4 and IPv6 (issue 18).
+    assert!(config.contains("listen = \"[::]:5000\""), "{config}");
     let deploy = cp
         .get_json(&["deployment", "regmirror-hub", "-n", NS])
         .await?

@@ -184,10 +184,88 @@ pub async fn run(
         .for_each(|res| async move {
             match res {
                 Ok((obj, _)) => tracing::debug!(mirror = %obj.name, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile failed"),
+                // Already logged by `error_policy`.
+                Err(e @ kube::runtime::controller::Error::ReconcilerFailed(..)) => {
+                    tracing::debug!(error = %e, "reconcile failed")
+                }
+                // A watch that fails (the API unreachable, the CRD deleted, no
+                // permission) stops every reconcile: the user must hear of it.
+                Err(e) => tracing::warn!(error = %e, "watching failed; retrying"),
             }
         })
         .await;
+}
+
+/// How often [`wait_for_crd`] asks the API server again.
+const CRD_POLL: Duration = Duration::from_secs(5);
+
+/// What the API server's answer to listing mirrors says about the CRD:
+/// `Ok(())` when it is served; else the message to log. A 404 on the list
+/// means the resource is not served at all (an empty list is a 200), i.e. the
+/// `RegistryMirror` CRD is not installed.
+pub fn crd_state(listed: Result<(), &kube::Error>) -> Result<(), CrdProblem> {
+    match listed {
+        Ok(()) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Err(CrdProblem::NotInstalled),
+        Err(e) => Err(CrdProblem::Unreachable(e.to_string())),
+    }
+}
+
+/// Why the operator cannot start its controller yet ([`crd_state`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CrdProblem {
+    #[error(
+        "the RegistryMirror CRD (registrymirrors.regmirror.dev) is not installed: apply crds/registrymirror.yaml (the Helm chart installs it); waiting for it"
+    )]
+    NotInstalled,
+    #[error("cannot list RegistryMirrors: {0}; retrying")]
+    Unreachable(String),
+}
+
+/// Waits until the API server serves `RegistryMirror`s, asking every
+/// [`CRD_POLL`]. Until then `/readyz` fails and each new problem is logged
+/// (a missing CRD at error level, any other failure at warn), once per change
+/// so a long wait does not flood the log. Returns `false` when `shutdown`
+/// fired first: the caller exits without starting the controller (whose
+/// graceful shutdown would wait for a list that never succeeds).
+pub async fn wait_for_crd(
+    client: &Client,
+    metrics: &Metrics,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> bool {
+    let api = Api::<RegistryMirror>::all(client.clone());
+    let one = ListParams::default().limit(1);
+    let mut last: Option<CrdProblem> = None;
+    loop {
+        let listed = tokio::select! {
+            r = api.list_metadata(&one) => r.map(|_| ()),
+            () = shutdown.cancelled() => return false,
+        };
+        match crd_state(listed.as_ref().map(|_| ())) {
+            Ok(()) => {
+                if last.is_some() {
+                    tracing::info!("RegistryMirrors are served: starting");
+                }
+                return true;
+            }
+            Err(p) => {
+                metrics
+                    .ready
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                if last.as_ref() != Some(&p) {
+                    match p {
+                        CrdProblem::NotInstalled => tracing::error!("{p}"),
+                        CrdProblem::Unreachable(_) => tracing::warn!("{p}"),
+                    }
+                    last = Some(p);
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(CRD_POLL) => {}
+            () = shutdown.cancelled() => return false,
+        }
+    }
 }
 
 /// The mirror a child belongs to, from its controller owner reference.
@@ -689,6 +767,36 @@ async fn cleanup(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_404_on_the_list_means_the_crd_is_not_installed() {
+        use kube::core::Status;
+        assert_eq!(crd_state(Ok(())), Ok(()));
+        let not_found = kube::Error::Api(
+            Status::failure(
+                "the server could not find the requested resource",
+                "NotFound",
+            )
+            .with_code(404)
+            .boxed(),
+        );
+        let p = crd_state(Err(&not_found)).unwrap_err();
+        assert_eq!(p, CrdProblem::NotInstalled);
+        assert!(
+            p.to_string().contains("apply crds/registrymirror.yaml"),
+            "{p}"
+        );
+        let forbidden = kube::Error::Api(
+            Status::failure("registrymirrors is forbidden", "Forbidden")
+                .with_code(403)
+                .boxed(),
+        );
+        let p = crd_state(Err(&forbidden)).unwrap_err();
+        assert!(
+            matches!(&p, CrdProblem::Unreachable(m) if m.contains("forbidden")),
+            "{p}"
+        );
+    }
 
     #[test]
     fn deletion_waits_for_every_reporting_node_until_the_timeout() {

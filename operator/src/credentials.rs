@@ -6,7 +6,14 @@
 //! `RegistryMirror` send any Secret in the cluster to a URL of their choosing
 //! (the upstream `url`), and would need cluster-wide Secret read access.
 //! Only the entry for each upstream's host is copied, keyed by that host,
-//! so one Secret's other registries never reach the cache.
+//! so one Secret's other registries never reach the cache. There is no
+//! fallback to a Secret's only entry: an entry for another registry would be
+//! sent to this upstream (a ghcr.io token to quay.io).
+//!
+//! Only `kubernetes.io/dockerconfigjson` Secrets are accepted: the API server
+//! checks their `config.json` when they are written, and the type says what
+//! the Secret is for. An `Opaque` Secret is refused with a message saying how
+//! to create the right type.
 
 use std::collections::BTreeMap;
 
@@ -17,6 +24,10 @@ use serde_json::{Map, Value, json};
 use crate::crd::RegistryMirror;
 
 pub use regmirror_registry::credentials::DOCKERCONFIGJSON;
+
+/// The only Secret type accepted as upstream credentials (Kubernetes'
+/// `corev1.SecretTypeDockerConfigJson`).
+pub const DOCKERCONFIGJSON_TYPE: &str = "kubernetes.io/dockerconfigjson";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CredentialsError {
@@ -38,6 +49,14 @@ pub enum CredentialsError {
         "credentialsSecret {name} of {host} has no {DOCKERCONFIGJSON} key: create it with `kubectl create secret docker-registry`"
     )]
     NotDockerConfig { host: String, name: String },
+    #[error(
+        "credentialsSecret {name} of {host} has type {type_}; only {DOCKERCONFIGJSON_TYPE} is accepted: create it with `kubectl create secret docker-registry`"
+    )]
+    WrongType {
+        host: String,
+        name: String,
+        type_: String,
+    },
     #[error("credentialsSecret {name} of {host} is not a docker config.json: {reason}")]
     Invalid {
         host: String,
@@ -82,8 +101,9 @@ pub fn referenced_secrets(
 
 /// Merges the credentials of every upstream into one `config.json`, or `None`
 /// when no upstream has credentials. `secrets` holds the referenced Secrets by name
-/// (all from the operator's namespace). An upstream's entry is the one keyed by
-/// its host (or its URL's host); a Secret with a single entry is used as is.
+/// (all from the operator's namespace), each of type [`DOCKERCONFIGJSON_TYPE`].
+/// An upstream's entry is chosen by [`entry_for`]; without one the error is
+/// [`CredentialsError::NoEntry`], naming the key to add.
 pub fn merge(
     mirror: &RegistryMirror,
     operator_namespace: &str,
@@ -102,6 +122,15 @@ pub fn merge(
                 namespace: operator_namespace.into(),
                 name: r.name.clone(),
             })?;
+        // The API server defaults a Secret without a type to Opaque.
+        let type_ = secret.type_.as_deref().unwrap_or("Opaque");
+        if type_ != DOCKERCONFIGJSON_TYPE {
+            return Err(CredentialsError::WrongType {
+                host: u.host.clone(),
+                name: r.name.clone(),
+                type_: type_.to_owned(),
+            });
+        }
         let bytes = secret
             .data
             .as_ref()
@@ -128,17 +157,8 @@ pub fn merge(
             .get("auths")
             .and_then(Value::as_object)
             .ok_or_else(|| invalid("no \"auths\" object".into()))?;
-        let url_host = registry_key(&u.effective_url());
-        let entry = entries
-            .iter()
-            .find(|(k, _)| registry_key(k) == u.host)
-            .or_else(|| entries.iter().find(|(k, _)| registry_key(k) == url_host))
-            .or_else(|| {
-                (entries.len() == 1)
-                    .then(|| entries.iter().next())
-                    .flatten()
-            })
-            .map(|(_, v)| v.clone())
+        let entry = entry_for(&u.host, &u.effective_url(), entries)
+            .cloned()
             .ok_or_else(|| CredentialsError::NoEntry {
                 host: u.host.clone(),
                 name: r.name.clone(),
@@ -154,6 +174,21 @@ pub fn merge(
     ))
 }
 
+/// The `auths` entry of `entries` (a docker `config.json`'s `auths` object)
+/// meant for the upstream `host` served at `url`: the one whose key names
+/// `host`, else the one whose key names the URL's host (where the credentials
+/// are sent), keys compared by [`registry_key`] (scheme and path dropped,
+/// Docker Hub's aliases are `docker.io`). `None` when no key names either:
+/// another registry's entry is never used, even when it is the only one.
+pub fn entry_for<'a>(host: &str, url: &str, entries: &'a Map<String, Value>) -> Option<&'a Value> {
+    let url_host = registry_key(url);
+    entries
+        .iter()
+        .find(|(k, _)| registry_key(k) == host)
+        .or_else(|| entries.iter().find(|(k, _)| registry_key(k) == url_host))
+        .map(|(_, v)| v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +200,7 @@ mod tests {
 
     fn secret(json: &str) -> Secret {
         Secret {
+            type_: Some(DOCKERCONFIGJSON_TYPE.to_owned()),
             data: Some(BTreeMap::from([(
                 DOCKERCONFIGJSON.to_owned(),
                 ByteString(json.as_bytes().to_vec()),
@@ -178,7 +214,7 @@ mod tests {
         let m = mirror(json!({"upstreams": [
             {"host": "docker.io", "credentialsSecret": {"name": "all"}},
             {"host": "ghcr.io", "credentialsSecret": {"name": "all", "namespace": "ops"}},
-            {"host": "quay.io", "credentialsSecret": {"name": "single"}},
+            {"host": "quay.io", "url": "https://quay-mirror.local", "credentialsSecret": {"name": "single"}},
             {"host": "gcr.io"},
         ]}));
         let secrets = BTreeMap::from([
@@ -238,11 +274,66 @@ mod tests {
         let e = merge(&m, "ops", &BTreeMap::from([("s".to_owned(), bad)])).unwrap_err();
         assert!(matches!(e, CredentialsError::Invalid { .. }));
 
-        let empty = Secret::default();
+        let empty = Secret {
+            type_: Some(DOCKERCONFIGJSON_TYPE.to_owned()),
+            ..Default::default()
+        };
         let e = merge(&m, "ops", &BTreeMap::from([("s".to_owned(), empty)])).unwrap_err();
         assert!(matches!(e, CredentialsError::NotDockerConfig { .. }));
 
+        // Opaque (also the API server's default) is refused, saying how to fix it.
+        for type_ in [None, Some("Opaque")] {
+            let mut opaque = secret(r#"{"auths":{"docker.io":{"auth":"x"}}}"#);
+            opaque.type_ = type_.map(str::to_owned);
+            let e = merge(&m, "ops", &BTreeMap::from([("s".to_owned(), opaque)])).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "credentialsSecret s of docker.io has type Opaque; only kubernetes.io/dockerconfigjson is accepted: create it with `kubectl create secret docker-registry`"
+            );
+        }
+
         let none = mirror(json!({"upstreams": [{"host": "docker.io"}]}));
         assert_eq!(merge(&none, "ops", &BTreeMap::new()).unwrap(), None);
+    }
+
+    #[test]
+    fn another_registrys_only_entry_is_never_used() {
+        // The ghcr.io token must not be sent to quay.io (issue 18).
+        let m = mirror(
+            json!({"upstreams": [{"host": "quay.io", "credentialsSecret": {"name": "ghcr"}}]}),
+        );
+        let ghcr = secret(r#"{"auths":{"ghcr.io":{"username":"g","password":"ghcr-token"}}}"#);
+        let e = merge(&m, "ops", &BTreeMap::from([("ghcr".to_owned(), ghcr)])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "credentialsSecret ghcr has no entry for quay.io (it has: ghcr.io); add one keyed by quay.io"
+        );
+    }
+
+    #[test]
+    fn an_entry_is_found_by_host_url_host_or_docker_hub_alias() {
+        let entries = |keys: &[&str]| -> Map<String, Value> {
+            keys.iter().map(|k| ((*k).to_owned(), json!(k))).collect()
+        };
+        let hub = "https://registry-1.docker.io";
+        let e = entries(&["https://index.docker.io/v1/"]);
+        assert_eq!(
+            entry_for("docker.io", hub, &e),
+            Some(&json!("https://index.docker.io/v1/"))
+        );
+        let e = entries(&["mirror.local:5000", "quay.io"]);
+        assert_eq!(
+            entry_for("quay.io", "http://mirror.local:5000", &e),
+            Some(&json!("quay.io"))
+        );
+        let e = entries(&["mirror.local:5000", "ghcr.io"]);
+        assert_eq!(
+            entry_for("quay.io", "http://mirror.local:5000", &e),
+            Some(&json!("mirror.local:5000"))
+        );
+        let e = entries(&["ghcr.io"]);
+        assert_eq!(entry_for("quay.io", "https://quay.io", &e), None);
+        assert_eq!(entry_for("docker.io", hub, &e), None);
+        assert_eq!(entry_for("quay.io", "https://quay.io", &Map::new()), None);
     }
 }

@@ -15,6 +15,10 @@ use tokio_util::sync::CancellationToken;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// After SIGTERM: how long running reconciles may finish, and separately how
+/// long releasing the lease may take, before the process exits anyway.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "regmirror-operator",
@@ -170,6 +174,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         controller: "regmirror-operator".into(),
         instance: Some(identity.clone()),
     };
+    // Not ready (and nothing to lead) until RegistryMirrors are served: a
+    // missing CRD is logged at error level and fails /readyz, and the CRD is
+    // picked up when it is installed. SIGTERM ends the wait at once.
+    if !controller::wait_for_crd(&client, &metrics, &shutdown).await {
+        return Ok(());
+    }
     // Standing by for the lease is a healthy state.
     metrics.ready.store(true, Ordering::Relaxed);
 
@@ -197,16 +207,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             std::future::pending().await
         }
     };
+    // The controller's graceful shutdown waits for its watches' first list;
+    // when the API server went away that never comes: exit after a grace.
+    let stuck = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
     tokio::select! {
         _ = controller => {}
+        _ = stuck => tracing::warn!(grace = ?SHUTDOWN_GRACE, "the controller did not stop within the grace period: exiting"),
         _ = lost => {
             metrics.leader.set(0);
             // Another replica may be reconciling already: stop at once.
             anyhow::bail!("lost the leader lease");
         }
     }
-    if args.leader_election {
-        leader::release(&leases, &lease).await;
+    if args.leader_election
+        && tokio::time::timeout(SHUTDOWN_GRACE, leader::release(&leases, &lease))
+            .await
+            .is_err()
+    {
+        tracing::warn!("cannot release the leader lease: the API server did not answer");
     }
     tracing::info!("stopped");
     Ok(())

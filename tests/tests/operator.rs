@@ -24,12 +24,13 @@ const IDENTITY: &str = "op-1";
 
 /// Every scenario of this file: the shared control plane is stopped when this
 /// many have had their [`turn`].
-const SCENARIOS: [&str; 5] = [
+const SCENARIOS: [&str; 6] = [
     "invalid_specs_are_rejected_with_the_schemas_messages",
     "a_mirror_becomes_ready_with_owned_labelled_children_events_and_metrics",
     "a_later_mirror_loses_a_shared_host_until_the_older_is_deleted",
     "a_spec_change_rolls_the_cache_config",
     "without_the_operator_the_finalizer_holds_and_the_garbage_collector_cleans_up",
+    "another_registrys_only_credentials_entry_is_never_copied",
 ];
 
 fn mirror_yaml(name: &str, upstreams: &str, extra: &str) -> String {
@@ -302,6 +303,8 @@ async fn a_mirror_becomes_ready_with_owned_labelled_children_events_and_metrics(
         config.contains("url = \"https://registry-1.docker.io\""),
         "{config}"
     );
+    // Dual-stack: nodes reach the cache over IPv4 and IPv6 (issue 18).
+    assert!(config.contains("listen = \"[::]:5000\""), "{config}");
     let deploy = cp
         .get_json(&["deployment", "regmirror-hub", "-n", NS])
         .await?
@@ -546,5 +549,64 @@ async fn without_the_operator_the_finalizer_holds_and_the_garbage_collector_clea
         |d| d.is_none().then_some(()),
     )
     .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_registrys_only_credentials_entry_is_never_copied() -> Result<()> {
+    let mut turn = turn("another_registrys_only_credentials_entry_is_never_copied").await;
+    let (cp, op) = turn.cluster().await?;
+    const TOKEN: &str = "ghcr-token-for-ghcr-only";
+    cp.kubectl_ok(&[
+        "create",
+        "secret",
+        "docker-registry",
+        "ghcr-only",
+        "-n",
+        NS,
+        "--docker-server=ghcr.io",
+        "--docker-username=robot",
+        &format!("--docker-password={TOKEN}"),
+    ])
+    .await?;
+    cp.apply_ok(&mirror_yaml(
+        "quayed",
+        "[{host: quay.io, credentialsSecret: {name: ghcr-only}}]",
+        "  storage: {size: 1Gi}\n",
+    ))
+    .await?;
+    let ready = op
+        .wait_for(
+            cp,
+            "quayed CredentialsUnavailable",
+            &["registrymirror", "quayed"],
+            |m| {
+                let c = condition(m?, "Ready")?;
+                (c["reason"] == "CredentialsUnavailable").then(|| c.clone())
+            },
+        )
+        .await?;
+    assert_eq!(ready["status"], "False");
+    assert_eq!(
+        ready["message"],
+        "credentialsSecret ghcr-only has no entry for quay.io (it has: ghcr.io); add one keyed by quay.io"
+    );
+    // Nothing carries the ghcr.io token to quay.io's cache.
+    assert!(
+        cp.get_json(&["secret", "regmirror-quayed-credentials", "-n", NS])
+            .await?
+            .is_none(),
+        "credentials Secret copied for quayed"
+    );
+    for kind in ["configmap", "deployment"] {
+        assert!(
+            cp.get_json(&[kind, "regmirror-quayed", "-n", NS])
+                .await?
+                .is_none(),
+            "{kind} applied for quayed"
+        );
+    }
+    cp.kubectl_ok(&["delete", "registrymirror", "quayed", "--wait=false"])
+        .await?;
     Ok(())
 }

@@ -128,7 +128,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    init_tracing();
+    init_tracing(None);
     let identity = args.identity.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_owned())
@@ -213,7 +213,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn agent(args: AgentArgs) -> anyhow::Result<()> {
-    init_tracing();
+    // The agent logs each failed API request itself, rate-limited
+    // (agent.rs); kube's client would log every one again at ERROR.
+    init_tracing(Some("kube_client::client::builder=off"));
     let client = kube::Client::try_default()
         .await
         .context("cannot configure a Kubernetes client (in-cluster or KUBECONFIG)")?;
@@ -237,10 +239,22 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     regmirror_operator::agent::run(client, cfg, shutdown).await
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("REGMIRROR_LOG")
+/// Logging to stdout at `$REGMIRROR_LOG` (default `info`); `quiet`, a filter
+/// directive, is added unless `$REGMIRROR_LOG` names kube_client itself.
+fn init_tracing(quiet: Option<&str>) {
+    let spec = std::env::var("REGMIRROR_LOG").unwrap_or_else(|_| "info".to_owned());
+    let spec = match quiet {
+        Some(q) if !spec.contains("kube_client") => format!("{spec},{q}"),
+        _ => spec,
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Colour codes only for a terminal: in a pod's log they are noise (issue 18).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .init();
 }
 
 async fn shutdown_signal() {

@@ -455,7 +455,9 @@ fn daemon_set_json(mirror: &RegistryMirror, settings: &Settings) -> Value {
             ],
             "resources": {
                 "requests": {"cpu": "10m", "memory": "32Mi"},
-                "limits": {"memory": "128Mi"},
+                // A bound on what one agent may take from its node (issue 17:
+                // an agent without backoff burnt a core when the API server was away).
+                "limits": {"cpu": "100m", "memory": "128Mi"},
             },
             "securityContext": {
                 // Root to write the host's root-owned directory; nothing more.
@@ -846,6 +848,11 @@ url = "http://10.0.0.5:5000"
         let ctr = &pod["containers"][0];
         assert_eq!(ctr["args"], json!(["agent"]));
         assert_eq!(ctr["image"], "regmirror/operator:test");
+        assert_eq!(
+            ctr["resources"],
+            json!({"requests": {"cpu": "10m", "memory": "32Mi"},
+                   "limits": {"cpu": "100m", "memory": "128Mi"}})
+        );
         let env = ctr["env"].as_array().unwrap();
         assert!(env.contains(&json!({"name": "NODE_IP", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.hostIP"}}})));
         assert!(env.contains(&json!({"name": "NODE_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}}})));

@@ -9,6 +9,7 @@
 //! a rolling update of the agent must not send pulls around the cache.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -285,8 +286,16 @@ async fn pass(
     }
 }
 
+/// Whether a node whose last pass succeeded with `state` counts as reconciled
+/// (the agent's readiness, issue 17): its files are in line with the mirror
+/// and containerd reads them, or they are removed for a deleted mirror.
+pub fn reconciled(state: NodeState) -> bool {
+    matches!(state, NodeState::Configured | NodeState::Removed)
+}
+
 /// Runs until `shutdown`: a pass on every change to the mirror and every
-/// `resync`.
+/// `resync`; `ready` is set after each pass to whether the node is
+/// [`reconciled`] and its result reported.
 ///
 /// Backoff (issue 17): the watch and the passes each back off with
 /// kube-runtime's [`DefaultBackoff`] (client-go's reflector parameters:
@@ -296,6 +305,7 @@ async fn pass(
 pub async fn run(
     client: Client,
     cfg: AgentConfig,
+    ready: &AtomicBool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let api: Api<RegistryMirror> = Api::all(client);
@@ -315,7 +325,10 @@ pub async fn run(
     let mut failures = Failures::default();
     tracing::info!(mirror = %cfg.mirror, node = %cfg.node_name, dir = %cfg.hosts_dir.display(), "node agent started");
     'passes: loop {
-        let wait = if pass(&api, &cfg, &mut last, &mut failures).await? {
+        let passed = pass(&api, &cfg, &mut last, &mut failures).await?;
+        let now_ready = passed && last.as_ref().is_some_and(|(s, ..)| reconciled(*s));
+        ready.store(now_ready, Ordering::Relaxed);
+        let wait = if passed {
             backoff.reset();
             cfg.resync
         } else {
@@ -437,6 +450,19 @@ mod tests {
             node_state(&failed, &ok),
             (NodeState::Failed, "x: EROFS".into())
         );
+    }
+
+    #[test]
+    fn only_configured_or_removed_nodes_are_reconciled() {
+        assert!(reconciled(NodeState::Configured));
+        assert!(reconciled(NodeState::Removed));
+        for s in [
+            NodeState::NotEffective,
+            NodeState::Conflict,
+            NodeState::Failed,
+        ] {
+            assert!(!reconciled(s), "{s:?}");
+        }
     }
 
     #[test]

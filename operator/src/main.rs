@@ -75,6 +75,10 @@ struct AgentArgs {
     /// Re-check the files this often (e.g. 30s).
     #[arg(long, env = "REGMIRROR_RESYNC", default_value = "30s")]
     resync: humantime::Duration,
+    /// Address serving /healthz and /readyz (ready once this node is
+    /// configured); none when unset.
+    #[arg(long, env = "REGMIRROR_PROBE_ADDR")]
+    probe_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -227,6 +231,19 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
             stop.cancel();
         });
     }
+    let metrics = Arc::new(Metrics::default());
+    if let Some(addr) = args.probe_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let app = metrics::app(metrics.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+        });
+    }
     let cfg = regmirror_operator::agent::AgentConfig {
         mirror: args.mirror,
         node_name: args.node_name,
@@ -236,7 +253,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         containerd_config: args.containerd_config,
         resync: args.resync.into(),
     };
-    regmirror_operator::agent::run(client, cfg, shutdown).await
+    regmirror_operator::agent::run(client, cfg, &metrics.ready, shutdown).await
 }
 
 /// Logging to stdout at `$REGMIRROR_LOG` (default `info`); `quiet`, a filter

@@ -142,20 +142,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .context("cannot configure a Kubernetes client (in-cluster or KUBECONFIG)")?;
     let metrics = Arc::new(Metrics::default());
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.metrics_addr))?;
-    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
     let shutdown = CancellationToken::new();
-    {
-        let app = metrics::app(metrics.clone());
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-        });
-    }
+    serve(args.metrics_addr, &metrics, &shutdown).await?;
     {
         let stop = shutdown.clone();
         tokio::spawn(async move {
@@ -233,16 +221,7 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     }
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = args.probe_addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        let app = metrics::app(metrics.clone());
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-        });
+        serve(addr, &metrics, &shutdown).await?;
     }
     let cfg = regmirror_operator::agent::AgentConfig {
         mirror: args.mirror,
@@ -254,6 +233,27 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         resync: args.resync.into(),
     };
     regmirror_operator::agent::run(client, cfg, &metrics.ready, shutdown).await
+}
+
+/// Serves /metrics, /healthz and /readyz from `metrics` on `addr` until
+/// `shutdown`; errors when `addr` cannot be bound.
+async fn serve(
+    addr: SocketAddr,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+    let app = metrics::app(metrics.clone());
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+    });
+    Ok(())
 }
 
 /// Logging to stdout at `$REGMIRROR_LOG` (default `info`); `quiet`, a filter

@@ -168,6 +168,12 @@ pub struct AgentOptions<'a> {
 
 impl AgentProcess {
     pub fn start(o: &AgentOptions<'_>) -> Result<Self> {
+        Self::start_with_env(o, &[])
+    }
+
+    /// [`AgentProcess::start`] with more environment variables (`extra`,
+    /// e.g. `REGMIRROR_PROBE_ADDR`), set after the defaults.
+    pub fn start_with_env(o: &AgentOptions<'_>, extra: &[(&str, &str)]) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("regmirror-agent-")
             .tempdir()?;
@@ -189,6 +195,7 @@ impl AgentProcess {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
+        .chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
         .collect();
         let child = ChildGuard::spawn(
             "regmirror-agent",

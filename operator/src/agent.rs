@@ -9,18 +9,22 @@
 //! a rolling update of the agent must not send pulls around the cache.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::watcher;
+use kube::runtime::utils::Backoff as _;
+use kube::runtime::watcher::DefaultBackoff;
+use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, Resource};
 use regmirror_node::{Apply, HostReport, HostState, HostsToml, MergeMode};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::crd::{NodeResult, NodeState, RegistryMirror};
+use crate::quiet::{FailureLog, Say};
 
 /// Files are re-checked this often even without a change to the mirror, so a
 /// wiped or edited hosts.toml comes back.
@@ -205,50 +209,152 @@ async fn report(
     .map(|_| ())
 }
 
-/// Runs until `shutdown`: a pass on every change to the mirror and every `resync`.
+/// The failure logs of the agent's three sources of API errors.
+#[derive(Debug, Default)]
+struct Failures {
+    watch: FailureLog,
+    read: FailureLog,
+    report: FailureLog,
+}
+
+/// Logs `error` from the source `log` unless it is a repeat within
+/// [`quiet::LOG_EVERY`] (issue 17: an unreachable API server wrote 312,540
+/// lines in 11 s).
+fn failed(log: &mut FailureLog, what: &str, error: &dyn std::fmt::Display) {
+    let text = error.to_string();
+    if let Some(Say::Failure { suppressed }) = log.failure(&text, Instant::now()) {
+        if suppressed == 0 {
+            tracing::warn!(error = %text, "{what}");
+        } else {
+            tracing::warn!(error = %text, suppressed, "{what} (still failing)");
+        }
+    }
+}
+
+/// Logs the first success of the source `log` after failures, once.
+fn succeeded(log: &mut FailureLog, what: &str) {
+    if let Some(Say::Recovered { failures, lasted }) = log.success(Instant::now()) {
+        let lasted = humantime::format_duration(Duration::from_secs(lasted.as_secs()));
+        tracing::info!(failures, %lasted, "{what} works again");
+    }
+}
+
+/// One pass: read the mirror, reconcile the files, report when due.
+/// `Ok(false)` when an API request failed (logged), so the caller backs off.
+async fn pass(
+    api: &Api<RegistryMirror>,
+    cfg: &AgentConfig,
+    last: &mut Option<(NodeState, String, Instant)>,
+    failures: &mut Failures,
+) -> anyhow::Result<bool> {
+    let mirror = match api.get_opt(&cfg.mirror).await {
+        Ok(m) => {
+            succeeded(&mut failures.read, "reading the mirror");
+            m
+        }
+        Err(e) => {
+            failed(
+                &mut failures.read,
+                "cannot read the mirror; files left as they are",
+                &e,
+            );
+            return Ok(false);
+        }
+    };
+    let c = cfg.clone();
+    let outcome = tokio::task::spawn_blocking(move || reconcile_files(&c, mirror.as_ref())).await?;
+    let Some((state, message)) = outcome else {
+        return Ok(true);
+    };
+    let due = last
+        .as_ref()
+        .is_none_or(|(s, m, at)| *s != state || *m != message || at.elapsed() >= REPORT_EVERY);
+    if !due {
+        return Ok(true);
+    }
+    match report(api, cfg, state, &message).await {
+        Ok(()) => {
+            succeeded(&mut failures.report, "reporting this node's result");
+            tracing::info!(?state, %message, "reported");
+            *last = Some((state, message, Instant::now()));
+            Ok(true)
+        }
+        Err(e) => {
+            failed(&mut failures.report, "cannot report this node's result", &e);
+            Ok(false)
+        }
+    }
+}
+
+/// Whether a node whose last pass succeeded with `state` counts as reconciled
+/// (the agent's readiness, issue 17): its files are in line with the mirror
+/// and containerd reads them, or they are removed for a deleted mirror.
+pub fn reconciled(state: NodeState) -> bool {
+    matches!(state, NodeState::Configured | NodeState::Removed)
+}
+
+/// Runs until `shutdown`: a pass on every change to the mirror and every
+/// `resync`; `ready` is set after each pass to whether the node is
+/// [`reconciled`] and its result reported.
+///
+/// Backoff (issue 17): the watch and the passes each back off with
+/// kube-runtime's [`DefaultBackoff`] (client-go's reflector parameters:
+/// 0.8 s doubling with jitter up to 30 s, reset after 120 s without
+/// errors), reset after a success; repeated failures are logged through
+/// [`FailureLog`].
 pub async fn run(
     client: Client,
     cfg: AgentConfig,
+    ready: &AtomicBool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let api: Api<RegistryMirror> = Api::all(client);
+    // `Init` is emitted before each (re-)list is even tried, and the backoff
+    // resets on any `Ok`: without this filter a failing list is retried
+    // every 0.8-1.6 s for ever instead of backing off.
     let changes = watcher(
         api.clone(),
         watcher::Config::default().fields(&format!("metadata.name={}", cfg.mirror)),
-    );
+    )
+    .filter(|e| std::future::ready(!matches!(e, Ok(watcher::Event::Init))))
+    .default_backoff();
     let mut changes = std::pin::pin!(changes);
+    let mut watching = true;
     let mut last: Option<(NodeState, String, Instant)> = None;
+    let mut backoff = DefaultBackoff::default();
+    let mut failures = Failures::default();
     tracing::info!(mirror = %cfg.mirror, node = %cfg.node_name, dir = %cfg.hosts_dir.display(), "node agent started");
-    loop {
-        match api.get_opt(&cfg.mirror).await {
-            Ok(mirror) => {
-                let c = cfg.clone();
-                let outcome =
-                    tokio::task::spawn_blocking(move || reconcile_files(&c, mirror.as_ref()))
-                        .await?;
-                if let Some((state, message)) = outcome {
-                    let due = last.as_ref().is_none_or(|(s, m, at)| {
-                        *s != state || *m != message || at.elapsed() >= REPORT_EVERY
-                    });
-                    if due {
-                        match report(&api, &cfg, state, &message).await {
-                            Ok(()) => {
-                                tracing::info!(?state, %message, "reported");
-                                last = Some((state, message, Instant::now()));
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "cannot report this node's result")
-                            }
-                        }
+    'passes: loop {
+        let passed = pass(&api, &cfg, &mut last, &mut failures).await?;
+        let now_ready = passed && last.as_ref().is_some_and(|(s, ..)| reconciled(*s));
+        ready.store(now_ready, Ordering::Relaxed);
+        let wait = if passed {
+            backoff.reset();
+            cfg.resync
+        } else {
+            // DefaultBackoff never runs out; the cap is its own.
+            backoff.next().unwrap_or(cfg.resync)
+        };
+        let timer = tokio::time::sleep(wait);
+        let mut timer = std::pin::pin!(timer);
+        loop {
+            tokio::select! {
+                event = changes.next(), if watching => match event {
+                    // A list in progress: the pass follows its InitDone.
+                    Some(Ok(watcher::Event::InitApply(_))) => {
+                        succeeded(&mut failures.watch, "watching the mirror");
                     }
-                }
+                    Some(Ok(_)) => {
+                        succeeded(&mut failures.watch, "watching the mirror");
+                        continue 'passes;
+                    }
+                    // The stream itself waits out its backoff before the next try.
+                    Some(Err(e)) => failed(&mut failures.watch, "cannot watch the mirror", &e),
+                    None => watching = false,
+                },
+                () = &mut timer => continue 'passes,
+                () = shutdown.cancelled() => break 'passes,
             }
-            Err(e) => tracing::warn!(error = %e, "cannot read the mirror; files left as they are"),
-        }
-        tokio::select! {
-            _ = changes.next() => {}
-            () = tokio::time::sleep(cfg.resync) => {}
-            () = shutdown.cancelled() => break,
         }
     }
     tracing::info!("node agent stopped; files stay until the mirror is deleted");
@@ -344,6 +450,19 @@ mod tests {
             node_state(&failed, &ok),
             (NodeState::Failed, "x: EROFS".into())
         );
+    }
+
+    #[test]
+    fn only_configured_or_removed_nodes_are_reconciled() {
+        assert!(reconciled(NodeState::Configured));
+        assert!(reconciled(NodeState::Removed));
+        for s in [
+            NodeState::NotEffective,
+            NodeState::Conflict,
+            NodeState::Failed,
+        ] {
+            assert!(!reconciled(s), "{s:?}");
+        }
     }
 
     #[test]

@@ -16,5 +16,6 @@ mod fixtures;
 pub mod leader;
 pub mod metrics;
 pub mod quantity;
+pub mod quiet;
 pub mod resources;
 pub mod status;

@@ -79,6 +79,10 @@ struct AgentArgs {
     /// Re-check the files this often (e.g. 30s).
     #[arg(long, env = "REGMIRROR_RESYNC", default_value = "30s")]
     resync: humantime::Duration,
+    /// Address serving /healthz and /readyz (ready once this node is
+    /// configured); none when unset.
+    #[arg(long, env = "REGMIRROR_PROBE_ADDR")]
+    probe_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -132,7 +136,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    init_tracing();
+    init_tracing(None);
     let identity = args.identity.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_owned())
@@ -142,20 +146,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .context("cannot configure a Kubernetes client (in-cluster or KUBECONFIG)")?;
     let metrics = Arc::new(Metrics::default());
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.metrics_addr))?;
-    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
     let shutdown = CancellationToken::new();
-    {
-        let app = metrics::app(metrics.clone());
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-        });
-    }
+    serve(args.metrics_addr, &metrics, &shutdown).await?;
     {
         let stop = shutdown.clone();
         tokio::spawn(async move {
@@ -234,7 +226,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn agent(args: AgentArgs) -> anyhow::Result<()> {
-    init_tracing();
+    // The agent logs each failed API request itself, rate-limited
+    // (agent.rs); kube's client would log every one again at ERROR.
+    init_tracing(Some("kube_client::client::builder=off"));
     let client = kube::Client::try_default()
         .await
         .context("cannot configure a Kubernetes client (in-cluster or KUBECONFIG)")?;
@@ -246,6 +240,10 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
             stop.cancel();
         });
     }
+    let metrics = Arc::new(Metrics::default());
+    if let Some(addr) = args.probe_addr {
+        serve(addr, &metrics, &shutdown).await?;
+    }
     let cfg = regmirror_operator::agent::AgentConfig {
         mirror: args.mirror,
         node_name: args.node_name,
@@ -255,13 +253,46 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         containerd_config: args.containerd_config,
         resync: args.resync.into(),
     };
-    regmirror_operator::agent::run(client, cfg, shutdown).await
+    regmirror_operator::agent::run(client, cfg, &metrics.ready, shutdown).await
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("REGMIRROR_LOG")
+/// Serves /metrics, /healthz and /readyz from `metrics` on `addr` until
+/// `shutdown`; errors when `addr` cannot be bound.
+async fn serve(
+    addr: SocketAddr,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+    let app = metrics::app(metrics.clone());
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+    });
+    Ok(())
+}
+
+/// Logging to stdout at `$REGMIRROR_LOG` (default `info`); `quiet`, a filter
+/// directive, is added unless `$REGMIRROR_LOG` names kube_client itself.
+fn init_tracing(quiet: Option<&str>) {
+    let spec = std::env::var("REGMIRROR_LOG").unwrap_or_else(|_| "info".to_owned());
+    let spec = match quiet {
+        Some(q) if !spec.contains("kube_client") => format!("{spec},{q}"),
+        _ => spec,
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Colour codes only for a terminal: in a pod's log they are noise (issue 18).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .init();
 }
 
 async fn shutdown_signal() {

@@ -418,6 +418,9 @@ fn service_json(mirror: &RegistryMirror, settings: &Settings) -> Value {
     })
 }
 
+/// Port of the node agent's `/readyz` inside its pod.
+pub const AGENT_PROBE_PORT: u16 = 8081;
+
 /// The node agent (`regmirror-operator agent`, issue 5): one pod per selected
 /// node, with the host's containerd registry directory mounted read-write at
 /// `/host<dir>`, and the node's name and IP from the downward API.
@@ -454,10 +457,20 @@ fn daemon_set_json(mirror: &RegistryMirror, settings: &Settings) -> Value {
                 {"name": "NODE_NAME", "valueFrom": field("spec.nodeName")},
                 {"name": "NODE_IP", "valueFrom": field("status.hostIP")},
                 {"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
+                {"name": "REGMIRROR_PROBE_ADDR", "value": format!("0.0.0.0:{AGENT_PROBE_PORT}")},
             ],
+            "ports": [{"name": "probes", "containerPort": AGENT_PROBE_PORT, "protocol": "TCP"}],
+            // Ready only once this node is configured (agent::reconciled), so
+            // ready pods are not counted as configured nodes (issue 17).
+            "readinessProbe": {
+                "httpGet": {"path": "/readyz", "port": "probes"},
+                "periodSeconds": 10,
+            },
             "resources": {
                 "requests": {"cpu": "10m", "memory": "32Mi"},
-                "limits": {"memory": "128Mi"},
+                // A bound on what one agent may take from its node (issue 17:
+                // an agent without backoff burnt a core when the API server was away).
+                "limits": {"cpu": "100m", "memory": "128Mi"},
             },
             "securityContext": {
                 // Root to write the host's root-owned directory; nothing more.
@@ -850,7 +863,17 @@ url = "http://10.0.0.5:5000"
         let ctr = &pod["containers"][0];
         assert_eq!(ctr["args"], json!(["agent"]));
         assert_eq!(ctr["image"], "regmirror/operator:test");
+        assert_eq!(ctr["readinessProbe"]["httpGet"]["path"], "/readyz");
+        assert_eq!(ctr["ports"][0]["containerPort"], AGENT_PROBE_PORT);
+        assert_eq!(
+            ctr["resources"],
+            json!({"requests": {"cpu": "10m", "memory": "32Mi"},
+                   "limits": {"cpu": "100m", "memory": "128Mi"}})
+        );
         let env = ctr["env"].as_array().unwrap();
+        assert!(env.contains(
+            &json!({"name": "REGMIRROR_PROBE_ADDR", "value": format!("0.0.0.0:{AGENT_PROBE_PORT}")})
+        ));
         assert!(env.contains(&json!({"name": "NODE_IP", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.hostIP"}}})));
         assert!(env.contains(&json!({"name": "NODE_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}}})));
         assert!(

@@ -97,7 +97,32 @@ fn openssl(args: &[&str]) -> Result<()> {
     ensure_success(&format!("openssl {}", args.join(" ")), &out)
 }
 
+/// Writes a kubeconfig at `path` for `server`, trusting the CA file `ca`,
+/// authenticating with the bearer `token`.
+fn write_kubeconfig(path: &Path, server: &str, ca: &Path, token: &str) -> Result<()> {
+    std::fs::write(
+        path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{server}\", certificate-authority: \"{}\"}}}}]\n\
+             users: [{{name: admin, user: {{token: \"{token}\"}}}}]\n\
+             contexts: [{{name: t, context: {{cluster: t, user: admin}}}}]\ncurrent-context: t\n",
+            ca.display()
+        ),
+    )
+    .with_context(|| format!("write {}", path.display()))
+}
+
 impl ControlPlane {
+    /// A kubeconfig trusting this cluster's CA but naming `server` and the
+    /// bearer `token` (another identity, a garbage token, an address where
+    /// nothing listens), written as `name` in this control plane's directory.
+    pub fn kubeconfig_with(&self, name: &str, server: &str, token: &str) -> Result<PathBuf> {
+        let path = self.dir.path().join(name);
+        let ca = self.dir.path().join("pki/apiserver.crt");
+        write_kubeconfig(&path, server, &ca, token)?;
+        Ok(path)
+    }
+
     /// Starts everything and waits until pods can be created (about 10 s).
     pub async fn start() -> Result<Self> {
         let bin = tools_bin_dir()?;
@@ -132,15 +157,7 @@ impl ControlPlane {
         );
         let server = format!("https://127.0.0.1:{ap}");
         let kubeconfig = w.join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{server}\", certificate-authority: \"{}\"}}}}]\n\
-                 users: [{{name: admin, user: {{token: \"{token}\"}}}}]\n\
-                 contexts: [{{name: t, context: {{cluster: t, user: admin}}}}]\ncurrent-context: t\n",
-                pki.join("apiserver.crt").display()
-            ),
-        )?;
+        write_kubeconfig(&kubeconfig, &server, &pki.join("apiserver.crt"), &token)?;
         let mut cp = Self {
             bin: bin.clone(),
             kubeconfig: kubeconfig.clone(),

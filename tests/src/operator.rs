@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -168,6 +168,12 @@ pub struct AgentOptions<'a> {
 
 impl AgentProcess {
     pub fn start(o: &AgentOptions<'_>) -> Result<Self> {
+        Self::start_with_env(o, &[])
+    }
+
+    /// [`AgentProcess::start`] with more environment variables (`extra`,
+    /// e.g. `REGMIRROR_PROBE_ADDR`), set after the defaults.
+    pub fn start_with_env(o: &AgentOptions<'_>, extra: &[(&str, &str)]) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("regmirror-agent-")
             .tempdir()?;
@@ -189,6 +195,7 @@ impl AgentProcess {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
+        .chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
         .collect();
         let child = ChildGuard::spawn(
             "regmirror-agent",
@@ -212,5 +219,26 @@ impl AgentProcess {
     /// SIGTERM, then SIGKILL after `grace`.
     pub async fn stop(&mut self, grace: Duration) -> Result<std::process::ExitStatus> {
         self.child.terminate(grace).await
+    }
+
+    /// CPU time the agent has used so far (user + system), from
+    /// `/proc/<pid>/stat` fields 14 and 15, in clock ticks of 1/100 s
+    /// (Linux's USER_HZ).
+    pub fn cpu_time(&self) -> Result<Duration> {
+        let pid = self.child.pid().context("agent not running")?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("read /proc/{pid}/stat"))?;
+        // The command name (field 2) may hold spaces: count fields after its ')'.
+        let after = stat.rsplit_once(')').context("malformed stat")?.1;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| -> Result<u64> {
+            fields
+                .get(i)
+                .context("short stat")?
+                .parse::<u64>()
+                .context("stat field")
+        };
+        // fields[0] is field 3 (state): utime (14) is fields[11], stime (15) fields[12].
+        Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
     }
 }

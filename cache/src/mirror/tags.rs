@@ -457,10 +457,16 @@ impl Mirror {
             digest: m.digest.to_string(),
             media_type: m.media_type.clone(),
         };
-        {
+        // Mostly the answer is what the record holds already: that read
+        // needs no lock. Only a change takes it (one for every tag, so that
+        // answers recorded for two classes at once are both kept) and reads
+        // the record again under it.
+        let unchanged = |record: &TagRecord| answer_of(record, class) == Some(&answer);
+        let current = self.store.tag(host, repo, tag).await.unwrap_or_default();
+        if !unchanged(&current) {
             let _writing = self.tags.records.lock().await;
             let record = self.store.tag(host, repo, tag).await.unwrap_or_default();
-            if answer_of(&record, class) != Some(&answer) {
+            if !unchanged(&record) {
                 let record = with_answer(record, class, Some(answer));
                 if let Err(e) = self.store.put_tag(host, repo, tag, &record).await {
                     tracing::warn!(upstream = %host, %repo, %tag, error = %e, "cannot record tag");

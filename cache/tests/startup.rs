@@ -1,6 +1,6 @@
-//! Starting without CA certificates: the binary with `SSL_CERT_FILE` and
-//! `SSL_CERT_DIR` pointing at nothing (rustls-native-certs then reads only
-//! those), as on a minimal image without a CA bundle.
+//! Starting the binary: without CA certificates (`SSL_CERT_FILE` and
+//! `SSL_CERT_DIR` pointing at nothing, which rustls-native-certs then reads
+//! alone, as on a minimal image without a CA bundle), and logging to a pipe.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
@@ -34,6 +34,19 @@ fn start_without_ca_certificates(dir: &Path, args: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+/// The lines `out` gives, as they come, read on a thread of their own.
+fn output_lines(out: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// Kills the child when the test ends, however it ends.
@@ -95,15 +108,7 @@ fn plain_http_upstreams_start_without_ca_certificates() {
         &["--upstream", "docker.io=http://127.0.0.1:9"],
     ));
     // The log's lines until it says where it serves.
-    let stdout = child.0.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            if tx.send(line.unwrap_or_default()).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = output_lines(child.0.stdout.take().unwrap());
     let deadline = Instant::now() + Duration::from_secs(20);
     let (mut warned, mut listen) = (false, None);
     while listen.is_none() {
@@ -127,4 +132,50 @@ fn plain_http_upstreams_start_without_ca_certificates() {
     let mut answer = String::new();
     conn.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+}
+
+/// Text logs written to a pipe or file (a pod's log, a redirect) carry no
+/// colour codes; only a terminal gets them.
+#[test]
+fn text_logs_to_a_pipe_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Reaped(
+        Command::new(BINARY)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "text",
+                "--storage",
+            ])
+            .arg(dir.path().join("data"))
+            .args(["--upstream", "docker.io=http://127.0.0.1:9"])
+            // The test harness sets NO_COLOR for the processes it starts; a
+            // pod does not.
+            .env_remove("NO_COLOR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let rx = output_lines(child.0.stdout.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut lines = Vec::new();
+    let served = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = rx.recv_timeout(left) else {
+            break false;
+        };
+        let done = line.contains("regmirror-cache serving");
+        lines.push(line);
+        if done {
+            break true;
+        }
+    };
+    assert!(served, "no serving line: {lines:?}");
+    assert!(
+        lines.iter().all(|l| !l.contains('\u{1b}')),
+        "colour codes in a piped log: {lines:?}"
+    );
 }

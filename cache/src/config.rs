@@ -12,6 +12,7 @@ use regmirror_registry::docker_hub::{DOCKER_HUB, canonical_host};
 use regmirror_registry::known::{default_url, well_known};
 use url::Url;
 
+use crate::cluster::{self, ClusterConfig, Discovery, MemberSource};
 use crate::store::Limits;
 
 #[derive(Debug, Parser)]
@@ -52,6 +53,14 @@ pub struct Cli {
     /// Evict content not read for this long (e.g. 30d) [default: never].
     #[arg(long, env = "REGMIRROR_MAX_AGE")]
     pub max_age: Option<humantime::Duration>,
+    /// This process's name in a cache cluster (unique, stable: a
+    /// StatefulSet pod's name); needs `--peer` or `[cluster.discovery]`.
+    #[arg(long, env = "REGMIRROR_NAME")]
+    pub name: Option<String>,
+    /// A cache cluster member as NAME=URL, every member including this one;
+    /// repeatable. Each key is then fetched and stored by one member only.
+    #[arg(long = "peer", env = "REGMIRROR_PEERS", value_delimiter = ',')]
+    pub peers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -111,6 +120,8 @@ pub struct Config {
     pub limits: Limits,
     /// Open client connections at most.
     pub max_connections: usize,
+    /// This process as a member of a cache cluster; `None`: on its own.
+    pub cluster: Option<ClusterConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -165,6 +176,8 @@ pub enum ConfigError {
     Upstream(String),
     #[error("invalid storage limits: {0}")]
     Limits(String),
+    #[error("invalid cluster: {0}")]
+    Cluster(String),
 }
 
 fn valid_host(host: &str) -> bool {
@@ -290,6 +303,8 @@ impl Config {
             ));
         }
 
+        let cluster = resolve_cluster(cli.name, cli.peers, file.cluster.clone())?;
+
         let d = Timeouts::default();
         let t = &file.timeouts;
         Ok(Self {
@@ -320,6 +335,7 @@ impl Config {
             max_connections: file
                 .max_connections
                 .unwrap_or(crate::listen::DEFAULT_MAX_CONNECTIONS),
+            cluster,
         })
     }
 
@@ -331,6 +347,59 @@ impl Config {
 /// The duration a file field names. Reading the file checked its durations;
 /// this reports one that was not read from a file (a [`FileConfig`] built in
 /// code) as the file's, naming the field.
+/// The cluster this process is a member of: flags (`--name`, `--peer`)
+/// over the file's `[cluster]`. Static peers and discovery exclude each
+/// other; either needs a valid name, and static peers must list it.
+fn resolve_cluster(
+    name: Option<String>,
+    peers: Vec<String>,
+    file: cache_file::FileCluster,
+) -> Result<Option<ClusterConfig>, ConfigError> {
+    let name = name.or(file.name);
+    let peers = if peers.is_empty() { file.peers } else { peers };
+    let source = match (peers.is_empty(), file.discovery) {
+        (true, None) => {
+            return match name {
+                None => Ok(None),
+                Some(n) => Err(ConfigError::Cluster(format!(
+                    "name {n:?} given without members: add --peer NAME=URL for every member, or [cluster.discovery]"
+                ))),
+            };
+        }
+        (false, Some(_)) => {
+            return Err(ConfigError::Cluster(
+                "static peers and [cluster.discovery] exclude each other: choose one".into(),
+            ));
+        }
+        (false, None) => {
+            MemberSource::Static(cluster::parse_peers(&peers).map_err(ConfigError::Cluster)?)
+        }
+        (true, Some(d)) => MemberSource::Kubernetes(Discovery {
+            service: d.service,
+            namespace: d.namespace,
+            port_name: d.port_name,
+        }),
+    };
+    let name = name.ok_or_else(|| {
+        ConfigError::Cluster(
+            "a cluster member needs its name: --name NAME (REGMIRROR_NAME, [cluster] name)".into(),
+        )
+    })?;
+    if !cluster::valid_member_name(&name) {
+        return Err(ConfigError::Cluster(format!(
+            "name {name:?} must be 1-253 characters of a-z, 0-9, '-' and '.' (a pod name)"
+        )));
+    }
+    if let MemberSource::Static(members) = &source {
+        if !members.iter().any(|m| m.name == name) {
+            return Err(ConfigError::Cluster(format!(
+                "--peer must list every member including this one ({name:?})"
+            )));
+        }
+    }
+    Ok(Some(ClusterConfig { name, source }))
+}
+
 fn file_duration(
     path: Option<&Path>,
     field: &str,
@@ -515,5 +584,65 @@ host = "quay.io"
         std::fs::write(&path, "listn = \"x\"\n").unwrap();
         let e = resolve(&["--config", path.to_str().unwrap()]).unwrap_err();
         assert!(e.to_string().contains("listn"), "{e}");
+    }
+
+    #[test]
+    fn cluster_membership_from_flags_or_file() {
+        assert!(resolve(&[]).unwrap().cluster.is_none());
+        let c = resolve(&[
+            "--name",
+            "b",
+            "--peer",
+            "b=http://127.0.0.1:5001",
+            "--peer",
+            "a=http://127.0.0.1:5000",
+        ])
+        .unwrap()
+        .cluster
+        .unwrap();
+        assert_eq!(c.name, "b");
+        let MemberSource::Static(m) = c.source else {
+            panic!("static")
+        };
+        assert_eq!(m.len(), 2);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[cluster]\nname = \"cache-1\"\n[cluster.discovery]\nservice = \"peers\"\n",
+        )
+        .unwrap();
+        let c = resolve(&["--config", path.to_str().unwrap()])
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(c.name, "cache-1");
+        assert!(matches!(c.source, MemberSource::Kubernetes(ref d) if d.service == "peers"));
+
+        for (args, says) in [
+            (vec!["--name", "a"], "without members"),
+            (vec!["--peer", "a=http://x:1"], "needs its name"),
+            (
+                vec!["--name", "b", "--peer", "a=http://x:1"],
+                "including this one",
+            ),
+            (
+                vec!["--name", "B", "--peer", "B=http://x:1"],
+                "name must be",
+            ),
+            (
+                vec![
+                    "--config",
+                    path.to_str().unwrap(),
+                    "--peer",
+                    "cache-1=http://x:1",
+                ],
+                "exclude each other",
+            ),
+        ] {
+            let e = resolve(&args).unwrap_err().to_string();
+            assert!(e.contains(says), "{args:?}: {e}");
+        }
     }
 }

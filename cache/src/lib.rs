@@ -12,6 +12,7 @@
 //! through `verify`, which releases its last bytes only once they match the
 //! digest.
 
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod fill;

@@ -63,6 +63,53 @@ pub struct FileConfig {
     /// upstream go to `docker.io` when it is one of them, else to the first.
     #[serde(default, rename = "upstream", skip_serializing_if = "Vec::is_empty")]
     pub upstreams: Vec<FileUpstream>,
+    /// `[cluster]`: this process as one member of a cache cluster.
+    #[serde(default, skip_serializing_if = "FileCluster::is_empty")]
+    pub cluster: FileCluster,
+}
+
+/// `[cluster]`: the members of a cache cluster, each owning a share of the
+/// keys (rendezvous hashing), and how this process finds them. Empty: one
+/// process on its own, as without the table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCluster {
+    /// This member's name: unique in the cluster, stable across restarts (a
+    /// StatefulSet pod's name). Ownership hashes it, so renaming a member
+    /// moves its keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A static membership: every member, this one included, as `NAME=URL`
+    /// (`URL` its registry API base, e.g. `http://10.0.0.7:5000`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<String>,
+    /// A membership discovered from a Kubernetes headless Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<FileDiscovery>,
+}
+
+impl FileCluster {
+    /// Whether nothing is set (the table is then left out of a written file).
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// `[cluster.discovery]`: members are the ready, non-terminating endpoints
+/// of a headless Service's EndpointSlices, named by their pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDiscovery {
+    /// The headless Service's name.
+    pub service: String,
+    /// Its namespace; the pod's own (the service account's namespace file)
+    /// when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The endpoint port's name whose number members serve on; the
+    /// endpoint's only port when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_name: Option<String>,
 }
 
 /// `[timeouts]`: how long the cache waits for an upstream.
@@ -220,6 +267,15 @@ mod tests {
                     allowed_hosts: vec![],
                 },
             ],
+            cluster: FileCluster {
+                name: Some("cache-0".into()),
+                peers: vec!["cache-0=http://10.0.0.1:5000".into()],
+                discovery: Some(FileDiscovery {
+                    service: "cache-peers".into(),
+                    namespace: Some("regmirror".into()),
+                    port_name: Some("registry".into()),
+                }),
+            },
         };
         let text = toml::to_string(&file).unwrap();
         assert_eq!(read(&text).unwrap(), file, "{text}");

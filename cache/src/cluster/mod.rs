@@ -1,0 +1,197 @@
+//! A cache cluster: N `regmirror-cache` processes acting as one cache, with
+//! one upstream fetch per key cluster-wide (issue 16).
+//!
+//! Each key ([`ranking::Key`]) has one owner, chosen by rendezvous hashing
+//! over the member names ([`ranking::rank`]); the ranking is also the order to
+//! fall back in when the owner is down. A member that is not a key's owner
+//! streams the request from the owner (with a hop header, so nothing loops)
+//! and stores nothing; the owner runs the ordinary fill, so clients on every
+//! member share one upstream fetch.
+//!
+//! Membership is a [`View`] that changes over time ([`Membership`]): static
+//! (`--peer`) or discovered from a Kubernetes headless Service's
+//! EndpointSlices. One process without a cluster behaves as a lone cache.
+
+pub mod discovery;
+pub mod ranking;
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use url::Url;
+
+/// One member: its name (unique, stable, hashed for ownership) and the base
+/// URL of its registry API (`http://10.0.0.7:5000`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Member {
+    pub name: String,
+    pub url: Url,
+}
+
+impl AsRef<str> for Member {
+    fn as_ref(&self) -> &str {
+        &self.name
+    }
+}
+
+/// The members one process knows of at a moment, sorted by name, each name
+/// once. Every member ranks keys over its view, so members with the same
+/// view agree on every owner.
+pub type View = Arc<[Member]>;
+
+/// How this process finds its fellow members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberSource {
+    /// A fixed list (`--peer NAME=URL`, this member included).
+    Static(Vec<Member>),
+    /// The ready, non-terminating endpoints of a Kubernetes headless
+    /// Service, named by their pod (`[cluster.discovery]`).
+    Kubernetes(Discovery),
+}
+
+/// Where to discover members in Kubernetes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovery {
+    /// The headless Service whose EndpointSlices list the members.
+    pub service: String,
+    /// Its namespace; `None`: the pod's own.
+    pub namespace: Option<String>,
+    /// The endpoint port's name to reach members on; `None`: the only port.
+    pub port_name: Option<String>,
+}
+
+/// This process as a member of a cluster: its name and where the others are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// This member's name, as the others see it in their views.
+    pub name: String,
+    pub source: MemberSource,
+}
+
+/// A static member list from `NAME=URL` texts, sorted by name. Errors name
+/// the entry: a missing `=`, an empty or repeated name, a URL that is not
+/// `http(s)://host[:port]` without path, query or credentials.
+pub fn parse_peers<S: AsRef<str>>(peers: &[S]) -> Result<Vec<Member>, String> {
+    let mut members = Vec::with_capacity(peers.len());
+    for text in peers {
+        let text = text.as_ref();
+        let (name, url) = text
+            .split_once('=')
+            .ok_or_else(|| format!("peer {text:?}: expected NAME=URL"))?;
+        if !valid_member_name(name) {
+            return Err(format!(
+                "peer {text:?}: name must be 1-253 characters of a-z, 0-9, '-' and '.' (a pod name)"
+            ));
+        }
+        let url: Url = url
+            .parse()
+            .map_err(|e| format!("peer {text:?}: invalid URL: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https")
+            || url.host_str().is_none()
+            || url.path() != "/"
+            || url.query().is_some()
+            || url.fragment().is_some()
+            || !url.username().is_empty()
+        {
+            return Err(format!(
+                "peer {text:?}: URL must be http(s)://host[:port] without path, query or credentials"
+            ));
+        }
+        members.push(Member {
+            name: name.to_owned(),
+            url,
+        });
+    }
+    members.sort();
+    if let Some(w) = members.windows(2).find(|w| w[0].name == w[1].name) {
+        return Err(format!("peer {:?} is listed twice", w[0].name));
+    }
+    Ok(members)
+}
+
+/// Whether `name` is usable as a member name: what a pod name allows
+/// (a DNS subdomain), since StatefulSet members are named by their pods.
+pub fn valid_member_name(name: &str) -> bool {
+    (1..=253).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !name.starts_with(['-', '.'])
+        && !name.ends_with(['-', '.'])
+}
+
+/// The changing membership of a cluster as this process sees it.
+#[derive(Clone)]
+pub struct Membership {
+    me: String,
+    view: watch::Receiver<View>,
+}
+
+impl Membership {
+    /// This process as `me`, with views as `view` publishes them.
+    pub fn new(me: String, view: watch::Receiver<View>) -> Self {
+        Self { me, view }
+    }
+
+    /// A membership that never changes (`--peer`).
+    pub fn fixed(me: String, members: Vec<Member>) -> Self {
+        let (_tx, rx) = watch::channel(View::from(members));
+        Self::new(me, rx)
+    }
+
+    /// This member's name.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// The current view.
+    pub fn view(&self) -> View {
+        Arc::clone(&self.view.borrow())
+    }
+
+    /// A receiver that wakes on every new view (to resize budgets, log
+    /// changes, count keys taken over).
+    pub fn changes(&self) -> watch::Receiver<View> {
+        self.view.clone()
+    }
+}
+
+/// The membership `config` describes, kept current in the background for
+/// a discovered one. Errors: discovery cannot start (no API server access).
+pub async fn membership(config: &ClusterConfig) -> anyhow::Result<Membership> {
+    match &config.source {
+        MemberSource::Static(members) => {
+            Ok(Membership::fixed(config.name.clone(), members.clone()))
+        }
+        MemberSource::Kubernetes(d) => discovery::membership(&config.name, d).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_sorted_and_bad_ones_are_named() {
+        let m = parse_peers(&["b=http://127.0.0.1:5001", "a=http://127.0.0.1:5000"]).unwrap();
+        assert_eq!(
+            m.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(m[0].url.as_str(), "http://127.0.0.1:5000/");
+        for (bad, says) in [
+            ("a", "NAME=URL"),
+            ("=http://x:1", "name must be"),
+            ("A=http://x:1", "name must be"),
+            ("a=ftp://x", "URL must be"),
+            ("a=http://x:1/v2", "URL must be"),
+            ("a=http://u:p@x:1", "URL must be"),
+            ("a=not a url", "invalid URL"),
+        ] {
+            let e = parse_peers(&[bad]).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let e = parse_peers(&["a=http://x:1", "a=http://x:2"]).unwrap_err();
+        assert!(e.contains("listed twice"), "{e}");
+    }
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use regmirror_e2e::seed::{self, ImageSpec};
-use regmirror_e2e::util::{bounded, http_client, wait_until};
+use regmirror_e2e::util::{bounded, http_client, received_at_least, wait_until};
 use regmirror_e2e::{Cluster, FaultGate, Registry, RequestLog};
 
 const HOST: &str = "docker.io";
@@ -134,20 +134,6 @@ fn spawn_download(
     let received = Arc::new(AtomicUsize::new(0));
     let task = tokio::spawn(download(url, Arc::clone(&received), pace));
     (task, received)
-}
-
-/// Waits until a download has `bytes`: its transfer is under way.
-async fn received_at_least(received: &AtomicUsize, bytes: usize) -> Result<()> {
-    wait_until(Duration::from_secs(20), || async {
-        received.load(Ordering::Relaxed) >= bytes
-    })
-    .await
-    .with_context(|| {
-        format!(
-            "download never reached {bytes} bytes (at {})",
-            received.load(Ordering::Relaxed)
-        )
-    })
 }
 
 /// Test 1 of issue 16: 16 cold clients spread over R = 1, 2, 4 members on

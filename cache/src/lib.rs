@@ -50,6 +50,11 @@ pub async fn serve(
         .map_err(|e| anyhow::anyhow!("cannot open storage {}: {e}", config.storage.display()))?;
     let mirror = Arc::new(mirror::Mirror::new(&config, store.clone())?);
     let _sweeper = store::evict::spawn(store);
+    // The membership, kept current (and its changes logged) while serving.
+    let _membership = match &config.cluster {
+        Some(c) => Some(cluster::membership(c).await?),
+        None => None,
+    };
     tracing::info!(
         listen = %listener.local_addr()?,
         storage = %config.storage.display(),

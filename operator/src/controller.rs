@@ -348,11 +348,24 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
         }
     };
 
-    let children = resources::build(mirror, &ctx.settings, creds.as_deref());
+    let mut children = resources::build(mirror, &ctx.settings, creds.as_deref());
     let before: Option<StatefulSet> = ctx
         .ns::<StatefulSet>()
         .get_opt(&resources::stateful_set_name(&name))
         .await?;
+    if let Some(existing) = &before
+        && resources::keep_claim_templates(&mut children.stateful_set, existing)
+    {
+        publish(
+            ctx,
+            mirror,
+            EventType::Warning,
+            "StorageUnchanged",
+            "Apply",
+            "spec.storage differs from the cache StatefulSet's claims, which Kubernetes does not change: existing and new members keep the claims as they are (expand a claim by editing it, if its StorageClass allows)".into(),
+        )
+        .await;
+    }
     // The StatefulSet is created only once the old layout's content is
     // handed to member 0, so while it exists there is nothing to migrate.
     if before.is_none() {

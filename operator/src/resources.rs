@@ -479,6 +479,36 @@ fn stateful_set_json(
     })
 }
 
+/// Keeps `existing`'s volumeClaimTemplates in `built` (Kubernetes refuses
+/// to change them on a StatefulSet, and a refused apply would hold back
+/// every other change). Returns whether the mirror's `storage` asked for
+/// something else (access modes, size or class), which then applies only to
+/// a StatefulSet created anew.
+pub fn keep_claim_templates(built: &mut StatefulSet, existing: &StatefulSet) -> bool {
+    let shape = |s: &StatefulSet| {
+        let t = s.spec.as_ref()?.volume_claim_templates.as_ref()?.first()?;
+        let spec = t.spec.as_ref()?;
+        let size = spec
+            .resources
+            .as_ref()?
+            .requests
+            .as_ref()?
+            .get("storage")?
+            .0
+            .clone();
+        Some((
+            spec.access_modes.clone(),
+            size,
+            spec.storage_class_name.clone(),
+        ))
+    };
+    let differs = shape(built) != shape(existing);
+    if let (Some(b), Some(e)) = (built.spec.as_mut(), existing.spec.as_ref()) {
+        b.volume_claim_templates = e.volume_claim_templates.clone();
+    }
+    differs
+}
+
 /// The headless Service listing the ready members (its EndpointSlices are
 /// what discovery watches): no cluster IP, not-ready pods left out.
 fn members_service_json(mirror: &RegistryMirror, settings: &Settings) -> Value {
@@ -944,6 +974,22 @@ port_name = "registry"
         assert_eq!(s["spec"]["replicas"], 3);
         assert_eq!(s["spec"]["template"], d["spec"]["template"]);
         assert_eq!(build(&scaled, &settings(), None).config_map, c.config_map);
+    }
+
+    #[test]
+    fn an_existing_stateful_sets_claim_templates_are_kept() {
+        let m = mirror(json!({"upstreams": [{"host": "docker.io"}]}));
+        let existing = build(&m, &settings(), None).stateful_set;
+        let mut same = build(&m, &settings(), None).stateful_set;
+        assert!(!keep_claim_templates(&mut same, &existing));
+        let bigger =
+            mirror(json!({"upstreams": [{"host": "docker.io"}], "storage": {"size": "50Gi"}}));
+        let mut built = build(&bigger, &settings(), None).stateful_set;
+        assert!(keep_claim_templates(&mut built, &existing));
+        assert_eq!(
+            v(&built)["spec"]["volumeClaimTemplates"],
+            v(&existing)["spec"]["volumeClaimTemplates"]
+        );
     }
 
     #[test]

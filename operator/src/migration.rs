@@ -99,9 +99,9 @@ fn annotated_policy(volume: &PersistentVolume) -> Option<&str> {
         .map(String::as_str)
 }
 
-/// The next step of the migration of the claims named `old` (the old
-/// layout's) to `new` (member 0's) in `namespace`, from what is observed.
-/// Pure; see the module docs for the procedure.
+/// The next step of moving the old layout's claim to member 0's claim
+/// `new` in `namespace`, from what is observed. Pure; see the module docs
+/// for the procedure.
 pub fn next_step(o: &Observed, new: &str, namespace: &str) -> Step {
     if o.deployment.is_some() {
         return Step::DeleteDeployment;

@@ -45,6 +45,13 @@ fn mirror_yaml(name: &str, upstreams: &str, extra: &str) -> String {
     )
 }
 
+/// `kubectl patch registrymirror NAME --type=merge -p PATCH`.
+async fn patch_mirror(cp: &ControlPlane, name: &str, patch: &str) -> Result<()> {
+    cp.kubectl_ok(&["patch", "registrymirror", name, "--type=merge", "-p", patch])
+        .await
+        .map(drop)
+}
+
 /// Creates the mirror `name` of `upstreams` with 1Gi of storage, and waits
 /// until the operator applied its children (the agents' DaemonSet is applied
 /// last).
@@ -463,15 +470,7 @@ async fn a_spec_change_rolls_the_cache_config() -> Result<()> {
     let hash1 = hash(&sts).context("config hash")?;
 
     // A spec change rolls the ConfigMap and the pod template.
-    cp.kubectl_ok(&[
-        "patch",
-        "registrymirror",
-        "rolled",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"cache":{"tagTTL":"5m"}}}"#,
-    ])
-    .await?;
+    patch_mirror(cp, "rolled", r#"{"spec":{"cache":{"tagTTL":"5m"}}}"#).await?;
     op.wait_for(
         cp,
         "rolled config rolled",
@@ -544,15 +543,7 @@ async fn without_the_operator_the_finalizer_holds_and_the_garbage_collector_clea
     assert!(held["metadata"]["deletionTimestamp"].is_string());
     // ...and without it, kube-controller-manager's garbage collector removes
     // the children through their owner references.
-    cp.kubectl_ok(&[
-        "patch",
-        "registrymirror",
-        "held",
-        "--type=merge",
-        "-p",
-        r#"{"metadata":{"finalizers":null}}"#,
-    ])
-    .await?;
+    patch_mirror(cp, "held", r#"{"metadata":{"finalizers":null}}"#).await?;
     op.wait_for(
         cp,
         "held's StatefulSet garbage-collected",
@@ -847,15 +838,7 @@ async fn cache_members_discover_each_other_and_scaling_restarts_none() -> Result
     let revision =
         |s: &serde_json::Value| s["status"]["updateRevision"].as_str().map(str::to_owned);
     let revision1 = revision(&sts).context("updateRevision")?;
-    cp.kubectl_ok(&[
-        "patch",
-        "registrymirror",
-        "pool",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"cache":{"replicas":3}}}"#,
-    ])
-    .await?;
+    patch_mirror(cp, "pool", r#"{"spec":{"cache":{"replicas":3}}}"#).await?;
     let mut ips = vec![ip0];
     for i in 1..3 {
         ips.push(ready_pod(cp, op, &format!("regmirror-pool-{i}")).await?.0);
@@ -883,15 +866,7 @@ async fn cache_members_discover_each_other_and_scaling_restarts_none() -> Result
     );
 
     // 3 -> 1: the survivors see it at once; member 0 was never restarted.
-    cp.kubectl_ok(&[
-        "patch",
-        "registrymirror",
-        "pool",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"cache":{"replicas":1}}}"#,
-    ])
-    .await?;
+    patch_mirror(cp, "pool", r#"{"spec":{"cache":{"replicas":1}}}"#).await?;
     wait_for_views(&[&m0], "regmirror-pool-0").await?;
     assert!(
         m0.is_running() && m0.pid() == Some(pid0),

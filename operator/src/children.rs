@@ -8,25 +8,33 @@
 //! mirror's labels and delete what the mirror owns but no longer wants.
 
 use k8s_openapi::Resource as _;
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::core::ApiResource;
 use serde_json::Value;
 
 use crate::resources::{self, Children};
 
 /// One kind of child of a `RegistryMirror`. Every child lives in the
-/// operator's namespace.
+/// operator's namespace. Two kinds may share an API resource (the two
+/// Services); [`ChildKind::resources`] lists each resource once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ChildKind {
     /// The cache configuration file.
     ConfigMap,
     /// The merged upstream credentials (only when an upstream has some).
     Secret,
-    /// The cache's storage.
-    PersistentVolumeClaim,
-    /// The cache.
-    Deployment,
+    /// The cache members' identity (discovery reads EndpointSlices as it).
+    ServiceAccount,
+    /// What that identity may do: watch EndpointSlices, nothing else.
+    Role,
+    /// Grants the Role to the ServiceAccount.
+    RoleBinding,
+    /// The headless Service listing the ready cache members.
+    MembersService,
+    /// The cache members.
+    StatefulSet,
     /// The cache's NodePort.
     Service,
     /// The node agents.
@@ -35,26 +43,41 @@ pub enum ChildKind {
 
 impl ChildKind {
     /// Every kind, in apply order: what a child refers to is applied before
-    /// it (the cache Deployment mounts the ConfigMap, the credentials Secret
-    /// and the claim), and the node agents come last, once the cache they
-    /// point nodes at exists.
-    pub const ALL: [Self; 6] = [
+    /// it (the cache StatefulSet mounts the ConfigMap and the credentials
+    /// Secret, runs as the ServiceAccount, names the members Service), and
+    /// the node agents come last, once the cache they point nodes at exists.
+    pub const ALL: [Self; 9] = [
         Self::ConfigMap,
         Self::Secret,
-        Self::PersistentVolumeClaim,
-        Self::Deployment,
+        Self::ServiceAccount,
+        Self::Role,
+        Self::RoleBinding,
+        Self::MembersService,
+        Self::StatefulSet,
         Self::Service,
         Self::DaemonSet,
     ];
 
-    /// The kind as the API spells it (`"Deployment"`).
+    /// The kinds of [`Self::ALL`] with a distinct API resource, one each:
+    /// what is watched and listed for pruning (once per resource).
+    pub fn resources() -> impl Iterator<Item = Self> {
+        Self::ALL
+            .into_iter()
+            .enumerate()
+            .filter(|(i, k)| !Self::ALL[..*i].iter().any(|o| o.as_str() == k.as_str()))
+            .map(|(_, k)| k)
+    }
+
+    /// The kind as the API spells it (`"StatefulSet"`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::ConfigMap => ConfigMap::KIND,
             Self::Secret => Secret::KIND,
-            Self::PersistentVolumeClaim => PersistentVolumeClaim::KIND,
-            Self::Deployment => Deployment::KIND,
-            Self::Service => Service::KIND,
+            Self::ServiceAccount => ServiceAccount::KIND,
+            Self::Role => Role::KIND,
+            Self::RoleBinding => RoleBinding::KIND,
+            Self::MembersService | Self::Service => Service::KIND,
+            Self::StatefulSet => StatefulSet::KIND,
             Self::DaemonSet => DaemonSet::KIND,
         }
     }
@@ -64,9 +87,11 @@ impl ChildKind {
         match self {
             Self::ConfigMap => ApiResource::erase::<ConfigMap>(&()),
             Self::Secret => ApiResource::erase::<Secret>(&()),
-            Self::PersistentVolumeClaim => ApiResource::erase::<PersistentVolumeClaim>(&()),
-            Self::Deployment => ApiResource::erase::<Deployment>(&()),
-            Self::Service => ApiResource::erase::<Service>(&()),
+            Self::ServiceAccount => ApiResource::erase::<ServiceAccount>(&()),
+            Self::Role => ApiResource::erase::<Role>(&()),
+            Self::RoleBinding => ApiResource::erase::<RoleBinding>(&()),
+            Self::MembersService | Self::Service => ApiResource::erase::<Service>(&()),
+            Self::StatefulSet => ApiResource::erase::<StatefulSet>(&()),
             Self::DaemonSet => ApiResource::erase::<DaemonSet>(&()),
         }
     }
@@ -77,22 +102,30 @@ impl ChildKind {
         match self {
             Self::ConfigMap => resources::config_map_name(mirror),
             Self::Secret => resources::credentials_name(mirror),
-            Self::PersistentVolumeClaim => resources::pvc_name(mirror),
-            Self::Deployment => resources::deployment_name(mirror),
+            Self::ServiceAccount | Self::Role | Self::RoleBinding => {
+                resources::cache_account_name(mirror)
+            }
+            Self::MembersService => resources::members_service_name(mirror),
+            Self::StatefulSet => resources::stateful_set_name(mirror),
             Self::Service => resources::service_name(mirror),
             Self::DaemonSet => resources::daemon_set_name(mirror),
         }
     }
 
     /// Every kind in the order the finalizer deletes them: the cache's
-    /// Deployment and Service before what its pods mount, the node agents last.
-    pub fn deletion_order() -> [Self; 6] {
+    /// StatefulSet (with its claims) and Services before what its pods use,
+    /// the node agents last.
+    pub fn deletion_order() -> [Self; 9] {
         let mut kinds = Self::ALL;
         // Stable: kinds of one stage keep their apply order.
         kinds.sort_by_key(|k| match k {
-            Self::Deployment => 0,
-            Self::Service => 1,
-            Self::ConfigMap | Self::Secret | Self::PersistentVolumeClaim => 2,
+            Self::StatefulSet => 0,
+            Self::MembersService | Self::Service => 1,
+            Self::ConfigMap
+            | Self::Secret
+            | Self::ServiceAccount
+            | Self::Role
+            | Self::RoleBinding => 2,
             Self::DaemonSet => 3,
         });
         kinds
@@ -107,8 +140,11 @@ impl Children {
         let value = match kind {
             ChildKind::ConfigMap => serde_json::to_value(&self.config_map),
             ChildKind::Secret => serde_json::to_value(self.credentials.as_ref()?),
-            ChildKind::PersistentVolumeClaim => serde_json::to_value(&self.pvc),
-            ChildKind::Deployment => serde_json::to_value(&self.deployment),
+            ChildKind::ServiceAccount => serde_json::to_value(&self.service_account),
+            ChildKind::Role => serde_json::to_value(&self.role),
+            ChildKind::RoleBinding => serde_json::to_value(&self.role_binding),
+            ChildKind::MembersService => serde_json::to_value(&self.members_service),
+            ChildKind::StatefulSet => serde_json::to_value(&self.stateful_set),
             ChildKind::Service => serde_json::to_value(&self.service),
             ChildKind::DaemonSet => serde_json::to_value(&self.daemon_set),
         };
@@ -193,8 +229,11 @@ mod tests {
             c.wanted(),
             [
                 (ChildKind::ConfigMap, "regmirror-hub".to_owned()),
-                (ChildKind::PersistentVolumeClaim, "regmirror-hub".into()),
-                (ChildKind::Deployment, "regmirror-hub".into()),
+                (ChildKind::ServiceAccount, "regmirror-hub-cache".into()),
+                (ChildKind::Role, "regmirror-hub-cache".into()),
+                (ChildKind::RoleBinding, "regmirror-hub-cache".into()),
+                (ChildKind::MembersService, "regmirror-hub-members".into()),
+                (ChildKind::StatefulSet, "regmirror-hub".into()),
                 (ChildKind::Service, "regmirror-hub".into()),
                 (ChildKind::DaemonSet, "regmirror-hub-agent".into()),
             ]
@@ -206,13 +245,24 @@ mod tests {
         assert_eq!(
             ChildKind::deletion_order(),
             [
-                ChildKind::Deployment,
+                ChildKind::StatefulSet,
+                ChildKind::MembersService,
                 ChildKind::Service,
                 ChildKind::ConfigMap,
                 ChildKind::Secret,
-                ChildKind::PersistentVolumeClaim,
+                ChildKind::ServiceAccount,
+                ChildKind::Role,
+                ChildKind::RoleBinding,
                 ChildKind::DaemonSet,
             ]
         );
+    }
+
+    #[test]
+    fn each_api_resource_is_watched_and_pruned_once() {
+        let kinds: Vec<ChildKind> = ChildKind::resources().collect();
+        assert_eq!(kinds.len(), ChildKind::ALL.len() - 1);
+        assert!(kinds.contains(&ChildKind::MembersService));
+        assert!(!kinds.contains(&ChildKind::Service), "shares Services");
     }
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
@@ -30,6 +30,7 @@ use crate::children::ChildKind;
 use crate::crd::RegistryMirror;
 use crate::credentials;
 use crate::metrics::Metrics;
+use crate::migration::{self, Progress};
 use crate::resources::{self, Children, MANAGER, Settings};
 use crate::status::{self, Conflict, Observed, Problem, reason};
 
@@ -139,7 +140,7 @@ pub async fn run(
         metrics,
         store.clone(),
     ));
-    for kind in ChildKind::ALL {
+    for kind in ChildKind::resources() {
         let api = ctx.children(kind);
         let resource = kind.api_resource();
         controller = match kind {
@@ -347,11 +348,42 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
         }
     };
 
-    let children = resources::build(mirror, &ctx.settings, creds.as_deref());
-    let before: Option<Deployment> = ctx
-        .ns::<Deployment>()
-        .get_opt(&resources::deployment_name(&name))
+    let mut children = resources::build(mirror, &ctx.settings, creds.as_deref());
+    let before: Option<StatefulSet> = ctx
+        .ns::<StatefulSet>()
+        .get_opt(&resources::stateful_set_name(&name))
         .await?;
+    if let Some(existing) = &before
+        && resources::keep_claim_templates(&mut children.stateful_set, existing)
+    {
+        publish(
+            ctx,
+            mirror,
+            EventType::Warning,
+            "StorageUnchanged",
+            "Apply",
+            "spec.storage differs from the cache StatefulSet's claims, which Kubernetes does not change: existing and new members keep the claims as they are (expand a claim by editing it, if its StorageClass allows)".into(),
+        )
+        .await;
+    }
+    // The StatefulSet is created only once the old layout's content is
+    // handed to member 0, so while it exists there is nothing to migrate.
+    if before.is_none() {
+        // Boxed: a large future, seldom run.
+        let migrating = Box::pin(migration::migrate(
+            &ctx.client,
+            &ctx.settings.namespace,
+            &name,
+        ));
+        if let Progress::Waiting(message) = migrating.await? {
+            let problem = Problem {
+                reason: reason::MIGRATING,
+                message,
+            };
+            report(mirror, ctx, conflicts, Outcome::Stopped(problem)).await?;
+            return Ok(Action::requeue(Duration::from_secs(5)));
+        }
+    }
 
     let applied = match apply_children(&children, ctx).await {
         Ok(a) => a,
@@ -371,14 +403,14 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
             "Created",
             format!(
                 "created the cache ({}) and node agents ({}) in namespace {}",
-                resources::deployment_name(&name),
+                resources::stateful_set_name(&name),
                 resources::daemon_set_name(&name),
                 ctx.settings.namespace
             ),
         )),
         Some(d) if config_hash(d) != Some(children.config_hash.as_str()) => Some((
             "ConfigChanged",
-            "cache configuration changed: rolling the cache pod".to_owned(),
+            "cache configuration changed: rolling the cache members".to_owned(),
         )),
         Some(_) => None,
     };
@@ -421,7 +453,7 @@ async fn load_credentials(
 /// them (`None`: not there).
 #[derive(Debug, Default)]
 struct Seen {
-    deployment: Option<Deployment>,
+    stateful_set: Option<StatefulSet>,
     service: Option<Service>,
     daemon_set: Option<DaemonSet>,
 }
@@ -431,9 +463,9 @@ impl Seen {
     async fn read(mirror: &RegistryMirror, ctx: &Context) -> Result<Self, Error> {
         let name = mirror.name_any();
         Ok(Self {
-            deployment: ctx
-                .ns::<Deployment>()
-                .get_opt(&resources::deployment_name(&name))
+            stateful_set: ctx
+                .ns::<StatefulSet>()
+                .get_opt(&resources::stateful_set_name(&name))
                 .await?,
             service: ctx
                 .ns::<Service>()
@@ -449,10 +481,15 @@ impl Seen {
     /// Keeps `applied` if it is one of the children the status reads.
     fn record(&mut self, kind: ChildKind, applied: DynamicObject) -> Result<(), Error> {
         match kind {
-            ChildKind::Deployment => self.deployment = Some(decode(applied)?),
+            ChildKind::StatefulSet => self.stateful_set = Some(decode(applied)?),
             ChildKind::Service => self.service = Some(decode(applied)?),
             ChildKind::DaemonSet => self.daemon_set = Some(decode(applied)?),
-            ChildKind::ConfigMap | ChildKind::Secret | ChildKind::PersistentVolumeClaim => {}
+            ChildKind::ConfigMap
+            | ChildKind::Secret
+            | ChildKind::ServiceAccount
+            | ChildKind::Role
+            | ChildKind::RoleBinding
+            | ChildKind::MembersService => {}
         }
         Ok(())
     }
@@ -460,7 +497,7 @@ impl Seen {
     /// What the status says about these children.
     fn observed(&self) -> Observed {
         Observed {
-            cache_replicas: self.deployment.as_ref().map(replicas),
+            cache_replicas: self.stateful_set.as_ref().map(members),
             node_port: self.service.as_ref().and_then(node_port),
             agents: self.daemon_set.as_ref().map(agents),
             ..Default::default()
@@ -475,14 +512,15 @@ fn decode<K: DeserializeOwned>(object: DynamicObject) -> Result<K, Error> {
         .map_err(|e| Error::Kube(kube::Error::SerdeError(e)))
 }
 
-fn replicas(d: &Deployment) -> (i32, i32) {
-    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let avail = d
+/// `(desired, ready)` cache members.
+fn members(s: &StatefulSet) -> (i32, i32) {
+    let want = s.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let ready = s
         .status
         .as_ref()
-        .and_then(|s| s.available_replicas)
+        .and_then(|s| s.ready_replicas)
         .unwrap_or(0);
-    (want, avail)
+    (want, ready)
 }
 
 fn node_port(s: &Service) -> Option<i32> {
@@ -496,7 +534,7 @@ fn agents(ds: &DaemonSet) -> (i32, i32) {
         .unwrap_or((0, 0))
 }
 
-fn config_hash(d: &Deployment) -> Option<&str> {
+fn config_hash(d: &StatefulSet) -> Option<&str> {
     d.spec
         .as_ref()?
         .template
@@ -581,7 +619,7 @@ async fn prune(mirror: &RegistryMirror, c: &Children, ctx: &Context) -> Result<(
     let wanted = c.wanted();
     let uid = mirror.uid().unwrap_or_default();
     let lp = ListParams::default().labels(&resources::children_selector(&mirror.name_any()));
-    for kind in ChildKind::ALL {
+    for kind in ChildKind::resources() {
         let api = ctx.children(kind);
         for item in api.list_metadata(&lp).await?.items {
             let name = item.metadata.name.clone().unwrap_or_default();
@@ -591,7 +629,11 @@ async fn prune(mirror: &RegistryMirror, c: &Children, ctx: &Context) -> Result<(
                 .iter()
                 .flatten()
                 .any(|o| o.uid == uid);
-            if ours && !wanted.iter().any(|(k, n)| *k == kind && *n == name) {
+            // Kinds sharing a resource (the two Services) are pruned together.
+            let is_wanted = wanted
+                .iter()
+                .any(|(k, n)| k.as_str() == kind.as_str() && *n == name);
+            if ours && !is_wanted {
                 tracing::info!(mirror = %mirror.name_any(), kind = kind.as_str(), %name, "pruning child no longer wanted");
                 delete_ignoring_missing(&api, &name).await?;
             }
@@ -855,10 +897,10 @@ mod tests {
     fn children_map_to_their_cluster_scoped_owner() {
         let m = crate::fixtures::mirror(true);
         let c = resources::build(&m, &crate::fixtures::settings(), None);
-        let r = owner_of(c.deployment).unwrap();
+        let r = owner_of(c.stateful_set).unwrap();
         assert_eq!(r, ObjectRef::<RegistryMirror>::new("hub"));
         assert_eq!(r.namespace, None, "cluster-scoped: no namespace");
-        assert!(owner_of(Deployment::default()).is_none());
+        assert!(owner_of(StatefulSet::default()).is_none());
     }
 
     #[test]
@@ -881,6 +923,22 @@ mod tests {
 
         fn apps(plural: &str, name: &str) -> String {
             format!("/apis/apps/v1/namespaces/{NS}/{plural}/{name}")
+        }
+
+        fn rbac(plural: &str, name: &str) -> String {
+            format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/{plural}/{name}")
+        }
+
+        /// Without a StatefulSet the reconcile first looks for the old
+        /// layout to migrate: here there is none.
+        async fn expect_nothing_to_migrate(api: &mut ApiServer) {
+            for path in [
+                apps("deployments", "regmirror-hub"),
+                core("persistentvolumeclaims", "regmirror-hub"),
+                core("persistentvolumeclaims", "data-regmirror-hub-0"),
+            ] {
+                api.expect_not_found(Method::GET, &path).await;
+            }
         }
 
         fn success() -> Value {
@@ -936,8 +994,9 @@ mod tests {
         #[tokio::test]
         async fn apply_applies_children_in_order_then_prunes_then_writes_the_status() {
             let result = fixtures::reconcile(fixtures::mirror(true), |mut api| async move {
-                let deployment = apps("deployments", "regmirror-hub");
-                api.expect_not_found(Method::GET, &deployment).await;
+                let stateful_set = apps("statefulsets", "regmirror-hub");
+                api.expect_not_found(Method::GET, &stateful_set).await;
+                expect_nothing_to_migrate(&mut api).await;
 
                 // Server-side apply, what is referred to first; no Secret
                 // without credentials.
@@ -946,10 +1005,13 @@ mod tests {
                 ]}});
                 for (path, stored) in [
                     (core("configmaps", "regmirror-hub"), json!({})),
-                    (core("persistentvolumeclaims", "regmirror-hub"), json!({})),
+                    (core("serviceaccounts", "regmirror-hub-cache"), json!({})),
+                    (rbac("roles", "regmirror-hub-cache"), json!({})),
+                    (rbac("rolebindings", "regmirror-hub-cache"), json!({})),
+                    (core("services", "regmirror-hub-members"), json!({})),
                     (
-                        deployment.clone(),
-                        json!({"status": {"availableReplicas": 1}}),
+                        stateful_set.clone(),
+                        json!({"spec": {"replicas": 1}, "status": {"replicas": 1, "readyReplicas": 1}}),
                     ),
                     (core("services", "regmirror-hub"), service_port),
                     (
@@ -976,12 +1038,24 @@ mod tests {
                             owned("regmirror-hub-other", "uid-of-an-older-hub"),
                         ],
                     ),
+                    (format!("/api/v1/namespaces/{NS}/serviceaccounts"), vec![]),
                     (
-                        format!("/api/v1/namespaces/{NS}/persistentvolumeclaims"),
+                        format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/roles"),
                         vec![],
                     ),
-                    (format!("/apis/apps/v1/namespaces/{NS}/deployments"), vec![]),
-                    (format!("/api/v1/namespaces/{NS}/services"), vec![]),
+                    (
+                        format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/rolebindings"),
+                        vec![],
+                    ),
+                    // Both Services, listed once: the wanted ones stay.
+                    (
+                        format!("/api/v1/namespaces/{NS}/services"),
+                        vec![
+                            owned("regmirror-hub", "uid-hub"),
+                            owned("regmirror-hub-members", "uid-hub"),
+                        ],
+                    ),
+                    (format!("/apis/apps/v1/namespaces/{NS}/statefulsets"), vec![]),
                     (
                         format!("/apis/apps/v1/namespaces/{NS}/daemonsets"),
                         vec![owned("regmirror-hub-agent", "uid-hub")],
@@ -1017,6 +1091,10 @@ mod tests {
                 let status = api.expect_status().await;
                 assert_eq!(status["nodePort"], 31500);
                 assert_eq!(status["nodesConfigured"], 1);
+                assert_eq!(
+                    status["cache"],
+                    json!({"replicas": 1, "readyReplicas": 1, "members": "1/1"})
+                );
                 assert_eq!(status["conditions"][0]["type"], "Ready");
                 assert_eq!(status["conditions"][0]["status"], "True");
                 api
@@ -1028,8 +1106,9 @@ mod tests {
         #[tokio::test]
         async fn a_failed_apply_is_reported_in_the_status_from_the_children_as_they_are() {
             let result = fixtures::reconcile(fixtures::mirror(true), |mut api| async move {
-                let deployment = apps("deployments", "regmirror-hub");
-                api.expect_not_found(Method::GET, &deployment).await;
+                let stateful_set = apps("statefulsets", "regmirror-hub");
+                api.expect_not_found(Method::GET, &stateful_set).await;
+                expect_nothing_to_migrate(&mut api).await;
                 api.expect(
                     Method::PATCH,
                     &core("configmaps", "regmirror-hub"),
@@ -1043,7 +1122,7 @@ mod tests {
                 .await;
                 // Nothing more is applied or pruned; the status reads the children.
                 for path in [
-                    deployment,
+                    stateful_set,
                     core("services", "regmirror-hub"),
                     apps("daemonsets", "regmirror-hub-agent"),
                 ] {
@@ -1077,11 +1156,14 @@ mod tests {
 
                 // Every node reported Removed: the children go, agents last.
                 for (path, found) in [
-                    (apps("deployments", "regmirror-hub"), true),
+                    (apps("statefulsets", "regmirror-hub"), true),
+                    (core("services", "regmirror-hub-members"), true),
                     (core("services", "regmirror-hub"), true),
                     (core("configmaps", "regmirror-hub"), true),
                     (core("secrets", "regmirror-hub-credentials"), false),
-                    (core("persistentvolumeclaims", "regmirror-hub"), true),
+                    (core("serviceaccounts", "regmirror-hub-cache"), true),
+                    (rbac("roles", "regmirror-hub-cache"), true),
+                    (rbac("rolebindings", "regmirror-hub-cache"), true),
                     (apps("daemonsets", "regmirror-hub-agent"), true),
                 ] {
                     if found {
@@ -1129,7 +1211,7 @@ mod tests {
         /// What cleanup does first: reads the children (the cache gone, the
         /// agents on `agents` nodes), then reports Deleting.
         async fn expect_deleting_status(api: &mut ApiServer, agents: i32) {
-            api.expect_not_found(Method::GET, &apps("deployments", "regmirror-hub"))
+            api.expect_not_found(Method::GET, &apps("statefulsets", "regmirror-hub"))
                 .await;
             api.expect_not_found(Method::GET, &core("services", "regmirror-hub"))
                 .await;

@@ -37,12 +37,10 @@ pub const DEFAULT_CACHE_PORT: i32 = 5000;
     printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Upstreams","type":"string","jsonPath":".status.upstreams"}"#,
     printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".status.endpoint"}"#,
+    printcolumn = r#"{"name":"Members","type":"string","description":"Cache members ready/desired","jsonPath":".status.cache.members"}"#,
     printcolumn = r#"{"name":"Nodes","type":"integer","description":"Nodes whose container runtime is configured to pull through the cache","jsonPath":".status.nodesConfigured"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
-#[x_kube(validation = Rule::new(
-    "!has(self.cache) || !has(self.cache.replicas) || self.cache.replicas <= 1 || (has(self.storage) && has(self.storage.accessMode) && self.storage.accessMode == 'ReadWriteMany')"
-).message("cache.replicas > 1 needs storage.accessMode ReadWriteMany: replicas cannot share a ReadWriteOnce volume").field_path(".cache.replicas"))]
 #[serde(rename_all = "camelCase")]
 pub struct RegistryMirrorSpec {
     /// Registries to mirror, by the host that image references name (`docker.io/library/alpine`
@@ -50,10 +48,10 @@ pub struct RegistryMirrorSpec {
     #[x_kube(merge_strategy = ListMerge::Map(vec!["host".into()]))]
     #[schemars(length(min = 1, max = 64))]
     pub upstreams: Vec<Upstream>,
-    /// Where the cache keeps content.
+    /// Where each cache member keeps content: one claim per member.
     #[serde(default)]
     pub storage: Storage,
-    /// The cache Deployment.
+    /// The cache: a StatefulSet of `replicas` members acting as one cache.
     #[serde(default)]
     pub cache: CacheSpec,
     /// Which nodes are configured to pull through the cache, and how.
@@ -159,20 +157,23 @@ impl AccessMode {
     }
 }
 
-/// The cache's PersistentVolumeClaim.
+/// Each cache member's PersistentVolumeClaim (a StatefulSet volumeClaimTemplate:
+/// one claim per member, kept when the cluster scales down, deleted with the mirror).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Storage {
-    /// Requested volume size (a Kubernetes quantity such as 20Gi).
+    /// Requested volume size of each member (a Kubernetes quantity such as 20Gi).
+    /// Fixed once the StatefulSet exists (Kubernetes does not change its claim templates).
     #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new(r"self.matches('^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$')")
         .message("size must be a quantity such as 500Mi, 20Gi or 1Ti"))]
     #[serde(default = "default_storage_size")]
     pub size: String,
-    /// StorageClass of the claim; the cluster default when unset. Immutable once the claim exists.
+    /// StorageClass of the claims; the cluster default when unset. Fixed once the StatefulSet exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
-    /// ReadWriteMany is needed for more than one cache replica.
+    /// Access mode of each member's claim. Members never share a volume, so
+    /// ReadWriteOnce (which every StorageClass offers) suits any number of members.
     #[serde(default)]
     pub access_mode: AccessMode,
 }
@@ -211,7 +212,7 @@ impl LogLevel {
     }
 }
 
-/// The cache Deployment and its Service.
+/// The cache StatefulSet and its Services.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct CacheSpec {
@@ -223,8 +224,11 @@ pub struct CacheSpec {
     #[x_kube(validation = Rule::new("self in ['Always', 'IfNotPresent', 'Never']")
         .message("imagePullPolicy must be Always, IfNotPresent or Never"))]
     pub image_pull_policy: Option<String>,
-    /// More than one needs `storage.accessMode: ReadWriteMany`.
-    #[schemars(range(min = 1, max = 16))]
+    /// Cache members (1 to 16). Each key has one owner among them, so every blob is
+    /// fetched from the upstream once and stored once, cluster-wide; scaling changes
+    /// only the number of members (none restarts).
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 16")
+        .message("replicas must be from 1 to 16 cache members"))]
     #[serde(default = "default_replicas")]
     pub replicas: i32,
     /// Container resources; defaults request 100m CPU and 128Mi memory, limit 1Gi memory.
@@ -238,12 +242,14 @@ pub struct CacheSpec {
     pub tag_ttl: Option<String>,
     #[serde(default)]
     pub log_level: LogLevel,
-    /// Byte budget for cached content (e.g. `18Gi`); least recently used content is
-    /// evicted to stay under it. Defaults to 90% of `storage.size`.
+    /// Byte budget for cached content of all members together (e.g. `18Gi`): each
+    /// member keeps `maxSize / members` and evicts least recently used content to stay
+    /// under it. Defaults to 90% of `storage.size`; at most `storage.size` times the
+    /// fewest replicas you run keeps every member within its volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new(r"self.matches('^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$')")
-        .message("maxSize must be a quantity such as 500Mi, 18Gi or 1Ti"))]
+        .message("maxSize must be a quantity such as 500Mi, 18Gi or 1Ti: the budget of all cache members together"))]
     pub max_size: Option<String>,
     /// Evict content nobody pulled for this long (e.g. `30d`); never by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -358,10 +364,25 @@ pub struct RegistryMirrorStatus {
     /// Nodes configured to pull through the cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes_configured: Option<i32>,
+    /// The cache members, as the StatefulSet reports them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheStatus>,
     /// Per-node results, one entry per node, written by that node's agent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub nodes: Vec<NodeResult>,
+}
+
+/// The cache members: how many are wanted and how many are ready.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheStatus {
+    /// Members wanted (`spec.cache.replicas`, as the StatefulSet has it).
+    pub replicas: i32,
+    /// Members whose pod is ready.
+    pub ready_replicas: i32,
+    /// `<ready>/<replicas>`, for `kubectl get`.
+    pub members: String,
 }
 
 /// One node's configuration result, reported by its agent.
@@ -481,7 +502,8 @@ mod tests {
             "host must be a lowercase registry host name",
             "url must be http:// or https://",
             "size must be a quantity",
-            "ReadWriteMany",
+            "replicas must be from 1 to 16 cache members",
+            "maxSize must be a quantity such as 500Mi, 18Gi or 1Ti: the budget of all cache members together",
         ] {
             assert!(text.contains(needle), "schema lacks {needle:?}");
         }
@@ -498,7 +520,15 @@ mod tests {
             .collect();
         assert_eq!(
             cols,
-            ["Ready", "Reason", "Upstreams", "Endpoint", "Nodes", "Age"]
+            [
+                "Ready",
+                "Reason",
+                "Upstreams",
+                "Endpoint",
+                "Members",
+                "Nodes",
+                "Age"
+            ]
         );
     }
 }

@@ -1,10 +1,11 @@
 //! regmirror-operator: reconciles `RegistryMirror` resources into a running
-//! cache (ConfigMap, PVC, Deployment, Service) and the node agent DaemonSet.
+//! cache cluster (ConfigMap, ServiceAccount and Role, StatefulSet, headless
+//! and NodePort Services) and the node agent DaemonSet.
 //!
 //! `crd` holds the types, `children` the one list of kinds a mirror owns,
 //! `resources` the pure builders, `status` the pure status decisions,
-//! `controller` the reconcile loop (validate -> build -> apply -> prune ->
-//! status).
+//! `migration` the move from the single-Deployment layout, `controller` the
+//! reconcile loop (validate -> build -> migrate -> apply -> prune -> status).
 
 pub mod agent;
 pub mod children;
@@ -15,6 +16,7 @@ pub mod credentials;
 mod fixtures;
 pub mod leader;
 pub mod metrics;
+pub mod migration;
 pub mod quantity;
 pub mod quiet;
 pub mod resources;

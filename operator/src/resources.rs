@@ -9,15 +9,18 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv6Addr, SocketAddr};
 
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Resource;
-use regmirror_registry::cache_file::{DurationText, FileConfig, FileUpstream};
+use regmirror_registry::cache_file::{
+    DurationText, FileCluster, FileConfig, FileDiscovery, FileUpstream,
+};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::crd::{AccessMode, RegistryMirror};
+use crate::crd::RegistryMirror;
 use crate::credentials::DOCKERCONFIGJSON;
 
 pub const MANAGER: &str = "regmirror-operator";
@@ -36,6 +39,12 @@ pub const CONFIG_KEY: &str = "config.toml";
 pub const DATA_DIR: &str = "/var/lib/regmirror";
 pub const CREDENTIALS_DIR: &str = "/var/run/regmirror/credentials";
 pub const CREDENTIALS_FILE: &str = "config.json";
+/// The cache port's name, on the container and both Services; members
+/// discover each other's port by it.
+pub const REGISTRY_PORT: &str = "registry";
+/// The StatefulSet's volumeClaimTemplate: member `i`'s claim is
+/// `data-<statefulset>-<i>` ([`member_claim_name`]).
+pub const DATA_CLAIM_TEMPLATE: &str = "data";
 /// Where the agent sees the host's paths: `/host` + the host path.
 pub const HOST_ROOT: &str = "/host";
 /// Unprivileged user of the cache container (fsGroup makes the volume writable).
@@ -65,8 +74,15 @@ pub struct Children {
     pub config_map: ConfigMap,
     /// Merged upstream credentials, when any upstream has a `credentialsSecret`.
     pub credentials: Option<Secret>,
-    pub pvc: PersistentVolumeClaim,
-    pub deployment: Deployment,
+    /// The cache members' identity, allowed to watch EndpointSlices (discovery).
+    pub service_account: ServiceAccount,
+    pub role: Role,
+    pub role_binding: RoleBinding,
+    /// The headless Service whose EndpointSlices list the ready members.
+    pub members_service: Service,
+    /// The cache members, one claim each.
+    pub stateful_set: StatefulSet,
+    /// The NodePort Service: the entry point nodes pull through.
     pub service: Service,
     pub daemon_set: DaemonSet,
     /// Hash of the cache configuration, also on the pod template.
@@ -108,11 +124,34 @@ pub fn config_map_name(mirror: &str) -> String {
 pub fn credentials_name(mirror: &str) -> String {
     child_name(mirror, "-credentials")
 }
+/// The single claim of the layout before StatefulSets (one Deployment):
+/// only migration ([`crate::migration`]) still looks for it.
 pub fn pvc_name(mirror: &str) -> String {
     child_name(mirror, "")
 }
+/// The Deployment of the layout before StatefulSets; see [`pvc_name`].
 pub fn deployment_name(mirror: &str) -> String {
     child_name(mirror, "")
+}
+/// The cache StatefulSet; its pods are `<name>-0`, `<name>-1`, ...
+pub fn stateful_set_name(mirror: &str) -> String {
+    child_name(mirror, "")
+}
+/// The headless Service the members discover each other through.
+pub fn members_service_name(mirror: &str) -> String {
+    child_name(mirror, "-members")
+}
+/// The cache's ServiceAccount, Role and RoleBinding.
+pub fn cache_account_name(mirror: &str) -> String {
+    child_name(mirror, "-cache")
+}
+/// The claim of cache member `ordinal`, as the StatefulSet controller names
+/// it: `<template>-<statefulset>-<ordinal>`.
+pub fn member_claim_name(mirror: &str, ordinal: u32) -> String {
+    format!(
+        "{DATA_CLAIM_TEMPLATE}-{}-{ordinal}",
+        stateful_set_name(mirror)
+    )
 }
 pub fn service_name(mirror: &str) -> String {
     child_name(mirror, "")
@@ -176,12 +215,17 @@ fn typed<T: serde::de::DeserializeOwned>(v: Value) -> T {
 }
 
 /// Renders the cache configuration for `mirror`: the cache's own file type
-/// ([`FileConfig`]) as TOML, under a comment saying who wrote it. Every
+/// ([`FileConfig`]) as TOML, under a comment saying who wrote it. It always
+/// has `[cluster.discovery]` (the members Service, port [`REGISTRY_PORT`]),
+/// for one member too, and nothing that depends on `cache.replicas`, so
+/// scaling never changes the pod template and restarts no member. The member
+/// name comes from `REGMIRROR_NAME` (the pod's name); `namespace` is the
+/// children's (said outright, so the file means the same outside a pod). Every
 /// upstream of the spec is served (a host another mirror claimed only loses
 /// its node configuration, so nothing restarts when the conflict is resolved).
 /// Durations are passed through as the spec writes them (the CRD checks their
 /// syntax, the cache parses them).
-pub fn cache_config(mirror: &RegistryMirror, with_credentials: bool) -> String {
+pub fn cache_config(mirror: &RegistryMirror, namespace: &str, with_credentials: bool) -> String {
     let spec = &mirror.spec;
     let duration = |d: &Option<String>| d.as_deref().map(DurationText::new);
     let file = FileConfig {
@@ -197,6 +241,14 @@ pub fn cache_config(mirror: &RegistryMirror, with_credentials: bool) -> String {
         tag_ttl: duration(&spec.cache.tag_ttl),
         max_size: cache_budget(spec),
         max_age: duration(&spec.cache.max_age),
+        cluster: FileCluster {
+            discovery: Some(FileDiscovery {
+                service: members_service_name(&mirror.name()),
+                namespace: Some(namespace.into()),
+                port_name: Some(REGISTRY_PORT.into()),
+            }),
+            ..FileCluster::default()
+        },
         upstreams: spec
             .upstreams
             .iter()
@@ -216,8 +268,11 @@ pub fn cache_config(mirror: &RegistryMirror, with_credentials: bool) -> String {
     )
 }
 
-/// The cache's byte budget: `cache.maxSize`, else 90% of the volume, so the
-/// cache evicts before the volume fills.
+/// The cache cluster's byte budget: `cache.maxSize`, else 90% of one
+/// member's volume, so a lone cache evicts before its volume fills. Each
+/// member keeps its share (budget / members it sees); the default does not
+/// grow with `replicas`, so scaling changes no configuration (and with more
+/// members each fills less of its volume; `cache.maxSize` uses them fully).
 fn cache_budget(spec: &crate::crd::RegistryMirrorSpec) -> Option<u64> {
     match &spec.cache.max_size {
         Some(q) => crate::quantity::bytes(q),
@@ -229,7 +284,7 @@ fn cache_budget(spec: &crate::crd::RegistryMirrorSpec) -> Option<u64> {
 /// `config.json` (see [`crate::credentials`]), when any upstream has credentials.
 pub fn build(mirror: &RegistryMirror, settings: &Settings, credentials: Option<&[u8]>) -> Children {
     let name = mirror.name();
-    let config = cache_config(mirror, credentials.is_some());
+    let config = cache_config(mirror, &settings.namespace, credentials.is_some());
     let mut hasher = Sha256::new();
     hasher.update(config.as_bytes());
     // A new credentials Secret changes the volumes anyway; its content is
@@ -253,42 +308,74 @@ pub fn build(mirror: &RegistryMirror, settings: &Settings, credentials: Option<&
         }))
     });
 
-    let storage = &mirror.spec.storage;
-    let mut pvc_spec = json!({
-        "accessModes": [storage.access_mode.as_str()],
-        "resources": { "requests": { "storage": storage.size } },
-    });
-    if let Some(class) = &storage.storage_class_name {
-        pvc_spec["storageClassName"] = json!(class);
-    }
-    let pvc = typed(json!({
+    let account = cache_account_name(&name);
+    let service_account = typed(json!({
         "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": metadata(mirror, settings, pvc_name(&name), COMPONENT_CACHE),
-        "spec": pvc_spec,
+        "kind": "ServiceAccount",
+        "metadata": metadata(mirror, settings, account.clone(), COMPONENT_CACHE),
     }));
-
-    let deployment = typed(deployment_json(
+    // Discovery reads the members' EndpointSlices, in this namespace only:
+    // nothing else, no write.
+    let role = typed(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": metadata(mirror, settings, account.clone(), COMPONENT_CACHE),
+        "rules": [{
+            "apiGroups": ["discovery.k8s.io"],
+            "resources": ["endpointslices"],
+            "verbs": ["get", "list", "watch"],
+        }],
+    }));
+    let role_binding = typed(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": metadata(mirror, settings, account.clone(), COMPONENT_CACHE),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": settings.namespace}],
+    }));
+    let stateful_set = typed(stateful_set_json(
         mirror,
         settings,
         &config_hash,
         credentials.is_some(),
     ));
+    let members_service = typed(members_service_json(mirror, settings));
     let service = typed(service_json(mirror, settings));
     let daemon_set = typed(daemon_set_json(mirror, settings));
 
     Children {
         config_map,
         credentials: credentials_secret,
-        pvc,
-        deployment,
+        service_account,
+        role,
+        role_binding,
+        members_service,
+        stateful_set,
         service,
         daemon_set,
         config_hash,
     }
 }
 
-fn deployment_json(
+/// The claim every member gets: the mirror's `storage`, with the cache's labels.
+pub fn claim_spec(mirror: &RegistryMirror) -> Value {
+    let storage = &mirror.spec.storage;
+    let mut spec = json!({
+        "accessModes": [storage.access_mode.as_str()],
+        "resources": { "requests": { "storage": storage.size } },
+    });
+    if let Some(class) = &storage.storage_class_name {
+        spec["storageClassName"] = json!(class);
+    }
+    spec
+}
+
+/// The cache members: a StatefulSet, so each member has a stable name (its
+/// pod's, `REGMIRROR_NAME`, which ownership hashes) and its own claim. Pods
+/// start and stop in parallel (members do not depend on each other's order)
+/// and roll one at a time. Claims stay when the cluster scales down (a member
+/// that comes back finds its content) and go with the StatefulSet.
+fn stateful_set_json(
     mirror: &RegistryMirror,
     settings: &Settings,
     config_hash: &str,
@@ -296,13 +383,6 @@ fn deployment_json(
 ) -> Value {
     let name = mirror.name();
     let cache = &mirror.spec.cache;
-    // One writer per ReadWriteOnce volume: the old pod must be gone before the
-    // new one mounts it. Shared (RWX) storage can roll without downtime.
-    let strategy = if mirror.spec.storage.access_mode == AccessMode::ReadWriteMany {
-        json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}})
-    } else {
-        json!({"type": "Recreate"})
-    };
     let resources = match &cache.resources {
         Some(r) => serde_json::to_value(r).expect("resources serialize"),
         None => json!({
@@ -314,8 +394,11 @@ fn deployment_json(
         "name": "cache",
         "image": cache.image.clone().unwrap_or_else(|| settings.cache_image.clone()),
         "args": ["--config", format!("{CONFIG_DIR}/{CONFIG_KEY}")],
-        "env": [{"name": "REGMIRROR_LOG", "value": cache.log_level.as_str()}],
-        "ports": [{"name": "registry", "containerPort": cache.port, "protocol": "TCP"}],
+        "env": [
+            {"name": "REGMIRROR_LOG", "value": cache.log_level.as_str()},
+            {"name": "REGMIRROR_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}},
+        ],
+        "ports": [{"name": REGISTRY_PORT, "containerPort": cache.port, "protocol": "TCP"}],
         "readinessProbe": {
             "httpGet": {"path": "/readyz", "port": "registry"},
             "periodSeconds": 5,
@@ -335,16 +418,14 @@ fn deployment_json(
         },
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": true},
-            {"name": "data", "mountPath": DATA_DIR},
+            {"name": DATA_CLAIM_TEMPLATE, "mountPath": DATA_DIR},
         ],
     });
     if let Some(p) = &cache.image_pull_policy {
         container["imagePullPolicy"] = json!(p);
     }
-    let mut volumes = vec![
-        json!({"name": "config", "configMap": {"name": config_map_name(&name)}}),
-        json!({"name": "data", "persistentVolumeClaim": {"claimName": pvc_name(&name)}}),
-    ];
+    let mut volumes =
+        vec![json!({"name": "config", "configMap": {"name": config_map_name(&name)}})];
     if with_credentials {
         container["volumeMounts"]
             .as_array_mut()
@@ -357,20 +438,25 @@ fn deployment_json(
     }
     json!({
         "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": metadata(mirror, settings, deployment_name(&name), COMPONENT_CACHE),
+        "kind": "StatefulSet",
+        "metadata": metadata(mirror, settings, stateful_set_name(&name), COMPONENT_CACHE),
         "spec": {
             "replicas": cache.replicas,
             "revisionHistoryLimit": 3,
+            "serviceName": members_service_name(&name),
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "RollingUpdate"},
+            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Delete", "whenScaled": "Retain"},
             "selector": {"matchLabels": selector_labels(&name, COMPONENT_CACHE)},
-            "strategy": strategy,
             "template": {
                 "metadata": {
                     "labels": labels(&name, COMPONENT_CACHE),
                     "annotations": {CONFIG_HASH_ANNOTATION: config_hash},
                 },
                 "spec": {
-                    "automountServiceAccountToken": false,
+                    "serviceAccountName": cache_account_name(&name),
+                    // Discovery authenticates with it.
+                    "automountServiceAccountToken": true,
                     "enableServiceLinks": false,
                     "securityContext": {
                         "runAsNonRoot": true,
@@ -383,6 +469,60 @@ fn deployment_json(
                     "volumes": volumes,
                 },
             },
+            "volumeClaimTemplates": [{
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": DATA_CLAIM_TEMPLATE, "labels": labels(&name, COMPONENT_CACHE)},
+                "spec": claim_spec(mirror),
+            }],
+        },
+    })
+}
+
+/// Keeps `existing`'s volumeClaimTemplates in `built` (Kubernetes refuses
+/// to change them on a StatefulSet, and a refused apply would hold back
+/// every other change). Returns whether the mirror's `storage` asked for
+/// something else (access modes, size or class), which then applies only to
+/// a StatefulSet created anew.
+pub fn keep_claim_templates(built: &mut StatefulSet, existing: &StatefulSet) -> bool {
+    let shape = |s: &StatefulSet| {
+        let t = s.spec.as_ref()?.volume_claim_templates.as_ref()?.first()?;
+        let spec = t.spec.as_ref()?;
+        let size = spec
+            .resources
+            .as_ref()?
+            .requests
+            .as_ref()?
+            .get("storage")?
+            .0
+            .clone();
+        Some((
+            spec.access_modes.clone(),
+            size,
+            spec.storage_class_name.clone(),
+        ))
+    };
+    let differs = shape(built) != shape(existing);
+    if let (Some(b), Some(e)) = (built.spec.as_mut(), existing.spec.as_ref()) {
+        b.volume_claim_templates = e.volume_claim_templates.clone();
+    }
+    differs
+}
+
+/// The headless Service listing the ready members (its EndpointSlices are
+/// what discovery watches): no cluster IP, not-ready pods left out.
+fn members_service_json(mirror: &RegistryMirror, settings: &Settings) -> Value {
+    let name = mirror.name();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(mirror, settings, members_service_name(&name), COMPONENT_CACHE),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": false,
+            "selector": selector_labels(&name, COMPONENT_CACHE),
+            "ports": [{"name": REGISTRY_PORT, "port": mirror.spec.cache.port,
+                       "targetPort": REGISTRY_PORT, "protocol": "TCP"}],
         },
     })
 }
@@ -397,7 +537,7 @@ fn service_json(mirror: &RegistryMirror, settings: &Settings) -> Value {
     let name = mirror.name();
     let cache = &mirror.spec.cache;
     let mut port = json!({
-        "name": "registry",
+        "name": REGISTRY_PORT,
         "port": cache.port,
         "targetPort": "registry",
         "protocol": "TCP",
@@ -521,9 +661,11 @@ mod tests {
         m
     }
 
+    const NS: &str = "regmirror-system";
+
     fn settings() -> Settings {
         Settings {
-            namespace: "regmirror-system".into(),
+            namespace: NS.into(),
             cache_image: "regmirror/cache:test".into(),
             agent_image: "regmirror/operator:test".into(),
             agent_service_account: "regmirror-agent".into(),
@@ -574,7 +716,7 @@ mod tests {
             ],
             "cache": {"tagTTL": "1m", "port": 5001},
         }));
-        let text = cache_config(&m, true);
+        let text = cache_config(&m, NS, true);
         let parsed: toml::Value = toml::from_str(&text).unwrap();
         assert_eq!(parsed["listen"].as_str(), Some("[::]:5001"));
         assert_eq!(parsed["storage"].as_str(), Some(DATA_DIR));
@@ -601,12 +743,13 @@ mod tests {
         assert!(c.credentials.is_some());
 
         assert!(
-            !cache_config(&m, false).contains("credentials"),
+            !cache_config(&m, NS, false).contains("credentials"),
             "no credentials line without a Secret"
         );
     }
 
-    /// `text` as the cache resolves it from `--config`.
+    /// `text` as the cache resolves it from `--config`, named as a member
+    /// pod is (`REGMIRROR_NAME`, i.e. `--name`).
     fn resolved_by_the_cache(text: &str) -> regmirror_cache::config::Config {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(CONFIG_KEY);
@@ -616,6 +759,8 @@ mod tests {
             "regmirror-cache",
             "--config",
             path.to_str().unwrap(),
+            "--name",
+            "regmirror-hub-0",
         ])
         .unwrap();
         regmirror_cache::config::Config::resolve(cli).unwrap_or_else(|e| panic!("{e}\n{text}"))
@@ -632,7 +777,7 @@ mod tests {
             ],
             "cache": {"tagTTL": "5m", "maxSize": "50Gi", "maxAge": "30d"},
         }));
-        let c = resolved_by_the_cache(&cache_config(&m, true));
+        let c = resolved_by_the_cache(&cache_config(&m, NS, true));
         assert_eq!(c.listen, "[::]:5000".parse().unwrap());
         assert_eq!(c.storage, std::path::PathBuf::from(DATA_DIR));
         assert_eq!(
@@ -665,7 +810,7 @@ mod tests {
 
         // Without cache.maxSize the budget is 90% of the volume.
         let m = mirror(json!({"upstreams": [{"host": "docker.io"}], "storage": {"size": "10Gi"}}));
-        let c = resolved_by_the_cache(&cache_config(&m, false));
+        let c = resolved_by_the_cache(&cache_config(&m, NS, false));
         assert_eq!(c.limits.max_size, Some((10u64 << 30) / 10 * 9));
         assert_eq!(c.limits.max_age, None);
         assert_eq!(c.credentials, None);
@@ -675,13 +820,14 @@ mod tests {
     /// The rendered text is hashed onto the cache's pod template, so any
     /// change to it, formatting included, restarts every cache when the
     /// operator is upgraded: it stays byte for byte what it was. (Changed on
-    /// purpose once: `listen` went from `0.0.0.0` to dual-stack `[::]`, issue
-    /// 18; the README's upgrade note says so.)
+    /// purpose twice: `listen` went from `0.0.0.0` to dual-stack `[::]`, issue
+    /// 18; `[cluster.discovery]` came with the StatefulSet, issue 16, whose
+    /// migration replaces the pod anyway; the README's upgrade notes say so.)
     #[test]
     fn rendered_config_text_is_stable() {
         let m = mirror(json!({"upstreams": [{"host": "docker.io"}]}));
         assert_eq!(
-            cache_config(&m, true),
+            cache_config(&m, NS, true),
             r#"# Generated by regmirror-operator from RegistryMirror "hub": edits are overwritten.
 listen = "[::]:5000"
 storage = "/var/lib/regmirror"
@@ -691,6 +837,11 @@ max_size = 19327352832
 [[upstream]]
 host = "docker.io"
 url = "https://registry-1.docker.io"
+
+[cluster.discovery]
+service = "regmirror-hub-members"
+namespace = "regmirror-system"
+port_name = "registry"
 "#
         );
         let m = mirror(json!({
@@ -702,7 +853,7 @@ url = "https://registry-1.docker.io"
             "cache": {"tagTTL": "1m", "port": 5001, "maxSize": "50Gi", "maxAge": "30d"},
         }));
         assert_eq!(
-            cache_config(&m, true),
+            cache_config(&m, NS, true),
             r#"# Generated by regmirror-operator from RegistryMirror "hub": edits are overwritten.
 listen = "[::]:5001"
 storage = "/var/lib/regmirror"
@@ -724,15 +875,20 @@ tag_ttl = "1h30m"
 [[upstream]]
 host = "registry.local:5000"
 url = "http://10.0.0.5:5000"
+
+[cluster.discovery]
+service = "regmirror-hub-members"
+namespace = "regmirror-system"
+port_name = "registry"
 "#
         );
     }
 
     #[test]
-    fn deployment_runs_the_cache_with_probes_and_hash() {
+    fn stateful_set_runs_named_members_with_probes_hash_and_a_claim_each() {
         let m = mirror(json!({"upstreams": [{"host": "docker.io"}]}));
         let c = build(&m, &settings(), None);
-        let d = v(&c.deployment);
+        let d = v(&c.stateful_set);
         assert_eq!(d["metadata"]["name"], "regmirror-hub");
         assert_eq!(d["metadata"]["namespace"], "regmirror-system");
         assert_eq!(
@@ -753,8 +909,23 @@ url = "http://10.0.0.5:5000"
         );
         let spec = &d["spec"];
         assert_eq!(spec["replicas"], 1);
-        assert_eq!(spec["strategy"], json!({"type": "Recreate"}));
+        assert_eq!(spec["serviceName"], "regmirror-hub-members");
+        assert_eq!(spec["podManagementPolicy"], "Parallel");
+        assert_eq!(spec["updateStrategy"], json!({"type": "RollingUpdate"}));
+        assert_eq!(
+            spec["persistentVolumeClaimRetentionPolicy"],
+            json!({"whenDeleted": "Delete", "whenScaled": "Retain"})
+        );
+        let claim = &spec["volumeClaimTemplates"][0];
+        assert_eq!(claim["metadata"]["name"], DATA_CLAIM_TEMPLATE);
+        assert_eq!(
+            claim["spec"],
+            json!({"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "20Gi"}}})
+        );
+        assert_eq!(member_claim_name("hub", 0), "data-regmirror-hub-0");
         let tpl = &spec["template"];
+        assert_eq!(tpl["spec"]["serviceAccountName"], "regmirror-hub-cache");
+        assert_eq!(tpl["spec"]["automountServiceAccountToken"], true);
         assert_eq!(
             tpl["metadata"]["annotations"][CONFIG_HASH_ANNOTATION],
             c.config_hash
@@ -768,12 +939,20 @@ url = "http://10.0.0.5:5000"
         assert_eq!(ctr["readinessProbe"]["httpGet"]["path"], "/readyz");
         assert_eq!(ctr["livenessProbe"]["httpGet"]["path"], "/healthz");
         assert_eq!(ctr["ports"][0]["containerPort"], 5000);
+        assert!(
+            ctr["env"]
+                .as_array()
+                .unwrap()
+                .contains(&json!({"name": "REGMIRROR_NAME",
+            "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}}))
+        );
+        assert_eq!(
+            ctr["volumeMounts"][1],
+            json!({"name": "data", "mountPath": DATA_DIR})
+        );
         assert_eq!(
             tpl["spec"]["volumes"],
-            json!([
-                {"name": "config", "configMap": {"name": "regmirror-hub"}},
-                {"name": "data", "persistentVolumeClaim": {"claimName": "regmirror-hub"}},
-            ])
+            json!([{"name": "config", "configMap": {"name": "regmirror-hub"}}])
         );
         assert_eq!(
             spec["selector"]["matchLabels"]["app.kubernetes.io/component"],
@@ -787,10 +966,82 @@ url = "http://10.0.0.5:5000"
             json!({"upstreams": [{"host": "docker.io"}], "storage": {"storageClassName": "fast"}}),
         );
         assert_eq!(build(&m3, &settings(), None).config_hash, c.config_hash);
+        // Scaling changes the replicas only: the same pod template, so no
+        // member restarts.
+        let scaled =
+            mirror(json!({"upstreams": [{"host": "docker.io"}], "cache": {"replicas": 3}}));
+        let s = v(&build(&scaled, &settings(), None).stateful_set);
+        assert_eq!(s["spec"]["replicas"], 3);
+        assert_eq!(s["spec"]["template"], d["spec"]["template"]);
+        assert_eq!(build(&scaled, &settings(), None).config_map, c.config_map);
     }
 
     #[test]
-    fn shared_storage_rolls_and_credentials_are_mounted() {
+    fn an_existing_stateful_sets_claim_templates_are_kept() {
+        let m = mirror(json!({"upstreams": [{"host": "docker.io"}]}));
+        let existing = build(&m, &settings(), None).stateful_set;
+        let mut same = build(&m, &settings(), None).stateful_set;
+        assert!(!keep_claim_templates(&mut same, &existing));
+        let bigger =
+            mirror(json!({"upstreams": [{"host": "docker.io"}], "storage": {"size": "50Gi"}}));
+        let mut built = build(&bigger, &settings(), None).stateful_set;
+        assert!(keep_claim_templates(&mut built, &existing));
+        assert_eq!(
+            v(&built)["spec"]["volumeClaimTemplates"],
+            v(&existing)["spec"]["volumeClaimTemplates"]
+        );
+    }
+
+    #[test]
+    fn members_discover_each_other_through_a_headless_service_they_may_only_watch() {
+        let m = mirror(json!({"upstreams": [{"host": "docker.io"}], "cache": {"port": 5001}}));
+        let c = build(&m, &settings(), None);
+        let h = v(&c.members_service);
+        assert_eq!(h["metadata"]["name"], "regmirror-hub-members");
+        assert_eq!(
+            h["spec"],
+            json!({
+                "clusterIP": "None",
+                "publishNotReadyAddresses": false,
+                "selector": selector_labels("hub", COMPONENT_CACHE),
+                "ports": [{"name": "registry", "port": 5001, "targetPort": "registry", "protocol": "TCP"}],
+            })
+        );
+        let role = v(&c.role);
+        assert_eq!(
+            role["rules"],
+            json!([{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                    "verbs": ["get", "list", "watch"]}])
+        );
+        let binding = v(&c.role_binding);
+        assert_eq!(
+            binding["roleRef"],
+            json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "regmirror-hub-cache"})
+        );
+        assert_eq!(
+            binding["subjects"],
+            json!([{"kind": "ServiceAccount", "name": "regmirror-hub-cache", "namespace": "regmirror-system"}])
+        );
+        assert_eq!(
+            v(&c.service_account)["metadata"]["name"],
+            "regmirror-hub-cache"
+        );
+        // The cache's own parser takes the rendered discovery.
+        let config = resolved_by_the_cache(&cache_config(&m, NS, false));
+        assert_eq!(
+            config.cluster.map(|c| c.source),
+            Some(regmirror_cache::cluster::MemberSource::Kubernetes(
+                regmirror_cache::cluster::Discovery {
+                    service: "regmirror-hub-members".into(),
+                    namespace: Some(NS.into()),
+                    port_name: Some("registry".into()),
+                }
+            ))
+        );
+    }
+
+    #[test]
+    fn claims_images_and_credentials_follow_the_spec() {
         let m = mirror(json!({
             "upstreams": [{"host": "docker.io"}],
             "storage": {"accessMode": "ReadWriteMany", "storageClassName": "nfs", "size": "1Ti"},
@@ -798,9 +1049,8 @@ url = "http://10.0.0.5:5000"
                       "resources": {"requests": {"cpu": "1"}}},
         }));
         let c = build(&m, &settings(), Some(br#"{"auths":{}}"#));
-        let d = v(&c.deployment);
+        let d = v(&c.stateful_set);
         assert_eq!(d["spec"]["replicas"], 2);
-        assert_eq!(d["spec"]["strategy"]["type"], "RollingUpdate");
         let ctr = &d["spec"]["template"]["spec"]["containers"][0];
         assert_eq!(ctr["image"], "my/cache:1");
         assert_eq!(ctr["imagePullPolicy"], "Always");
@@ -810,13 +1060,13 @@ url = "http://10.0.0.5:5000"
             json!({"name": "credentials", "mountPath": CREDENTIALS_DIR, "readOnly": true})
         );
         assert_eq!(
-            d["spec"]["template"]["spec"]["volumes"][2]["secret"],
+            d["spec"]["template"]["spec"]["volumes"][1]["secret"],
             json!({"secretName": "regmirror-hub-credentials",
                    "items": [{"key": ".dockerconfigjson", "path": "config.json"}]})
         );
         let s = v(c.credentials.as_ref().unwrap());
         assert_eq!(s["type"], "kubernetes.io/dockerconfigjson");
-        let p = v(&c.pvc);
+        let p = &d["spec"]["volumeClaimTemplates"][0];
         assert_eq!(
             p["spec"],
             json!({"accessModes": ["ReadWriteMany"], "storageClassName": "nfs",

@@ -5,7 +5,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::EventType;
 
-use crate::crd::{NodeState, RegistryMirror, RegistryMirrorStatus};
+use crate::crd::{CacheStatus, NodeState, RegistryMirror, RegistryMirrorStatus};
 
 pub const READY: &str = "Ready";
 pub const CACHE_AVAILABLE: &str = "CacheAvailable";
@@ -21,6 +21,10 @@ pub mod reason {
     pub const DELETING: &str = "Deleting";
     pub const AVAILABLE: &str = "Available";
     pub const CACHE_UNAVAILABLE: &str = "CacheUnavailable";
+    /// Some cache members are not ready (starting, scaling, rolling).
+    pub const MEMBERS_NOT_READY: &str = "MembersNotReady";
+    /// The cache is moving from the single-Deployment layout to a StatefulSet.
+    pub const MIGRATING: &str = "Migrating";
     pub const NOT_OBSERVED: &str = "NotObserved";
     pub const NODES_CONFIGURED: &str = "NodesConfigured";
     pub const AGENTS_READY: &str = "AgentsReady";
@@ -89,7 +93,7 @@ pub struct Problem {
 /// What the controller observed about a mirror's children.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Observed {
-    /// `(desired, available)` replicas of the cache Deployment, if it exists.
+    /// `(desired, ready)` members of the cache StatefulSet, if it exists.
     pub cache_replicas: Option<(i32, i32)>,
     /// Allocated NodePort of the cache Service.
     pub node_port: Option<i32>,
@@ -148,18 +152,18 @@ pub fn compute(
             let p = observed.problem.as_ref().expect("checked");
             cond(CACHE_AVAILABLE, false, p.reason, p.message.clone())
         }
-        Some((want, avail)) if avail > 0 => cond(
+        Some((want, ready)) if ready > 0 => cond(
             CACHE_AVAILABLE,
             true,
             reason::AVAILABLE,
-            format!("{avail}/{want} cache replicas available"),
+            format!("{ready}/{want} cache members ready"),
         ),
-        Some((want, avail)) => cond(
+        Some((want, ready)) => cond(
             CACHE_AVAILABLE,
             false,
             reason::CACHE_UNAVAILABLE,
             format!(
-                "{avail}/{want} cache replicas available: see the cache Deployment's pods (kubectl -n <operator namespace> get pods -l app.kubernetes.io/instance={})",
+                "{ready}/{want} cache members ready: see the cache StatefulSet's pods (kubectl -n <operator namespace> get pods -l app.kubernetes.io/instance={})",
                 crate::resources::instance_label(&mirror.metadata.name.clone().unwrap_or_default())
             ),
         ),
@@ -167,7 +171,7 @@ pub fn compute(
             CACHE_AVAILABLE,
             false,
             reason::NOT_OBSERVED,
-            "the cache Deployment has not been created yet".into(),
+            "the cache StatefulSet has not been created yet".into(),
         ),
     };
 
@@ -296,6 +300,15 @@ pub fn compute(
         )
     } else if cache.status != "True" {
         cond(READY, false, &cache.reason, cache.message.clone())
+    } else if let Some((want, ready)) = observed.cache_replicas.filter(|(w, r)| r < w) {
+        // Ready only with every member: a missing one's keys are served by
+        // the next in rank, but the cluster is not what the spec asks for.
+        cond(
+            READY,
+            false,
+            reason::MEMBERS_NOT_READY,
+            format!("{ready}/{want} cache members ready"),
+        )
     } else if nodes.status != "True" {
         cond(READY, false, &nodes.reason, nodes.message.clone())
     } else {
@@ -322,6 +335,13 @@ pub fn compute(
         node_port: observed.node_port,
         nodes_desired,
         nodes_configured,
+        cache: observed
+            .cache_replicas
+            .map(|(replicas, ready)| CacheStatus {
+                replicas,
+                ready_replicas: ready,
+                members: format!("{ready}/{replicas}"),
+            }),
         nodes: Vec::new(),
     }
 }
@@ -377,7 +397,11 @@ pub fn ready_event(
     let expected = ready.status == "True"
         || matches!(
             ready.reason.as_str(),
-            reason::CACHE_UNAVAILABLE | reason::AGENTS_NOT_READY | reason::NOT_OBSERVED
+            reason::CACHE_UNAVAILABLE
+                | reason::MEMBERS_NOT_READY
+                | reason::MIGRATING
+                | reason::AGENTS_NOT_READY
+                | reason::NOT_OBSERVED
         );
     Some(ReadyEvent {
         type_: if expected {
@@ -469,6 +493,40 @@ mod tests {
             (nodes.reason.as_str(), nodes.message.as_str()),
             (reason::AGENTS_NOT_READY, "1/3 node agents ready")
         );
+    }
+
+    #[test]
+    fn ready_needs_every_cache_member_and_the_status_counts_them() {
+        let m = mirror("a", 1, &["docker.io"]);
+        let obs = Observed {
+            cache_replicas: Some((3, 2)),
+            node_port: Some(31500),
+            agents: Some((3, 3)),
+            ..Default::default()
+        };
+        let s = compute(&m, None, &obs, t(1000));
+        let cache = s.cache.clone().unwrap();
+        assert_eq!((cache.replicas, cache.ready_replicas), (3, 2));
+        assert_eq!(cache.members, "2/3");
+        // Two members serve every key: available, yet not Ready.
+        let available = condition(Some(&s), CACHE_AVAILABLE).unwrap();
+        assert_eq!(available.status, "True");
+        assert_eq!(available.message, "2/3 cache members ready");
+        let ready = condition(Some(&s), READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", reason::MEMBERS_NOT_READY)
+        );
+        let e = ready_event(None, &s).unwrap();
+        assert_eq!(e.type_, EventType::Normal, "expected while scaling");
+
+        let all = Observed {
+            cache_replicas: Some((3, 3)),
+            ..obs
+        };
+        let s = compute(&m, None, &all, t(1000));
+        assert_eq!(condition(Some(&s), READY).unwrap().status, "True");
+        assert_eq!(s.cache.unwrap().members, "3/3");
     }
 
     #[test]

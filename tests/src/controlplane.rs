@@ -123,6 +123,31 @@ impl ControlPlane {
         Ok(path)
     }
 
+    /// A kubeconfig for the ServiceAccount `sa` of `namespace`, with a
+    /// TokenRequest token (1 h), written as `name` in this control plane's
+    /// directory: a process using it has exactly that account's RBAC.
+    pub async fn token_kubeconfig(&self, namespace: &str, sa: &str, name: &str) -> Result<PathBuf> {
+        let token = self
+            .kubectl_ok(&["create", "token", sa, "-n", namespace, "--duration=1h"])
+            .await?;
+        self.kubeconfig_with(name, &self.server, token.trim())
+    }
+
+    /// `kubectl auth can-i ARGS` as the user `who` (e.g.
+    /// `system:serviceaccount:NS:NAME`): whether RBAC allows it.
+    pub async fn can_i(&self, who: &str, args: &[&str]) -> Result<bool> {
+        let who = format!("--as={who}");
+        let mut all = vec!["auth", "can-i"];
+        all.extend_from_slice(args);
+        all.push(&who);
+        let out = self.kubectl(&all).await?;
+        match String::from_utf8_lossy(&out.stdout).trim() {
+            "yes" => Ok(true),
+            "no" => Ok(false),
+            _ => anyhow::bail!("kubectl {}: {out:?}", all.join(" ")),
+        }
+    }
+
     /// Starts everything and waits until pods can be created (about 10 s).
     pub async fn start() -> Result<Self> {
         let bin = tools_bin_dir()?;

@@ -6,9 +6,9 @@
 //! RBAC is enough, and `kubectl auth can-i` shows what it does not allow.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use regmirror_e2e::helm::{
     Helm, chart_dir, find, kubeconform, parse_yaml_stream, write_api_schemas, write_crd_schemas,
 };
@@ -231,16 +231,8 @@ fn make_image_without_a_container_engine_says_so_and_succeeds() {
 
 /// `kubectl auth can-i` as a ServiceAccount of the release namespace.
 async fn can_i(cp: &ControlPlane, sa: &str, args: &[&str]) -> Result<bool> {
-    let who = format!("--as=system:serviceaccount:{NS}:{sa}");
-    let mut all = vec!["auth", "can-i"];
-    all.extend_from_slice(args);
-    all.push(&who);
-    let out = cp.kubectl(&all).await?;
-    match String::from_utf8_lossy(&out.stdout).trim() {
-        "yes" => Ok(true),
-        "no" => Ok(false),
-        _ => bail!("kubectl {}: {out:?}", all.join(" ")),
-    }
+    cp.can_i(&format!("system:serviceaccount:{NS}:{sa}"), args)
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,8 +345,9 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
     .await?;
 
     // The operator binary as the chart's ServiceAccount: a TokenRequest token.
-    let sa_kubeconfig =
-        token_kubeconfig(&cp, RELEASE, &work.path().join("operator.kubeconfig")).await?;
+    let sa_kubeconfig = cp
+        .token_kubeconfig(NS, RELEASE, "operator.kubeconfig")
+        .await?;
     // Volumes for the caches' claims (there is no provisioner here).
     for (pv, size) in [("pv-public", "50Gi"), ("pv-private", "20Gi")] {
         cp.apply_ok(&format!(
@@ -385,8 +378,12 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
     .await?;
     for (kind, name) in [
         ("configmap", "regmirror-public"),
-        ("persistentvolumeclaim", "regmirror-public"),
-        ("deployment", "regmirror-public"),
+        ("serviceaccount", "regmirror-public-cache"),
+        ("role", "regmirror-public-cache"),
+        ("rolebinding", "regmirror-public-cache"),
+        ("service", "regmirror-public-members"),
+        ("statefulset", "regmirror-public"),
+        ("persistentvolumeclaim", "data-regmirror-public-0"),
         ("service", "regmirror-public"),
         ("daemonset", "regmirror-public-agent"),
     ] {
@@ -432,12 +429,9 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
     assert_eq!(lease["spec"]["holderIdentity"], "chart-op");
     // The node agent as the chart's agent ServiceAccount: reads its mirror and
     // reports its node, with nothing more than the agent's RBAC.
-    let agent_kubeconfig = token_kubeconfig(
-        &cp,
-        "regmirror-agent",
-        &work.path().join("agent.kubeconfig"),
-    )
-    .await?;
+    let agent_kubeconfig = cp
+        .token_kubeconfig(NS, "regmirror-agent", "agent.kubeconfig")
+        .await?;
     let hosts = work.path().join("certs.d");
     let agent = AgentProcess::start(&AgentOptions {
         kubeconfig: &agent_kubeconfig,
@@ -482,7 +476,7 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
     )
     .await?;
     assert!(
-        cp.get_json(&["deployment", "regmirror-private", "-n", NS])
+        cp.get_json(&["statefulset", "regmirror-private", "-n", NS])
             .await?
             .is_none()
     );
@@ -500,9 +494,25 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
     for (sa, args, allowed) in [
         (
             op_sa,
-            &["patch", "deployments.apps", ns[0], ns[1]][..],
+            &["patch", "statefulsets.apps", ns[0], ns[1]][..],
             true,
         ),
+        // The cache members' identity and its discovery-only Role (which
+        // the operator may grant because it holds those verbs itself).
+        (op_sa, &["create", "serviceaccounts", ns[0], ns[1]], true),
+        (
+            op_sa,
+            &["create", "roles.rbac.authorization.k8s.io", ns[0], ns[1]],
+            true,
+        ),
+        (
+            op_sa,
+            &["watch", "endpointslices.discovery.k8s.io", ns[0], ns[1]],
+            true,
+        ),
+        // Migration from the Deployment layout: hands a volume over.
+        (op_sa, &["patch", "persistentvolumes"], true),
+        (op_sa, &["delete", "deployments.apps", ns[0], ns[1]], true),
         (op_sa, &["watch", "secrets", ns[0], ns[1]], true),
         (op_sa, &["patch", "registrymirrors.regmirror.dev"], true),
         (
@@ -554,10 +564,17 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
         ),
         // Not more than it needs inside it either.
         (op_sa, &["create", "pods", ns[0], ns[1]], false),
-        (op_sa, &["create", "serviceaccounts", ns[0], ns[1]], false),
+        (op_sa, &["create", "deployments.apps", ns[0], ns[1]], false),
+        (op_sa, &["delete", "persistentvolumes"], false),
+        (op_sa, &["list", "persistentvolumes"], false),
         (
             op_sa,
-            &["create", "roles.rbac.authorization.k8s.io", ns[0], ns[1]],
+            &["create", "endpointslices.discovery.k8s.io", ns[0], ns[1]],
+            false,
+        ),
+        (
+            op_sa,
+            &["create", "clusterroles.rbac.authorization.k8s.io"],
             false,
         ),
         (
@@ -610,23 +627,4 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// A kubeconfig for `sa` in the release namespace, with a TokenRequest token.
-async fn token_kubeconfig(cp: &ControlPlane, sa: &str, path: &Path) -> Result<PathBuf> {
-    let token = cp
-        .kubectl_ok(&["create", "token", sa, "-n", NS, "--duration=1h"])
-        .await?;
-    std::fs::write(
-        path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: t, cluster: {{server: \"{}\", certificate-authority: \"{}\"}}}}]\n\
-             users: [{{name: sa, user: {{token: \"{}\"}}}}]\n\
-             contexts: [{{name: t, context: {{cluster: t, user: sa}}}}]\ncurrent-context: t\n",
-            cp.server,
-            cp.dir().join("pki/apiserver.crt").display(),
-            token.trim()
-        ),
-    )?;
-    Ok(path.to_path_buf())
 }

@@ -1,7 +1,9 @@
 //! The operator against a real control plane (etcd, kube-apiserver,
 //! kube-controller-manager, kube-scheduler, kwok): CRD validation, children,
 //! status, events, host conflicts, spec changes, finalizer, garbage collection
-//! and leader election, as named scenarios.
+//! and leader election, the cache cluster (members discovering each other
+//! through EndpointSlices while it scales) and the migration from the
+//! single-Deployment layout, as named scenarios.
 //!
 //! The scenarios share one control plane and one operator, started by the
 //! first scenario and stopped when the last has finished (see [`turn`]); they
@@ -15,7 +17,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use regmirror_e2e::operator::condition;
-use regmirror_e2e::{ControlPlane, OperatorProcess};
+use regmirror_e2e::{
+    CacheOptions, CacheProcess, ControlPlane, OperatorProcess, free_port, wait_until,
+};
 use tokio::sync::{Mutex, MutexGuard};
 
 const NS: &str = "regmirror-system";
@@ -24,19 +28,28 @@ const IDENTITY: &str = "op-1";
 
 /// Every scenario of this file: the shared control plane is stopped when this
 /// many have had their [`turn`].
-const SCENARIOS: [&str; 6] = [
+const SCENARIOS: [&str; 8] = [
     "invalid_specs_are_rejected_with_the_schemas_messages",
     "a_mirror_becomes_ready_with_owned_labelled_children_events_and_metrics",
     "a_later_mirror_loses_a_shared_host_until_the_older_is_deleted",
     "a_spec_change_rolls_the_cache_config",
     "without_the_operator_the_finalizer_holds_and_the_garbage_collector_cleans_up",
     "another_registrys_only_credentials_entry_is_never_copied",
+    "cache_members_discover_each_other_and_scaling_restarts_none",
+    "an_old_layout_mirror_hands_its_volume_to_member_zero",
 ];
 
 fn mirror_yaml(name: &str, upstreams: &str, extra: &str) -> String {
     format!(
         "apiVersion: regmirror.dev/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: {name}\nspec:\n  upstreams: {upstreams}\n{extra}"
     )
+}
+
+/// `kubectl patch registrymirror NAME --type=merge -p PATCH`.
+async fn patch_mirror(cp: &ControlPlane, name: &str, patch: &str) -> Result<()> {
+    cp.kubectl_ok(&["patch", "registrymirror", name, "--type=merge", "-p", patch])
+        .await
+        .map(drop)
 }
 
 /// Creates the mirror `name` of `upstreams` with 1Gi of storage, and waits
@@ -199,8 +212,13 @@ async fn invalid_specs_are_rejected_with_the_schemas_messages() -> Result<()> {
         ),
         (
             "[{host: docker.io}]",
-            "  cache: {replicas: 2}\n",
-            "needs storage.accessMode ReadWriteMany",
+            "  cache: {replicas: 17}\n",
+            "replicas must be from 1 to 16 cache members",
+        ),
+        (
+            "[{host: docker.io}]",
+            "  cache: {maxSize: lots}\n",
+            "the budget of all cache members together",
         ),
         (
             "[{host: docker.io, tagTTL: soon}]",
@@ -255,8 +273,11 @@ async fn a_mirror_becomes_ready_with_owned_labelled_children_events_and_metrics(
 
     for (kind, name) in [
         ("configmap", "regmirror-hub"),
-        ("persistentvolumeclaim", "regmirror-hub"),
-        ("deployment", "regmirror-hub"),
+        ("serviceaccount", "regmirror-hub-cache"),
+        ("role", "regmirror-hub-cache"),
+        ("rolebinding", "regmirror-hub-cache"),
+        ("service", "regmirror-hub-members"),
+        ("statefulset", "regmirror-hub"),
         ("service", "regmirror-hub"),
         ("daemonset", "regmirror-hub-agent"),
     ] {
@@ -305,17 +326,19 @@ async fn a_mirror_becomes_ready_with_owned_labelled_children_events_and_metrics(
     );
     // Dual-stack: nodes reach the cache over IPv4 and IPv6 (issue 18).
     assert!(config.contains("listen = \"[::]:5000\""), "{config}");
-    let deploy = cp
-        .get_json(&["deployment", "regmirror-hub", "-n", NS])
+    let sts = cp
+        .get_json(&["statefulset", "regmirror-hub", "-n", NS])
         .await?
         .unwrap();
-    assert_eq!(deploy["spec"]["strategy"]["type"], "Recreate");
+    assert_eq!(sts["spec"]["updateStrategy"]["type"], "RollingUpdate");
+    assert_eq!(hub["status"]["cache"]["members"], "1/1");
 
     let table = cp.kubectl_ok(&["get", "registrymirrors"]).await?;
     assert!(
         table.contains("READY")
             && table.contains("UPSTREAMS")
             && table.contains("ENDPOINT")
+            && table.contains("MEMBERS")
             && table.contains("docker.io,ghcr.io"),
         "{table}"
     );
@@ -405,7 +428,9 @@ async fn a_later_mirror_loses_a_shared_host_until_the_older_is_deleted() -> Resu
     })
     .await?;
     for (kind, name) in [
-        ("deployment", "regmirror-first"),
+        ("statefulset", "regmirror-first"),
+        ("service", "regmirror-first-members"),
+        ("role", "regmirror-first-cache"),
         ("daemonset", "regmirror-first-agent"),
         ("configmap", "regmirror-first"),
         ("service", "regmirror-first"),
@@ -438,26 +463,18 @@ async fn a_spec_change_rolls_the_cache_config() -> Result<()> {
             .as_str()
             .map(str::to_owned)
     };
-    let deploy = cp
-        .get_json(&["deployment", "regmirror-rolled", "-n", NS])
+    let sts = cp
+        .get_json(&["statefulset", "regmirror-rolled", "-n", NS])
         .await?
-        .context("rolled's Deployment")?;
-    let hash1 = hash(&deploy).context("config hash")?;
+        .context("rolled's StatefulSet")?;
+    let hash1 = hash(&sts).context("config hash")?;
 
     // A spec change rolls the ConfigMap and the pod template.
-    cp.kubectl_ok(&[
-        "patch",
-        "registrymirror",
-        "rolled",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"cache":{"tagTTL":"5m"}}}"#,
-    ])
-    .await?;
+    patch_mirror(cp, "rolled", r#"{"spec":{"cache":{"tagTTL":"5m"}}}"#).await?;
     op.wait_for(
         cp,
         "rolled config rolled",
-        &["deployment", "regmirror-rolled", "-n", NS],
+        &["statefulset", "regmirror-rolled", "-n", NS],
         |d| (hash(d?)? != hash1).then_some(()),
     )
     .await?;
@@ -526,19 +543,11 @@ async fn without_the_operator_the_finalizer_holds_and_the_garbage_collector_clea
     assert!(held["metadata"]["deletionTimestamp"].is_string());
     // ...and without it, kube-controller-manager's garbage collector removes
     // the children through their owner references.
-    cp.kubectl_ok(&[
-        "patch",
-        "registrymirror",
-        "held",
-        "--type=merge",
-        "-p",
-        r#"{"metadata":{"finalizers":null}}"#,
-    ])
-    .await?;
+    patch_mirror(cp, "held", r#"{"metadata":{"finalizers":null}}"#).await?;
     op.wait_for(
         cp,
-        "held's Deployment garbage-collected",
-        &["deployment", "regmirror-held", "-n", NS],
+        "held's StatefulSet garbage-collected",
+        &["statefulset", "regmirror-held", "-n", NS],
         |d| d.is_none().then_some(()),
     )
     .await?;
@@ -598,7 +607,7 @@ async fn another_registrys_only_credentials_entry_is_never_copied() -> Result<()
             .is_none(),
         "credentials Secret copied for quayed"
     );
-    for kind in ["configmap", "deployment"] {
+    for kind in ["configmap", "statefulset"] {
         assert!(
             cp.get_json(&[kind, "regmirror-quayed", "-n", NS])
                 .await?
@@ -607,6 +616,382 @@ async fn another_registrys_only_credentials_entry_is_never_copied() -> Result<()
         );
     }
     cp.kubectl_ok(&["delete", "registrymirror", "quayed", "--wait=false"])
+        .await?;
+    Ok(())
+}
+
+/// A PersistentVolume of StorageClass `class` (none exists: binding matches
+/// the name), 1Gi, with `policy` as its reclaim policy; its hostPath is never
+/// mounted (kwok's pods run nothing).
+fn class_pv_yaml(name: &str, class: &str, policy: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: PersistentVolume\nmetadata:\n  name: {name}\nspec:\n  capacity: {{storage: 1Gi}}\n  accessModes: [ReadWriteOnce]\n  storageClassName: {class}\n  persistentVolumeReclaimPolicy: {policy}\n  hostPath: {{path: /tmp/regmirror-e2e-never-mounted/{name}}}\n"
+    )
+}
+
+/// The members a cache process's view held when it last changed, as its
+/// discovery logs them (`cluster members: a,b,c`).
+fn members_seen(member: &CacheProcess) -> Option<String> {
+    member.log().lines().rev().find_map(|l| {
+        let (_, rest) = l.split_once("cluster members: ")?;
+        Some(
+            rest.split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        )
+    })
+}
+
+/// Waits until every one of `members` sees exactly `expected` (names, comma-separated).
+async fn wait_for_views(members: &[&CacheProcess], expected: &str) -> Result<()> {
+    wait_until(Duration::from_secs(60), || async {
+        members
+            .iter()
+            .all(|m| members_seen(m).as_deref() == Some(expected))
+    })
+    .await
+    .with_context(|| {
+        let seen: Vec<String> = members
+            .iter()
+            .map(|m| format!("{:?}\n{}", members_seen(m), m.log_tail(10)))
+            .collect();
+        format!("views {expected:?}; seen: {seen:#?}")
+    })
+}
+
+/// The IP and uid of pod `name` once it is Ready (kwok runs nothing, but
+/// gives it an address and the Ready condition).
+async fn ready_pod(
+    cp: &ControlPlane,
+    op: &mut OperatorProcess,
+    name: &str,
+) -> Result<(String, String)> {
+    op.wait_for(
+        cp,
+        &format!("pod {name} Ready"),
+        &["pod", name, "-n", NS],
+        |p| {
+            let p = p?;
+            let ready = p["status"]["conditions"]
+                .as_array()?
+                .iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            let ip = p["status"]["podIP"].as_str()?;
+            ready.then(|| {
+                (
+                    ip.to_owned(),
+                    p["metadata"]["uid"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+        },
+    )
+    .await
+}
+
+/// Issue 16, test 8: the operator renders the cache cluster (StatefulSet,
+/// headless Service, a Role that only reads EndpointSlices, the discovery
+/// configuration); real `regmirror-cache` processes, one per member pod, run
+/// with that configuration and the members' ServiceAccount token and find
+/// each other through the EndpointSlices the controller-manager writes from
+/// kwok's pods; scaling 1 -> 3 -> 1 changes every view and restarts nothing
+/// (same processes, same pod, same pod template).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_members_discover_each_other_and_scaling_restarts_none() -> Result<()> {
+    let mut turn = turn("cache_members_discover_each_other_and_scaling_restarts_none").await;
+    let (cp, op) = turn.cluster().await?;
+    for i in 0..3 {
+        cp.apply_ok(&class_pv_yaml(&format!("pool-pv-{i}"), "pool", "Retain"))
+            .await?;
+    }
+    cp.apply_ok(&mirror_yaml(
+        "pool",
+        "[{host: gcr.io}]",
+        "  storage: {size: 1Gi, storageClassName: pool}\n  cache: {maxSize: 2Gi}\n",
+    ))
+    .await?;
+    op.wait_for(
+        cp,
+        "pool Ready with 1/1 members",
+        &["registrymirror", "pool"],
+        |m| {
+            let m = m?;
+            (condition(m, "Ready")?["status"] == "True" && m["status"]["cache"]["members"] == "1/1")
+                .then_some(())
+        },
+    )
+    .await?;
+
+    // What the operator rendered.
+    let sts = cp
+        .get_json(&["statefulset", "regmirror-pool", "-n", NS])
+        .await?
+        .context("StatefulSet")?;
+    assert_eq!(sts["spec"]["serviceName"], "regmirror-pool-members");
+    assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
+    let pod_spec = &sts["spec"]["template"]["spec"];
+    assert_eq!(pod_spec["serviceAccountName"], "regmirror-pool-cache");
+    assert!(
+        pod_spec["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "REGMIRROR_NAME"
+                && e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"),
+        "{pod_spec}"
+    );
+    let headless = cp
+        .get_json(&["service", "regmirror-pool-members", "-n", NS])
+        .await?
+        .context("headless Service")?;
+    assert_eq!(headless["spec"]["clusterIP"], "None");
+    let entry = cp
+        .get_json(&["service", "regmirror-pool", "-n", NS])
+        .await?
+        .context("NodePort Service")?;
+    assert_eq!(entry["spec"]["type"], "NodePort");
+    assert_eq!(entry["spec"]["selector"], headless["spec"]["selector"]);
+    let claim = cp
+        .get_json(&["pvc", "data-regmirror-pool-0", "-n", NS])
+        .await?
+        .context("member 0's claim")?;
+    assert_eq!(claim["spec"]["storageClassName"], "pool");
+    let cm = cp
+        .get_json(&["configmap", "regmirror-pool", "-n", NS])
+        .await?
+        .context("ConfigMap")?;
+    let config = cm["data"]["config.toml"].as_str().unwrap().to_owned();
+    assert!(
+        config.contains("[cluster.discovery]\nservice = \"regmirror-pool-members\""),
+        "{config}"
+    );
+    assert!(
+        config.contains("max_size = 2147483648"),
+        "the cluster's budget: {config}"
+    );
+    // The members' identity reads EndpointSlices of this namespace, nothing else.
+    let cache_sa = format!("system:serviceaccount:{NS}:regmirror-pool-cache");
+    for (args, allowed) in [
+        (
+            &["get", "endpointslices.discovery.k8s.io", "-n", NS][..],
+            true,
+        ),
+        (&["list", "endpointslices.discovery.k8s.io", "-n", NS], true),
+        (
+            &["watch", "endpointslices.discovery.k8s.io", "-n", NS],
+            true,
+        ),
+        (
+            &["create", "endpointslices.discovery.k8s.io", "-n", NS],
+            false,
+        ),
+        (
+            &["list", "endpointslices.discovery.k8s.io", "-n", "default"],
+            false,
+        ),
+        (&["get", "pods", "-n", NS], false),
+        (&["get", "secrets", "-n", NS], false),
+        (&["get", "registrymirrors.regmirror.dev"], false),
+    ] {
+        assert_eq!(
+            cp.can_i(&cache_sa, args).await?,
+            allowed,
+            "cache: can-i {}",
+            args.join(" ")
+        );
+    }
+
+    // Member processes on loopback, as the pods would run them.
+    let work = tempfile::Builder::new()
+        .prefix("regmirror-pool-")
+        .tempdir()?;
+    let config_file = work.path().join("config.toml");
+    std::fs::write(&config_file, &config)?;
+    let kubeconfig = cp
+        .token_kubeconfig(NS, "regmirror-pool-cache", "pool-cache.kubeconfig")
+        .await?;
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let start = |i: usize, addresses: String| {
+        CacheProcess::start_with(
+            CacheOptions::new()
+                .config(&config_file)
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{}", ports[i]))
+                .env("KUBECONFIG", kubeconfig.to_str().unwrap())
+                .env("REGMIRROR_NAME", &format!("regmirror-pool-{i}"))
+                .env("REGMIRROR_TEST_PEER_ADDRESSES", &addresses),
+        )
+    };
+    let mapping = |ips: &[String]| {
+        ips.iter()
+            .zip(&ports)
+            .map(|(ip, port)| format!("{ip}=127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let (ip0, uid0) = ready_pod(cp, op, "regmirror-pool-0").await?;
+    let mut m0 = start(0, mapping(std::slice::from_ref(&ip0))).await?;
+    let pid0 = m0.pid().context("member 0's pid")?;
+    wait_for_views(&[&m0], "regmirror-pool-0").await?;
+
+    // 1 -> 3: only the replicas change.
+    let revision =
+        |s: &serde_json::Value| s["status"]["updateRevision"].as_str().map(str::to_owned);
+    let revision1 = revision(&sts).context("updateRevision")?;
+    patch_mirror(cp, "pool", r#"{"spec":{"cache":{"replicas":3}}}"#).await?;
+    let mut ips = vec![ip0];
+    for i in 1..3 {
+        ips.push(ready_pod(cp, op, &format!("regmirror-pool-{i}")).await?.0);
+    }
+    let m1 = start(1, mapping(&ips)).await?;
+    let m2 = start(2, mapping(&ips)).await?;
+    let all = "regmirror-pool-0,regmirror-pool-1,regmirror-pool-2";
+    wait_for_views(&[&m0, &m1, &m2], all).await?;
+    op.wait_for(cp, "pool 3/3 members", &["registrymirror", "pool"], |m| {
+        (m?["status"]["cache"]["members"] == "3/3").then_some(())
+    })
+    .await?;
+    let scaled = cp
+        .get_json(&["statefulset", "regmirror-pool", "-n", NS])
+        .await?
+        .context("StatefulSet")?;
+    assert_eq!(
+        scaled["spec"]["template"], sts["spec"]["template"],
+        "pod template changed"
+    );
+    assert_eq!(
+        revision(&scaled),
+        Some(revision1.clone()),
+        "a new revision rolls members"
+    );
+
+    // 3 -> 1: the survivors see it at once; member 0 was never restarted.
+    patch_mirror(cp, "pool", r#"{"spec":{"cache":{"replicas":1}}}"#).await?;
+    wait_for_views(&[&m0], "regmirror-pool-0").await?;
+    assert!(
+        m0.is_running() && m0.pid() == Some(pid0),
+        "member 0 restarted"
+    );
+    let (_, uid) = ready_pod(cp, op, "regmirror-pool-0").await?;
+    assert_eq!(uid, uid0, "member 0's pod was replaced");
+    let after = cp
+        .get_json(&["statefulset", "regmirror-pool", "-n", NS])
+        .await?
+        .context("StatefulSet")?;
+    assert_eq!(revision(&after), Some(revision1));
+    // Claims of removed members stay, for when they come back.
+    assert!(
+        cp.get_json(&["pvc", "data-regmirror-pool-2", "-n", NS])
+            .await?
+            .is_some()
+    );
+    // Discovery kept its watch: no refused or failed request in any log.
+    for m in [&m0, &m1, &m2] {
+        let log = m.log();
+        assert!(
+            !log.contains("forbidden") && !log.contains("watching EndpointSlices failed"),
+            "{log}"
+        );
+    }
+    drop((m1, m2));
+    cp.kubectl_ok(&["delete", "registrymirror", "pool", "--wait=false"])
+        .await?;
+    Ok(())
+}
+
+/// A mirror the single-Deployment operator made (its Deployment and one claim
+/// bound to a volume whose reclaim policy is Delete) is moved to the
+/// StatefulSet with its content: member 0's claim is bound to the same
+/// volume, which survives with its policy restored, and the old Deployment
+/// and claim are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_layout_mirror_hands_its_volume_to_member_zero() -> Result<()> {
+    let mut turn = turn("an_old_layout_mirror_hands_its_volume_to_member_zero").await;
+    {
+        // The old layout, made while the operator is stopped, as the old
+        // operator made it: owned by the mirror, labelled as its cache.
+        let (cp, op) = turn.cluster().await?;
+        op.stop(Duration::from_secs(10)).await?;
+        cp.apply_ok(&class_pv_yaml("legacy-pv", "legacy", "Delete"))
+            .await?;
+        cp.apply_ok(&mirror_yaml(
+            "legacy",
+            "[{host: registry.legacy.example}]",
+            "  storage: {size: 1Gi, storageClassName: legacy}\n",
+        ))
+        .await?;
+        let mirror = cp
+            .get_json(&["registrymirror", "legacy"])
+            .await?
+            .context("mirror")?;
+        let uid = mirror["metadata"]["uid"].as_str().unwrap();
+        let meta = format!(
+            "  name: regmirror-legacy\n  namespace: {NS}\n  labels: {{app.kubernetes.io/name: regmirror, app.kubernetes.io/instance: legacy, app.kubernetes.io/component: cache, app.kubernetes.io/managed-by: regmirror-operator, app.kubernetes.io/part-of: regmirror, regmirror.dev/mirror: legacy}}\n  ownerReferences: [{{apiVersion: regmirror.dev/v1alpha1, kind: RegistryMirror, name: legacy, uid: {uid}, controller: true, blockOwnerDeletion: true}}]\n"
+        );
+        cp.apply_ok(&format!(
+            "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n{meta}spec:\n  accessModes: [ReadWriteOnce]\n  storageClassName: legacy\n  resources: {{requests: {{storage: 1Gi}}}}\n"
+        ))
+        .await?;
+        cp.apply_ok(&format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n{meta}spec:\n  replicas: 1\n  strategy: {{type: Recreate}}\n  selector:\n    matchLabels: {{app.kubernetes.io/name: regmirror, app.kubernetes.io/instance: legacy, app.kubernetes.io/component: cache}}\n  template:\n    metadata:\n      labels: {{app.kubernetes.io/name: regmirror, app.kubernetes.io/instance: legacy, app.kubernetes.io/component: cache}}\n    spec:\n      containers: [{{name: cache, image: regmirror/cache:old}}]\n      volumes: [{{name: data, persistentVolumeClaim: {{claimName: regmirror-legacy}}}}]\n"
+        ))
+        .await?;
+        op.wait_for(
+            cp,
+            "the old cache running",
+            &["deployment", "regmirror-legacy", "-n", NS],
+            |d| (d?["status"]["availableReplicas"] == 1).then_some(()),
+        )
+        .await?;
+        let old = cp
+            .get_json(&["pvc", "regmirror-legacy", "-n", NS])
+            .await?
+            .context("old claim")?;
+        assert_eq!(old["spec"]["volumeName"], "legacy-pv");
+    }
+
+    // The operator (restarted by the turn) migrates, then runs the StatefulSet.
+    let (cp, op) = turn.cluster().await?;
+    let claim = op
+        .wait_for(
+            cp,
+            "member 0's claim bound",
+            &["pvc", "data-regmirror-legacy-0", "-n", NS],
+            |c| {
+                let c = c?;
+                (c["status"]["phase"] == "Bound").then(|| c.clone())
+            },
+        )
+        .await?;
+    assert_eq!(claim["spec"]["volumeName"], "legacy-pv");
+    op.wait_for(
+        cp,
+        "legacy 1/1 members",
+        &["registrymirror", "legacy"],
+        |m| (m?["status"]["cache"]["members"] == "1/1").then_some(()),
+    )
+    .await?;
+    let pv = cp
+        .get_json(&["pv", "legacy-pv"])
+        .await?
+        .context("the old volume survived")?;
+    assert_eq!(pv["spec"]["persistentVolumeReclaimPolicy"], "Delete");
+    assert_eq!(pv["spec"]["claimRef"]["name"], "data-regmirror-legacy-0");
+    assert_eq!(pv["status"]["phase"], "Bound");
+    assert!(
+        pv["metadata"]["annotations"]["regmirror.dev/original-reclaim-policy"].is_null(),
+        "{pv}"
+    );
+    for (kind, name) in [
+        ("deployment", "regmirror-legacy"),
+        ("pvc", "regmirror-legacy"),
+    ] {
+        assert!(
+            cp.get_json(&[kind, name, "-n", NS]).await?.is_none(),
+            "{kind} {name} left behind"
+        );
+    }
+    cp.kubectl_ok(&["delete", "registrymirror", "legacy", "--wait=false"])
         .await?;
     Ok(())
 }

@@ -66,11 +66,6 @@ pub async fn serve(
     }
     let mirror = Arc::new(mirror);
     let _sweeper = store::evict::spawn(store);
-    // The membership, kept current (and its changes logged) while serving.
-    let _membership = match &config.cluster {
-        Some(c) => Some(cluster::membership(c).await?),
-        None => None,
-    };
     tracing::info!(
         listen = %listener.local_addr()?,
         storage = %config.storage.display(),

@@ -49,6 +49,14 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("cannot open storage {}: {e}", config.storage.display()))?;
     let mirror = Arc::new(mirror::Mirror::new(&config, store.clone())?);
+    let membership = match &config.cluster {
+        Some(c) => Some(cluster::membership(c).await?),
+        None => None,
+    };
+    // In a cluster `max_size` is the cluster's: this member keeps its share.
+    let _budget = membership
+        .as_ref()
+        .and_then(|m| cluster::budget::spawn(store.clone(), config.limits.max_size, m));
     let _sweeper = store::evict::spawn(store);
     tracing::info!(
         listen = %listener.local_addr()?,

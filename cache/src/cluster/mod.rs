@@ -12,6 +12,7 @@
 //! (`--peer`) or discovered from a Kubernetes headless Service's
 //! EndpointSlices. One process without a cluster behaves as a lone cache.
 
+pub mod budget;
 pub mod discovery;
 pub mod ranking;
 

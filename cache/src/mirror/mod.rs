@@ -51,9 +51,6 @@ impl Mirror {
         let client = upstream::build_client(&config.timeouts, &config.upstreams)?;
         let metrics = Arc::clone(store.metrics());
         let registry = metrics.registry();
-        metrics
-            .store_max_bytes
-            .set(store.limits().max_size.unwrap_or(0) as i64);
         Ok(Self {
             upstreams: config
                 .upstreams

@@ -45,18 +45,28 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(metrics::Metrics::new());
-    let store = store::Store::open_with(&config.storage, config.limits, metrics)
+    let store = store::Store::open_with(&config.storage, config.limits, Arc::clone(&metrics))
         .await
         .map_err(|e| anyhow::anyhow!("cannot open storage {}: {e}", config.storage.display()))?;
-    let mirror = Arc::new(mirror::Mirror::new(&config, store.clone())?);
-    let membership = match &config.cluster {
-        Some(c) => Some(cluster::membership(c).await?),
-        None => None,
-    };
-    // In a cluster `max_size` is the cluster's: this member keeps its share.
-    let _budget = membership
-        .as_ref()
-        .and_then(|m| cluster::budget::spawn(store.clone(), config.limits.max_size, m));
+    let mut mirror = mirror::Mirror::new(&config, store.clone())?;
+    if let Some(c) = &config.cluster {
+        let membership = cluster::membership(c).await?;
+        let cluster = Arc::new(cluster::Cluster::new(
+            membership,
+            &config.timeouts,
+            metrics,
+        )?);
+        tracing::info!(
+            name = %c.name,
+            members = ?cluster.membership().view().iter().map(|m| format!("{}={}", m.name, m.url)).collect::<Vec<_>>(),
+            "cache cluster member"
+        );
+        cluster.spawn_view_gauge();
+        // In a cluster `max_size` is the cluster's: this member keeps its share.
+        cluster::budget::spawn(store.clone(), config.limits.max_size, cluster.membership());
+        mirror = mirror.with_cluster(cluster);
+    }
+    let mirror = Arc::new(mirror);
     let _sweeper = store::evict::spawn(store);
     tracing::info!(
         listen = %listener.local_addr()?,
@@ -64,6 +74,13 @@ pub async fn serve(
         upstreams = ?config.upstreams.iter().map(|u| format!("{}={}", u.host, u.url)).collect::<Vec<_>>(),
         "regmirror-cache serving"
     );
+    let cluster = mirror.cluster().cloned();
+    let shutdown = async move {
+        shutdown.await;
+        if let Some(cluster) = cluster {
+            drain(&cluster).await;
+        }
+    };
     listen::serve(
         listener,
         server::app(mirror),
@@ -73,4 +90,13 @@ pub async fn serve(
     )
     .await;
     Ok(())
+}
+
+/// A cluster member's first step on shutdown: `/readyz` fails, and requests
+/// are still served for [`cluster::router::DRAIN`], so that clients and
+/// fellow members move away before it stops accepting them (issue 16).
+async fn drain(cluster: &cluster::Cluster) {
+    cluster.start_draining();
+    tracing::info!(drain = ?cluster::router::DRAIN, "draining: not ready, still serving");
+    tokio::time::sleep(cluster::router::DRAIN).await;
 }

@@ -53,6 +53,12 @@ pub struct SourceLabels {
     pub source: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    /// A cluster member's name.
+    pub peer: String,
+}
+
 /// Every metric the cache exports.
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
@@ -76,6 +82,18 @@ pub struct Metrics {
     /// clients got them from the open temp file, and the next request
     /// fetches them again.
     pub unstored_blobs: Counter,
+    /// Members in this process's view of its cache cluster (0: no cluster).
+    pub cluster_members: Gauge,
+    /// Requests this member served as the key's owner (hop requests included).
+    pub cluster_owner_requests: Counter,
+    /// Requests this member sent to another member, by member.
+    pub cluster_peer_requests: Family<PeerLabels, Counter>,
+    /// Requests to another member that failed (no answer, or its body cut
+    /// short), by member.
+    pub cluster_peer_errors: Family<PeerLabels, Counter>,
+    /// Requests this member served for a key whose owner (and every member
+    /// ranked ahead of this one) was down.
+    pub cluster_takeovers: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -115,6 +133,11 @@ impl Metrics {
             store_max_bytes: Gauge::default(),
             disk_full_passthrough: Counter::default(),
             unstored_blobs: Counter::default(),
+            cluster_members: Gauge::default(),
+            cluster_owner_requests: Counter::default(),
+            cluster_peer_requests: Family::default(),
+            cluster_peer_errors: Family::default(),
+            cluster_takeovers: Counter::default(),
         }
     }
 
@@ -210,6 +233,31 @@ impl Metrics {
             "unstored_blobs",
             "Verified blobs served from their temp file because the rename into the store failed",
             self.unstored_blobs.clone(),
+        );
+        r.register(
+            "cluster_members",
+            "Members in this process's view of its cache cluster (0: no cluster)",
+            self.cluster_members.clone(),
+        );
+        r.register(
+            "cluster_owner_requests",
+            "Requests served as the key's owner, forwarded ones included",
+            self.cluster_owner_requests.clone(),
+        );
+        r.register(
+            "cluster_peer_requests",
+            "Requests forwarded to another cluster member, by member",
+            self.cluster_peer_requests.clone(),
+        );
+        r.register(
+            "cluster_peer_errors",
+            "Requests to another cluster member that got no answer or were cut short, by member",
+            self.cluster_peer_errors.clone(),
+        );
+        r.register(
+            "cluster_takeovers",
+            "Requests served for a key whose owner was down",
+            self.cluster_takeovers.clone(),
         );
         r
     }

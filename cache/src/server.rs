@@ -6,6 +6,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request as HttpRequest, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -112,8 +113,11 @@ async fn access_log(State(metrics): State<Arc<Metrics>>, req: HttpRequest, next:
     resp
 }
 
-/// Ready when the store is writable.
+/// Ready when the store is writable, and (in a cluster) not draining.
 async fn ready(State(mirror): State<Arc<Mirror>>) -> Response {
+    if mirror.cluster().is_some_and(|c| c.is_draining()) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
+    }
     let store = mirror.store().clone();
     let probe = tokio::task::spawn_blocking(move || {
         let tmp = store.temp_file()?;
@@ -145,13 +149,17 @@ async fn registry(State(mirror): State<Arc<Mirror>>, req: HttpRequest) -> Respon
         Ok(Request::Catalog { n, last }) => catalog(&mirror, n, last, head).await,
         Ok(Request::Repo(r)) => {
             routed = Some(RoutedTo(mirror.upstream(r.upstream).host().to_owned()));
-            // HTTP/2 frames bodies itself; only HTTP/1 sockets can splice.
-            let zero_copy = parts
-                .extensions
-                .get::<SendQueue>()
-                .filter(|_| parts.version < Version::HTTP_2)
-                .cloned();
-            repo_request(&mirror, r, &parts.headers, head, zero_copy).await
+            if let Some(answer) = from_owner(&mirror, &r, &parts).await {
+                Ok(answer)
+            } else {
+                // HTTP/2 frames bodies itself; only HTTP/1 sockets can splice.
+                let zero_copy = parts
+                    .extensions
+                    .get::<SendQueue>()
+                    .filter(|_| parts.version < Version::HTTP_2)
+                    .cloned();
+                repo_request(&mirror, r, &parts.headers, head, zero_copy).await
+            }
         }
     };
     let mut resp = result.unwrap_or_else(IntoResponse::into_response);
@@ -159,6 +167,19 @@ async fn registry(State(mirror): State<Arc<Mirror>>, req: HttpRequest) -> Respon
         resp.extensions_mut().insert(r);
     }
     resp
+}
+
+/// In a cache cluster, the answer of the member that serves `r`'s key when
+/// that is another member ([`Cluster::serve_elsewhere`]); `None`: served
+/// here, as always without a cluster.
+///
+/// [`Cluster::serve_elsewhere`]: crate::cluster::Cluster::serve_elsewhere
+async fn from_owner(mirror: &Mirror, r: &RepoRequest, parts: &Parts) -> Option<Response> {
+    let cluster = mirror.cluster()?;
+    let key = crate::cluster::key_of(mirror.upstream(r.upstream).host(), r)?;
+    cluster
+        .serve_elsewhere(&key, &parts.method, &parts.uri, &parts.headers)
+        .await
 }
 
 async fn repo_request(

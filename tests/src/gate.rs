@@ -9,6 +9,10 @@
 //! pooled keep-alive connection cannot carry requests past an outage. The
 //! gate's port lies below the kernel's ephemeral port range, so while it is
 //! down no outgoing connection or `bind(:0)` elsewhere can take it.
+//!
+//! Without an outage the gate can also throttle what the upstream sends
+//! ([`FaultGate::throttle`]), so a fill stays in flight for seconds, as on a
+//! WAN link.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -51,6 +55,8 @@ pub struct FaultGate {
     addr: SocketAddr,
     mode: watch::Sender<Mode>,
     applied: Arc<AtomicU64>,
+    /// Bytes per second relayed from the upstream per connection; 0: no limit.
+    rate: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -64,11 +70,20 @@ impl FaultGate {
             generation: 0,
         });
         let applied = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(serve(listener, addr, target, rx, Arc::clone(&applied)));
+        let rate = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(serve(
+            listener,
+            addr,
+            target,
+            rx,
+            Arc::clone(&applied),
+            Arc::clone(&rate),
+        ));
         Ok(Self {
             addr,
             mode,
             applied,
+            rate,
             task,
         })
     }
@@ -94,6 +109,14 @@ impl FaultGate {
         .await
         .with_context(|| format!("fault gate {} did not switch to {outage:?}", self.addr))
     }
+
+    /// Relays at most `bytes_per_sec` from the upstream on each connection
+    /// (`None`: as fast as it comes), from now on, open connections
+    /// included; requests are relayed to the upstream unthrottled.
+    pub fn throttle(&self, bytes_per_sec: Option<u64>) {
+        let rate = bytes_per_sec.map_or(0, |r| r.max(1));
+        self.rate.store(rate, Ordering::Release);
+    }
 }
 
 impl Drop for FaultGate {
@@ -110,6 +133,7 @@ async fn serve(
     target: SocketAddr,
     mut rx: watch::Receiver<Mode>,
     applied: Arc<AtomicU64>,
+    rate: Arc<AtomicU64>,
 ) {
     let mut listener = Some(listener);
     loop {
@@ -137,7 +161,13 @@ async fn serve(
             }
         };
         if let Some((conn, _)) = accepted {
-            tokio::spawn(connection(conn, target, mode.outage, rx.clone()));
+            tokio::spawn(connection(
+                conn,
+                target,
+                mode.outage,
+                rx.clone(),
+                Arc::clone(&rate),
+            ));
         }
     }
 }
@@ -176,12 +206,23 @@ async fn connection(
     target: SocketAddr,
     outage: Outage,
     mut rx: watch::Receiver<Mode>,
+    rate: Arc<AtomicU64>,
 ) {
     let work = async {
         match outage {
             Outage::None => {
-                if let Ok(mut upstream) = TcpStream::connect(target).await {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                if let Ok(upstream) = TcpStream::connect(target).await {
+                    let (mut client_rd, mut client_wr) = client.split();
+                    let (mut upstream_rd, mut upstream_wr) = upstream.into_split();
+                    let requests = async {
+                        let _ = tokio::io::copy(&mut client_rd, &mut upstream_wr).await;
+                        let _ = upstream_wr.shutdown().await;
+                    };
+                    let responses = async {
+                        let _ = throttled_copy(&mut upstream_rd, &mut client_wr, &rate).await;
+                        let _ = client_wr.shutdown().await;
+                    };
+                    tokio::join!(requests, responses);
                 }
             }
             Outage::Silent => {
@@ -201,6 +242,39 @@ async fn connection(
     tokio::select! {
         () = work => {}
         _ = rx.changed() => {}
+    }
+}
+
+/// Copies `from` to `to` until EOF, at most `rate` bytes per second (read
+/// anew for every chunk; 0: no limit), in chunks of a twentieth of a second.
+async fn throttled_copy(
+    from: &mut (impl AsyncReadExt + Unpin),
+    to: &mut (impl AsyncWriteExt + Unpin),
+    rate: &AtomicU64,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 << 10];
+    // Pace since the rate was last set: (start, bytes since, rate).
+    let mut pace = (tokio::time::Instant::now(), 0u64, 0u64);
+    loop {
+        let limit = rate.load(Ordering::Acquire);
+        if limit != pace.2 {
+            pace = (tokio::time::Instant::now(), 0, limit);
+        }
+        let chunk = if limit == 0 {
+            buf.len()
+        } else {
+            (limit / 20).clamp(1, buf.len() as u64) as usize
+        };
+        let n = from.read(&mut buf[..chunk]).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        to.write_all(&buf[..n]).await?;
+        if limit != 0 {
+            pace.1 += n as u64;
+            let due = pace.0 + Duration::from_secs_f64(pace.1 as f64 / limit as f64);
+            tokio::time::sleep_until(due).await;
+        }
     }
 }
 
@@ -279,5 +353,49 @@ mod tests {
         gate.set(Outage::None).await.unwrap();
         assert_eq!(get().await.unwrap().status(), 200);
         assert_eq!(upstream.count("GET", "/v2/"), 2, "outages never reach it");
+    }
+
+    #[tokio::test]
+    async fn throttles_what_the_upstream_sends() {
+        let upstream = crate::FakeUpstream::start().await.unwrap();
+        let image =
+            crate::seed::build_image(&crate::seed::ImageSpec::oci(&[400_000]).gzip_level(0))
+                .unwrap();
+        upstream.add_image("library/app", Some("v1"), &image);
+        let gate = FaultGate::start(upstream.addr()).await.unwrap();
+        let layer = &image.layers[0];
+        let url = format!("{}/v2/library/app/blobs/{}", gate.url(), layer.digest);
+        let client = crate::util::http_client();
+        gate.throttle(Some(400_000));
+        let started = std::time::Instant::now();
+        let body = client
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(body.len(), layer.bytes.len());
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            started.elapsed()
+        );
+        gate.throttle(None);
+        let started = std::time::Instant::now();
+        client
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

@@ -5,11 +5,13 @@
 //! - [`Containerd`]: a private containerd driven by `ctr`, plus [`write_hosts_toml`].
 //! - [`skopeo`]: `skopeo copy` / `inspect --raw` wrappers.
 //! - [`CacheProcess`]: the `regmirror-cache` binary under test.
+//! - [`Cluster`]: R cache processes as one cache cluster (`--name`, `--peer`).
 //! - [`ControlPlane`]: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok.
 //! - [`helm`]: the Helm chart, `helm`, and kubeconform with schemas from the API server.
 //! - [`OperatorProcess`]: the `regmirror-operator` binary under test.
 //! - [`FakeUpstream`]: programmable in-process registry for fault and auth tests.
-//! - [`FaultGate`]: a relay in front of any upstream that acts out outages.
+//! - [`FaultGate`]: a relay in front of any upstream that acts out outages
+//!   or throttles it.
 //! - [`answer`]: one request as a client makes it, and when two answers match.
 //! - [`clients`]: the `Accept` lists real clients send.
 //! - [`RequestLog`]: counting and awaiting the requests either upstream received.
@@ -23,6 +25,7 @@
 pub mod answer;
 pub mod cache;
 pub mod clients;
+pub mod cluster;
 pub mod containerd;
 pub mod controlplane;
 pub mod fake;
@@ -38,6 +41,7 @@ pub mod tools;
 pub mod util;
 
 pub use cache::{CacheOptions, CacheProcess, StoreLayout, cache_binary};
+pub use cluster::Cluster;
 pub use containerd::{Containerd, write_hosts_toml};
 pub use controlplane::{ControlPlane, tools_bin_dir};
 pub use fake::{Auth, Behaviour, FakeUpstream, RecordedRequest, TokenFields};

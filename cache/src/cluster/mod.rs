@@ -14,12 +14,23 @@
 
 pub mod budget;
 pub mod discovery;
+pub mod down;
+pub mod forward;
 pub mod ranking;
+pub mod router;
+
+pub use router::{Cluster, key_of};
 
 use std::sync::Arc;
 
 use tokio::sync::watch;
 use url::Url;
+
+/// The request header a member adds when it forwards a request to another
+/// (its value: the sender's name). A request carrying it is always served
+/// by the member that receives it, so a request never travels further.
+/// (`Regmirror-Hop`; header names are case-insensitive.)
+pub const HOP_HEADER: http::HeaderName = http::HeaderName::from_static("regmirror-hop");
 
 /// One member: its name (unique, stable, hashed for ownership) and the base
 /// URL of its registry API (`http://10.0.0.7:5000`).

@@ -13,6 +13,7 @@ pub mod tags;
 
 use std::sync::Arc;
 
+use crate::cluster::Cluster;
 use crate::config::{Config, Timeouts};
 use crate::error::Result;
 use crate::fill::Fills;
@@ -41,6 +42,8 @@ pub struct Mirror {
     max_manifest_size: u64,
     metrics: Arc<Metrics>,
     registry: prometheus_client::registry::Registry,
+    /// The cache cluster this process is a member of; `None`: on its own.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Mirror {
@@ -72,7 +75,19 @@ impl Mirror {
             max_manifest_size: config.max_manifest_size,
             metrics,
             registry,
+            cluster: None,
         })
+    }
+
+    /// This mirror as a member of `cluster` (see [`crate::cluster`]).
+    pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// The cache cluster this process is a member of, if any.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     /// The metrics every part of the cache counts into.

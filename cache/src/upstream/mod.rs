@@ -122,7 +122,7 @@ fn no_ca_certificates(upstreams: &[UpstreamConfig], why: &str) -> Result<()> {
 
 /// An error and its sources, `: `-separated: reqwest's own message for a
 /// build failure is only "builder error".
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -1,0 +1,236 @@
+//! Streaming one client request from another member (the key's owner) and
+//! its answer back, as a reverse proxy does: same method, path and query,
+//! the request headers that choose the answer, and the owner's status,
+//! headers and body as they arrive (issue 16, "Routing").
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::Response;
+use futures::StreamExt;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, header};
+
+use super::{HOP_HEADER, Member};
+use crate::config::Timeouts;
+use crate::error::{Error, Result};
+use crate::upstream::error_chain;
+
+/// Request headers passed on to the owner: those that choose the answer's
+/// representation or part. Everything else (credentials, hop-by-hop
+/// headers) stays here: the owner answers with its own upstream access.
+const FORWARDED_REQUEST_HEADERS: [HeaderName; 4] = [
+    header::ACCEPT,
+    header::RANGE,
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+];
+
+/// Response headers that describe one connection, not the answer
+/// (RFC 9110 section 7.6.1); the owner's are not relayed.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Why a member gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Unreachable {
+    /// The connection failed or broke before the response headers.
+    #[error("{0}")]
+    Transport(String),
+    /// No response headers within the connect plus response-header timeouts.
+    #[error("no response headers within {0:?}")]
+    Timeout(Duration),
+}
+
+/// The headers of a request forwarded from member `me`: `client`'s
+/// [`FORWARDED_REQUEST_HEADERS`] (every value of each), plus
+/// `Regmirror-Hop: me`, which makes the receiver serve it itself.
+pub fn request_headers(client: &HeaderMap, me: &str) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for name in FORWARDED_REQUEST_HEADERS {
+        for value in client.get_all(&name) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(me) {
+        out.insert(HOP_HEADER, v);
+    }
+    out
+}
+
+/// The owner's response headers as relayed to the client: all but the
+/// [`HOP_BY_HOP`] ones and those its `Connection` header names.
+pub fn response_headers(mut owner: HeaderMap) -> HeaderMap {
+    let named: Vec<HeaderName> = owner
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(&named) {
+        owner.remove(name);
+    }
+    owner
+}
+
+/// How this member reaches the others: one HTTP client (connections kept
+/// alive and reused), its own name (sent as the hop), and how long it waits
+/// for a member's response headers.
+#[derive(Debug, Clone)]
+pub struct PeerClient {
+    client: reqwest::Client,
+    me: String,
+    header_timeout: Duration,
+}
+
+impl PeerClient {
+    /// A client for member `me`: connects time out after `timeouts.connect`,
+    /// response headers after `timeouts.connect + timeouts.response_header`,
+    /// a silent body after `timeouts.body_idle` (the upstream's timeouts:
+    /// a member answers within them or the upstream's failure shows).
+    /// Redirects are not followed: members relay them as they are.
+    ///
+    /// # Errors
+    /// The HTTP client cannot be built ([`Error::Internal`]).
+    pub fn new(me: &str, timeouts: &Timeouts) -> Result<Self> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(timeouts.connect)
+            .read_timeout(timeouts.body_idle)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(32)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .user_agent(concat!("regmirror/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| {
+                Error::Internal(format!(
+                    "cannot build the cluster's HTTP client: {}",
+                    error_chain(&e)
+                ))
+            })?;
+        Ok(Self {
+            client,
+            me: me.to_owned(),
+            header_timeout: timeouts.connect + timeouts.response_header,
+        })
+    }
+
+    /// The underlying HTTP client, for other requests between members.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// This member's name, as sent in [`HOP_HEADER`].
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// Sends `method` `path_and_query` (as the client sent them) to member
+    /// `to` with [`request_headers`], and returns the answer with the
+    /// owner's status and [`response_headers`]; a GET's body streams as it
+    /// arrives (a HEAD's is empty). A failure after the headers ends the
+    /// body with an error (the client sees a cut transfer, never other
+    /// bytes) and calls `on_body_error`.
+    ///
+    /// # Errors
+    /// [`Unreachable`]: no response headers from `to` in time.
+    pub async fn forward(
+        &self,
+        to: &Member,
+        method: &Method,
+        path_and_query: &str,
+        headers: &HeaderMap,
+        on_body_error: impl Fn() + Send + 'static,
+    ) -> std::result::Result<Response, Unreachable> {
+        let url = format!("{}{path_and_query}", to.url.as_str().trim_end_matches('/'));
+        let request = self
+            .client
+            .request(method.clone(), url)
+            .headers(request_headers(headers, &self.me))
+            .send();
+        let answer = tokio::time::timeout(self.header_timeout, request)
+            .await
+            .map_err(|_| Unreachable::Timeout(self.header_timeout))?
+            .map_err(|e| Unreachable::Transport(error_chain(&e)))?;
+        let status = answer.status();
+        let owner_headers = answer.headers().clone();
+        let body = if method == Method::HEAD {
+            Body::empty()
+        } else {
+            let peer = to.name.clone();
+            Body::from_stream(answer.bytes_stream().inspect(move |chunk| {
+                if let Err(e) = chunk {
+                    tracing::warn!(%peer, error = %error_chain(e), "peer response cut short");
+                    on_body_error();
+                }
+            }))
+        };
+        let mut resp = Response::new(body);
+        *resp.status_mut() = status;
+        *resp.headers_mut() = response_headers(owner_headers);
+        Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_representation_headers_and_the_hop_go_to_the_owner() {
+        let mut client = HeaderMap::new();
+        client.append(header::ACCEPT, HeaderValue::from_static("a/b"));
+        client.append(header::ACCEPT, HeaderValue::from_static("c/d"));
+        client.insert(header::RANGE, HeaderValue::from_static("bytes=0-9"));
+        client.insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"x\""));
+        client.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        client.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let out = request_headers(&client, "cache-1");
+        assert_eq!(out.get_all(header::ACCEPT).iter().count(), 2);
+        assert_eq!(out[header::RANGE], "bytes=0-9");
+        assert_eq!(out[header::IF_NONE_MATCH], "\"x\"");
+        assert_eq!(out[HOP_HEADER], "cache-1");
+        assert!(!out.contains_key(header::AUTHORIZATION));
+        assert!(!out.contains_key(header::CONNECTION));
+        assert_eq!(out.len(), 5);
+    }
+
+    #[test]
+    fn hop_by_hop_response_headers_stay_behind() {
+        let mut owner = HeaderMap::new();
+        owner.insert(header::CONTENT_LENGTH, HeaderValue::from_static("10"));
+        owner.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_static("bytes 0-9/20"),
+        );
+        owner.insert(
+            "docker-content-digest",
+            HeaderValue::from_static("sha256:x"),
+        );
+        owner.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-conn"),
+        );
+        owner.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        owner.insert("x-conn", HeaderValue::from_static("1"));
+        owner.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        let out = response_headers(owner);
+        let mut names: Vec<&str> = out.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            ["content-length", "content-range", "docker-content-digest"]
+        );
+    }
+}

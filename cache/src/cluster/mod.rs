@@ -16,6 +16,7 @@ pub mod budget;
 pub mod discovery;
 pub mod down;
 pub mod forward;
+pub mod handover;
 pub mod ranking;
 pub mod router;
 

@@ -7,6 +7,7 @@
 //! - [`listings`]: the catalog and the listings relayed from the upstream.
 
 pub mod blobs;
+pub mod handover;
 pub mod listings;
 pub mod manifests;
 pub mod tags;

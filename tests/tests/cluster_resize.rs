@@ -45,7 +45,10 @@ async fn get_blob(client: &reqwest::Client, url: &str, digest: &str) -> Result<V
         .await?;
     ensure!(resp.status() == 200, "{url}: {digest}: {}", resp.status());
     let body = resp.bytes().await?.to_vec();
-    ensure!(sha256_digest(&body) == digest, "{url}: wrong body for {digest}");
+    ensure!(
+        sha256_digest(&body) == digest,
+        "{url}: wrong body for {digest}"
+    );
     Ok(body)
 }
 
@@ -78,7 +81,10 @@ struct DiskSampler {
 
 impl DiskSampler {
     fn start(roots: Vec<PathBuf>) -> Self {
-        let (max, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let (max, stop) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
         let (m, s) = (Arc::clone(&max), Arc::clone(&stop));
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
@@ -121,13 +127,8 @@ async fn the_cluster_budget_holds_across_members() {
         let digests: Vec<String> = (0..2 * BUDGET as usize / BLOB)
             .map(|i| fake.add_blob(REPO, bytes(BLOB, i as u64 + 1)))
             .collect();
-        let cluster = Cluster::start(
-            3,
-            HOST,
-            &fake.url(),
-            &["--max-size", &BUDGET.to_string()],
-        )
-        .await?;
+        let cluster =
+            Cluster::start(3, HOST, &fake.url(), &["--max-size", &BUDGET.to_string()]).await?;
         for i in 0..cluster.len() {
             let max = cluster.metric(i, "regmirror_store_max_bytes", &[]).await?;
             ensure!(max == (BUDGET / 3) as f64, "m{i}'s share: {max}");
@@ -166,7 +167,11 @@ async fn the_cluster_budget_holds_across_members() {
         let on_disk: u64 = cluster
             .members()
             .iter()
-            .map(|m| m.store().verified_content().map(|c| c.iter().map(|(_, s)| s).sum::<u64>()))
+            .map(|m| {
+                m.store()
+                    .verified_content()
+                    .map(|c| c.iter().map(|(_, s)| s).sum::<u64>())
+            })
             .sum::<Result<u64>>()?;
         let mut counted = 0.0;
         for i in 0..cluster.len() {
@@ -211,7 +216,9 @@ impl Members {
         Ok(Self {
             upstream,
             ports,
-            storage: (0..n).map(|_| tempfile::tempdir()).collect::<std::io::Result<_>>()?,
+            storage: (0..n)
+                .map(|_| tempfile::tempdir())
+                .collect::<std::io::Result<_>>()?,
             running: (0..n).map(|_| None).collect(),
         })
     }
@@ -304,11 +311,17 @@ impl Load {
                     let mut n = 0usize;
                     let mut x = c * 7919 + 1;
                     while !stop.load(Ordering::Relaxed) {
-                        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                        x = x
+                            .wrapping_mul(6_364_136_223_846_793_005)
+                            .wrapping_add(1_442_695_040_888_963_407);
                         let r = (x >> 33) as usize;
                         let urls = gate.read().await;
-                        get_blob(&client, &urls[r % urls.len()], &digests[(r / 7) % digests.len()])
-                            .await?;
+                        get_blob(
+                            &client,
+                            &urls[r % urls.len()],
+                            &digests[(r / 7) % digests.len()],
+                        )
+                        .await?;
                         drop(urls);
                         n += 1;
                         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -370,7 +383,10 @@ async fn resizing_under_load_downloads_nothing_cached() {
             .with_context(|| format!("{d} held by {:?}", m.holders(d)))?;
         }
         let gets = |d: &str| fake.count("GET", &format!("/blobs/{d}"));
-        ensure!(digests.iter().all(|d| gets(d) == 1), "one upstream GET per blob");
+        ensure!(
+            digests.iter().all(|d| gets(d) == 1),
+            "one upstream GET per blob"
+        );
 
         // Add m3: start it, then restart the others with it in their view.
         let four = [0, 1, 2, 3];
@@ -393,9 +409,11 @@ async fn resizing_under_load_downloads_nothing_cached() {
         );
         for d in &moved {
             ensure!(owner(&four, d) == 3, "{d} moved to an old member");
-            wait_until(Duration::from_secs(10), || async { m.holders(d).contains(&3) })
-                .await
-                .with_context(|| format!("moved {d} not on m3: {:?}", m.holders(d)))?;
+            wait_until(Duration::from_secs(10), || async {
+                m.holders(d).contains(&3)
+            })
+            .await
+            .with_context(|| format!("moved {d} not on m3: {:?}", m.holders(d)))?;
         }
         for d in &digests {
             ensure!(
@@ -409,7 +427,11 @@ async fn resizing_under_load_downloads_nothing_cached() {
             let mut sum = 0.0;
             for i in four {
                 let text = m.running[i].as_ref().expect("running").metrics().await?;
-                sum += metric_sum(&text, "regmirror_cluster_handover_total", &[r#"result="hit""#]);
+                sum += metric_sum(
+                    &text,
+                    "regmirror_cluster_handover_total",
+                    &[r#"result="hit""#],
+                );
             }
             sum
         };
@@ -447,10 +469,74 @@ async fn resizing_under_load_downloads_nothing_cached() {
         for (k, d) in digests.iter().enumerate() {
             let extra = gets(d) - before[k];
             if cached_on_rest[k] {
-                ensure!(extra == 0, "{d}, cached on a remaining member, fetched again");
+                ensure!(
+                    extra == 0,
+                    "{d}, cached on a remaining member, fetched again"
+                );
             } else {
                 ensure!(extra <= 1, "{d} fetched {extra} times after m1 left");
             }
+        }
+        Ok(())
+    })
+    .await;
+}
+
+/// T9: containerd pulls an image through each member of a 3-member cluster
+/// in turn, from scratch each time: the right digests every time, and the
+/// upstream asked for each blob once in all (its owner fetched it; the
+/// other members streamed it from there).
+#[tokio::test]
+async fn containerd_pulls_through_any_member_with_one_upstream_fetch_per_blob() {
+    regmirror_e2e::util::require_root("containerd");
+    bounded(300, async {
+        let reg = regmirror_e2e::Registry::start().await?;
+        let image = regmirror_e2e::seed::push_image(
+            &reg.url(),
+            REPO,
+            "1.0",
+            &regmirror_e2e::seed::ImageSpec::docker(&[3_000_000, 400_000, 10_000]),
+        )
+        .await?;
+        let cluster = Cluster::start(3, HOST, &reg.url(), &[]).await?;
+        let ctrd = regmirror_e2e::Containerd::start().await?;
+        let image_ref = format!("{HOST}/{REPO}:1.0");
+        for i in 0..cluster.len() {
+            let hosts = tempfile::tempdir()?;
+            // `server` on a closed port: every byte comes through member i.
+            regmirror_e2e::write_hosts_toml(
+                hosts.path(),
+                HOST,
+                &cluster.url(i),
+                "http://127.0.0.1:9",
+            )?;
+            ctrd.remove_all_images().await?;
+            ctrd.pull_ok(hosts.path(), &image_ref, None)
+                .await
+                .with_context(|| format!("pull through m{i}"))?;
+            ensure!(
+                ctrd.image_digest(&image_ref).await? == Some(image.digest.clone()),
+                "pull through m{i}: wrong image digest"
+            );
+            let content = ctrd.content_digests().await?;
+            for b in image.blobs() {
+                ensure!(content.contains(&b.digest), "m{i}: {} not pulled", b.digest);
+            }
+        }
+        reg.sync_log().await?;
+        for b in image.blobs() {
+            let gets = reg.count("GET", &format!("/blobs/{}", b.digest));
+            ensure!(
+                gets == 1,
+                "{} fetched {gets} times from the upstream",
+                b.digest
+            );
+            ensure!(
+                cluster.holders(HOST, &b.digest) == [cluster.ranking(HOST, &b.digest)[0]],
+                "{} stored on {:?}, not on its owner alone",
+                b.digest,
+                cluster.holders(HOST, &b.digest)
+            );
         }
         Ok(())
     })

@@ -189,7 +189,8 @@ async fn repo_request(
     head: bool,
     zero_copy: Option<SendQueue>,
 ) -> Result<Response> {
-    if crate::cluster::handover::only_if_cached(headers) {
+    // Only members ask each other this; a lone cache ignores the header.
+    if mirror.cluster().is_some() && crate::cluster::handover::only_if_cached(headers) {
         return stored_only(mirror, &r, headers, head, zero_copy).await;
     }
     match &r.endpoint {

@@ -133,16 +133,12 @@ pub async fn ask(
 mod tests {
     use super::*;
 
-    fn member(name: &str) -> Member {
-        Member {
-            name: name.into(),
-            url: format!("http://{name}:5000").parse().unwrap(),
-        }
-    }
-
     #[test]
     fn the_first_other_alive_member_is_asked() {
-        let order = [member("c"), member("a"), member("b")];
+        // A ranking: c first, then a, then b.
+        let sorted =
+            crate::cluster::parse_peers(&["a=http://a:1", "b=http://b:1", "c=http://c:1"]).unwrap();
+        let order = [sorted[2].clone(), sorted[0].clone(), sorted[1].clone()];
         assert_eq!(
             peer_to_ask(&order, "c").unwrap().name,
             "a",

@@ -366,36 +366,24 @@ mod tests {
         let layer = &image.layers[0];
         let url = format!("{}/v2/library/app/blobs/{}", gate.url(), layer.digest);
         let client = crate::util::http_client();
+        let timed_get = || async {
+            let started = std::time::Instant::now();
+            let body = client
+                .get(&url)
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            assert_eq!(body.len(), layer.bytes.len());
+            started.elapsed()
+        };
         gate.throttle(Some(400_000));
-        let started = std::time::Instant::now();
-        let body = client
-            .get(&url)
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        assert_eq!(body.len(), layer.bytes.len());
-        assert!(
-            started.elapsed() >= Duration::from_millis(900),
-            "{:?}",
-            started.elapsed()
-        );
+        let took = timed_get().await;
+        assert!(took >= Duration::from_millis(900), "throttled: {took:?}");
         gate.throttle(None);
-        let started = std::time::Instant::now();
-        client
-            .get(&url)
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        assert!(
-            started.elapsed() < Duration::from_millis(500),
-            "{:?}",
-            started.elapsed()
-        );
+        let took = timed_get().await;
+        assert!(took < Duration::from_millis(500), "unthrottled: {took:?}");
     }
 }

@@ -44,6 +44,19 @@ where
     }
 }
 
+/// Waits (up to 10 s) until a download that counts its body bytes into
+/// `received` as they arrive has `bytes` of them: the transfer is under way.
+pub async fn received_at_least(
+    received: &std::sync::atomic::AtomicUsize,
+    bytes: usize,
+) -> Result<()> {
+    use anyhow::Context as _;
+    let now = || received.load(std::sync::atomic::Ordering::Relaxed);
+    wait_until(Duration::from_secs(10), || async { now() >= bytes })
+        .await
+        .with_context(|| format!("download never reached {bytes} bytes (at {})", now()))
+}
+
 /// `sha256:<hex>` of `bytes`, the OCI digest form.
 pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))

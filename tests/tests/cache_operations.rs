@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use regmirror_e2e::seed::{self, ImageSpec, PushedImage};
 use regmirror_e2e::util::{
-    bounded, http_client, metric_sample, metric_sum, require_root, sha256_digest, wait_until,
+    bounded, http_client, metric_sample, metric_sum, received_at_least, require_root,
+    sha256_digest, wait_until,
 };
 use regmirror_e2e::{
     Behaviour, CacheOptions, CacheProcess, FakeUpstream, Registry, RequestLog, StoreLayout,
@@ -104,21 +105,6 @@ impl FrontAndBehind {
         );
         Ok(())
     }
-}
-
-/// Waits until a download from [`spawn_download`] has received `bytes`:
-/// the transfer is under way.
-async fn received_at_least(received: &AtomicUsize, bytes: usize) -> Result<()> {
-    wait_until(Duration::from_secs(10), || async {
-        received.load(Ordering::Relaxed) >= bytes
-    })
-    .await
-    .with_context(|| {
-        format!(
-            "download never reached {bytes} bytes (at {})",
-            received.load(Ordering::Relaxed)
-        )
-    })
 }
 
 async fn get_blob(cache: &CacheProcess, repo: &str, digest: &str) -> Result<bytes::Bytes> {

@@ -23,12 +23,17 @@ pub fn only_if_cached(headers: &HeaderMap) -> bool {
     headers.get(&ONLY_IF_CACHED).is_some_and(|v| v == "1")
 }
 
-/// The member to ask before the upstream: the first of `order` (a key's
-/// ranking without the members down) that is not `me`. When `me` owns the
-/// key that is the next-ranked member, the previous owner after a join;
-/// `None` when no other member is alive.
+/// The member to ask before the upstream: when `me` comes first in
+/// `order` (a key's ranking without the members down: `me` owns the key, or
+/// takes it over from owners that are down), the member ranked next, which
+/// is the previous owner after a join. `None` when `me` does not come first
+/// (it serves a hop request for a member whose view differs) or no other
+/// member is alive.
 pub fn peer_to_ask<'o>(order: &'o [Member], me: &str) -> Option<&'o Member> {
-    order.iter().find(|m| m.name != me)
+    match order {
+        [first, next, ..] if first.name == me => Some(next),
+        _ => None,
+    }
 }
 
 /// The path and query of `repo`'s `kind` (`blobs` or `manifests`) `d` on
@@ -79,11 +84,12 @@ pub fn source(peer: &str) -> String {
     format!("cluster member {peer}")
 }
 
-/// Asks the member next in line for the content `d` of upstream `host`
-/// ([`peer_to_ask`] over [`Cluster::owner_order`]) with GET [`path`],
+/// Asks the member ranked after this one for the content `d` of upstream
+/// `host` when this one serves the key ([`peer_to_ask`] over
+/// [`Cluster::owner_order`]) with GET [`path`],
 /// [`ONLY_IF_CACHED`] and the hop header. Returns the peer's name and its
-/// 200 response (the body not yet read, nor checked), or `None`: no other
-/// member alive, a 404, another status, or no answer (the peer is then
+/// 200 response (the body not yet read, nor checked), or `None`: this
+/// member does not come first, no other member alive, a 404, another status, or no answer (the peer is then
 /// marked down, as a forwarded request would). Counts the outcome.
 pub async fn ask(
     cluster: &Cluster,
@@ -134,18 +140,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_first_other_alive_member_is_asked() {
+    fn the_owner_asks_the_member_ranked_next() {
         // A ranking: c first, then a, then b.
         let sorted =
             crate::cluster::parse_peers(&["a=http://a:1", "b=http://b:1", "c=http://c:1"]).unwrap();
         let order = [sorted[2].clone(), sorted[0].clone(), sorted[1].clone()];
-        assert_eq!(
-            peer_to_ask(&order, "c").unwrap().name,
-            "a",
-            "owner: the next"
-        );
-        assert_eq!(peer_to_ask(&order, "a").unwrap().name, "c");
-        assert_eq!(peer_to_ask(&order, "x").unwrap().name, "c");
+        assert_eq!(peer_to_ask(&order, "c").unwrap().name, "a");
+        assert!(peer_to_ask(&order, "a").is_none(), "not the owner");
+        assert!(peer_to_ask(&order, "x").is_none(), "not in the view");
         assert!(peer_to_ask(&order[..1], "c").is_none(), "alone");
         assert!(peer_to_ask(&[], "c").is_none());
     }

@@ -46,11 +46,12 @@ impl Mirror {
             .ok_or_else(|| Error::ManifestUnknown(format!("{repo}@{d}")))
     }
 
-    /// Asks the peer next in line for `repo`'s content `d` (`kind`:
-    /// `blobs` or `manifests`) of upstream `up` from its store
-    /// ([`handover::ask`]): its 200 response, or `None` on its own, when no
-    /// other member is alive, or when the peer has none or fails (counted
-    /// in `regmirror_cluster_handover_total`).
+    /// When this member owns the key, asks the member ranked next for
+    /// `repo`'s content `d` (`kind`: `blobs` or `manifests`) of upstream
+    /// `up` from its store ([`handover::ask`]): its 200 response, or `None`
+    /// on its own, when this member is not first in the key's ranking, when
+    /// no other member is alive, or when the peer has none or fails
+    /// (counted in `regmirror_cluster_handover_total`).
     async fn handover(
         &self,
         up: UpstreamId,
@@ -64,7 +65,7 @@ impl Mirror {
     }
 
     /// The body of `repo`'s blob `d` on upstream `up` for its fill: from
-    /// the peer next in line when it has the blob stored ([`Mirror::handover`]),
+    /// the member ranked next when it has the blob stored ([`Mirror::handover`]),
     /// else from the upstream ([`Mirror::blob_body`]). Verified by the fill
     /// either way.
     pub(super) async fn fill_body(
@@ -80,7 +81,7 @@ impl Mirror {
         self.blob_body(up, repo, d).await
     }
 
-    /// `repo`'s manifest `d` on upstream `up` from the peer next in line
+    /// `repo`'s manifest `d` on upstream `up` from the member ranked next
     /// ([`Mirror::handover`]), verified against `d` and stored; `None`
     /// (after logging) when the peer has none or its answer does not check
     /// out, so the caller fetches it from the upstream.

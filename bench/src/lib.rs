@@ -17,6 +17,7 @@ pub mod stats;
 pub mod systems;
 pub mod upstream;
 
+mod cluster;
 mod cold;
 mod faults;
 mod tags;
@@ -50,7 +51,7 @@ pub struct Config {
     pub runs: usize,
     /// Runs per system for the 1 GiB cases (scenarios 1 at 1 GiB, 4, 8).
     pub big_runs: usize,
-    /// Scenario numbers to run (1..=9).
+    /// Scenario numbers to run (1..=10).
     pub scenarios: Vec<u32>,
     /// Scenario 1: (size, GETs per run).
     pub warm_sizes: Vec<(u64, usize)>,
@@ -75,6 +76,13 @@ pub struct Config {
     /// Scenario 9: faults, and the longest we wait for one request.
     pub fault_modes: Vec<Mode>,
     pub fault_cap: Duration,
+    /// Scenario 10: cluster sizes R, cold client counts N (on the herd
+    /// blob), warm (clients, GETs each), and sequential GETs per peer-hop
+    /// measurement.
+    pub cluster_sizes: Vec<usize>,
+    pub cluster_clients: Vec<usize>,
+    pub cluster_warm: (usize, usize),
+    pub cluster_hop_gets: usize,
 }
 
 impl Config {
@@ -86,7 +94,7 @@ impl Config {
             bench_bin,
             runs: 5,
             big_runs: 5,
-            scenarios: (1..=9).collect(),
+            scenarios: (1..=10).collect(),
             warm_sizes: vec![(MIB, 200), (100 * MIB, 10), (GIB, 3)],
             small_secs: 2.0,
             small_conns: vec![1, 64],
@@ -112,6 +120,10 @@ impl Config {
                 Mode::Reset,
             ],
             fault_cap: Duration::from_secs(20),
+            cluster_sizes: vec![1, 2, 4],
+            cluster_clients: vec![1, 16],
+            cluster_warm: (8, 4),
+            cluster_hop_gets: 16,
         }
     }
 
@@ -134,6 +146,10 @@ impl Config {
             load_streams: 16,
             idle_conns: 50,
             fault_cap: Duration::from_secs(5),
+            cluster_clients: vec![4],
+            cluster_warm: (4, 4),
+            // 256 MiB of the 1 MiB blob: enough CPU ticks to compare.
+            cluster_hop_gets: 256,
             ..Self::full(cache_bin, bench_bin)
         }
     }
@@ -291,6 +307,12 @@ pub async fn run(cfg: Config) -> Result<Report> {
         sections.push(or_failed(
             faults::faults(&bench).await,
             "9. Upstream faults",
+        ));
+    }
+    if bench.cfg.wants(10) {
+        sections.push(or_failed(
+            cluster::cluster(&bench).await,
+            "10. Cache cluster",
         ));
     }
 

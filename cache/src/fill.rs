@@ -246,6 +246,9 @@ async fn run(tx: &watch::Sender<FillState>, job: FillJob) -> Result<()> {
     .map_err(Error::internal)?
     .map_err(storage_error)?;
     let file = Arc::new(tmp.try_clone_file()?);
+    // A body handed over by a cluster member (named as its source, see
+    // `cluster::handover::source`) costs the upstream nothing.
+    let from_upstream = body.upstream == job.host;
     let upstream_bytes = job
         .metrics
         .upstream_bytes
@@ -261,7 +264,9 @@ async fn run(tx: &watch::Sender<FillState>, job: FillJob) -> Result<()> {
     let writer = Arc::clone(&file);
     let write: Tee = Box::new(move |offset, bytes| {
         writer.write_all_at(bytes, offset).map_err(storage_error)?;
-        upstream_bytes.inc_by(bytes.len() as u64);
+        if from_upstream {
+            upstream_bytes.inc_by(bytes.len() as u64);
+        }
         Ok(())
     });
     let mut released = pin!(verified(

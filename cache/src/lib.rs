@@ -62,6 +62,8 @@ pub async fn serve(
             "cache cluster member"
         );
         cluster.spawn_view_gauge();
+        // In a cluster `max_size` is the cluster's: this member keeps its share.
+        cluster::budget::spawn(store.clone(), config.limits.max_size, cluster.membership());
         mirror = mirror.with_cluster(cluster);
     }
     let mirror = Arc::new(mirror);

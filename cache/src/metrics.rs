@@ -54,6 +54,12 @@ pub struct SourceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// How a handover request went: `hit`, `miss` or `error`.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
     /// A cluster member's name.
     pub peer: String,
@@ -94,6 +100,9 @@ pub struct Metrics {
     /// Requests this member served for a key whose owner (and every member
     /// ranked ahead of this one) was down.
     pub cluster_takeovers: Counter,
+    /// Requests for stored content only that this member, missing content
+    /// it owns, sent to the next-ranked member, by how they went.
+    pub cluster_handover: Family<ResultLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -138,6 +147,7 @@ impl Metrics {
             cluster_peer_requests: Family::default(),
             cluster_peer_errors: Family::default(),
             cluster_takeovers: Counter::default(),
+            cluster_handover: Family::default(),
         }
     }
 
@@ -258,6 +268,11 @@ impl Metrics {
             "cluster_takeovers",
             "Requests served for a key whose owner was down",
             self.cluster_takeovers.clone(),
+        );
+        r.register(
+            "cluster_handover",
+            "Content this member missed asked of the next-ranked member before the upstream, by result (hit, miss, error)",
+            self.cluster_handover.clone(),
         );
         r
     }

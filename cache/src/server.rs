@@ -16,9 +16,9 @@ use futures::StreamExt;
 use crate::error::{Error, Result};
 use crate::metrics::{EndpointLabels, Metrics, RequestLabels};
 use crate::mirror::{Blob, Mirror, Relayed};
-use crate::oci::Digest;
 use crate::oci::media;
 use crate::oci::pagination::{link_query, next_link, next_page_link, paginate, rename_tag_list};
+use crate::oci::{Digest, Reference};
 use crate::range::{self, RangeRequest};
 use crate::route::{Endpoint, RepoRequest, Request, route};
 use crate::store::StoredManifest;
@@ -189,6 +189,10 @@ async fn repo_request(
     head: bool,
     zero_copy: Option<SendQueue>,
 ) -> Result<Response> {
+    // Only members ask each other this; a lone cache ignores the header.
+    if mirror.cluster().is_some() && crate::cluster::handover::only_if_cached(headers) {
+        return stored_only(mirror, &r, headers, head, zero_copy).await;
+    }
     match &r.endpoint {
         Endpoint::Manifest(reference) => {
             let accept = media::parse_accept(
@@ -227,6 +231,36 @@ async fn repo_request(
                 .await?;
             Ok(relay_response(relayed, &r, head))
         }
+    }
+}
+
+/// A request from another cluster member for stored content only
+/// ([`crate::cluster::handover::ONLY_IF_CACHED`]): a blob or a manifest by
+/// digest from the store, 404 for anything else or anything not stored;
+/// never the upstream, never a fill.
+async fn stored_only(
+    mirror: &Arc<Mirror>,
+    r: &RepoRequest,
+    headers: &HeaderMap,
+    head: bool,
+    zero_copy: Option<SendQueue>,
+) -> Result<Response> {
+    match &r.endpoint {
+        Endpoint::Blob(d) => {
+            let blob = mirror.stored_blob(r.upstream, d).await?;
+            match blob {
+                Blob::Stored { size, .. } if head => Ok(blob_head(d, size)),
+                blob => {
+                    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+                    blob_response(d, blob, range, zero_copy, mirror.metrics()).await
+                }
+            }
+        }
+        Endpoint::Manifest(Reference::Digest(d)) => {
+            let m = mirror.stored_manifest(r.upstream, &r.repo, d).await?;
+            Ok(manifest_response(m, head))
+        }
+        _ => Err(Error::NotFound),
     }
 }
 

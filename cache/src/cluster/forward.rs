@@ -133,6 +133,30 @@ impl PeerClient {
         &self.me
     }
 
+    /// Sends `method` `path_and_query` to member `to` with `headers` and
+    /// [`HOP_HEADER`] (this member's name), and returns its answer, any
+    /// status, the body not yet read.
+    ///
+    /// # Errors
+    /// [`Unreachable`]: no response headers from `to` in time.
+    pub async fn send(
+        &self,
+        to: &Member,
+        method: Method,
+        path_and_query: &str,
+        mut headers: HeaderMap,
+    ) -> std::result::Result<reqwest::Response, Unreachable> {
+        if let Ok(v) = HeaderValue::from_str(&self.me) {
+            headers.insert(HOP_HEADER, v);
+        }
+        let url = format!("{}{path_and_query}", to.url.as_str().trim_end_matches('/'));
+        let request = self.client.request(method, url).headers(headers).send();
+        tokio::time::timeout(self.header_timeout, request)
+            .await
+            .map_err(|_| Unreachable::Timeout(self.header_timeout))?
+            .map_err(|e| Unreachable::Transport(error_chain(&e)))
+    }
+
     /// Sends `method` `path_and_query` (as the client sent them) to member
     /// `to` with [`request_headers`], and returns the answer with the
     /// owner's status and [`response_headers`]; a GET's body streams as it
@@ -150,16 +174,14 @@ impl PeerClient {
         headers: &HeaderMap,
         on_body_error: impl Fn() + Send + 'static,
     ) -> std::result::Result<Response, Unreachable> {
-        let url = format!("{}{path_and_query}", to.url.as_str().trim_end_matches('/'));
-        let request = self
-            .client
-            .request(method.clone(), url)
-            .headers(request_headers(headers, &self.me))
-            .send();
-        let answer = tokio::time::timeout(self.header_timeout, request)
-            .await
-            .map_err(|_| Unreachable::Timeout(self.header_timeout))?
-            .map_err(|e| Unreachable::Transport(error_chain(&e)))?;
+        let answer = self
+            .send(
+                to,
+                method.clone(),
+                path_and_query,
+                request_headers(headers, &self.me),
+            )
+            .await?;
         let status = answer.status();
         let owner_headers = answer.headers().clone();
         let body = if method == Method::HEAD {

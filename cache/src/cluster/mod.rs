@@ -12,9 +12,11 @@
 //! (`--peer`) or discovered from a Kubernetes headless Service's
 //! EndpointSlices. One process without a cluster behaves as a lone cache.
 
+pub mod budget;
 pub mod discovery;
 pub mod down;
 pub mod forward;
+pub mod handover;
 pub mod ranking;
 pub mod router;
 

@@ -89,6 +89,11 @@ impl Cluster {
         &self.membership
     }
 
+    /// The metrics this member counts into.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// How this member reaches the others.
     pub fn peers(&self) -> &PeerClient {
         &self.peers

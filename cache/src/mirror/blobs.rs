@@ -153,7 +153,7 @@ impl Mirror {
                 store: self.store.clone(),
                 host: host.to_owned(),
                 digest: d.clone(),
-                fetch: async move { this.blob_body(up, &repo, &digest).await }.boxed(),
+                fetch: async move { this.fill_body(up, &repo, &digest).await }.boxed(),
                 body_idle: self.timeouts.body_idle,
                 metrics: Arc::clone(&self.metrics),
             }
@@ -177,7 +177,12 @@ impl Mirror {
     /// The body of `repo`'s blob `d` on upstream `up`, not yet checked
     /// against its digest: a 404 is [`Error::BlobUnknown`], any other status
     /// but 200 an upstream error ([`upstream::status_error`]).
-    async fn blob_body(&self, up: UpstreamId, repo: &RepoName, d: &Digest) -> Result<UpstreamBody> {
+    pub(super) async fn blob_body(
+        &self,
+        up: UpstreamId,
+        repo: &RepoName,
+        d: &Digest,
+    ) -> Result<UpstreamBody> {
         let host = self.host(up);
         let resp = self.blob_request(up, repo, d).await?;
         match resp.status().as_u16() {

@@ -63,6 +63,9 @@ impl Mirror {
                     if let Some(m) = this.store.manifest(this.host(up), &digest).await? {
                         return Ok(m);
                     }
+                    if let Some(m) = this.handed_over_manifest(up, &repo, &digest).await {
+                        return Ok(m);
+                    }
                     this.fetch_manifest(up, &repo, &Reference::Digest(digest), &[])
                         .await
                 }
@@ -133,19 +136,44 @@ impl Mirror {
         if !status.is_success() {
             return Err(upstream::status_error(host, "manifest GET", status));
         }
-        let content_type = header_str(resp.headers(), header::CONTENT_TYPE)
-            .map(|t| t.split(';').next().unwrap_or("").trim().to_owned());
+        let content_type = header_str(resp.headers(), header::CONTENT_TYPE).map(str::to_owned);
         let claimed = header_str(resp.headers(), "docker-content-digest")
             .and_then(|v| v.parse::<Digest>().ok());
         let bytes = upstream::read_limited(resp, self.max_manifest_size, host).await?;
-        let media_type = content_type
-            .filter(|t| t.starts_with("application/vnd."))
-            .or_else(|| media::sniff(&bytes).map(str::to_owned))
-            .unwrap_or_else(|| media::OCI_MANIFEST.to_owned());
         let expected = match reference {
             Reference::Digest(d) => Some(d.clone()),
             Reference::Tag(_) => claimed,
         };
+        self.store_manifest(up, repo, host, content_type, expected, bytes)
+            .await
+    }
+
+    /// Checks `repo`'s manifest `bytes` from `source` (an upstream's host, or a
+    /// cluster member handing it over) and stores them: the media type is
+    /// `content_type` (its parameters dropped) when it is a
+    /// `application/vnd.` type, else sniffed from the bytes, else OCI's;
+    /// the digest is computed the way the registry digests it
+    /// ([`Digest::of_manifest`]) with the algorithm of `expected` (sha256
+    /// without), and must equal `expected` when given. A failure to store
+    /// is logged and the manifest served all the same.
+    ///
+    /// Errors: [`Error::UpstreamInvalid`] naming `source` when the bytes
+    /// have no digestible payload or do not match `expected`.
+    pub(super) async fn store_manifest(
+        &self,
+        up: UpstreamId,
+        repo: &RepoName,
+        source: &str,
+        content_type: Option<String>,
+        expected: Option<Digest>,
+        bytes: bytes::Bytes,
+    ) -> Result<StoredManifest> {
+        let host = self.host(up);
+        let media_type = content_type
+            .map(|t| t.split(';').next().unwrap_or("").trim().to_owned())
+            .filter(|t| t.starts_with("application/vnd."))
+            .or_else(|| media::sniff(&bytes).map(str::to_owned))
+            .unwrap_or_else(|| media::OCI_MANIFEST.to_owned());
         // Hashed the way the registry digests it, with the algorithm of the
         // digest it is checked against (sha256 when there is none), so that
         // it is stored under that digest.
@@ -153,16 +181,16 @@ impl Mirror {
             .as_ref()
             .map_or(Algorithm::Sha256, Digest::algorithm);
         let digest = Digest::of_manifest(algorithm, &media_type, &bytes).map_err(|e| {
-            tracing::warn!(upstream = %host, %repo, %reference, error = %e, "manifest without a digestible payload; not stored");
+            tracing::warn!(upstream = %host, %repo, %source, error = %e, "manifest without a digestible payload; not stored");
             Error::UpstreamInvalid {
-                upstream: host.to_owned(),
+                upstream: source.to_owned(),
                 detail: e.to_string(),
             }
         })?;
         if let Some(want) = expected.filter(|w| *w != digest) {
-            tracing::warn!(upstream = %host, %repo, %reference, expected = %want, got = %digest, "manifest digest mismatch; not stored");
+            tracing::warn!(upstream = %host, %repo, %source, expected = %want, got = %digest, "manifest digest mismatch; not stored");
             return Err(Error::UpstreamInvalid {
-                upstream: host.to_owned(),
+                upstream: source.to_owned(),
                 detail: format!("manifest content does not match digest {want}"),
             });
         }

@@ -7,6 +7,7 @@
 //! - [`listings`]: the catalog and the listings relayed from the upstream.
 
 pub mod blobs;
+pub mod handover;
 pub mod listings;
 pub mod manifests;
 pub mod tags;
@@ -54,9 +55,6 @@ impl Mirror {
         let client = upstream::build_client(&config.timeouts, &config.upstreams)?;
         let metrics = Arc::clone(store.metrics());
         let registry = metrics.registry();
-        metrics
-            .store_max_bytes
-            .set(store.limits().max_size.unwrap_or(0) as i64);
         Ok(Self {
             upstreams: config
                 .upstreams

@@ -73,7 +73,7 @@ fn sweep_period(max_age: Option<Duration>) -> Duration {
 /// minute without an age limit), until the process ends. `None` (no task)
 /// for a store without limits.
 pub fn spawn(store: Store) -> Option<tokio::task::JoinHandle<()>> {
-    let limits = *store.limits();
+    let limits = store.limits();
     if limits.max_size.is_none() && limits.max_age.is_none() {
         return None;
     }
@@ -101,7 +101,7 @@ impl Store {
     /// watermark; called after every write.
     pub(super) fn wake_sweeper_if_over(&self) {
         if self
-            .limits
+            .limits()
             .high()
             .is_some_and(|h| self.usage.committed() > h)
         {
@@ -114,10 +114,11 @@ impl Store {
     /// when even that cannot keep the store within its budget.
     pub async fn admit(&self, bytes: u64) -> Option<Reservation> {
         let reservation = self.usage.reserve(bytes);
-        let Some(max) = self.limits.max_size else {
+        let limits = self.limits();
+        let Some(max) = limits.max_size else {
             return Some(reservation);
         };
-        if self.usage.committed() > self.limits.high().unwrap_or(max) {
+        if self.usage.committed() > limits.high().unwrap_or(max) {
             let _ = self.evict().await;
         }
         (self.usage.committed() <= max).then_some(reservation)
@@ -149,12 +150,13 @@ impl Store {
             return Ok(Evicted::default());
         }
         let committed = self.usage.committed();
-        let free = match (self.limits.high(), self.limits.low()) {
+        let limits = self.limits();
+        let free = match (limits.high(), limits.low()) {
             (Some(high), Some(low)) if committed > high => committed - low,
             _ => 0,
         };
         let now = usage::now_ms();
-        let max_age = self.limits.max_age;
+        let max_age = limits.max_age;
         let plan = self.usage.scan(|entries| plan(entries, free, max_age, now));
         if plan.is_empty() {
             return Ok(Evicted::default());
@@ -297,6 +299,50 @@ mod tests {
             (Limits::default().high(), Limits::default().low()),
             (None, None)
         );
+    }
+
+    #[tokio::test]
+    async fn a_lowered_budget_evicts_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths: Vec<_> = (1..=5u8)
+            .map(|n| {
+                let d = Algorithm::Sha256.digest(&[n]);
+                let p = crate::store::layout::blob_path(dir.path(), "h", &d);
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(&p, [n; 100]).unwrap();
+                p
+            })
+            .collect();
+        let limits = Limits {
+            max_size: Some(1000),
+            ..Limits::default()
+        };
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let store = Store::open_with(dir.path(), limits, Arc::clone(&metrics))
+            .await
+            .unwrap();
+        while !store.usage().is_loaded() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _sweeper = spawn(store.clone()).unwrap();
+        assert_eq!(metrics.store_max_bytes.get(), 1000);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            store.usage().stored_bytes(),
+            500,
+            "within 1000: nothing goes"
+        );
+
+        // 300: evict above 270, down to 240; the sweeper, not a write, acts.
+        store.set_max_size(Some(300));
+        assert_eq!(metrics.store_max_bytes.get(), 300);
+        assert_eq!(store.limits().max_size, Some(300));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store.usage().stored_bytes() > 240 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(store.usage().stored_bytes(), 200);
+        assert_eq!(paths.iter().filter(|p| p.exists()).count(), 2);
     }
 
     #[test]

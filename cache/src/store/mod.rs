@@ -49,7 +49,9 @@ pub struct Store {
     /// This process's temp directory, claimed while any clone lives.
     tmp: Arc<tmpdir::ProcessTmp>,
     usage: Arc<Usage>,
-    limits: Limits,
+    /// Shared by every clone: a cluster member's byte budget changes with
+    /// its view ([`Store::set_max_size`]).
+    limits: Arc<std::sync::RwLock<Limits>>,
     /// One eviction pass at a time.
     evicting: Arc<tokio::sync::Mutex<()>>,
     /// Wakes the sweeper ([`evict::spawn`]) when usage crosses the high watermark.
@@ -131,6 +133,9 @@ impl Store {
         metrics: Arc<Metrics>,
     ) -> io::Result<Self> {
         let root = root.into();
+        metrics
+            .store_max_bytes
+            .set(limits.max_size.unwrap_or(0) as i64);
         let r = root.clone();
         let tmp = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(layout::upstreams_dir(&r))?;
@@ -149,7 +154,7 @@ impl Store {
             root,
             tmp: Arc::new(tmp),
             usage: Arc::default(),
-            limits,
+            limits: Arc::new(std::sync::RwLock::new(limits)),
             evicting: Arc::default(),
             pressure: Arc::default(),
             metrics,
@@ -179,8 +184,27 @@ impl Store {
         &self.metrics
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.limits
+    /// The limits in force now (the byte budget may change at runtime,
+    /// [`Store::set_max_size`]).
+    pub fn limits(&self) -> Limits {
+        *self.limits.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes the byte budget (`None`: unlimited) from now on, for every
+    /// clone of this store: `regmirror_store_max_bytes` shows it, and when
+    /// usage is above the new high watermark the sweeper ([`evict::spawn`],
+    /// running when the store was opened with a limit) starts an eviction
+    /// pass at once. A cluster member's share of the cluster's budget
+    /// changes this way with its view (`cluster::budget`).
+    pub fn set_max_size(&self, max_size: Option<u64>) {
+        self.limits
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .max_size = max_size;
+        self.metrics
+            .store_max_bytes
+            .set(max_size.unwrap_or(0) as i64);
+        self.wake_sweeper_if_over();
     }
 
     fn key(&self, host: &str, kind: Kind, d: &Digest) -> Option<usage::Key> {

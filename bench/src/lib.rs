@@ -176,11 +176,11 @@ impl Config {
 
 /// Human size: `1 MiB`, `4 KiB`, `1 GiB`.
 pub fn size_label(b: u64) -> String {
-    if b >= GIB && b % GIB == 0 {
+    if b >= GIB && b.is_multiple_of(GIB) {
         format!("{} GiB", b / GIB)
-    } else if b >= MIB && b % MIB == 0 {
+    } else if b >= MIB && b.is_multiple_of(MIB) {
         format!("{} MiB", b / MIB)
-    } else if b >= KIB && b % KIB == 0 {
+    } else if b >= KIB && b.is_multiple_of(KIB) {
         format!("{} KiB", b / KIB)
     } else {
         format!("{b} B")

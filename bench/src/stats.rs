@@ -15,7 +15,7 @@ pub fn percentile(v: &[f64], p: f64) -> f64 {
     if p >= 100.0 {
         return s[s.len() - 1];
     }
-    if (p - 50.0).abs() < f64::EPSILON && s.len() % 2 == 0 {
+    if (p - 50.0).abs() < f64::EPSILON && s.len().is_multiple_of(2) {
         let m = s.len() / 2;
         return (s[m - 1] + s[m]) / 2.0;
     }

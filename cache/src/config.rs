@@ -390,12 +390,12 @@ fn resolve_cluster(
             "name {name:?} must be 1-253 characters of a-z, 0-9, '-' and '.' (a pod name)"
         )));
     }
-    if let MemberSource::Static(members) = &source {
-        if !members.iter().any(|m| m.name == name) {
-            return Err(ConfigError::Cluster(format!(
-                "--peer must list every member including this one ({name:?})"
-            )));
-        }
+    if let MemberSource::Static(members) = &source
+        && !members.iter().any(|m| m.name == name)
+    {
+        return Err(ConfigError::Cluster(format!(
+            "--peer must list every member including this one ({name:?})"
+        )));
     }
     Ok(Some(ClusterConfig { name, source }))
 }

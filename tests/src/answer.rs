@@ -274,10 +274,8 @@ pub fn differences(
             reference.len()
         ));
     }
-    if !head {
-        if let Some(d) = body_difference(reference, &cached.body, body) {
-            out.push(d);
-        }
+    if !head && let Some(d) = body_difference(reference, &cached.body, body) {
+        out.push(d);
     }
     out
 }

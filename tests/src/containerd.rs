@@ -127,12 +127,11 @@ impl Containerd {
                     tail_lines(&self.log(), 40)
                 );
             }
-            if self.socket.exists() {
-                if let Ok(out) = self.ctr(&["version"], Duration::from_secs(5)).await {
-                    if out.status.success() {
-                        return Ok(());
-                    }
-                }
+            if self.socket.exists()
+                && let Ok(out) = self.ctr(&["version"], Duration::from_secs(5)).await
+                && out.status.success()
+            {
+                return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
                 bail!(

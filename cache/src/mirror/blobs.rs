@@ -52,10 +52,10 @@ impl Mirror {
         if let Some(b) = self.store.blob(host, d).await? {
             return Ok(b.size);
         }
-        if let Some(fill) = self.fills.in_flight(host, d) {
-            if let Some(size) = fill.ready().await? {
-                return Ok(size);
-            }
+        if let Some(fill) = self.fills.in_flight(host, d)
+            && let Some(size) = fill.ready().await?
+        {
+            return Ok(size);
         }
         let head = self
             .upstream(up)

@@ -139,16 +139,12 @@ impl Auth {
         timeout: Duration,
         refresh: bool,
     ) -> Result<HeaderValue> {
-        if !refresh {
-            if let Some(h) = self.cached(scope) {
-                return Ok(h);
-            }
+        if !refresh && let Some(h) = self.cached(scope) {
+            return Ok(h);
         }
         let _guard = self.fetch_lock.lock().await;
-        if !refresh {
-            if let Some(h) = self.cached(scope) {
-                return Ok(h);
-            }
+        if !refresh && let Some(h) = self.cached(scope) {
+            return Ok(h);
         }
         let token = self
             .fetch_token(client, realm, service, scope, timeout)
@@ -190,10 +186,10 @@ impl Auth {
             q.append_pair("scope", scope);
         }
         let mut req = client.get(url).timeout(timeout);
-        if self.policy.may_receive_credentials(realm) {
-            if let Some(c) = self.credentials()? {
-                req = req.header(http::header::AUTHORIZATION, basic_header(&c));
-            }
+        if self.policy.may_receive_credentials(realm)
+            && let Some(c) = self.credentials()?
+        {
+            req = req.header(http::header::AUTHORIZATION, basic_header(&c));
         }
         self.token_fetches
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

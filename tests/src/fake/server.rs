@@ -234,11 +234,10 @@ async fn handle(AxState(shared): AxState<Arc<Shared>>, req: Request) -> Response
     }
 
     if let (Behaviour::HeadRefused(code), Route::Manifest(..) | Route::Blob(..)) = (&behaviour, &r)
+        && method == Method::HEAD
     {
-        if method == Method::HEAD {
-            let status = StatusCode::from_u16(*code).unwrap_or(StatusCode::METHOD_NOT_ALLOWED);
-            return error(status, "UNSUPPORTED", "HEAD is not served here");
-        }
+        let status = StatusCode::from_u16(*code).unwrap_or(StatusCode::METHOD_NOT_ALLOWED);
+        return error(status, "UNSUPPORTED", "HEAD is not served here");
     }
     match r {
         Route::Base => {

@@ -61,6 +61,10 @@ pub struct Cli {
     /// repeatable. Each key is then fetched and stored by one member only.
     #[arg(long = "peer", env = "REGMIRROR_PEERS", value_delimiter = ',')]
     pub peers: Vec<String>,
+    /// A cluster member's cap on its own disk (e.g. 90Gi), whatever its
+    /// share of the cluster's --max-size [default: its share alone].
+    #[arg(long, env = "REGMIRROR_MEMBER_MAX_SIZE", value_parser = regmirror_registry::size::parse_size)]
+    pub member_max_size: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -303,7 +307,9 @@ impl Config {
             ));
         }
 
-        let cluster = resolve_cluster(cli.name, cli.peers, file.cluster.clone())?;
+        let mut file_cluster = file.cluster.clone();
+        file_cluster.member_max_size = cli.member_max_size.or(file_cluster.member_max_size);
+        let cluster = resolve_cluster(cli.name, cli.peers, file_cluster)?;
 
         let d = Timeouts::default();
         let t = &file.timeouts;
@@ -348,16 +354,28 @@ impl Config {
 /// this reports one that was not read from a file (a [`FileConfig`] built in
 /// code) as the file's, naming the field.
 /// The cluster this process is a member of: flags (`--name`, `--peer`)
-/// over the file's `[cluster]`. Static peers and discovery exclude each
-/// other; either needs a valid name, and static peers must list it.
+/// over the file's `[cluster]` (`file.member_max_size` already merged with
+/// its flag). Static peers and discovery exclude each other; either needs a
+/// valid name, and static peers must list it; a member cap needs a cluster.
 fn resolve_cluster(
     name: Option<String>,
     peers: Vec<String>,
     file: cache_file::FileCluster,
 ) -> Result<Option<ClusterConfig>, ConfigError> {
     let name = name.or(file.name);
+    let member_max_size = file.member_max_size;
+    if member_max_size == Some(0) {
+        return Err(ConfigError::Limits(
+            "member_max_size must be greater than zero (omit it for no cap)".into(),
+        ));
+    }
     let peers = if peers.is_empty() { file.peers } else { peers };
     let source = match (peers.is_empty(), file.discovery) {
+        (true, None) if member_max_size.is_some() => {
+            return Err(ConfigError::Cluster(
+                "member_max_size caps a cluster member's share: add --peer or [cluster.discovery], or use max_size alone".into(),
+            ));
+        }
         (true, None) => {
             return match name {
                 None => Ok(None),
@@ -397,7 +415,11 @@ fn resolve_cluster(
             "--peer must list every member including this one ({name:?})"
         )));
     }
-    Ok(Some(ClusterConfig { name, source }))
+    Ok(Some(ClusterConfig {
+        name,
+        source,
+        member_max_size,
+    }))
 }
 
 fn file_duration(
@@ -605,6 +627,19 @@ host = "quay.io"
             panic!("static")
         };
         assert_eq!(m.len(), 2);
+        assert_eq!(c.member_max_size, None);
+        let c = resolve(&[
+            "--name",
+            "a",
+            "--peer",
+            "a=http://x:1",
+            "--member-max-size",
+            "2Gi",
+        ])
+        .unwrap()
+        .cluster
+        .unwrap();
+        assert_eq!(c.member_max_size, Some(2 << 30));
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");

@@ -63,7 +63,12 @@ pub async fn serve(
         );
         cluster.spawn_view_gauge();
         // In a cluster `max_size` is the cluster's: this member keeps its share.
-        cluster::budget::spawn(store.clone(), config.limits.max_size, cluster.membership());
+        cluster::budget::spawn(
+            store.clone(),
+            config.limits.max_size,
+            c.member_max_size,
+            cluster.membership(),
+        );
         mirror = mirror.with_cluster(cluster);
     }
     let mirror = Arc::new(mirror);

@@ -244,8 +244,8 @@ pub struct CacheSpec {
     pub log_level: LogLevel,
     /// Byte budget for cached content of all members together (e.g. `18Gi`): each
     /// member keeps `maxSize / members` and evicts least recently used content to stay
-    /// under it. Defaults to 90% of `storage.size`; at most `storage.size` times the
-    /// fewest replicas you run keeps every member within its volume.
+    /// under it. Each member also keeps within 90% of its volume (`storage.size`),
+    /// which is the only limit when this is unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new(r"self.matches('^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$')")

@@ -239,9 +239,14 @@ pub fn cache_config(mirror: &RegistryMirror, namespace: &str, with_credentials: 
         credentials: with_credentials
             .then(|| format!("{CREDENTIALS_DIR}/{CREDENTIALS_FILE}").into()),
         tag_ttl: duration(&spec.cache.tag_ttl),
-        max_size: cache_budget(spec),
+        max_size: spec
+            .cache
+            .max_size
+            .as_deref()
+            .and_then(crate::quantity::bytes),
         max_age: duration(&spec.cache.max_age),
         cluster: FileCluster {
+            member_max_size: member_cap(spec),
             discovery: Some(FileDiscovery {
                 service: members_service_name(&mirror.name()),
                 namespace: Some(namespace.into()),
@@ -268,16 +273,14 @@ pub fn cache_config(mirror: &RegistryMirror, namespace: &str, with_credentials: 
     )
 }
 
-/// The cache cluster's byte budget: `cache.maxSize`, else 90% of one
-/// member's volume, so a lone cache evicts before its volume fills. Each
-/// member keeps its share (budget / members it sees); the default does not
-/// grow with `replicas`, so scaling changes no configuration (and with more
-/// members each fills less of its volume; `cache.maxSize` uses them fully).
-fn cache_budget(spec: &crate::crd::RegistryMirrorSpec) -> Option<u64> {
-    match &spec.cache.max_size {
-        Some(q) => crate::quantity::bytes(q),
-        None => crate::quantity::bytes(&spec.storage.size).map(|b| b / 10 * 9),
-    }
+/// Each cache member's cap on its own volume: 90% of `storage.size`, so it
+/// evicts before the volume fills. `cache.maxSize` (rendered as `max_size`)
+/// is the budget of all members together, of which each keeps its share
+/// (budget / members it sees) within this cap; without it each member fills
+/// its own volume. Neither depends on `replicas`, so scaling changes no
+/// configuration.
+fn member_cap(spec: &crate::crd::RegistryMirrorSpec) -> Option<u64> {
+    crate::quantity::bytes(&spec.storage.size).map(|b| b / 10 * 9)
 }
 
 /// Builds every child of `mirror`. `credentials` is the merged docker
@@ -804,14 +807,23 @@ mod tests {
         );
         assert_eq!(c.limits.max_size, Some(50 << 30));
         assert_eq!(
+            c.cluster.as_ref().unwrap().member_max_size,
+            Some((20u64 << 30) / 10 * 9),
+            "the default storage.size's (20Gi) 90%"
+        );
+        assert_eq!(
             c.limits.max_age,
             Some(std::time::Duration::from_secs(30 * 86400))
         );
 
-        // Without cache.maxSize the budget is 90% of the volume.
-        let m = mirror(json!({"upstreams": [{"host": "docker.io"}], "storage": {"size": "10Gi"}}));
+        // Without cache.maxSize no cluster budget: each member 90% of its volume.
+        let m = mirror(json!({"upstreams": [{"host": "docker.io"}], "storage": {"size": "20Gi"}}));
         let c = resolved_by_the_cache(&cache_config(&m, NS, false));
-        assert_eq!(c.limits.max_size, Some((10u64 << 30) / 10 * 9));
+        assert_eq!(c.limits.max_size, None);
+        assert_eq!(
+            c.cluster.unwrap().member_max_size,
+            Some((20u64 << 30) / 10 * 9)
+        );
         assert_eq!(c.limits.max_age, None);
         assert_eq!(c.credentials, None);
         assert_eq!(c.upstreams[0].tag_ttl, std::time::Duration::ZERO);
@@ -832,11 +844,13 @@ mod tests {
 listen = "[::]:5000"
 storage = "/var/lib/regmirror"
 credentials = "/var/run/regmirror/credentials/config.json"
-max_size = 19327352832
 
 [[upstream]]
 host = "docker.io"
 url = "https://registry-1.docker.io"
+
+[cluster]
+member_max_size = 19327352832
 
 [cluster.discovery]
 service = "regmirror-hub-members"
@@ -875,6 +889,9 @@ tag_ttl = "1h30m"
 [[upstream]]
 host = "registry.local:5000"
 url = "http://10.0.0.5:5000"
+
+[cluster]
+member_max_size = 19327352832
 
 [cluster.discovery]
 service = "regmirror-hub-members"

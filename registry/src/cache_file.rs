@@ -83,6 +83,15 @@ pub struct FileCluster {
     /// (`URL` its registry API base, e.g. `http://10.0.0.7:5000`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<String>,
+    /// This member's cap on its own disk, whatever its share of the
+    /// top-level `max_size` (the cluster's budget): the lower one holds.
+    /// Read like `max_size`.
+    #[serde(
+        default,
+        deserialize_with = "size_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub member_max_size: Option<u64>,
     /// A membership discovered from a Kubernetes headless Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discovery: Option<FileDiscovery>,
@@ -270,6 +279,7 @@ mod tests {
             cluster: FileCluster {
                 name: Some("cache-0".into()),
                 peers: vec!["cache-0=http://10.0.0.1:5000".into()],
+                member_max_size: Some(10 << 30),
                 discovery: Some(FileDiscovery {
                     service: "cache-peers".into(),
                     namespace: Some("regmirror".into()),

@@ -79,6 +79,9 @@ pub struct ClusterConfig {
     /// This member's name, as the others see it in their views.
     pub name: String,
     pub source: MemberSource,
+    /// This member's cap in bytes on its own disk, whatever its share of the
+    /// cluster's budget (`max_size`); `None`: its share alone.
+    pub member_max_size: Option<u64>,
 }
 
 /// A static member list from `NAME=URL` texts, sorted by name. Errors name

@@ -39,9 +39,9 @@ pub const FINALIZER: &str = "regmirror.dev/node-config";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("kubernetes API: {0}")]
+    #[error("kubernetes API: {}", api_error_text(.0))]
     Kube(#[from] kube::Error),
-    #[error("applying {kind} {name}: {source}")]
+    #[error("applying {kind} {name}: {}", api_error_text(.source))]
     Apply {
         kind: &'static str,
         name: String,
@@ -54,7 +54,40 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
 
+/// An API error as a user reads it in a condition, an event or a log line:
+/// for the API server's own answer its reason, code and message (`Invalid
+/// (422): StatefulSet.apps "x" is invalid: ...`), not kube's debug dump of
+/// the whole `Status` (issue 18); other errors as they display.
+pub fn api_error_text(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => {
+            let reason = if s.reason.is_empty() {
+                "Failure"
+            } else {
+                s.reason.as_str()
+            };
+            format!("{reason} ({}): {}", s.code, s.message)
+        }
+        other => other.to_string(),
+    }
+}
+
 impl Error {
+    /// Whether this is the API server's 409 Conflict: another writer changed
+    /// the object first, which the next pass resolves by itself.
+    pub fn is_conflict(&self) -> bool {
+        let api = match self {
+            Self::Kube(e) | Self::Apply { source: e, .. } => e,
+            Self::Finalizer(f) => match f.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => return e.is_conflict(),
+                _ => return false,
+            },
+            Self::NodeCleanupPending(_) => return false,
+        };
+        matches!(api, kube::Error::Api(s) if s.code == 409)
+    }
+
     /// Short label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -320,7 +353,12 @@ pub fn error_policy(mirror: Arc<RegistryMirror>, error: &Error, ctx: Arc<Context
         *n
     };
     let delay = backoff(n);
-    tracing::warn!(mirror = %name, error = %error, retry_in = ?delay, "reconcile failed");
+    if error.is_conflict() {
+        // Routine with more than one writer; the retry settles it.
+        tracing::debug!(mirror = %name, error = %error, retry_in = ?delay, "reconcile met a conflict");
+    } else {
+        tracing::warn!(mirror = %name, error = %error, retry_in = ?delay, "reconcile failed");
+    }
     Action::requeue(delay)
 }
 
@@ -811,6 +849,49 @@ mod tests {
     use super::*;
 
     #[test]
+    fn api_errors_read_as_the_api_server_said_them() {
+        use kube::core::Status;
+        let invalid = kube::Error::Api(
+            Status::failure(
+                "StatefulSet.apps \"x\" is invalid: spec: Forbidden: updates to statefulset spec are forbidden",
+                "Invalid",
+            )
+            .with_code(422)
+            .boxed(),
+        );
+        let e = Error::Apply {
+            kind: "StatefulSet",
+            name: "x".into(),
+            source: invalid,
+        };
+        let text = e.to_string();
+        assert_eq!(
+            text,
+            "applying StatefulSet x: Invalid (422): StatefulSet.apps \"x\" is invalid: spec: Forbidden: updates to statefulset spec are forbidden"
+        );
+        assert!(
+            !text.contains("Status {") && !text.contains("Some("),
+            "{text}"
+        );
+        assert!(!e.is_conflict());
+
+        let conflict = Error::Kube(kube::Error::Api(
+            Status::failure("the object has been modified", "Conflict")
+                .with_code(409)
+                .boxed(),
+        ));
+        assert!(conflict.is_conflict());
+        assert_eq!(
+            conflict.to_string(),
+            "kubernetes API: Conflict (409): the object has been modified"
+        );
+        let wrapped = Error::Finalizer(Box::new(kube::runtime::finalizer::Error::ApplyFailed(
+            conflict,
+        )));
+        assert!(wrapped.is_conflict());
+    }
+
+    #[test]
     fn a_404_on_the_list_means_the_crd_is_not_installed() {
         use kube::core::Status;
         assert_eq!(crd_state(Ok(())), Ok(()));
@@ -1230,7 +1311,7 @@ mod tests {
             .await;
             assert_eq!(
                 api.expect_event().await,
-                ("Warning".into(), "Deleting".into())
+                ("Normal".into(), "Deleting".into())
             );
             let status = api.expect_status().await;
             assert_eq!(status["conditions"][0]["reason"], "Deleting");

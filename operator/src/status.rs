@@ -402,6 +402,8 @@ pub fn ready_event(
                 | reason::MIGRATING
                 | reason::AGENTS_NOT_READY
                 | reason::NOT_OBSERVED
+                // Someone deleted it: the normal end of a mirror (issue 18).
+                | reason::DELETING
         );
     Some(ReadyEvent {
         type_: if expected {
@@ -705,7 +707,7 @@ mod tests {
         let e = ready_event(Some(&failed), &deleting).unwrap();
         assert_eq!(
             (e.type_, e.reason.as_str()),
-            (EventType::Warning, reason::DELETING)
+            (EventType::Normal, reason::DELETING)
         );
 
         // A status without a Ready condition says nothing.

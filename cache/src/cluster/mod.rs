@@ -122,6 +122,18 @@ pub fn parse_peers<S: AsRef<str>>(peers: &[S]) -> Result<Vec<Member>, String> {
     if let Some(w) = members.windows(2).find(|w| w[0].name == w[1].name) {
         return Err(format!("peer {:?} is listed twice", w[0].name));
     }
+    // One process has one name: two names at one URL would make that
+    // process serve both members' keys while the budget is split for two.
+    for (i, a) in members.iter().enumerate() {
+        if let Some(b) = members[i + 1..].iter().find(|b| b.url == a.url) {
+            return Err(format!(
+                "peers {:?} and {:?} have the same URL {}: each member needs its own",
+                a.name,
+                b.name,
+                a.url.as_str().trim_end_matches('/')
+            ));
+        }
+    }
     Ok(members)
 }
 
@@ -186,6 +198,13 @@ pub async fn membership(config: &ClusterConfig) -> anyhow::Result<Membership> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_names_at_one_url_are_refused() {
+        let e = parse_peers(&["a=http://127.0.0.1:5000", "b=http://127.0.0.1:5000/"]).unwrap_err();
+        assert!(e.contains("same URL http://127.0.0.1:5000"), "{e}");
+        assert!(parse_peers(&["a=http://127.0.0.1:5000", "b=http://127.0.0.1:5001"]).is_ok());
+    }
 
     #[test]
     fn peers_parse_sorted_and_bad_ones_are_named() {

@@ -113,8 +113,14 @@ impl Store {
     /// least recently used content first if the budget requires it. `None`
     /// when even that cannot keep the store within its budget.
     pub async fn admit(&self, bytes: u64) -> Option<Reservation> {
-        let reservation = self.usage.reserve(bytes);
         let limits = self.limits();
+        // More than the whole budget never fits: evicting first would only
+        // empty the store for a blob that is passed through anyway (a
+        // cluster member's share, budget / members, makes this common).
+        if limits.max_size.is_some_and(|max| bytes > max) {
+            return None;
+        }
+        let reservation = self.usage.reserve(bytes);
         let Some(max) = limits.max_size else {
             return Some(reservation);
         };
@@ -343,6 +349,34 @@ mod tests {
         }
         assert_eq!(store.usage().stored_bytes(), 200);
         assert_eq!(paths.iter().filter(|p| p.exists()).count(), 2);
+    }
+
+    #[tokio::test]
+    async fn content_larger_than_the_budget_evicts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in 1..=3u8 {
+            let d = Algorithm::Sha256.digest(&[n]);
+            let p = crate::store::layout::blob_path(dir.path(), "h", &d);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, [n; 100]).unwrap();
+        }
+        let limits = Limits {
+            max_size: Some(1000),
+            ..Limits::default()
+        };
+        let store = Store::open_with(dir.path(), limits, Arc::default())
+            .await
+            .unwrap();
+        while !store.usage().is_loaded() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Can never fit: refused without evicting what is stored.
+        assert!(store.admit(1001).await.is_none());
+        assert_eq!(store.usage().stored_bytes(), 300);
+        assert_eq!(store.usage().committed(), 300, "nothing left reserved");
+        // Fits once older content goes: admitted, evicting.
+        assert!(store.admit(900).await.is_some());
+        assert!(store.usage().stored_bytes() < 300);
     }
 
     #[test]

@@ -166,6 +166,14 @@ async fn registry(State(mirror): State<Arc<Mirror>>, req: HttpRequest) -> Respon
     if let Some(r) = routed {
         resp.extensions_mut().insert(r);
     }
+    // A fellow member's request: say who answers, so it can tell a
+    // misdirected URL from this member.
+    if let Some(c) = mirror.cluster()
+        && parts.headers.contains_key(crate::cluster::HOP_HEADER)
+        && let Ok(me) = HeaderValue::from_str(c.me())
+    {
+        resp.headers_mut().insert(crate::cluster::MEMBER_HEADER, me);
+    }
     resp
 }
 
@@ -176,9 +184,11 @@ async fn registry(State(mirror): State<Arc<Mirror>>, req: HttpRequest) -> Respon
 /// [`Cluster::serve_elsewhere`]: crate::cluster::Cluster::serve_elsewhere
 async fn from_owner(mirror: &Mirror, r: &RepoRequest, parts: &Parts) -> Option<Response> {
     let cluster = mirror.cluster()?;
-    let key = crate::cluster::key_of(mirror.upstream(r.upstream).host(), r)?;
+    let host = mirror.upstream(r.upstream).host();
+    let key = crate::cluster::key_of(host, r)?;
+    let path = crate::cluster::router::forward_path(host, r)?;
     cluster
-        .serve_elsewhere(&key, &parts.method, &parts.uri, &parts.headers)
+        .serve_elsewhere(&key, &parts.method, &path, &parts.headers)
         .await
 }
 

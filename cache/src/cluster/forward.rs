@@ -10,7 +10,7 @@ use axum::response::Response;
 use futures::StreamExt;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 
-use super::{HOP_HEADER, Member};
+use super::{HOP_HEADER, MEMBER_HEADER, Member};
 use crate::config::Timeouts;
 use crate::error::{Error, Result};
 use crate::upstream::error_chain;
@@ -47,6 +47,20 @@ pub enum Unreachable {
     /// No response headers within the connect plus response-header timeouts.
     #[error("no response headers within {0:?}")]
     Timeout(Duration),
+    /// The answer came from another member, or from no regmirror member
+    /// (its [`MEMBER_HEADER`] names someone else, or is missing).
+    #[error("{}", match .0 { Some(name) => format!("answers as member {name:?}: its URL reaches another member"), None => "answers without a Regmirror-Member header: its URL does not reach a regmirror cache member".to_owned() })]
+    NotTheMember(Option<String>),
+}
+
+/// Whether `answer` came from member `to`: its [`MEMBER_HEADER`] names it.
+/// Errors: [`Unreachable::NotTheMember`] with the name it gave, if any.
+pub fn check_member(to: &Member, answer: &HeaderMap) -> std::result::Result<(), Unreachable> {
+    match answer.get(&MEMBER_HEADER).map(|v| v.to_str()) {
+        Some(Ok(name)) if name == to.name => Ok(()),
+        Some(Ok(name)) => Err(Unreachable::NotTheMember(Some(name.to_owned()))),
+        _ => Err(Unreachable::NotTheMember(None)),
+    }
 }
 
 /// The headers of a request forwarded from member `me`: `client`'s
@@ -91,9 +105,18 @@ pub struct PeerClient {
     header_timeout: Duration,
 }
 
+/// How long a member waits for another's answer to an
+/// [`super::handover::ONLY_IF_CACHED`] request: it comes from the store (a
+/// file opened, no upstream), so a member that takes longer is stalled.
+pub const STORED_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl PeerClient {
     /// A client for member `me`: connects time out after `timeouts.connect`,
-    /// response headers after `timeouts.connect + timeouts.response_header`,
+    /// response headers after the owner's own worst case: asking the
+    /// others for stored content (a HEAD and a GET, each within
+    /// [`STORED_ANSWER_TIMEOUT`]), then the upstream (`timeouts.connect +
+    /// timeouts.response_header`), plus a second to spare, so a slow
+    /// upstream behind a healthy owner never gets the owner marked down;
     /// a silent body after `timeouts.body_idle` (the upstream's timeouts:
     /// a member answers within them or the upstream's failure shows).
     /// Redirects are not followed: members relay them as they are.
@@ -119,7 +142,10 @@ impl PeerClient {
         Ok(Self {
             client,
             me: me.to_owned(),
-            header_timeout: timeouts.connect + timeouts.response_header,
+            header_timeout: timeouts.connect
+                + timeouts.response_header
+                + 2 * STORED_ANSWER_TIMEOUT
+                + Duration::from_secs(1),
         })
     }
 
@@ -138,23 +164,43 @@ impl PeerClient {
     /// status, the body not yet read.
     ///
     /// # Errors
-    /// [`Unreachable`]: no response headers from `to` in time.
+    /// [`Unreachable`]: no response headers from `to` in time (see
+    /// [`PeerClient::new`]), or not from `to` ([`check_member`]).
     pub async fn send(
         &self,
         to: &Member,
         method: Method,
         path_and_query: &str,
+        headers: HeaderMap,
+    ) -> std::result::Result<reqwest::Response, Unreachable> {
+        self.send_within(to, method, path_and_query, headers, self.header_timeout)
+            .await
+    }
+
+    /// [`PeerClient::send`], waiting at most `header_timeout` for the
+    /// response headers.
+    ///
+    /// # Errors
+    /// As for [`PeerClient::send`].
+    pub async fn send_within(
+        &self,
+        to: &Member,
+        method: Method,
+        path_and_query: &str,
         mut headers: HeaderMap,
+        header_timeout: Duration,
     ) -> std::result::Result<reqwest::Response, Unreachable> {
         if let Ok(v) = HeaderValue::from_str(&self.me) {
             headers.insert(HOP_HEADER, v);
         }
         let url = format!("{}{path_and_query}", to.url.as_str().trim_end_matches('/'));
         let request = self.client.request(method, url).headers(headers).send();
-        tokio::time::timeout(self.header_timeout, request)
+        let answer = tokio::time::timeout(header_timeout, request)
             .await
-            .map_err(|_| Unreachable::Timeout(self.header_timeout))?
-            .map_err(|e| Unreachable::Transport(error_chain(&e)))
+            .map_err(|_| Unreachable::Timeout(header_timeout))?
+            .map_err(|e| Unreachable::Transport(error_chain(&e)))?;
+        check_member(to, answer.headers())?;
+        Ok(answer)
     }
 
     /// Sends `method` `path_and_query` (as the client sent them) to member
@@ -223,6 +269,22 @@ mod tests {
         assert!(!out.contains_key(header::AUTHORIZATION));
         assert!(!out.contains_key(header::CONNECTION));
         assert_eq!(out.len(), 5);
+    }
+
+    #[test]
+    fn an_answer_counts_only_from_the_member_asked() {
+        let to = Member {
+            name: "m1".into(),
+            url: "http://127.0.0.1:1".parse().unwrap(),
+        };
+        let mut h = HeaderMap::new();
+        let e = check_member(&to, &h).unwrap_err().to_string();
+        assert!(e.contains("does not reach a regmirror cache member"), "{e}");
+        h.insert(MEMBER_HEADER, HeaderValue::from_static("m0"));
+        let e = check_member(&to, &h).unwrap_err().to_string();
+        assert!(e.contains("answers as member \"m0\""), "{e}");
+        h.insert(MEMBER_HEADER, HeaderValue::from_static("m1"));
+        assert!(check_member(&to, &h).is_ok());
     }
 
     #[test]

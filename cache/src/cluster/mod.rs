@@ -33,6 +33,13 @@ use url::Url;
 /// (`Regmirror-Hop`; header names are case-insensitive.)
 pub const HOP_HEADER: http::HeaderName = http::HeaderName::from_static("regmirror-hop");
 
+/// The response header a member puts on its answers to [`HOP_HEADER`]
+/// requests (its value: its own name). The sender checks it names the
+/// member it meant to ask: a URL that reaches another member, or something
+/// that is not a regmirror member at all, is then marked down rather than
+/// trusted (a swapped `--peer` URL would otherwise store every key twice).
+pub const MEMBER_HEADER: http::HeaderName = http::HeaderName::from_static("regmirror-member");
+
 /// One member: its name (unique, stable, hashed for ownership) and the base
 /// URL of its registry API (`http://10.0.0.7:5000`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

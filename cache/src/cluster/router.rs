@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::response::Response;
-use http::{HeaderMap, Method, Uri};
+use http::{HeaderMap, Method};
 
 use super::down::{self, DownList};
 use super::forward::PeerClient;
@@ -32,6 +32,7 @@ pub struct Cluster {
     down: DownList,
     draining: AtomicBool,
     metrics: Arc<Metrics>,
+    handed_over: super::handover::HandedOver,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -61,6 +62,21 @@ pub fn key_of<'r>(upstream: &'r str, r: &'r RepoRequest) -> Option<Key<'r>> {
     }
 }
 
+/// The path and query to ask the member that serves `r` with, `r` routed to
+/// upstream `host`: the repository and reference as routed, and the
+/// upstream named by `ns`, never left to the receiver's default upstream
+/// (which differs while configurations roll out, and would answer for
+/// another registry). `None` for requests without a [`key_of`].
+pub fn forward_path(host: &str, r: &RepoRequest) -> Option<String> {
+    match &r.endpoint {
+        Endpoint::Blob(d) => Some(super::handover::path(host, &r.repo, "blobs", d)),
+        Endpoint::Manifest(reference) => {
+            Some(super::handover::path(host, &r.repo, "manifests", reference))
+        }
+        Endpoint::TagsList | Endpoint::Referrers(_) => None,
+    }
+}
+
 impl Cluster {
     /// This process as a member of `membership`, reaching the others with
     /// `timeouts` (see [`PeerClient::new`]) and counting into `metrics`.
@@ -76,6 +92,7 @@ impl Cluster {
             down: DownList::default(),
             draining: AtomicBool::new(false),
             metrics,
+            handed_over: Default::default(),
         })
     }
 
@@ -92,6 +109,11 @@ impl Cluster {
     /// The metrics this member counts into.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Content other members handed over to this one lately.
+    pub fn handed_over(&self) -> &super::handover::HandedOver {
+        &self.handed_over
     }
 
     /// How this member reaches the others.
@@ -146,7 +168,7 @@ impl Cluster {
         &self,
         key: &Key<'_>,
         method: &Method,
-        uri: &Uri,
+        path_and_query: &str,
         headers: &HeaderMap,
     ) -> Option<Response> {
         if headers.contains_key(HOP_HEADER) {
@@ -158,7 +180,6 @@ impl Cluster {
         let ranked = rank(&view, key);
         let owner_is_me = ranked.first().is_some_and(|m| m.name == me);
         let order = self.down.alive(ranked, Instant::now());
-        let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
         for peer in down::ahead_of(&order, me) {
             let labels = PeerLabels {
                 peer: peer.name.clone(),
@@ -283,16 +304,16 @@ mod tests {
             upstream: "docker.io",
             digest: &d,
         };
-        let uri: Uri = "/v2/app/blobs/x".parse().unwrap();
+        let uri = "/v2/app/blobs/x";
         let mut hop = HeaderMap::new();
         hop.insert(HOP_HEADER, http::HeaderValue::from_static("b"));
         assert!(
-            c.serve_elsewhere(&key, &Method::GET, &uri, &hop)
+            c.serve_elsewhere(&key, &Method::GET, uri, &hop)
                 .await
                 .is_none()
         );
         assert!(
-            c.serve_elsewhere(&key, &Method::GET, &uri, &HeaderMap::new())
+            c.serve_elsewhere(&key, &Method::GET, uri, &HeaderMap::new())
                 .await
                 .is_none()
         );
@@ -334,9 +355,9 @@ mod tests {
             upstream: "docker.io",
             digest: &d,
         };
-        let uri: Uri = "/v2/app/blobs/x".parse().unwrap();
+        let uri = "/v2/app/blobs/x";
         let answer = c
-            .serve_elsewhere(&key, &Method::GET, &uri, &HeaderMap::new())
+            .serve_elsewhere(&key, &Method::GET, uri, &HeaderMap::new())
             .await;
         assert!(answer.is_none(), "served here");
         assert!(c.down.is_down("b", Instant::now()));
@@ -346,7 +367,7 @@ mod tests {
         assert_eq!(c.metrics.cluster_peer_errors.get_or_create(&b).get(), 1);
         // While down, "b" is not asked again.
         assert!(
-            c.serve_elsewhere(&key, &Method::GET, &uri, &HeaderMap::new())
+            c.serve_elsewhere(&key, &Method::GET, uri, &HeaderMap::new())
                 .await
                 .is_none()
         );

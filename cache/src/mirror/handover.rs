@@ -1,8 +1,8 @@
 //! Handover between cluster members (issue 16, "Handover"): a member that
-//! owns a key and misses it in its store asks the next-ranked member (the
-//! previous owner after a join, a scale-down or a restart) for it before
-//! the upstream, so a resize downloads nothing cached in the cluster; and
-//! a member asked that way answers from its store alone.
+//! owns a key and misses it in its store asks the other members (the
+//! previous owner after a join, a scale-down or a restart among them) for
+//! it before the upstream, so a resize downloads nothing cached in the
+//! cluster; and a member asked that way answers from its store alone.
 //!
 //! The asking side lives in the fills ([`Mirror::blob`], manifests by
 //! digest): a peer's 200 stands in for the upstream's answer and is
@@ -46,12 +46,13 @@ impl Mirror {
             .ok_or_else(|| Error::ManifestUnknown(format!("{repo}@{d}")))
     }
 
-    /// When this member owns the key, asks the member ranked next for
-    /// `repo`'s content `d` (`kind`: `blobs` or `manifests`) of upstream
-    /// `up` from its store ([`handover::ask`]): its 200 response, or `None`
-    /// on its own, when this member is not first in the key's ranking, when
-    /// no other member is alive, or when the peer has none or fails
-    /// (counted in `regmirror_cluster_handover_total`).
+    /// When this member owns the key, asks the other members for `repo`'s
+    /// content `d` (`kind`: `blobs` or `manifests`) of upstream `up` from
+    /// their stores ([`handover::ask`]): a 200 response, or `None` on its
+    /// own, when this member is not first in the key's ranking, when no
+    /// other member is alive or has it, when they fail (counted in
+    /// `regmirror_cluster_handover_total`), or when `d` was handed over
+    /// lately and is missing again ([`handover::HandedOver`]).
     async fn handover(
         &self,
         up: UpstreamId,
@@ -61,7 +62,18 @@ impl Mirror {
     ) -> Option<(String, reqwest::Response)> {
         let cluster = self.cluster.as_deref()?;
         let host = self.host(up);
-        handover::ask(cluster, host, repo, kind, d).await
+        let now = std::time::Instant::now();
+        if cluster.handed_over().recently(host, d, now) {
+            // Handed over lately and missing again: that copy did not
+            // check out (or its fill failed); the upstream's will.
+            tracing::warn!(upstream = %host, digest = %d, "content handed over lately is missing again; fetching it from the upstream");
+            return None;
+        }
+        let handed = handover::ask(cluster, host, repo, kind, d).await;
+        if handed.is_some() {
+            cluster.handed_over().record(host, d, now);
+        }
+        handed
     }
 
     /// The body of `repo`'s blob `d` on upstream `up` for its fill: from

@@ -45,6 +45,12 @@ pub const REGISTRY_PORT: &str = "registry";
 /// The StatefulSet's volumeClaimTemplate: member `i`'s claim is
 /// `data-<statefulset>-<i>` ([`member_claim_name`]).
 pub const DATA_CLAIM_TEMPLATE: &str = "data";
+/// Seconds between a cache member's SIGTERM and the kubelet's SIGKILL: the
+/// cache's drain (`regmirror_cache::cluster::router::DRAIN`, 5 s) plus its
+/// shutdown grace for open transfers (`listen::SHUTDOWN_GRACE`, 25 s), and
+/// 10 s to spare.
+pub const CACHE_TERMINATION_GRACE_SECONDS: i64 = 40;
+
 /// Where the agent sees the host's paths: `/host` + the host path.
 pub const HOST_ROOT: &str = "/host";
 /// Unprivileged user of the cache container (fsGroup makes the volume writable).
@@ -460,6 +466,10 @@ fn stateful_set_json(
                     "serviceAccountName": cache_account_name(&name),
                     // Discovery authenticates with it.
                     "automountServiceAccountToken": true,
+                    // The cache's own shutdown takes up to its 5 s drain
+                    // plus 25 s for open transfers; the kubelet's SIGKILL
+                    // comes after this, not in the middle of that.
+                    "terminationGracePeriodSeconds": CACHE_TERMINATION_GRACE_SECONDS,
                     "enableServiceLinks": false,
                     "securityContext": {
                         "runAsNonRoot": true,
@@ -943,6 +953,15 @@ port_name = "registry"
         let tpl = &spec["template"];
         assert_eq!(tpl["spec"]["serviceAccountName"], "regmirror-hub-cache");
         assert_eq!(tpl["spec"]["automountServiceAccountToken"], true);
+        let grace =
+            regmirror_cache::cluster::router::DRAIN + regmirror_cache::listen::SHUTDOWN_GRACE;
+        assert!(
+            tpl["spec"]["terminationGracePeriodSeconds"]
+                .as_i64()
+                .unwrap()
+                > grace.as_secs() as i64,
+            "the kubelet kills only after the cache's own drain and grace"
+        );
         assert_eq!(
             tpl["metadata"]["annotations"][CONFIG_HASH_ANNOTATION],
             c.config_hash

@@ -97,7 +97,8 @@ pub struct ClusterConfig {
 pub fn parse_peers<S: AsRef<str>>(peers: &[S]) -> Result<Vec<Member>, String> {
     let mut members = Vec::with_capacity(peers.len());
     for text in peers {
-        let text = text.as_ref();
+        // `REGMIRROR_PEERS="a=..., b=..."` reads naturally with spaces.
+        let text = text.as_ref().trim();
         let (name, url) = text
             .split_once('=')
             .ok_or_else(|| format!("peer {text:?}: expected NAME=URL"))?;
@@ -106,9 +107,12 @@ pub fn parse_peers<S: AsRef<str>>(peers: &[S]) -> Result<Vec<Member>, String> {
                 "peer {text:?}: name must be 1-253 characters of a-z, 0-9, '-' and '.' (a pod name)"
             ));
         }
-        let url: Url = url
-            .parse()
-            .map_err(|e| format!("peer {text:?}: invalid URL: {e}"))?;
+        let url: Url = url.parse().map_err(|e| match e {
+            url::ParseError::RelativeUrlWithoutBase => {
+                format!("peer {text:?}: URL must start with http:// or https://")
+            }
+            e => format!("peer {text:?}: invalid URL: {e}"),
+        })?;
         if !matches!(url.scheme(), "http" | "https")
             || url.host_str().is_none()
             || url.path() != "/"
@@ -221,6 +225,8 @@ mod tests {
             ["a", "b"]
         );
         assert_eq!(m[0].url.as_str(), "http://127.0.0.1:5000/");
+        let spaced = parse_peers(&[" a=http://127.0.0.1:5000", " b=http://127.0.0.1:5001 "]);
+        assert_eq!(spaced.unwrap().len(), 2, "spaces around entries");
         for (bad, says) in [
             ("a", "NAME=URL"),
             ("=http://x:1", "name must be"),
@@ -228,7 +234,9 @@ mod tests {
             ("a=ftp://x", "URL must be"),
             ("a=http://x:1/v2", "URL must be"),
             ("a=http://u:p@x:1", "URL must be"),
-            ("a=not a url", "invalid URL"),
+            ("a=not a url", "http:// or https://"),
+            ("a=127.0.0.1:1", "http:// or https://"),
+            ("a=http://[::1", "invalid URL"),
         ] {
             let e = parse_peers(&[bad]).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");

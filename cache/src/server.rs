@@ -149,15 +149,15 @@ async fn registry(State(mirror): State<Arc<Mirror>>, req: HttpRequest) -> Respon
         Ok(Request::Catalog { n, last }) => catalog(&mirror, n, last, head).await,
         Ok(Request::Repo(r)) => {
             routed = Some(RoutedTo(mirror.upstream(r.upstream).host().to_owned()));
-            if let Some(answer) = from_owner(&mirror, &r, &parts).await {
+            // HTTP/2 frames bodies itself; only HTTP/1 sockets can splice.
+            let zero_copy = parts
+                .extensions
+                .get::<SendQueue>()
+                .filter(|_| parts.version < Version::HTTP_2)
+                .cloned();
+            if let Some(answer) = from_owner(&mirror, &r, &parts, zero_copy.clone()).await {
                 Ok(answer)
             } else {
-                // HTTP/2 frames bodies itself; only HTTP/1 sockets can splice.
-                let zero_copy = parts
-                    .extensions
-                    .get::<SendQueue>()
-                    .filter(|_| parts.version < Version::HTTP_2)
-                    .cloned();
                 repo_request(&mirror, r, &parts.headers, head, zero_copy).await
             }
         }
@@ -179,16 +179,23 @@ async fn registry(State(mirror): State<Arc<Mirror>>, req: HttpRequest) -> Respon
 
 /// In a cache cluster, the answer of the member that serves `r`'s key when
 /// that is another member ([`Cluster::serve_elsewhere`]); `None`: served
-/// here, as always without a cluster.
+/// here, as always without a cluster. A blob's body is relayed without
+/// copies when the client's connection can take it (`zero_copy`).
 ///
 /// [`Cluster::serve_elsewhere`]: crate::cluster::Cluster::serve_elsewhere
-async fn from_owner(mirror: &Mirror, r: &RepoRequest, parts: &Parts) -> Option<Response> {
+async fn from_owner(
+    mirror: &Mirror,
+    r: &RepoRequest,
+    parts: &Parts,
+    zero_copy: Option<SendQueue>,
+) -> Option<Response> {
     let cluster = mirror.cluster()?;
     let host = mirror.upstream(r.upstream).host();
     let key = crate::cluster::key_of(host, r)?;
     let path = crate::cluster::router::forward_path(host, r)?;
+    let zero_copy = zero_copy.filter(|_| matches!(r.endpoint, Endpoint::Blob(_)));
     cluster
-        .serve_elsewhere(&key, &parts.method, &path, &parts.headers)
+        .serve_elsewhere(&key, &parts.method, &path, &parts.headers, zero_copy)
         .await
 }
 

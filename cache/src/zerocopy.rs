@@ -24,20 +24,32 @@
 //! are probed for ones missing from the page cache (each page once, however
 //! many calls the socket takes the range in); missing pages are read in on
 //! the blocking pool first, and a slow disk never stalls other connections.
+//!
+//! A placeholder may also stand for the next bytes of another connection, a
+//! response body a cluster member relays from the key's owner
+//! ([`socket_body`]): they move socket to pipe to socket with `splice(2)`,
+//! never entering user space. The pipe is filled only when empty (so a
+//! `splice` that would block means the socket has nothing, never that the
+//! pipe is full) and drained before the next fill; a source silent for its
+//! idle timeout, closed or failing before the last byte fails the client's
+//! connection, as a short file does.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
+use tokio::time::Sleep;
 
 /// Most bytes one placeholder chunk stands for. Costs no memory (the static
 /// is never touched); larger chunks mean fewer trips through the body.
@@ -64,17 +76,197 @@ fn is_placeholder(s: &[u8]) -> bool {
     !s.is_empty() && p >= base && p + s.len() <= base + CHUNK
 }
 
-/// File bytes still to send for a placeholder hyper has been handed.
+/// Whether a non-blocking call's error only means "not now" (try again
+/// once ready).
+fn not_now(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
+/// `splice(2)` up to `len` bytes from `from` to `to` (one of them a pipe)
+/// without blocking.
+fn splice_now(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
+    let flags = rustix::pipe::SpliceFlags::NONBLOCK;
+    Ok(rustix::pipe::splice(from, None, to, None, len, flags)?)
+}
+
+/// The queued range a placeholder slice `slice_len` long stands for: the
+/// front one, which must be exactly that long (else hyper and the queue
+/// went out of step, and the connection fails).
+fn front_for(queue: &mut VecDeque<Pending>, slice_len: usize) -> io::Result<&mut Pending> {
+    let front = queue
+        .front_mut()
+        .ok_or_else(|| io::Error::other("placeholder body bytes with no range queued"))?;
+    if front.left != slice_len as u64 {
+        return Err(io::Error::other(
+            "placeholder bytes and queued range out of step",
+        ));
+    }
+    Ok(front)
+}
+
+/// Pipe capacity asked for a [`SpliceSource`]: fewer, larger `splice` calls.
+/// The kernel may refuse it (`fs.pipe-max-size`); the default 64 KiB works.
+const PIPE_SIZE: usize = 1 << 20;
+
+/// Bytes still to send for a placeholder hyper has been handed.
 struct Pending {
+    left: u64,
+    source: Source,
+}
+
+/// Where a placeholder's bytes come from.
+enum Source {
+    File(FileRange),
+    Socket(SocketPiece),
+}
+
+/// A range of a stored file.
+struct FileRange {
     file: Arc<File>,
     pos: u64,
-    left: u64,
     /// Pages before this offset were found in (or read into) the page cache:
     /// a partly sent range is not probed again.
     ready_to: u64,
     /// Whatever must live until the bytes are sent (the store lease that
     /// keeps the file from eviction).
     _hold: Arc<dyn Send + Sync>,
+}
+
+/// Called once when a socket body ends: with its source back when every
+/// byte was relayed (the connection may serve another request), with the
+/// error when the source failed. Not called when the client went away.
+type OnEnd = Box<dyn FnOnce(io::Result<SpliceSource>) + Send>;
+
+/// One socket body, shared by the placeholder chunks it is sent as.
+struct SocketBody {
+    source: SpliceSource,
+    on_end: Mutex<Option<OnEnd>>,
+}
+
+impl SocketBody {
+    fn fail(&self, e: &io::Error) {
+        let on_end = self
+            .on_end
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(on_end) = on_end {
+            on_end(Err(io::Error::new(e.kind(), e.to_string())));
+        }
+    }
+}
+
+/// The part of a socket body one placeholder chunk stands for.
+struct SocketPiece {
+    body: Arc<SocketBody>,
+    /// Bytes of this piece in the pipe, not yet sent on.
+    in_pipe: usize,
+    /// Longest wait for the source's next bytes.
+    idle_for: Duration,
+    /// Running while the source is waited for.
+    idle: Option<Pin<Box<Sleep>>>,
+    /// The body's last piece: when sent, the source goes back to `on_end`.
+    last: bool,
+}
+
+impl SocketPiece {
+    /// Moves up to `want` bytes from the source socket into the (empty)
+    /// pipe; how many, or an error for a source that closed, failed or was
+    /// silent for `idle_for`.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        let source = &self.body.source;
+        loop {
+            if source.socket.poll_read_ready(cx)?.is_pending() {
+                let idle_for = self.idle_for;
+                let idle = self
+                    .idle
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle_for)));
+                ready!(idle.as_mut().poll(cx));
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no body bytes from the peer for {idle_for:?}"),
+                )));
+            }
+            let moved = source.socket.try_io(Interest::READABLE, || {
+                splice_now(&source.socket, &source.pipe_in, want)
+            });
+            match moved {
+                Ok(0) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the peer closed its connection before the end of the body",
+                    )));
+                }
+                Ok(n) => {
+                    self.idle = None;
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if not_now(&e) => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// After the last byte: the source back to its owner, when no other
+    /// piece holds it (every earlier one was sent first).
+    fn finish(self) {
+        if !self.last {
+            return;
+        }
+        if let Ok(body) = Arc::try_unwrap(self.body) {
+            let on_end = body
+                .on_end
+                .into_inner()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(on_end) = on_end {
+                on_end(Ok(body.source));
+            }
+        }
+    }
+}
+
+/// A connection whose next bytes are a body to relay to a client, with the
+/// pipe `splice(2)` moves them through (kept with the connection, so that
+/// a reused connection needs no new pipe).
+pub struct SpliceSource {
+    /// The connection; read and write it freely between bodies.
+    pub socket: TcpStream,
+    pipe_out: OwnedFd,
+    pipe_in: OwnedFd,
+    /// The pipe's capacity in bytes.
+    pipe_size: usize,
+}
+
+impl std::fmt::Debug for SpliceSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpliceSource")
+            .field("socket", &self.socket)
+            .field("pipe_size", &self.pipe_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SpliceSource {
+    /// `socket` with a new non-blocking pipe of up to [`PIPE_SIZE`] bytes.
+    ///
+    /// # Errors
+    /// The pipe cannot be made (out of file descriptors).
+    pub fn new(socket: TcpStream) -> io::Result<Self> {
+        use rustix::pipe::{PipeFlags, fcntl_getpipe_size, fcntl_setpipe_size, pipe_with};
+        let (pipe_out, pipe_in) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+        // Refused above `fs.pipe-max-size`: the default size still works.
+        let _ = fcntl_setpipe_size(&pipe_in, PIPE_SIZE);
+        let pipe_size = fcntl_getpipe_size(&pipe_in)?;
+        Ok(Self {
+            socket,
+            pipe_out,
+            pipe_in,
+            pipe_size,
+        })
+    }
 }
 
 /// The file ranges queued on one connection, shared by its socket and the
@@ -115,16 +307,80 @@ pub fn file_body(
             } else {
                 let len = (end - pos).min(CHUNK as u64);
                 pending.push_back(Pending {
-                    file: Arc::clone(&file),
-                    pos,
                     left: len,
-                    ready_to: pos,
-                    _hold: Arc::clone(&hold),
+                    source: Source::File(FileRange {
+                        file: Arc::clone(&file),
+                        pos,
+                        ready_to: pos,
+                        _hold: Arc::clone(&hold),
+                    }),
                 });
                 let chunk = Bytes::from_static(&PLACEHOLDER[..len as usize]);
                 Some((Ok(chunk), pos + len))
             }
         };
+        std::future::ready(ready)
+    })
+}
+
+/// The next `len` bytes read from `source`'s socket (the rest of a response
+/// body whose head was read) as placeholder chunks, for a connection whose
+/// socket is a [`ZeroCopyStream`] sharing `queue`. A wait for the source's
+/// next bytes longer than `idle_for`, or its end before `len` bytes, fails
+/// the connection. `on_end` gets the source back after the last byte, or
+/// the source's error; it is not called when the client goes away first
+/// (the source is closed then). An empty body gives the source back at once.
+pub fn socket_body(
+    queue: SendQueue,
+    source: SpliceSource,
+    len: u64,
+    idle_for: Duration,
+    on_end: impl FnOnce(io::Result<SpliceSource>) + Send + 'static,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    let body = Arc::new(SocketBody {
+        source,
+        on_end: Mutex::new(Some(Box::new(on_end))),
+    });
+    futures::stream::unfold((0, Some(body)), move |(pos, body)| {
+        let ready = body.and_then(|body| {
+            if pos >= len {
+                // An empty body: nothing queued, the source goes back now.
+                let piece = SocketPiece {
+                    body,
+                    in_pipe: 0,
+                    idle_for,
+                    idle: None,
+                    last: true,
+                };
+                piece.finish();
+                return None;
+            }
+            let mut pending = queue.lock();
+            if pos == 0 && !pending.is_empty() {
+                let e = io::Error::other("zero-copy queue not empty at a new body");
+                return Some((Err(e), (len, None)));
+            }
+            let chunk = (len - pos).min(CHUNK as u64);
+            let last = pos + chunk == len;
+            // The last piece holds the only reference once it is queued.
+            let (this, next) = if last {
+                (body, None)
+            } else {
+                (Arc::clone(&body), Some(body))
+            };
+            pending.push_back(Pending {
+                left: chunk,
+                source: Source::Socket(SocketPiece {
+                    body: this,
+                    in_pipe: 0,
+                    idle_for,
+                    idle: None,
+                    last,
+                }),
+            });
+            let placeholder = Bytes::from_static(&PLACEHOLDER[..chunk as usize]);
+            Some((Ok(placeholder), (pos + chunk, next)))
+        });
         std::future::ready(ready)
     })
 }
@@ -160,7 +416,8 @@ fn warm(file: &File, pos: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// A client socket that sends queued file ranges in place of placeholders.
+/// A client socket that sends queued file ranges (or socket bytes) in place
+/// of placeholders.
 pub struct ZeroCopyStream {
     tcp: TcpStream,
     queue: SendQueue,
@@ -200,26 +457,25 @@ impl ZeroCopyStream {
                 done.map_err(io::Error::other)??;
                 // Sent without probing again: a filesystem without
                 // `RWF_NOWAIT` would otherwise never be sent.
-                if let Some(front) = self.queue.lock().front_mut() {
+                if let Some(Pending {
+                    source: Source::File(front),
+                    ..
+                }) = self.queue.lock().front_mut()
+                {
                     front.ready_to = front.ready_to.max(to);
                 }
             }
-            if self.since_yield >= YIELD_AFTER {
-                self.since_yield = 0;
-                cx.waker().wake_by_ref();
+            if self.must_yield(cx) {
                 return Poll::Pending;
             }
             let mut queue = self.queue.lock();
-            let Some(front) = queue.front_mut() else {
-                return Poll::Ready(Err(io::Error::other(
-                    "placeholder body bytes with no file range queued",
-                )));
+            let Pending {
+                left,
+                source: Source::File(front),
+            } = front_for(&mut queue, slice_len)?
+            else {
+                return Poll::Ready(Err(io::Error::other("a file range expected")));
             };
-            if front.left != slice_len as u64 {
-                return Poll::Ready(Err(io::Error::other(
-                    "placeholder bytes and queued file range out of step",
-                )));
-            }
             let count = slice_len.min(SEND_MAX);
             let to = front.pos + count as u64;
             if front.ready_to < to {
@@ -249,18 +505,104 @@ impl ZeroCopyStream {
                     )));
                 }
                 Ok(n) => {
-                    front.left -= n as u64;
-                    if front.left == 0 {
+                    *left -= n as u64;
+                    if *left == 0 {
                         queue.pop_front();
                     }
                     self.since_yield += n;
                     return Poll::Ready(Ok(n));
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) => {}
+                Err(e) if not_now(&e) => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl ZeroCopyStream {
+    /// Whether to give the runtime thread back now: after [`YIELD_AFTER`]
+    /// bytes sent, once (waking itself to go on).
+    fn must_yield(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.since_yield < YIELD_AFTER {
+            return false;
+        }
+        self.since_yield = 0;
+        cx.waker().wake_by_ref();
+        true
+    }
+
+    /// Sends the bytes for the placeholder slice `slice_len` long at the
+    /// front of hyper's buffers, from whichever source is queued first.
+    fn poll_placeholder(
+        &mut self,
+        cx: &mut Context<'_>,
+        slice_len: usize,
+    ) -> Poll<io::Result<usize>> {
+        let socket = matches!(
+            self.queue.lock().front(),
+            Some(Pending {
+                source: Source::Socket(_),
+                ..
+            })
+        );
+        if socket {
+            self.poll_splice(cx, slice_len)
+        } else {
+            self.poll_sendfile(cx, slice_len)
+        }
+    }
+
+    /// Relays socket bytes for the placeholder slice `slice_len` long:
+    /// fills the pipe from the source when it is empty, then splices it
+    /// into the client's socket.
+    fn poll_splice(&mut self, cx: &mut Context<'_>, slice_len: usize) -> Poll<io::Result<usize>> {
+        loop {
+            if self.must_yield(cx) {
+                return Poll::Pending;
+            }
+            let mut queue = self.queue.lock();
+            let Pending {
+                left,
+                source: Source::Socket(piece),
+            } = front_for(&mut queue, slice_len)?
+            else {
+                return Poll::Ready(Err(io::Error::other("a socket range expected")));
+            };
+            if piece.in_pipe == 0 {
+                let want = slice_len.min(piece.body.source.pipe_size);
+                match ready!(piece.poll_fill(cx, want)) {
+                    Ok(n) => piece.in_pipe = n,
+                    Err(e) => {
+                        piece.body.fail(&e);
+                        return Poll::Ready(Err(e));
+                    }
+                }
+            }
+            ready!(self.tcp.poll_write_ready(cx))?;
+            let pipe = &piece.body.source.pipe_out;
+            let count = piece.in_pipe;
+            let sent = self
+                .tcp
+                .try_io(Interest::WRITABLE, || splice_now(pipe, &self.tcp, count));
+            match sent {
+                Ok(0) => {
+                    return Poll::Ready(Err(io::Error::other("relay pipe empty")));
+                }
+                Ok(n) => {
+                    piece.in_pipe -= n;
+                    *left -= n as u64;
+                    if *left == 0
+                        && let Some(Pending {
+                            source: Source::Socket(done),
+                            ..
+                        }) = queue.pop_front()
+                    {
+                        done.finish();
+                    }
+                    self.since_yield += n;
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if not_now(&e) => {}
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
@@ -298,7 +640,7 @@ impl AsyncWrite for ZeroCopyStream {
             None => return Poll::Ready(Ok(0)),
         };
         if is_placeholder(&bufs[0]) {
-            return self.poll_sendfile(cx, bufs[0].len());
+            return self.poll_placeholder(cx, bufs[0].len());
         }
         let plain = bufs
             .iter()
@@ -560,6 +902,95 @@ mod tests {
         let sent = server.write_vectored(&bufs).await.unwrap();
         assert_eq!(sent, 1000);
         assert_eq!(server.since_yield, 1000);
+    }
+
+    /// A connected pair of plain sockets: what a member sends on the first
+    /// arrives on the second.
+    async fn socket_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sender = TcpStream::connect(listener.local_addr().unwrap());
+        let (sender, accepted) = tokio::join!(sender, listener.accept());
+        (sender.unwrap(), accepted.unwrap().0)
+    }
+
+    /// Relays `len` bytes from a source socket fed `data` (then closed):
+    /// the placeholders, what the client got (or the error writing them),
+    /// and how the body ended for its `on_end`.
+    async fn relay(data: Vec<u8>, len: usize) -> (Vec<Bytes>, io::Result<Vec<u8>>, Option<bool>) {
+        let (mut owner, source) = socket_pair().await;
+        let feed = tokio::spawn(async move {
+            owner.write_all(&data).await.unwrap();
+            // Stays open a moment: the end of the body is not its close.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        });
+        let (ended, ended_rx) = std::sync::mpsc::channel();
+        let source = SpliceSource::new(source).unwrap();
+        let (mut server, queue, mut client) = pair().await;
+        let chunks: Vec<Bytes> = socket_body(
+            queue,
+            source,
+            len as u64,
+            Duration::from_secs(5),
+            move |end| {
+                ended.send(end.is_ok()).unwrap();
+            },
+        )
+        .map(|c| c.unwrap())
+        .collect()
+        .await;
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let _ = client.read_to_end(&mut got).await;
+            got
+        });
+        let mut result = Ok(());
+        for c in &chunks {
+            if let Err(e) = server.write_all(c).await {
+                result = Err(e);
+                break;
+            }
+        }
+        drop(server);
+        let got = reader.await.unwrap();
+        feed.await.unwrap();
+        (chunks, result.map(|()| got), ended_rx.try_recv().ok())
+    }
+
+    /// A socket body arrives as the source's bytes, in order, across
+    /// placeholder chunks; the source goes back once the last byte is sent.
+    #[tokio::test]
+    async fn placeholders_become_socket_bytes() {
+        let data: Vec<u8> = (0..CHUNK as u32 + 300_000)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let (chunks, got, ended) = relay(data.clone(), data.len()).await;
+        assert_eq!(chunks.len(), 2);
+        assert!(got.unwrap() == data, "body differs from the source's bytes");
+        assert_eq!(ended, Some(true), "source not given back");
+    }
+
+    /// A source that closes before the body's end fails the client's
+    /// connection (never a short body sent as whole), and says so.
+    #[tokio::test]
+    async fn a_short_source_is_an_error() {
+        let (_, got, ended) = relay(vec![7; 1000], 5000).await;
+        assert_eq!(got.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(ended, Some(false));
+    }
+
+    /// A source silent for its idle timeout fails the client's connection.
+    #[tokio::test]
+    async fn a_silent_source_is_an_error() {
+        let (_owner, source) = socket_pair().await;
+        let (mut server, queue, _client) = pair().await;
+        let source = SpliceSource::new(source).unwrap();
+        let idle = Duration::from_millis(100);
+        let chunks: Vec<Bytes> = socket_body(queue, source, 10, idle, |_| {})
+            .map(|c| c.unwrap())
+            .collect()
+            .await;
+        let err = server.write_all(&chunks[0]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
     }
 
     /// A file shorter than its recorded size ends the body with an error.

@@ -10,10 +10,12 @@ use axum::response::Response;
 use futures::StreamExt;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 
+use super::relay::{Relay, Relayed};
 use super::{HOP_HEADER, MEMBER_HEADER, Member};
 use crate::config::Timeouts;
 use crate::error::{Error, Result};
 use crate::upstream::error_chain;
+use crate::zerocopy::SendQueue;
 
 /// Request headers passed on to the owner: those that choose the answer's
 /// representation or part. Everything else (credentials, hop-by-hop
@@ -96,11 +98,12 @@ pub fn response_headers(mut owner: HeaderMap) -> HeaderMap {
 }
 
 /// How this member reaches the others: one HTTP client (connections kept
-/// alive and reused), its own name (sent as the hop), and how long it waits
-/// for a member's response headers.
+/// alive and reused), the zero-copy relay for blob bodies, its own name
+/// (sent as the hop), and how long it waits for a member's response headers.
 #[derive(Debug, Clone)]
 pub struct PeerClient {
     client: reqwest::Client,
+    relay: Relay,
     me: String,
     header_timeout: Duration,
 }
@@ -139,13 +142,15 @@ impl PeerClient {
                     error_chain(&e)
                 ))
             })?;
+        let header_timeout = timeouts.connect
+            + timeouts.response_header
+            + 2 * STORED_ANSWER_TIMEOUT
+            + Duration::from_secs(1);
         Ok(Self {
             client,
+            relay: Relay::new(timeouts.connect, header_timeout, timeouts.body_idle),
             me: me.to_owned(),
-            header_timeout: timeouts.connect
-                + timeouts.response_header
-                + 2 * STORED_ANSWER_TIMEOUT
-                + Duration::from_secs(1),
+            header_timeout,
         })
     }
 
@@ -210,6 +215,10 @@ impl PeerClient {
     /// body with an error (the client sees a cut transfer, never other
     /// bytes) and calls `on_body_error`.
     ///
+    /// With `zero_copy` (the client's connection queue: a blob GET from an
+    /// HTTP/1 client), a GET goes through the zero-copy [`Relay`] first,
+    /// and through the HTTP client only when that cannot relay the answer.
+    ///
     /// # Errors
     /// [`Unreachable`]: no response headers from `to` in time.
     pub async fn forward(
@@ -218,15 +227,21 @@ impl PeerClient {
         method: &Method,
         path_and_query: &str,
         headers: &HeaderMap,
-        on_body_error: impl Fn() + Send + 'static,
+        zero_copy: Option<SendQueue>,
+        on_body_error: impl Fn() + Clone + Send + 'static,
     ) -> std::result::Result<Response, Unreachable> {
+        let headers = request_headers(headers, &self.me);
+        if let Some(queue) = zero_copy.filter(|_| method == Method::GET) {
+            let relayed = self
+                .relay
+                .get(to, path_and_query, &headers, queue, on_body_error.clone())
+                .await?;
+            if let Relayed::Answer(resp) = relayed {
+                return Ok(resp);
+            }
+        }
         let answer = self
-            .send(
-                to,
-                method.clone(),
-                path_and_query,
-                request_headers(headers, &self.me),
-            )
+            .send(to, method.clone(), path_and_query, headers)
             .await?;
         let status = answer.status();
         let owner_headers = answer.headers().clone();

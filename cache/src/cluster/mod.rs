@@ -18,6 +18,7 @@ pub mod down;
 pub mod forward;
 pub mod handover;
 pub mod ranking;
+pub mod relay;
 pub mod router;
 
 pub use router::{Cluster, key_of};

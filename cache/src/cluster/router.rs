@@ -18,6 +18,7 @@ use crate::error::Result;
 use crate::metrics::{Metrics, PeerLabels};
 use crate::oci::Reference;
 use crate::route::{Endpoint, RepoRequest};
+use crate::zerocopy::SendQueue;
 
 /// How long a member that got SIGTERM keeps serving with `/readyz` failing,
 /// so that load balancers and fellow members stop sending it requests
@@ -164,12 +165,15 @@ impl Cluster {
     /// answer (any status, relayed as it is), or `None` when this process
     /// serves the request itself: it carries [`HOP_HEADER`] (so nothing
     /// loops), this member comes first, or every member ahead is down.
+    /// `zero_copy`: the client connection's queue when the answer may be
+    /// relayed without copies (see [`PeerClient::forward`]).
     pub async fn serve_elsewhere(
         &self,
         key: &Key<'_>,
         method: &Method,
         path_and_query: &str,
         headers: &HeaderMap,
+        zero_copy: Option<SendQueue>,
     ) -> Option<Response> {
         if headers.contains_key(HOP_HEADER) {
             self.metrics.cluster_owner_requests.inc();
@@ -198,7 +202,14 @@ impl Cluster {
             };
             match self
                 .peers
-                .forward(peer, method, path_and_query, headers, on_body_error)
+                .forward(
+                    peer,
+                    method,
+                    path_and_query,
+                    headers,
+                    zero_copy.clone(),
+                    on_body_error,
+                )
                 .await
             {
                 Ok(resp) => return Some(resp),
@@ -308,12 +319,12 @@ mod tests {
         let mut hop = HeaderMap::new();
         hop.insert(HOP_HEADER, http::HeaderValue::from_static("b"));
         assert!(
-            c.serve_elsewhere(&key, &Method::GET, uri, &hop)
+            c.serve_elsewhere(&key, &Method::GET, uri, &hop, None)
                 .await
                 .is_none()
         );
         assert!(
-            c.serve_elsewhere(&key, &Method::GET, uri, &HeaderMap::new())
+            c.serve_elsewhere(&key, &Method::GET, uri, &HeaderMap::new(), None)
                 .await
                 .is_none()
         );
@@ -357,7 +368,7 @@ mod tests {
         };
         let uri = "/v2/app/blobs/x";
         let answer = c
-            .serve_elsewhere(&key, &Method::GET, uri, &HeaderMap::new())
+            .serve_elsewhere(&key, &Method::GET, uri, &HeaderMap::new(), None)
             .await;
         assert!(answer.is_none(), "served here");
         assert!(c.down.is_down("b", Instant::now()));
@@ -367,7 +378,7 @@ mod tests {
         assert_eq!(c.metrics.cluster_peer_errors.get_or_create(&b).get(), 1);
         // While down, "b" is not asked again.
         assert!(
-            c.serve_elsewhere(&key, &Method::GET, uri, &HeaderMap::new())
+            c.serve_elsewhere(&key, &Method::GET, uri, &HeaderMap::new(), None)
                 .await
                 .is_none()
         );

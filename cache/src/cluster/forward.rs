@@ -82,8 +82,10 @@ pub fn request_headers(client: &HeaderMap, me: &str) -> HeaderMap {
 }
 
 /// The owner's response headers as relayed to the client: all but the
-/// [`HOP_BY_HOP`] ones and those its `Connection` header names.
+/// [`HOP_BY_HOP`] ones, those its `Connection` header names, and
+/// [`MEMBER_HEADER`] (meant for the member that asked).
 pub fn response_headers(mut owner: HeaderMap) -> HeaderMap {
+    owner.remove(MEMBER_HEADER);
     let named: Vec<HeaderName> = owner
         .get_all(header::CONNECTION)
         .iter()
@@ -320,6 +322,7 @@ mod tests {
         );
         owner.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         owner.insert("x-conn", HeaderValue::from_static("1"));
+        owner.insert(MEMBER_HEADER, HeaderValue::from_static("m1"));
         owner.insert(
             header::TRANSFER_ENCODING,
             HeaderValue::from_static("chunked"),

@@ -118,6 +118,13 @@ async fn ready(State(mirror): State<Arc<Mirror>>) -> Response {
     if mirror.cluster().is_some_and(|c| c.is_draining()) {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
     }
+    if mirror.cluster().is_some_and(|c| !c.membership().is_known()) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cluster membership not yet known",
+        )
+            .into_response();
+    }
     let store = mirror.store().clone();
     let probe = tokio::task::spawn_blocking(move || {
         let tmp = store.temp_file()?;

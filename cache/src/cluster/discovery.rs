@@ -73,13 +73,28 @@ pub async fn membership(me: &str, discovery: &Discovery) -> anyhow::Result<Membe
         addresses,
     };
     let (tx, rx) = watch::channel(watched.view(&[]));
+    let (membership, known) = Membership::unknown(me.to_owned(), rx);
+    // Without an API server at start a member would never be ready: after
+    // a while it serves on the view it has (itself), as a lone cache would.
+    let fallback = std::sync::Arc::clone(&known);
+    let member = me.to_owned();
+    tokio::spawn(async move {
+        tokio::time::sleep(FIRST_LIST_WAIT).await;
+        if !fallback.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            tracing::warn!(%member, wait = ?FIRST_LIST_WAIT, "no EndpointSlice list yet; ready on the view so far (this member alone), fellow members join it when the list comes");
+        }
+    });
     let api: Api<EndpointSlice> = Api::namespaced(client, &namespace);
     let config =
         watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={}", discovery.service));
     tracing::info!(member = me, service = %discovery.service, %namespace, "discovering members from EndpointSlices");
-    tokio::spawn(watch_slices(api, config, watched, tx));
-    Ok(Membership::new(me.to_owned(), rx))
+    tokio::spawn(watch_slices(api, config, watched, tx, known));
+    Ok(membership)
 }
+
+/// How long a member stays unready waiting for its first EndpointSlice
+/// list (see [`Membership::unknown`]).
+pub const FIRST_LIST_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What turns slices into a view for this member.
 struct Watched {
@@ -101,6 +116,7 @@ async fn watch_slices(
     config: watcher::Config,
     watched: Watched,
     tx: watch::Sender<View>,
+    known: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) {
     // Slices by name; during a relist the new set is gathered apart and
     // swapped in whole, so a relist never shows a half view.
@@ -119,7 +135,14 @@ async fn watch_slices(
                 if let Some(what) = failing.take() {
                     tracing::info!(member = %watched.me, "watching EndpointSlices again (after: {what})");
                 }
-                apply_event(&mut slices, &mut relisting, event)
+                let listed = matches!(event, watcher::Event::InitDone);
+                let changed = apply_event(&mut slices, &mut relisting, event);
+                if listed {
+                    // Published below, before anyone reads it as known.
+                    publish(&watched, &slices, &tx);
+                    known.store(true, std::sync::atomic::Ordering::Release);
+                }
+                changed
             }
             Err(e) => {
                 // A repeating failure is logged once at warn and then only
@@ -136,19 +159,24 @@ async fn watch_slices(
             }
         };
         if changed {
-            let view = watched.view(&slices.values().collect::<Vec<_>>());
-            let sent = tx.send_if_modified(|current| {
-                let new = *current != view;
-                if new {
-                    *current = view.clone();
-                }
-                new
-            });
-            if sent {
-                let names: Vec<&str> = view.iter().map(|m| m.name.as_str()).collect();
-                tracing::info!(member = %watched.me, members = names.len(), "cluster members: {}", names.join(","));
-            }
+            publish(&watched, &slices, &tx);
         }
+    }
+}
+
+/// Sends the view `slices` make, if it differs from the last, and logs it.
+fn publish(watched: &Watched, slices: &BTreeMap<String, EndpointSlice>, tx: &watch::Sender<View>) {
+    let view = watched.view(&slices.values().collect::<Vec<_>>());
+    let sent = tx.send_if_modified(|current| {
+        let new = *current != view;
+        if new {
+            *current = view.clone();
+        }
+        new
+    });
+    if sent {
+        let names: Vec<&str> = view.iter().map(|m| m.name.as_str()).collect();
+        tracing::info!(member = %watched.me, members = names.len(), "cluster members: {}", names.join(","));
     }
 }
 

@@ -24,6 +24,7 @@ pub mod router;
 pub use router::{Cluster, key_of};
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::watch;
 use url::Url;
@@ -165,12 +166,38 @@ pub fn valid_member_name(name: &str) -> bool {
 pub struct Membership {
     me: String,
     view: watch::Receiver<View>,
+    known: Arc<AtomicBool>,
 }
 
 impl Membership {
-    /// This process as `me`, with views as `view` publishes them.
+    /// This process as `me`, with views as `view` publishes them, the first
+    /// one already the membership as it is.
     pub fn new(me: String, view: watch::Receiver<View>) -> Self {
-        Self { me, view }
+        Self {
+            me,
+            view,
+            known: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// As [`Membership::new`], but not yet known (its first view is a
+    /// placeholder) until the returned flag is set: a discovered membership
+    /// before its first complete list. A member fails readiness meanwhile,
+    /// so it neither takes traffic while it believes it owns every key nor
+    /// skips asking the others for content.
+    pub fn unknown(me: String, view: watch::Receiver<View>) -> (Self, Arc<AtomicBool>) {
+        let known = Arc::new(AtomicBool::new(false));
+        let membership = Self {
+            me,
+            view,
+            known: Arc::clone(&known),
+        };
+        (membership, known)
+    }
+
+    /// Whether the view is the membership as discovered (not a placeholder).
+    pub fn is_known(&self) -> bool {
+        self.known.load(Ordering::Acquire)
     }
 
     /// A membership that never changes (`--peer`).
@@ -216,6 +243,17 @@ mod tests {
         let e = parse_peers(&["a=http://127.0.0.1:5000", "b=http://127.0.0.1:5000/"]).unwrap_err();
         assert!(e.contains("same URL http://127.0.0.1:5000"), "{e}");
         assert!(parse_peers(&["a=http://127.0.0.1:5000", "b=http://127.0.0.1:5001"]).is_ok());
+    }
+
+    #[test]
+    fn a_discovered_membership_is_unknown_until_its_first_list() {
+        let (_tx, rx) = watch::channel(View::from(Vec::new()));
+        assert!(Membership::new("a".into(), rx.clone()).is_known());
+        assert!(Membership::fixed("a".into(), Vec::new()).is_known());
+        let (m, known) = Membership::unknown("a".into(), rx);
+        assert!(!m.is_known());
+        known.store(true, Ordering::Release);
+        assert!(m.is_known() && m.clone().is_known());
     }
 
     #[test]

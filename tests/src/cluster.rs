@@ -50,7 +50,35 @@ impl Cluster {
         upstream_url: &str,
         extra: &[&str],
     ) -> Result<Self> {
-        let r = views.len();
+        Self::start_each(views.len(), |i, urls| {
+            let mut args = vec![
+                "--upstream".to_owned(),
+                format!("{upstream_host}={upstream_url}"),
+            ];
+            let mut seen: Vec<usize> = views[i].iter().copied().chain([i]).collect();
+            seen.sort_unstable();
+            seen.dedup();
+            for j in seen {
+                args.push("--peer".to_owned());
+                args.push(format!("m{j}={}", urls[j]));
+            }
+            args.extend(extra.iter().map(|a| (*a).to_owned()));
+            args
+        })
+        .await
+    }
+
+    /// Starts `r` members, each with arguments of its own: member `i` is
+    /// `m{i}` (`--name`), listens on `urls[i]` (`--listen`; `urls` holds
+    /// every member's base URL, `http://127.0.0.1:PORT`, picked before any
+    /// starts) and gets `args(i, urls)` besides: its `--upstream`s and
+    /// `--peer`s (none are added) and anything else, so members can differ in
+    /// upstreams, peer URLs or storage. Returns once every member answers
+    /// `GET /v2/`.
+    pub async fn start_each(
+        r: usize,
+        args: impl Fn(usize, &[String]) -> Vec<String>,
+    ) -> Result<Self> {
         ensure!(r > 0, "a cluster has at least one member");
         let names: Vec<String> = (0..r).map(|i| format!("m{i}")).collect();
         let mut ports: Vec<u16> = Vec::with_capacity(r);
@@ -60,22 +88,18 @@ impl Cluster {
                 ports.push(p);
             }
         }
-        let peer = |j: usize| format!("{}=http://127.0.0.1:{}", names[j], ports[j]);
-        let starts = views.iter().enumerate().map(|(i, view)| {
+        let urls: Vec<String> = ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect();
+        let starts = (0..r).map(|i| {
             let mut opts = CacheOptions::new()
-                .upstream(upstream_host, upstream_url)
                 .arg("--listen")
                 .arg(format!("127.0.0.1:{}", ports[i]))
                 .arg("--name")
                 .arg(names[i].clone());
-            let mut seen: Vec<usize> = view.iter().copied().chain([i]).collect();
-            seen.sort_unstable();
-            seen.dedup();
-            for j in seen {
-                opts = opts.arg("--peer").arg(peer(j));
-            }
-            for a in extra {
-                opts = opts.arg(*a);
+            for a in args(i, &urls) {
+                opts = opts.arg(a);
             }
             async move {
                 CacheProcess::start_with(opts)
@@ -161,13 +185,23 @@ impl Cluster {
     /// `host`, over the full membership, as the cache ranks them: the first
     /// is the owner, the rest the fallback order.
     pub fn ranking(&self, host: &str, digest: &str) -> Vec<usize> {
+        Self::ranking_among(self.len(), host, digest)
+    }
+
+    /// [`Cluster::ranking`] over members `m0`..`m{r-1}`, whether or not they
+    /// run (to plan what a cluster resized to `r` members will do).
+    pub fn ranking_among(r: usize, host: &str, digest: &str) -> Vec<usize> {
         let d: Digest = digest
             .parse()
             .unwrap_or_else(|e| panic!("{digest:?} is not a digest: {e}"));
-        self.ranked(&Key::Content {
-            upstream: host,
-            digest: &d,
-        })
+        let names: Vec<String> = (0..r).map(|i| format!("m{i}")).collect();
+        ranked(
+            &names,
+            &Key::Content {
+                upstream: host,
+                digest: &d,
+            },
+        )
     }
 
     /// The members ranked for the tag lookup `repo:tag` of upstream `host`
@@ -175,23 +209,14 @@ impl Cluster {
     pub fn tag_ranking(&self, host: &str, repo: &str, tag: &str) -> Vec<usize> {
         let repo = RepoName::parse(repo).expect("repository name");
         let tag = Tag::parse(tag).expect("tag");
-        self.ranked(&Key::Tag {
-            upstream: host,
-            repo: &repo,
-            tag: &tag,
-        })
-    }
-
-    fn ranked(&self, key: &Key<'_>) -> Vec<usize> {
-        rank(&self.names, key)
-            .into_iter()
-            .map(|n| {
-                self.names
-                    .iter()
-                    .position(|m| m == n)
-                    .expect("ranked a member")
-            })
-            .collect()
+        ranked(
+            &self.names,
+            &Key::Tag {
+                upstream: host,
+                repo: &repo,
+                tag: &tag,
+            },
+        )
     }
 
     /// The members whose store holds the complete blob `digest` of upstream
@@ -229,4 +254,12 @@ impl Cluster {
                 )
             })
     }
+}
+
+/// `names` (indices) in the order the cache ranks them for `key`.
+fn ranked(names: &[String], key: &Key<'_>) -> Vec<usize> {
+    rank(names, key)
+        .into_iter()
+        .map(|n| names.iter().position(|m| m == n).expect("ranked a member"))
+        .collect()
 }

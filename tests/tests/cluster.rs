@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use regmirror_e2e::seed::{self, ImageSpec};
-use regmirror_e2e::util::{bounded, http_client, received_at_least, wait_until};
+use regmirror_e2e::util::{bounded, http_client, received_at_least, sha256_digest, wait_until};
 use regmirror_e2e::{Cluster, FaultGate, Registry, RequestLog};
 
 const HOST: &str = "docker.io";
@@ -673,6 +673,506 @@ async fn a_member_told_to_stop_fails_readiness_then_drains() {
             stopping.elapsed()
         );
         ensure!(status.success(), "exit status {status}");
+        Ok(())
+    })
+    .await;
+}
+
+// Regressions of the review findings fixed in 3dfdf6f: each test failed on
+// the commit before it.
+
+/// A running member stopped with SIGSTOP (a stalled process: it accepts
+/// connections, answers nothing); resumed with SIGCONT when dropped, so a
+/// failing test leaves nothing stopped.
+struct Stalled(u32);
+
+impl Stalled {
+    fn stop(pid: u32) -> Result<Self> {
+        signal("-STOP", pid)?;
+        Ok(Self(pid))
+    }
+}
+
+impl Drop for Stalled {
+    fn drop(&mut self) {
+        let _ = signal("-CONT", self.0);
+    }
+}
+
+fn signal(sig: &str, pid: u32) -> Result<()> {
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()?;
+    ensure!(status.success(), "kill {sig} {pid}: {status}");
+    Ok(())
+}
+
+/// `GET` of `repo`'s manifest `reference` through `base`, accepting every
+/// manifest type: the status and body, whatever the status.
+async fn get_manifest(base: &str, reference: &str) -> Result<(u16, bytes::Bytes)> {
+    let resp = http_client()
+        .get(format!("{base}/v2/{REPO}/manifests/{reference}"))
+        .header("accept", seed::ACCEPT_ALL_MANIFESTS)
+        .send()
+        .await?;
+    Ok((resp.status().as_u16(), resp.bytes().await?))
+}
+
+/// Review finding 1: a member forwards a request with the upstream it
+/// routed it to (`ns`), so the member it reaches answers for that upstream
+/// (or refuses, when it has no such upstream), never with what its own
+/// default upstream holds under the same name. Two registries hold
+/// different images as `library/app:<tag>`; m0's default is X, m1 knows
+/// only Y, m2 knows Y (its default) and X.
+#[tokio::test]
+async fn a_forwarded_request_is_answered_for_the_upstream_it_was_routed_to() {
+    bounded(60, async {
+        let (x, y) = (Registry::start().await?, Registry::start().await?);
+        let upstream =
+            |r: &Registry| ["--upstream".to_owned(), format!("{}={}", r.host(), r.url())];
+        let cluster = Cluster::start_each(3, |i, urls| {
+            let mut args: Vec<String> = match i {
+                0 => [upstream(&x), upstream(&y)].concat(),
+                1 => upstream(&y).to_vec(),
+                _ => [upstream(&y), upstream(&x)].concat(),
+            };
+            for (j, url) in urls.iter().enumerate() {
+                args.extend(["--peer".to_owned(), format!("m{j}={url}")]);
+            }
+            args
+        })
+        .await?;
+        // A tag whose key (on X, m0's default) m1 owns, and one m2 owns.
+        let owned_by = |member: usize| {
+            (0..200)
+                .map(|k| format!("t{k}"))
+                .find(|t| cluster.tag_ranking(&x.host(), REPO, t)[0] == member)
+                .with_context(|| format!("no tag owned by m{member}"))
+        };
+        for owner in [1, 2] {
+            let tag = owned_by(owner)?;
+            let spec = ImageSpec::oci(&[1000]);
+            let on_x = seed::push_image(&x.url(), REPO, &tag, &spec).await?;
+            let on_y = seed::push_image(&y.url(), REPO, &tag, &spec).await?;
+            ensure!(
+                on_x.digest != on_y.digest,
+                "the registries hold the same image"
+            );
+            let (status, body) = get_manifest(&cluster.url(0), &tag).await?;
+            ensure!(
+                body != on_y.manifest,
+                "m0 (default X) answered {REPO}:{tag} with Y's manifest {} (owner m{owner})",
+                on_y.digest
+            );
+            if owner == 2 || status == 200 {
+                ensure!(
+                    status == 200 && body == on_x.manifest,
+                    "m0 asked for {REPO}:{tag} (owner m{owner}): {status} {:?}, expected X's {}",
+                    String::from_utf8_lossy(&body),
+                    on_x.digest
+                );
+            }
+        }
+        Ok(())
+    })
+    .await;
+}
+
+/// Review finding 2: a stalled member (SIGSTOP: it accepts connections and
+/// answers nothing) delays a request whose owner is healthy by at most the
+/// owner's wait for stored answers (2 s), not the upstream timeouts: the
+/// asking member does not give up on the owner (no error counted for it, no
+/// takeover) and the blob costs one upstream GET.
+#[tokio::test]
+async fn a_stalled_member_does_not_stall_requests_a_healthy_owner_serves() {
+    bounded(60, async {
+        const STORED_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+        let up = Upstream::start().await?;
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("cache.toml");
+        // Upstream timeouts of 6 s in all (what the owner waited for the
+        // stalled member before the fix), longer than the stored-answer
+        // timeout plus the margin below.
+        std::fs::write(
+            &config,
+            "[timeouts]\nconnect = \"1s\"\nresponse_header = \"5s\"\n",
+        )?;
+        let config = config.display().to_string();
+        let cluster = Cluster::start(3, HOST, &up.gate.url(), &["--config", &config]).await?;
+        let digest = up.blob(1 << 20).await?;
+        // The stalled member ranks right behind the owner (the one member
+        // the owner asked before the fix).
+        let ranking = cluster.ranking(HOST, &digest);
+        let (owner, stalled, asker) = (ranking[0], ranking[1], ranking[2]);
+        let paused = Stalled::stop(cluster.member(stalled).pid().context("running")?)?;
+        let started = std::time::Instant::now();
+        let got = download(blob_url(&cluster, asker, &digest), Arc::default(), None).await;
+        let took = started.elapsed();
+        drop(paused);
+        got.ensure_whole(&digest)?;
+        ensure!(
+            took < STORED_ANSWER_TIMEOUT + Duration::from_secs(3),
+            "m{stalled} stalled a request m{owner} serves for {took:?}"
+        );
+        let errors = cluster
+            .metric(
+                asker,
+                "regmirror_cluster_peer_errors_total",
+                &[&format!("peer=\"{}\"", cluster.name(owner))],
+            )
+            .await?;
+        ensure!(
+            errors == 0.0,
+            "m{asker} counted {errors} errors of the healthy owner m{owner}"
+        );
+        let (gets, _) = up.blob_gets(&digest).await?;
+        ensure!(gets == 1, "{gets} upstream GETs");
+        cluster
+            .wait_holders(HOST, &digest, &[owner], Duration::from_secs(10))
+            .await?;
+        Ok(())
+    })
+    .await;
+}
+
+/// Review finding 3: a corrupt copy on another member (one byte flipped in
+/// its store while it was down) is handed over at most once: the owner's
+/// fill rejects it (that client's transfer is cut), and a retry gets the
+/// blob from the upstream, with one GET; no complete answer is ever wrong.
+#[tokio::test]
+async fn a_corrupt_copy_on_another_member_is_not_handed_over_again() {
+    bounded(60, async {
+        let up = Upstream::start().await?;
+        let mut cluster = Cluster::start(2, HOST, &up.gate.url(), &[]).await?;
+        let digest = up.blob(2 << 20).await?;
+        let ranking = cluster.ranking(HOST, &digest);
+        let (owner, other) = (ranking[0], ranking[1]);
+        // A hop request is served, and stored, where it lands.
+        let body = http_client()
+            .get(blob_url(&cluster, other, &digest))
+            .header("regmirror-hop", "test")
+            .send()
+            .await?
+            .bytes()
+            .await?;
+        ensure!(sha256_digest(&body) == digest, "stored on m{other}");
+        cluster
+            .wait_holders(HOST, &digest, &[other], Duration::from_secs(10))
+            .await?;
+        cluster.kill9(other);
+        let file = cluster.member(other).store().blob(HOST, &digest);
+        let mut bytes = std::fs::read(&file)?;
+        bytes[1000] ^= 1;
+        std::fs::write(&file, bytes)?;
+        cluster.restart(other).await?;
+        let (before, _) = up.blob_gets(&digest).await?;
+        let mut attempts = Vec::new();
+        for _ in 0..4 {
+            let got = download(blob_url(&cluster, owner, &digest), Arc::default(), None).await;
+            let complete = got.status == 200 && got.error.is_none();
+            ensure!(
+                !complete || got.digest.as_deref() == Some(digest.as_str()),
+                "a complete answer with wrong bytes: {got:?}"
+            );
+            attempts.push(got);
+            if complete {
+                break;
+            }
+        }
+        ensure!(
+            attempts.len() <= 2
+                && attempts
+                    .last()
+                    .is_some_and(|g| g.ensure_whole(&digest).is_ok()),
+            "no good answer in the first two attempts: {attempts:?}"
+        );
+        let (after, _) = up.blob_gets(&digest).await?;
+        ensure!(after - before == 1, "{} upstream GETs", after - before);
+        Ok(())
+    })
+    .await;
+}
+
+/// Review finding 4: growing from 1 member to 3 (every member restarted
+/// with the new `--peer` list, m0 keeping its storage) downloads nothing
+/// again, also for blobs whose new owner ranks m0 last (before the fix the
+/// owner asked only the member ranked next); each blob ends up on its new
+/// owner.
+#[tokio::test]
+async fn growing_from_one_member_to_three_downloads_nothing_again() {
+    bounded(60, async {
+        const N: usize = 10;
+        let up = Upstream::start().await?;
+        let storage = tempfile::tempdir()?;
+        let storage = storage.path().display().to_string();
+        let mut digests: Vec<String> = Vec::new();
+        let m0_last = |ds: &[String]| {
+            ds.iter()
+                .filter(|d| Cluster::ranking_among(3, HOST, d)[2] == 0)
+                .count()
+        };
+        while digests.len() < N || m0_last(&digests) < 3 {
+            ensure!(digests.len() < 40, "too few blobs rank m0 last");
+            digests.push(up.blob(50_000).await?);
+        }
+        let alone = Cluster::start(1, HOST, &up.gate.url(), &["--storage", &storage]).await?;
+        for d in &digests {
+            download(blob_url(&alone, 0, d), Arc::default(), None)
+                .await
+                .ensure_whole(d)?;
+            alone
+                .wait_holders(HOST, d, &[0], Duration::from_secs(10))
+                .await?;
+        }
+        drop(alone);
+        let cluster = Cluster::start_each(3, |i, urls| {
+            let mut args = vec!["--upstream".to_owned(), format!("{HOST}={}", up.gate.url())];
+            for (j, url) in urls.iter().enumerate() {
+                args.extend(["--peer".to_owned(), format!("m{j}={url}")]);
+            }
+            if i == 0 {
+                args.extend(["--storage".to_owned(), storage.clone()]);
+            }
+            args
+        })
+        .await?;
+        for d in &digests {
+            for m in 0..3 {
+                download(blob_url(&cluster, m, d), Arc::default(), None)
+                    .await
+                    .ensure_whole(d)
+                    .with_context(|| format!("through m{m}"))?;
+            }
+        }
+        for d in &digests {
+            let (gets, _) = up.blob_gets(d).await?;
+            ensure!(
+                gets == 1,
+                "{d} (ranking {:?}): {} upstream GETs after the resize",
+                cluster.ranking(HOST, d),
+                gets - 1
+            );
+            let owner = cluster.ranking(HOST, d)[0];
+            wait_until(Duration::from_secs(10), || async {
+                cluster.holders(HOST, d).contains(&owner)
+            })
+            .await
+            .with_context(|| format!("{d} not on its owner m{owner}"))?;
+        }
+        Ok(())
+    })
+    .await;
+}
+
+/// Review finding 5: a manifest pulled by tag is stored by the tag's owner;
+/// asked by digest, its content owner finds it there (even ranked last for
+/// the content), so the manifest costs one upstream GET.
+#[tokio::test]
+async fn a_manifest_the_tag_owner_stored_is_not_fetched_again_by_digest() {
+    bounded(60, async {
+        let up = Upstream::start().await?;
+        let cluster = Cluster::start(3, HOST, &up.gate.url(), &[]).await?;
+        let image =
+            seed::push_image(&up.registry.url(), REPO, "v0", &ImageSpec::oci(&[10_000])).await?;
+        let ranking = cluster.ranking(HOST, &image.digest);
+        let (content_owner, next, tag_owner) = (ranking[0], ranking[1], ranking[2]);
+        let tag = (0..200)
+            .map(|k| format!("t{k}"))
+            .find(|t| cluster.tag_ranking(HOST, REPO, t)[0] == tag_owner)
+            .context("no tag owned by the member ranked last for the content")?;
+        seed::push_manifest(
+            &up.registry.url(),
+            REPO,
+            &tag,
+            &image.media_type,
+            image.manifest.clone(),
+        )
+        .await?;
+        up.registry.sync_log().await?;
+        let before = up.registry.count("GET", "/manifests/");
+        let m = seed::fetch_manifest(&cluster.url(content_owner), REPO, &tag).await?;
+        ensure!(m.body == image.manifest, "by tag");
+        let m = seed::fetch_manifest(&cluster.url(next), REPO, &image.digest).await?;
+        ensure!(m.body == image.manifest, "by digest");
+        up.registry.sync_log().await?;
+        let gets = up.registry.count("GET", "/manifests/") - before;
+        ensure!(
+            gets == 1,
+            "{gets} upstream manifest GETs (tag owner m{tag_owner}, content owner m{content_owner}): {:?}",
+            up.registry.access_log()
+        );
+        Ok(())
+    })
+    .await;
+}
+
+/// A `python3 -m http.server` on loopback: an HTTP server that is no
+/// registry (404 for every `/v2/` path); killed on drop.
+struct NotARegistry {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl NotARegistry {
+    async fn start() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let port = regmirror_e2e::free_port();
+        let child = std::process::Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .current_dir(dir.path())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("python3 -m http.server")?;
+        let me = Self {
+            child,
+            port,
+            _dir: dir,
+        };
+        wait_until(Duration::from_secs(10), || async {
+            http_client().get(me.url()).send().await.is_ok()
+        })
+        .await
+        .context("http.server not answering")?;
+        Ok(me)
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for NotARegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A 3-member cluster in which m2's `--peer` URL for m0 is m1's (it
+/// reaches another member) and its URL for m1 is `www` (it reaches no
+/// regmirror member); m0 and m1 are configured right.
+async fn cluster_with_wrong_peer_urls(up: &Upstream, www: &NotARegistry) -> Result<Cluster> {
+    Cluster::start_each(3, |i, urls| {
+        let mut args = vec!["--upstream".to_owned(), format!("{HOST}={}", up.gate.url())];
+        for (j, url) in urls.iter().enumerate() {
+            let url = match (i, j) {
+                (2, 0) => urls[1].clone(),
+                (2, 1) => www.url(),
+                _ => url.clone(),
+            };
+            args.extend(["--peer".to_owned(), format!("m{j}={url}")]);
+        }
+        args
+    })
+    .await
+}
+
+/// Pushes blobs of 100 kB until one ranks the members `first` (a prefix of
+/// the ranking); its digest.
+async fn blob_ranked(up: &Upstream, cluster: &Cluster, first: &[usize]) -> Result<String> {
+    for _ in 0..60 {
+        let d = up.blob(100_000).await?;
+        if cluster.ranking(HOST, &d).starts_with(first) {
+            return Ok(d);
+        }
+    }
+    bail!("no blob ranked {first:?} first in 60")
+}
+
+/// Waits until no member has a fill in progress (temp files), so that
+/// what members store is final.
+async fn fills_done(cluster: &Cluster) -> Result<()> {
+    wait_until(Duration::from_secs(10), || async {
+        cluster
+            .members()
+            .iter()
+            .all(|m| m.store().temp_files().is_ok_and(|n| n == 0))
+    })
+    .await
+    .context("fills still in progress")
+}
+
+/// Review finding 8: a `--peer` URL that reaches another member (m2's
+/// `m0=` URL is m1's) or no regmirror member (m2's `m1=` URL is an HTTP
+/// server answering 404) gets that member marked down on m2 (counted in
+/// `regmirror_cluster_peer_errors_total`), which then serves the key
+/// itself: the right bytes (not the HTTP server's 404), and while they are
+/// down, blobs of m0 and m1 stored on m2 alone, never by the member the
+/// wrong URL reaches.
+#[tokio::test]
+async fn a_peer_url_that_reaches_the_wrong_server_is_marked_down() {
+    bounded(60, async {
+        let up = Upstream::start().await?;
+        let www = NotARegistry::start().await?;
+        let cluster = cluster_with_wrong_peer_urls(&up, &www).await?;
+        // The first blob ranks m0, m1: m2 tries both wrong URLs for it.
+        let mut blobs = vec![blob_ranked(&up, &cluster, &[0, 1]).await?];
+        for owner in [0, 1, 0, 1] {
+            blobs.push(blob_ranked(&up, &cluster, &[owner]).await?);
+        }
+        for d in &blobs {
+            download(blob_url(&cluster, 2, d), Arc::default(), None)
+                .await
+                .ensure_whole(d)
+                .with_context(|| format!("through m2, ranking {:?}", cluster.ranking(HOST, d)))?;
+        }
+        for peer in ["m0", "m1"] {
+            let errors = cluster
+                .metric(
+                    2,
+                    "regmirror_cluster_peer_errors_total",
+                    &[&format!("peer=\"{peer}\"")],
+                )
+                .await?;
+            ensure!(errors > 0.0, "m2 counted no error for {peer}");
+        }
+        fills_done(&cluster).await?;
+        for d in &blobs[1..] {
+            let holders = cluster.holders(HOST, d);
+            ensure!(
+                holders == [2],
+                "{d} (ranking {:?}) stored on {holders:?}, expected m2 alone (m0, m1 down on m2)",
+                cluster.ranking(HOST, d)
+            );
+        }
+        Ok(())
+    })
+    .await;
+}
+
+/// Review finding 8, the first request: NOT FIXED by 3dfdf6f, so ignored
+/// until the lead decides. m2 forwards a blob of m0 to its wrong `m0=` URL,
+/// which reaches m1: m1 serves the hop request (it starts a fill and stores
+/// the blob) before m2 sees the answer is not m0's and takes the blob over
+/// itself, so the blob ends up on m1 and m2 (`[1, 2]`), on two members'
+/// disks. The answer's member is checked only once the receiver has
+/// served; the receiver does not know whom the request was meant for.
+#[tokio::test]
+#[ignore = "finding 8 not fully fixed in 3dfdf6f: a misdirected hop request is still served (and stored) by the member it reaches"]
+async fn a_peer_url_that_reaches_another_member_stores_nothing_there() {
+    bounded(60, async {
+        let up = Upstream::start().await?;
+        let www = NotARegistry::start().await?;
+        let cluster = cluster_with_wrong_peer_urls(&up, &www).await?;
+        let d = blob_ranked(&up, &cluster, &[0, 1]).await?;
+        download(blob_url(&cluster, 2, &d), Arc::default(), None)
+            .await
+            .ensure_whole(&d)?;
+        fills_done(&cluster).await?;
+        let holders = cluster.holders(HOST, &d);
+        ensure!(
+            holders.len() == 1,
+            "{d} of m0 asked through m2 stored on {holders:?}"
+        );
         Ok(())
     })
     .await;

@@ -62,7 +62,7 @@ pub struct Cli {
     #[arg(long = "peer", env = "REGMIRROR_PEERS", value_delimiter = ',')]
     pub peers: Vec<String>,
     /// A cluster member's cap on its own disk (e.g. 90Gi), whatever its
-    /// share of the cluster's --max-size [default: its share alone].
+    /// share of the cluster's --max-size.
     #[arg(long, env = "REGMIRROR_MEMBER_MAX_SIZE", value_parser = regmirror_registry::size::parse_size)]
     pub member_max_size: Option<u64>,
 }

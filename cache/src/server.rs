@@ -143,6 +143,9 @@ async fn ready(State(mirror): State<Arc<Mirror>>) -> Response {
 
 async fn registry(State(mirror): State<Arc<Mirror>>, req: HttpRequest) -> Response {
     let (parts, _body) = req.into_parts();
+    if let Some(refused) = misdirected(&mirror, &parts.headers) {
+        return refused;
+    }
     let head = parts.method == Method::HEAD;
     let mut routed = None;
     let result = match route(
@@ -182,6 +185,36 @@ async fn registry(State(mirror): State<Arc<Mirror>>, req: HttpRequest) -> Respon
         resp.headers_mut().insert(crate::cluster::MEMBER_HEADER, me);
     }
     resp
+}
+
+/// A fellow member's request meant for another member (its
+/// [`crate::cluster::MEMBER_HEADER`] names someone else: the sender's URL
+/// for that member reaches this one): `421 Misdirected Request` (RFC 9110
+/// section 15.5.20), served by nobody, stored nowhere, with this member's
+/// name for the sender to see.
+fn misdirected(mirror: &Mirror, headers: &HeaderMap) -> Option<Response> {
+    let cluster = mirror.cluster()?;
+    if !headers.contains_key(crate::cluster::HOP_HEADER) {
+        return None;
+    }
+    let meant = headers.get(crate::cluster::MEMBER_HEADER)?;
+    if meant.as_bytes() == cluster.me().as_bytes() {
+        return None;
+    }
+    tracing::warn!(
+        meant = %String::from_utf8_lossy(meant.as_bytes()),
+        from = %headers.get(crate::cluster::HOP_HEADER).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).unwrap_or_default(),
+        "refused a request meant for another member: the sender's URL for it reaches this one"
+    );
+    let mut resp = (
+        StatusCode::MISDIRECTED_REQUEST,
+        format!("this is cluster member {:?}\n", cluster.me()),
+    )
+        .into_response();
+    if let Ok(me) = HeaderValue::from_str(cluster.me()) {
+        resp.headers_mut().insert(crate::cluster::MEMBER_HEADER, me);
+    }
+    Some(resp)
 }
 
 /// In a cache cluster, the answer of the member that serves `r`'s key when

@@ -1149,15 +1149,13 @@ async fn a_peer_url_that_reaches_the_wrong_server_is_marked_down() {
     .await;
 }
 
-/// Review finding 8, the first request: NOT FIXED by 3dfdf6f, so ignored
-/// until the lead decides. m2 forwards a blob of m0 to its wrong `m0=` URL,
-/// which reaches m1: m1 serves the hop request (it starts a fill and stores
-/// the blob) before m2 sees the answer is not m0's and takes the blob over
-/// itself, so the blob ends up on m1 and m2 (`[1, 2]`), on two members'
-/// disks. The answer's member is checked only once the receiver has
-/// served; the receiver does not know whom the request was meant for.
+/// Review finding 8, the first request: m2 forwards a blob of m0 to its
+/// wrong `m0=` URL, which reaches m1. The request names the member it is
+/// meant for (`Regmirror-Member: m0`), so m1 refuses it (421) without
+/// serving or storing; m2 marks m0 down and takes the blob over, and the
+/// blob is on one member's disk only. (Before, m1 served and stored it
+/// too: `[1, 2]`.)
 #[tokio::test]
-#[ignore = "finding 8 not fully fixed in 3dfdf6f: a misdirected hop request is still served (and stored) by the member it reaches"]
 async fn a_peer_url_that_reaches_another_member_stores_nothing_there() {
     bounded(60, async {
         let up = Upstream::start().await?;

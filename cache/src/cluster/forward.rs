@@ -65,10 +65,11 @@ pub fn check_member(to: &Member, answer: &HeaderMap) -> std::result::Result<(), 
     }
 }
 
-/// The headers of a request forwarded from member `me`: `client`'s
-/// [`FORWARDED_REQUEST_HEADERS`] (every value of each), plus
-/// `Regmirror-Hop: me`, which makes the receiver serve it itself.
-pub fn request_headers(client: &HeaderMap, me: &str) -> HeaderMap {
+/// The headers of a request forwarded from member `me` to member `to`:
+/// `client`'s [`FORWARDED_REQUEST_HEADERS`] (every value of each), plus
+/// `Regmirror-Hop: me`, which makes the receiver serve it itself, and
+/// `Regmirror-Member: to`, which makes any other receiver refuse it.
+pub fn request_headers(client: &HeaderMap, me: &str, to: &str) -> HeaderMap {
     let mut out = HeaderMap::new();
     for name in FORWARDED_REQUEST_HEADERS {
         for value in client.get_all(&name) {
@@ -77,6 +78,9 @@ pub fn request_headers(client: &HeaderMap, me: &str) -> HeaderMap {
     }
     if let Ok(v) = HeaderValue::from_str(me) {
         out.insert(HOP_HEADER, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(to) {
+        out.insert(MEMBER_HEADER, v);
     }
     out
 }
@@ -200,6 +204,9 @@ impl PeerClient {
         if let Ok(v) = HeaderValue::from_str(&self.me) {
             headers.insert(HOP_HEADER, v);
         }
+        if let Ok(v) = HeaderValue::from_str(&to.name) {
+            headers.insert(MEMBER_HEADER, v);
+        }
         let url = format!("{}{path_and_query}", to.url.as_str().trim_end_matches('/'));
         let request = self.client.request(method, url).headers(headers).send();
         let answer = tokio::time::timeout(header_timeout, request)
@@ -232,7 +239,7 @@ impl PeerClient {
         zero_copy: Option<SendQueue>,
         on_body_error: impl Fn() + Clone + Send + 'static,
     ) -> std::result::Result<Response, Unreachable> {
-        let headers = request_headers(headers, &self.me);
+        let headers = request_headers(headers, &self.me, &to.name);
         if let Some(queue) = zero_copy.filter(|_| method == Method::GET) {
             let relayed = self
                 .relay
@@ -278,14 +285,15 @@ mod tests {
         client.insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"x\""));
         client.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
         client.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        let out = request_headers(&client, "cache-1");
+        let out = request_headers(&client, "cache-1", "cache-0");
         assert_eq!(out.get_all(header::ACCEPT).iter().count(), 2);
         assert_eq!(out[header::RANGE], "bytes=0-9");
         assert_eq!(out[header::IF_NONE_MATCH], "\"x\"");
         assert_eq!(out[HOP_HEADER], "cache-1");
+        assert_eq!(out[MEMBER_HEADER], "cache-0", "the member meant");
         assert!(!out.contains_key(header::AUTHORIZATION));
         assert!(!out.contains_key(header::CONNECTION));
-        assert_eq!(out.len(), 5);
+        assert_eq!(out.len(), 6);
     }
 
     #[test]

@@ -35,11 +35,14 @@ use url::Url;
 /// (`Regmirror-Hop`; header names are case-insensitive.)
 pub const HOP_HEADER: http::HeaderName = http::HeaderName::from_static("regmirror-hop");
 
-/// The response header a member puts on its answers to [`HOP_HEADER`]
-/// requests (its value: its own name). The sender checks it names the
-/// member it meant to ask: a URL that reaches another member, or something
-/// that is not a regmirror member at all, is then marked down rather than
-/// trusted (a swapped `--peer` URL would otherwise store every key twice).
+/// Names a member on both legs of a request between members. On the
+/// request, the member it is meant for: a member that is someone else
+/// refuses it with `421 Misdirected Request` and serves nothing (so a
+/// swapped `--peer` URL stores nothing on the wrong member). On the answer
+/// to a [`HOP_HEADER`] request, the member answering: the sender checks it
+/// names the member it meant to ask, and marks a URL that reaches another
+/// member, or something that is not a regmirror member at all, down rather
+/// than trusting it.
 pub const MEMBER_HEADER: http::HeaderName = http::HeaderName::from_static("regmirror-member");
 
 /// One member: its name (unique, stable, hashed for ownership) and the base

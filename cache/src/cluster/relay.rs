@@ -522,7 +522,7 @@ mod tests {
             let (relay, member, cut) = (relay.clone(), member.clone(), Arc::clone(&counted));
             async move {
                 let queue = req.extensions().get::<SendQueue>().cloned().unwrap();
-                let headers = super::super::forward::request_headers(req.headers(), "me");
+                let headers = super::super::forward::request_headers(req.headers(), "me", "owner");
                 let path = req.uri().path().to_owned();
                 let on_cut = move || {
                     cut.fetch_add(1, Ordering::SeqCst);

@@ -612,6 +612,7 @@ async fn report(
         conflicts,
         problem,
         deleting,
+        namespace: ctx.settings.namespace.clone(),
         ..observed
     };
     update_status(mirror, ctx, &observed).await

@@ -102,6 +102,9 @@ pub struct Observed {
     pub conflicts: Vec<Conflict>,
     pub problem: Option<Problem>,
     pub deleting: bool,
+    /// The namespace the mirror's children live in (the operator's), for
+    /// the commands a message suggests.
+    pub namespace: String,
 }
 
 fn cond(type_: &str, ok: bool, reason: &str, message: String) -> Condition {
@@ -163,7 +166,12 @@ pub fn compute(
             false,
             reason::CACHE_UNAVAILABLE,
             format!(
-                "{ready}/{want} cache members ready: see the cache StatefulSet's pods (kubectl -n <operator namespace> get pods -l app.kubernetes.io/instance={})",
+                "{ready}/{want} cache members ready: see the cache StatefulSet's pods (kubectl -n {} get pods -l app.kubernetes.io/instance={})",
+                if observed.namespace.is_empty() {
+                    "<operator namespace>"
+                } else {
+                    observed.namespace.as_str()
+                },
                 crate::resources::instance_label(&mirror.metadata.name.clone().unwrap_or_default())
             ),
         ),
@@ -485,11 +493,21 @@ mod tests {
         let obs = Observed {
             cache_replicas: Some((1, 0)),
             agents: Some((3, 1)),
+            namespace: "regmirror-system".into(),
             ..obs
         };
         let s = compute(&m, None, &obs, t(1000));
         let ready = condition(Some(&s), READY).unwrap();
         assert_eq!(ready.reason, reason::CACHE_UNAVAILABLE);
+        // The command to look further names the children's namespace.
+        let cache = condition(Some(&s), CACHE_AVAILABLE).unwrap();
+        assert!(
+            cache
+                .message
+                .contains("kubectl -n regmirror-system get pods"),
+            "{}",
+            cache.message
+        );
         let nodes = condition(Some(&s), NODES_CONFIGURED).unwrap();
         assert_eq!(
             (nodes.reason.as_str(), nodes.message.as_str()),

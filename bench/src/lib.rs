@@ -123,7 +123,8 @@ impl Config {
             cluster_sizes: vec![1, 2, 4],
             cluster_clients: vec![1, 16],
             cluster_warm: (8, 4),
-            cluster_hop_gets: 16,
+            // 2 GiB of the 64 MiB blob per side and run: ~100 CPU ticks.
+            cluster_hop_gets: 32,
         }
     }
 

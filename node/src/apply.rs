@@ -56,12 +56,17 @@ pub struct Apply<'a> {
 
 /// Makes `dir` hold exactly `desired` for `owner`: writes what is missing or
 /// different, removes this owner's files for registries no longer wanted.
+/// A failure's message starts with the registry's directory (an OS error
+/// alone does not say which file it is about).
 pub fn apply(a: Apply<'_>, desired: &[HostsToml]) -> Vec<HostReport> {
+    let failed = |registry: &str, e: io::Error| {
+        HostState::Failed(format!("{}: {e}", a.dir.join(registry).display()))
+    };
     let mut out: Vec<HostReport> = desired
         .iter()
         .map(|h| HostReport {
             registry: h.registry.clone(),
-            state: apply_one(a, h).unwrap_or_else(|e| HostState::Failed(e.to_string())),
+            state: apply_one(a, h).unwrap_or_else(|e| failed(&h.registry, e)),
         })
         .collect();
     for registry in owned_registries(a.dir, a.owner) {
@@ -70,7 +75,7 @@ pub fn apply(a: Apply<'_>, desired: &[HostsToml]) -> Vec<HostReport> {
         }
         let state = match remove_one(&a.dir.join(&registry)) {
             Ok(()) => HostState::Removed,
-            Err(e) => HostState::Failed(e.to_string()),
+            Err(e) => failed(&registry, e),
         };
         out.push(HostReport { registry, state });
     }
@@ -140,7 +145,7 @@ fn apply_one(a: Apply<'_>, h: &HostsToml) -> io::Result<HostState> {
         Some(None) => match a.merge {
             MergeMode::Never => {
                 return Ok(HostState::Conflict(format!(
-                    "{} was not written by regmirror (set the mirror's merge mode to keep its hosts)",
+                    "{} was not written by regmirror (set the mirror's spec.nodes.mergeExisting: true to keep its hosts behind the cache)",
                     file.display()
                 )));
             }
@@ -178,7 +183,10 @@ fn apply_one(a: Apply<'_>, h: &HostsToml) -> io::Result<HostState> {
 fn user_hosts(text: &str, from: &Path) -> io::Result<hosts_toml::HostTables> {
     hosts_toml::parse_user(text)
         .map(|(_, hosts)| hosts)
-        .map_err(|e| io::Error::other(format!("cannot merge {}: {e}", from.display())))
+        .map_err(|e| {
+            let name = from.file_name().map(Path::new).unwrap_or(from);
+            io::Error::other(format!("cannot merge {}: {e}", name.display()))
+        })
 }
 
 /// Registries under `dir` whose `hosts.toml` names `owner`.
@@ -316,6 +324,32 @@ mod tests {
             [HostState::Configured]
         );
         assert_eq!(fs::read_to_string(&file).unwrap(), good);
+    }
+
+    #[test]
+    fn messages_say_which_file_and_which_field_to_change() {
+        let d = tempfile::tempdir().unwrap();
+        // A user's file: the conflict names the spec field that keeps it.
+        fs::create_dir_all(d.path().join("docker.io")).unwrap();
+        fs::write(d.path().join("docker.io/hosts.toml"), "server = \"x\"\n").unwrap();
+        // A plain file where the registry's directory goes: an OS error,
+        // which alone would not say where.
+        fs::write(d.path().join("ghcr.io"), "not a directory").unwrap();
+        let states = run(
+            d.path(),
+            "hub",
+            &[entry("docker.io", "hub"), entry("ghcr.io", "hub")],
+            MergeMode::Never,
+        );
+        let HostState::Conflict(conflict) = &states[0] else {
+            panic!("{states:?}")
+        };
+        assert!(conflict.contains("spec.nodes.mergeExisting"), "{conflict}");
+        let HostState::Failed(failed) = &states[1] else {
+            panic!("{states:?}")
+        };
+        let dir = d.path().join("ghcr.io").display().to_string();
+        assert!(failed.starts_with(&format!("{dir}: ")), "{failed}");
     }
 
     #[test]

@@ -79,6 +79,17 @@ fn mirror_name(mirror: &RegistryMirror) -> String {
     mirror.meta().name.clone().unwrap_or_default()
 }
 
+/// `report` with the paths in its message as the node's user knows them:
+/// `seen_as` (where this container mounts the hosts directory, under
+/// `/host`) replaced by `on_node` (the directory on the node).
+pub fn on_node(mut report: HostReport, seen_as: &std::path::Path, on_node: &str) -> HostReport {
+    let seen_as = seen_as.display().to_string();
+    if let HostState::Conflict(m) | HostState::Failed(m) = &mut report.state {
+        *m = m.replace(&seen_as, on_node);
+    }
+    report
+}
+
 /// This node's state from the file results and containerd's configuration.
 pub fn node_state(
     reports: &[HostReport],
@@ -153,14 +164,17 @@ pub fn reconcile_files(
     } else {
         MergeMode::Never
     };
-    let reports = regmirror_node::apply(
+    let reports: Vec<HostReport> = regmirror_node::apply(
         Apply {
             dir: &cfg.hosts_dir,
             owner: &cfg.mirror,
             merge,
         },
         &want,
-    );
+    )
+    .into_iter()
+    .map(|r| on_node(r, &cfg.hosts_dir, &cfg.hosts_dir_on_node))
+    .collect();
     for r in &reports {
         match &r.state {
             HostState::Configured => tracing::info!(registry = %r.registry, "hosts.toml written"),
@@ -407,6 +421,28 @@ mod tests {
             desired(&mirror(spec, None), "1.2.3.4")
                 .unwrap_err()
                 .contains("waiting")
+        );
+    }
+
+    #[test]
+    fn messages_name_the_nodes_paths_not_the_containers() {
+        let r = HostReport {
+            registry: "docker.io".into(),
+            state: HostState::Conflict(
+                "/host/etc/containerd/certs.d/docker.io/hosts.toml was not written by regmirror"
+                    .into(),
+            ),
+        };
+        let r = on_node(
+            r,
+            std::path::Path::new("/host/etc/containerd/certs.d"),
+            "/etc/containerd/certs.d",
+        );
+        assert_eq!(
+            r.state,
+            HostState::Conflict(
+                "/etc/containerd/certs.d/docker.io/hosts.toml was not written by regmirror".into()
+            )
         );
     }
 

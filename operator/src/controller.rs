@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -604,7 +604,16 @@ async fn report(
     outcome: Outcome,
 ) -> Result<bool, Error> {
     let (observed, problem, deleting) = match outcome {
-        Outcome::Applied(seen) => (seen.observed(), None, false),
+        Outcome::Applied(seen) => {
+            let mut observed = seen.observed();
+            if observed
+                .cache_replicas
+                .is_some_and(|(want, ready)| ready < want)
+            {
+                observed.cache_cause = cache_cause(mirror, ctx).await;
+            }
+            (observed, None, false)
+        }
         Outcome::Stopped(p) => (Seen::read(mirror, ctx).await?.observed(), Some(p), false),
         Outcome::Deleting(seen) => (seen.observed(), None, true),
     };
@@ -616,6 +625,28 @@ async fn report(
         ..observed
     };
     update_status(mirror, ctx, &observed).await
+}
+
+/// Why a cache member is not ready, from its pod ([`status::pod_cause`]):
+/// the first member pod with a cause. `None` when every pod looks fine or
+/// the pods cannot be listed (the status then just counts members).
+async fn cache_cause(mirror: &RegistryMirror, ctx: &Context) -> Option<String> {
+    let selector = resources::selector_labels(&mirror.name_any(), resources::COMPONENT_CACHE)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    match ctx
+        .ns::<Pod>()
+        .list(&kube::api::ListParams::default().labels(&selector))
+        .await
+    {
+        Ok(pods) => pods.items.iter().find_map(status::pod_cause),
+        Err(e) => {
+            tracing::debug!(mirror = %mirror.name_any(), error = %api_error_text(&e), "cannot list the cache's pods for the status");
+            None
+        }
+    }
 }
 
 /// Server-side applies `object`, a child of `kind`, as [`MANAGER`].

@@ -105,6 +105,77 @@ pub struct Observed {
     /// The namespace the mirror's children live in (the operator's), for
     /// the commands a message suggests.
     pub namespace: String,
+    /// Why a cache member is not ready, when a pod says ([`pod_cause`]).
+    pub cache_cause: Option<String>,
+}
+
+/// Longest cause quoted from a pod (scheduler messages list every node).
+const MAX_CAUSE: usize = 300;
+
+/// Why `pod` is not ready, as its status says, for the CacheAvailable
+/// message: the scheduler's reason it cannot place it (a Pending claim, no
+/// node with room), a container waiting (image pull, crash loop, config
+/// error) or last terminated with an error; `None` for a ready pod or one
+/// that says nothing. Pure; quotes at most [`MAX_CAUSE`] characters.
+pub fn pod_cause(pod: &k8s_openapi::api::core::v1::Pod) -> Option<String> {
+    let name = pod.metadata.name.as_deref().unwrap_or("?");
+    let status = pod.status.as_ref()?;
+    let conditions = status.conditions.as_deref().unwrap_or_default();
+    if conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True")
+    {
+        return None;
+    }
+    let clip = |s: &str| -> String {
+        let s = s.trim();
+        match s.char_indices().nth(MAX_CAUSE) {
+            Some((i, _)) => format!("{}...", &s[..i]),
+            None => s.to_owned(),
+        }
+    };
+    if let Some(c) = conditions
+        .iter()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+    {
+        let why = c.message.as_deref().or(c.reason.as_deref()).unwrap_or("");
+        return Some(format!("pod {name} cannot be scheduled: {}", clip(why)));
+    }
+    let containers = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten());
+    for c in containers {
+        let state = c.state.as_ref();
+        if let Some(w) = state.and_then(|s| s.waiting.as_ref())
+            && let Some(reason) = w.reason.as_deref()
+            && reason != "ContainerCreating"
+            && reason != "PodInitializing"
+        {
+            let message = w.message.as_deref().map(clip).unwrap_or_default();
+            let sep = if message.is_empty() { "" } else { ": " };
+            return Some(format!(
+                "pod {name}, container {}: {reason}{sep}{message}",
+                c.name
+            ));
+        }
+        if let Some(t) = c.last_state.as_ref().and_then(|s| s.terminated.as_ref())
+            && t.exit_code != 0
+        {
+            return Some(format!(
+                "pod {name}, container {}: last exited with {} ({}){}",
+                c.name,
+                t.exit_code,
+                t.reason.as_deref().unwrap_or("Error"),
+                t.message
+                    .as_deref()
+                    .map(|m| format!(": {}", clip(m)))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    None
 }
 
 fn cond(type_: &str, ok: bool, reason: &str, message: String) -> Condition {
@@ -166,7 +237,12 @@ pub fn compute(
             false,
             reason::CACHE_UNAVAILABLE,
             format!(
-                "{ready}/{want} cache members ready: see the cache StatefulSet's pods (kubectl -n {} get pods -l app.kubernetes.io/instance={})",
+                "{ready}/{want} cache members ready: {}see the cache StatefulSet's pods (kubectl -n {} get pods -l app.kubernetes.io/instance={})",
+                observed
+                    .cache_cause
+                    .as_deref()
+                    .map(|c| format!("{c}; "))
+                    .unwrap_or_default(),
                 if observed.namespace.is_empty() {
                     "<operator namespace>"
                 } else {
@@ -508,11 +584,73 @@ mod tests {
             "{}",
             cache.message
         );
+        // And a pod's own reason comes first, when there is one.
+        let with_cause = Observed {
+            cache_cause: Some("pod regmirror-a-0 cannot be scheduled: unbound claims".into()),
+            ..obs.clone()
+        };
+        let caused = compute(&m, None, &with_cause, t(1000));
+        let cache = condition(Some(&caused), CACHE_AVAILABLE).unwrap();
+        assert!(
+            cache.message.starts_with(
+                "0/1 cache members ready: pod regmirror-a-0 cannot be scheduled: unbound claims; see"
+            ),
+            "{}",
+            cache.message
+        );
         let nodes = condition(Some(&s), NODES_CONFIGURED).unwrap();
         assert_eq!(
             (nodes.reason.as_str(), nodes.message.as_str()),
             (reason::AGENTS_NOT_READY, "1/3 node agents ready")
         );
+    }
+
+    #[test]
+    fn a_pods_cause_is_what_its_status_says() {
+        let pod = |status: serde_json::Value| -> k8s_openapi::api::core::v1::Pod {
+            serde_json::from_value(json!({"metadata": {"name": "regmirror-a-0"}, "status": status}))
+                .unwrap()
+        };
+        let unscheduled = pod(json!({"phase": "Pending", "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+             "message": "0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims."}]}));
+        assert_eq!(
+            pod_cause(&unscheduled).unwrap(),
+            "pod regmirror-a-0 cannot be scheduled: 0/3 nodes are available: pod has unbound immediate PersistentVolumeClaims."
+        );
+        let pulling = pod(json!({"phase": "Pending", "conditions": [
+            {"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "False"}],
+            "containerStatuses": [{"name": "cache", "image": "x", "imageID": "", "ready": false,
+              "restartCount": 0, "state": {"waiting": {"reason": "ImagePullBackOff",
+              "message": "Back-off pulling image \"x\""}}}]}));
+        assert_eq!(
+            pod_cause(&pulling).unwrap(),
+            "pod regmirror-a-0, container cache: ImagePullBackOff: Back-off pulling image \"x\""
+        );
+        let crashed = pod(
+            json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "False"}],
+            "containerStatuses": [{"name": "cache", "image": "x", "imageID": "", "ready": false,
+              "restartCount": 3, "state": {"running": {}},
+              "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}),
+        );
+        assert_eq!(
+            pod_cause(&crashed).unwrap(),
+            "pod regmirror-a-0, container cache: last exited with 1 (Error)"
+        );
+        let creating = pod(
+            json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}],
+            "containerStatuses": [{"name": "cache", "image": "x", "imageID": "", "ready": false,
+              "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}]}),
+        );
+        assert_eq!(pod_cause(&creating), None, "just starting: nothing to say");
+        let ready = pod(json!({"conditions": [{"type": "Ready", "status": "True"}]}));
+        assert_eq!(pod_cause(&ready), None);
+        let long = pod(
+            json!({"conditions": [{"type": "PodScheduled", "status": "False",
+            "message": "x".repeat(1000)}]}),
+        );
+        assert!(pod_cause(&long).unwrap().ends_with("..."));
+        assert!(pod_cause(&long).unwrap().len() < 400);
     }
 
     #[test]

@@ -631,11 +631,7 @@ async fn report(
 /// the first member pod with a cause. `None` when every pod looks fine or
 /// the pods cannot be listed (the status then just counts members).
 async fn cache_cause(mirror: &RegistryMirror, ctx: &Context) -> Option<String> {
-    let selector = resources::selector_labels(&mirror.name_any(), resources::COMPONENT_CACHE)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let selector = resources::pods_selector(&mirror.name_any(), resources::COMPONENT_CACHE);
     match ctx
         .ns::<Pod>()
         .list(&kube::api::ListParams::default().labels(&selector))

@@ -193,11 +193,7 @@ pub async fn migrate(
     let volumes: Api<PersistentVolume> = Api::all(client.clone());
     let old = resources::pvc_name(mirror);
     let new = resources::member_claim_name(mirror, 0);
-    let selector = resources::selector_labels(mirror, COMPONENT_CACHE)
-        .into_iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let selector = resources::pods_selector(mirror, COMPONENT_CACHE);
     let merge = |v| Patch::Merge(v);
     // Each step changes what the next observation sees; a bounded number
     // guards against a loop if the API server ignored a change.

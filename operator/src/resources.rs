@@ -184,6 +184,16 @@ pub fn selector_labels(mirror: &str, component: &str) -> BTreeMap<String, String
     ])
 }
 
+/// [`selector_labels`] as a label selector (`k=v,k=v`), for listing the
+/// pods of `mirror`'s `component`.
+pub fn pods_selector(mirror: &str, component: &str) -> String {
+    selector_labels(mirror, component)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Label selector matching every child of `mirror` (for listing and pruning).
 pub fn children_selector(mirror: &str) -> String {
     format!(

@@ -130,19 +130,13 @@ async fn watch_slices(
             () = tx.closed() => return,
         };
         let Some(event) = event else { return };
-        let changed = match event {
+        let (changed, listed) = match event {
             Ok(event) => {
                 if let Some(what) = failing.take() {
                     tracing::info!(member = %watched.me, "watching EndpointSlices again (after: {what})");
                 }
                 let listed = matches!(event, watcher::Event::InitDone);
-                let changed = apply_event(&mut slices, &mut relisting, event);
-                if listed {
-                    // Published below, before anyone reads it as known.
-                    publish(&watched, &slices, &tx);
-                    known.store(true, std::sync::atomic::Ordering::Release);
-                }
-                changed
+                (apply_event(&mut slices, &mut relisting, event), listed)
             }
             Err(e) => {
                 // A repeating failure is logged once at warn and then only
@@ -155,11 +149,15 @@ async fn watch_slices(
                     tracing::warn!(member = %watched.me, error = %what, "watching EndpointSlices failed; keeping the last view, retrying with backoff");
                     failing = Some(what);
                 }
-                false
+                (false, false)
             }
         };
         if changed {
             publish(&watched, &slices, &tx);
+        }
+        if listed {
+            // The view just published is the membership as listed.
+            known.store(true, std::sync::atomic::Ordering::Release);
         }
     }
 }

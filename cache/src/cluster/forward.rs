@@ -76,13 +76,19 @@ pub fn request_headers(client: &HeaderMap, me: &str, to: &str) -> HeaderMap {
             out.append(name.clone(), value.clone());
         }
     }
+    mark_hop(&mut out, me, to);
+    out
+}
+
+/// Marks `headers` as a request between members: `Regmirror-Hop: me`,
+/// `Regmirror-Member: to`.
+fn mark_hop(headers: &mut HeaderMap, me: &str, to: &str) {
     if let Ok(v) = HeaderValue::from_str(me) {
-        out.insert(HOP_HEADER, v);
+        headers.insert(HOP_HEADER, v);
     }
     if let Ok(v) = HeaderValue::from_str(to) {
-        out.insert(MEMBER_HEADER, v);
+        headers.insert(MEMBER_HEADER, v);
     }
-    out
 }
 
 /// The owner's response headers as relayed to the client: all but the
@@ -201,12 +207,7 @@ impl PeerClient {
         mut headers: HeaderMap,
         header_timeout: Duration,
     ) -> std::result::Result<reqwest::Response, Unreachable> {
-        if let Ok(v) = HeaderValue::from_str(&self.me) {
-            headers.insert(HOP_HEADER, v);
-        }
-        if let Ok(v) = HeaderValue::from_str(&to.name) {
-            headers.insert(MEMBER_HEADER, v);
-        }
+        mark_hop(&mut headers, &self.me, &to.name);
         let url = format!("{}{path_and_query}", to.url.as_str().trim_end_matches('/'));
         let request = self.client.request(method, url).headers(headers).send();
         let answer = tokio::time::timeout(header_timeout, request)

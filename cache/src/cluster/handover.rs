@@ -178,14 +178,7 @@ pub async fn ask(
                     tracing::debug!(peer = %peer.name, error = %e, "cluster member slow to answer for stored content; skipped");
                 } else {
                     tracing::warn!(peer = %peer.name, error = %e, "cluster member unreachable for handover: marked down");
-                    cluster
-                        .metrics()
-                        .cluster_peer_errors
-                        .get_or_create(&crate::metrics::PeerLabels {
-                            peer: peer.name.clone(),
-                        })
-                        .inc();
-                    cluster.mark_down(&peer.name);
+                    cluster.peer_failed(&peer.name);
                 }
             }
             answer

@@ -19,6 +19,7 @@ use crate::metrics::{Metrics, PeerLabels};
 use crate::oci::Reference;
 use crate::route::{Endpoint, RepoRequest};
 use crate::zerocopy::SendQueue;
+use prometheus_client::metrics::counter::Counter;
 
 /// How long a member that got SIGTERM keeps serving with `/readyz` failing,
 /// so that load balancers and fellow members stop sending it requests
@@ -135,6 +136,24 @@ impl Cluster {
         self.down.mark(member, Instant::now());
     }
 
+    /// `regmirror_cluster_peer_errors_total` of `peer`.
+    pub fn peer_errors(&self, peer: &str) -> Counter {
+        self.metrics
+            .cluster_peer_errors
+            .get_or_create(&PeerLabels {
+                peer: peer.to_owned(),
+            })
+            .clone()
+    }
+
+    /// A request to `peer` got no usable answer: counted in
+    /// `regmirror_cluster_peer_errors_total`, and `peer` skipped for
+    /// [`down::DOWN_FOR`] ([`Cluster::mark_down`]).
+    pub fn peer_failed(&self, peer: &str) {
+        self.peer_errors(peer).inc();
+        self.mark_down(peer);
+    }
+
     /// From now on `/readyz` fails (see [`DRAIN`]).
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
@@ -185,18 +204,13 @@ impl Cluster {
         let owner_is_me = ranked.first().is_some_and(|m| m.name == me);
         let order = self.down.alive(ranked, Instant::now());
         for peer in down::ahead_of(&order, me) {
-            let labels = PeerLabels {
-                peer: peer.name.clone(),
-            };
             self.metrics
                 .cluster_peer_requests
-                .get_or_create(&labels)
+                .get_or_create(&PeerLabels {
+                    peer: peer.name.clone(),
+                })
                 .inc();
-            let errors = self
-                .metrics
-                .cluster_peer_errors
-                .get_or_create(&labels)
-                .clone();
+            let errors = self.peer_errors(&peer.name);
             let on_body_error = move || {
                 errors.inc();
             };
@@ -214,17 +228,13 @@ impl Cluster {
             {
                 Ok(resp) => return Some(resp),
                 Err(e) => {
-                    self.metrics
-                        .cluster_peer_errors
-                        .get_or_create(&labels)
-                        .inc();
                     tracing::warn!(
                         peer = %peer.name,
                         error = %e,
                         down_for = ?down::DOWN_FOR,
                         "cluster member unreachable: marked down, asking the next"
                     );
-                    self.mark_down(&peer.name);
+                    self.peer_failed(&peer.name);
                 }
             }
         }

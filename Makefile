@@ -17,11 +17,12 @@ test: test-deps
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 
-## Regenerate the RegistryMirror CRD from the Rust types (a unit test fails when it drifts).
+## Regenerate the RegistryMirror and RegistryMirrorNode CRDs from the Rust types (a unit test fails when it drifts).
 ## The Helm chart carries a copy (tests/tests/chart.rs fails when they differ).
 crds:
 	$(CARGO) run -q -p regmirror-operator -- crd > crds/registrymirror.yaml
-	cp crds/registrymirror.yaml charts/regmirror/crds/registrymirror.yaml
+	$(CARGO) run -q -p regmirror-operator -- crd --node > crds/registrymirrornode.yaml
+	cp crds/registrymirror.yaml crds/registrymirrornode.yaml charts/regmirror/crds/
 
 ## Container images from the Containerfile: $(IMAGE_REPO)/regmirror-cache and
 ## $(IMAGE_REPO)/regmirror-operator, tagged $(IMAGE_TAG) (the chart's defaults).

@@ -38,7 +38,11 @@ enum Command {
     /// Run the controller (the default).
     Run(RunArgs),
     /// Print the RegistryMirror CustomResourceDefinition as YAML.
-    Crd,
+    Crd {
+        /// Print the RegistryMirrorNode CRD (the node agents' reports) instead.
+        #[arg(long)]
+        node: bool,
+    },
     /// Node agent: writes this node's containerd hosts.toml for one mirror (run by
     /// the DaemonSet the operator creates).
     Agent(AgentArgs),
@@ -125,8 +129,12 @@ struct RunArgs {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Crd) => {
-            print!("{}", regmirror_operator::crd::crd_yaml());
+        Some(Command::Crd { node }) => {
+            if node {
+                print!("{}", regmirror_operator::node_report::crd_yaml());
+            } else {
+                print!("{}", regmirror_operator::crd::crd_yaml());
+            }
             Ok(())
         }
         Some(Command::Agent(args)) => agent(args).await,

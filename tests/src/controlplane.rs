@@ -404,15 +404,17 @@ impl ControlPlane {
 
     /// A fake node managed by kwok (Ready within a second), without taints so
     /// ordinary pods schedule onto it.
-    /// Applies `crds/registrymirror.yaml` and waits until it is served.
+    /// Applies the CRDs in `crds/` (RegistryMirror and RegistryMirrorNode)
+    /// and waits until they are served.
     pub async fn install_crd(&self) -> Result<()> {
-        let crd = crate::util::workspace_root().join("crds/registrymirror.yaml");
-        self.kubectl_ok(&["apply", "-f", crd.to_str().unwrap()])
+        let crds = crate::util::workspace_root().join("crds");
+        self.kubectl_ok(&["apply", "-f", crds.to_str().unwrap()])
             .await?;
         self.kubectl_ok(&[
             "wait",
             "--for=condition=Established",
             "crd/registrymirrors.regmirror.dev",
+            "crd/registrymirrornodes.regmirror.dev",
             "--timeout=30s",
         ])
         .await?;

@@ -55,13 +55,15 @@ async fn operator_run_flags() -> Result<Vec<(String, Option<String>)>> {
 }
 
 #[test]
-fn chart_crd_is_the_generated_crd() {
-    let generated = read(&workspace_root().join("crds/registrymirror.yaml"));
-    let in_chart = read(&chart_dir().join("crds/registrymirror.yaml"));
-    assert!(
-        generated == in_chart,
-        "charts/regmirror/crds/registrymirror.yaml differs from crds/registrymirror.yaml: run `make crds`"
-    );
+fn chart_crds_are_the_generated_crds() {
+    for file in ["registrymirror.yaml", "registrymirrornode.yaml"] {
+        let generated = read(&workspace_root().join("crds").join(file));
+        let in_chart = read(&chart_dir().join("crds").join(file));
+        assert!(
+            generated == in_chart,
+            "charts/regmirror/crds/{file} differs from crds/{file}: run `make crds`"
+        );
+    }
 }
 
 #[tokio::test]

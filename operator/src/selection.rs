@@ -1,0 +1,142 @@
+//! Which nodes a RegistryMirror configures: one pure rule, used by the node
+//! agent (does this node want the mirror's files?) and by the operator
+//! (which nodes count for `nodesDesired`, and which deletion waits for).
+
+use k8s_openapi::api::core::v1::{Node, Taint, Toleration};
+
+use crate::crd::NodesSpec;
+
+/// Whether `spec` selects `node`: every `nodeSelector` label matches, and
+/// when `tolerations` is set, every `NoSchedule`/`NoExecute` taint of the
+/// node is tolerated (as the scheduler would decide for a pod with those
+/// tolerations). Unset tolerations select tainted nodes too (the default:
+/// control-plane nodes pull images as well). `PreferNoSchedule` taints never
+/// exclude a node, as they never keep a pod off one.
+pub fn selects(spec: &NodesSpec, node: &Node) -> bool {
+    let labels = node.metadata.labels.as_ref();
+    let labels_match = spec
+        .node_selector
+        .iter()
+        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
+    if !labels_match {
+        return false;
+    }
+    let Some(tolerations) = &spec.tolerations else {
+        return true;
+    };
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|t| t.effect != "PreferNoSchedule")
+        .all(|t| tolerations.iter().any(|tol| tolerates(tol, t)))
+}
+
+/// Kubernetes' `Toleration.ToleratesTaint` (k8s.io/api core/v1
+/// toleration.go): an empty key with `Exists` matches every taint; an empty
+/// effect matches every effect; `Equal` (the default operator) compares values.
+pub fn tolerates(tol: &Toleration, taint: &Taint) -> bool {
+    let effect_ok = tol
+        .effect
+        .as_deref()
+        .is_none_or(|e| e.is_empty() || e == taint.effect);
+    if !effect_ok {
+        return false;
+    }
+    let key = tol.key.as_deref().unwrap_or_default();
+    if key.is_empty() {
+        return tol.operator.as_deref() == Some("Exists");
+    }
+    if key != taint.key {
+        return false;
+    }
+    match tol.operator.as_deref().unwrap_or("Equal") {
+        "Exists" => true,
+        "Equal" | "" => {
+            tol.value.as_deref().unwrap_or_default() == taint.value.as_deref().unwrap_or_default()
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(labels: serde_json::Value, taints: serde_json::Value) -> Node {
+        serde_json::from_value(json!({
+            "metadata": {"name": "n", "labels": labels},
+            "spec": {"taints": taints},
+        }))
+        .unwrap()
+    }
+
+    fn spec(v: serde_json::Value) -> NodesSpec {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_node_selector_must_match_every_label() {
+        let n = node(json!({"pool": "gpu", "zone": "a"}), json!([]));
+        assert!(selects(&spec(json!({})), &n));
+        assert!(selects(&spec(json!({"nodeSelector": {"pool": "gpu"}})), &n));
+        assert!(!selects(
+            &spec(json!({"nodeSelector": {"pool": "cpu"}})),
+            &n
+        ));
+        assert!(!selects(
+            &spec(json!({"nodeSelector": {"pool": "gpu", "x": "y"}})),
+            &n
+        ));
+    }
+
+    #[test]
+    fn tolerations_filter_tainted_nodes_only_when_set() {
+        let cp = node(
+            json!({}),
+            json!([{"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"},
+                   {"key": "soft", "effect": "PreferNoSchedule"}]),
+        );
+        assert!(
+            selects(&spec(json!({})), &cp),
+            "unset tolerations select every node"
+        );
+        assert!(!selects(&spec(json!({"tolerations": []})), &cp));
+        assert!(selects(
+            &spec(
+                json!({"tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]})
+            ),
+            &cp
+        ));
+        assert!(selects(
+            &spec(json!({"tolerations": [{"operator": "Exists"}]})),
+            &cp
+        ));
+        assert!(!selects(
+            &spec(
+                json!({"tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoExecute"}]})
+            ),
+            &cp
+        ));
+    }
+
+    #[test]
+    fn equal_compares_values() {
+        let t: Taint =
+            serde_json::from_value(json!({"key": "k", "value": "v", "effect": "NoSchedule"}))
+                .unwrap();
+        let tol = |v: serde_json::Value| -> Toleration { serde_json::from_value(v).unwrap() };
+        assert!(tolerates(&tol(json!({"key": "k", "value": "v"})), &t));
+        assert!(tolerates(
+            &tol(json!({"key": "k", "operator": "Equal", "value": "v", "effect": "NoSchedule"})),
+            &t
+        ));
+        assert!(!tolerates(&tol(json!({"key": "k", "value": "w"})), &t));
+        assert!(!tolerates(
+            &tol(json!({"key": "j", "operator": "Exists"})),
+            &t
+        ));
+    }
+}

@@ -60,10 +60,88 @@ pub fn tolerates(tol: &Toleration, taint: &Taint) -> bool {
     }
 }
 
+/// Whether `path` (a node path, e.g. a mirror's `containerdConfigDir`) is
+/// one of `allowed` or inside one, compared by whole path components (so
+/// `/etc/containerd-evil` is not inside `/etc/containerd`). The installer
+/// sets `allowed` (chart `agent.hostDirs`, the directories the agent
+/// DaemonSet mounts); a mirror can only choose among them (issue 17: a mirror
+/// asking for `/` must not get the node's root). Relative paths and paths
+/// with `.`/`..` components are never allowed.
+pub fn within_allowed(path: &str, allowed: &[String]) -> bool {
+    let parts = |p: &str| -> Option<Vec<String>> {
+        if !p.starts_with('/') {
+            return None;
+        }
+        let v: Vec<String> = p
+            .split('/')
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect();
+        (!v.iter().any(|c| c == "." || c == "..")).then_some(v)
+    };
+    let Some(want) = parts(path) else {
+        return false;
+    };
+    allowed
+        .iter()
+        .filter_map(|a| parts(a))
+        .any(|root| want.len() >= root.len() && want[..root.len()] == root[..])
+}
+
+/// Where this process sees the node path `node_path`: under `host_root`
+/// (`/host` in the agent's pod, `/` when run directly on a node).
+pub fn seen_at(host_root: &std::path::Path, node_path: &str) -> std::path::PathBuf {
+    host_root.join(node_path.trim_start_matches('/'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn only_paths_inside_the_installers_directories_are_allowed() {
+        let allowed = vec![
+            "/etc/containerd".to_owned(),
+            "/var/lib/rancher/k3s/agent/etc/containerd/".to_owned(),
+        ];
+        assert!(within_allowed("/etc/containerd", &allowed));
+        assert!(within_allowed("/etc/containerd/certs.d", &allowed));
+        assert!(within_allowed("/etc/containerd/certs.d/", &allowed));
+        assert!(within_allowed(
+            "/var/lib/rancher/k3s/agent/etc/containerd/certs.d",
+            &allowed
+        ));
+        for bad in [
+            "/",
+            "/etc",
+            "/etc/containerd-evil",
+            "/etc/containerd/../shadow",
+            "etc/containerd",
+            "/etc/containerd/./x",
+            "",
+        ] {
+            assert!(!within_allowed(bad, &allowed), "{bad}");
+        }
+        assert!(!within_allowed("/etc/containerd", &[]));
+        assert!(
+            within_allowed("/anything", &["/".to_owned()]),
+            "an installer may allow everything"
+        );
+    }
+
+    #[test]
+    fn node_paths_are_seen_under_the_host_root() {
+        use std::path::Path;
+        assert_eq!(
+            seen_at(Path::new("/host"), "/etc/containerd/certs.d"),
+            Path::new("/host/etc/containerd/certs.d")
+        );
+        assert_eq!(
+            seen_at(Path::new("/"), "/etc/containerd"),
+            Path::new("/etc/containerd")
+        );
+    }
 
     fn node(labels: serde_json::Value, taints: serde_json::Value) -> Node {
         serde_json::from_value(json!({

@@ -232,6 +232,35 @@ impl Config {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
+        Self::resolve_with(cli, file)
+    }
+
+    /// What this cache would make of the configuration file `text` if
+    /// started with `--config <file_name>` and `--name member` (the name a
+    /// StatefulSet member gets from `REGMIRROR_NAME`), nothing else set and
+    /// no environment read: the operator checks what it renders with this
+    /// before touching a running cache (issue 18: specs the cache refuses
+    /// made it crash-loop). Errors are the cache's own, naming the field.
+    pub fn check_file(text: &str, file_name: &str, member: &str) -> Result<Self, ConfigError> {
+        let file = parse_file(text, file_name)?;
+        let cli = Cli {
+            config: Some(PathBuf::from(file_name)),
+            listen: None,
+            storage: None,
+            upstreams: Vec::new(),
+            credentials: None,
+            tag_ttl: None,
+            log_format: None,
+            max_size: None,
+            max_age: None,
+            name: Some(member.to_owned()),
+            peers: Vec::new(),
+            member_max_size: None,
+        };
+        Self::resolve_with(cli, file)
+    }
+
+    fn resolve_with(cli: Cli, file: FileConfig) -> Result<Self, ConfigError> {
         let config_path = cli.config.clone();
         let duration = |field: &str, d: &Option<DurationText>| {
             file_duration(config_path.as_deref(), field, d.as_ref())
@@ -441,8 +470,12 @@ fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.display().to_string(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.display().to_string(),
+    parse_file(&text, &path.display().to_string())
+}
+
+fn parse_file(text: &str, path: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
         message: e.to_string(),
     })
 }

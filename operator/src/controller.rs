@@ -33,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::migration::{self, Progress};
 use crate::resources::{self, Children, MANAGER, Settings};
 use crate::status::{self, Conflict, Observed, Problem, reason};
+use crate::validation;
 
 /// Held on every mirror until its node configuration is removed.
 pub const FINALIZER: &str = "regmirror.dev/node-config";
@@ -391,9 +392,27 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
         .ns::<StatefulSet>()
         .get_opt(&resources::stateful_set_name(&name))
         .await?;
-    if let Some(existing) = &before
-        && resources::keep_claim_templates(&mut children.stateful_set, existing)
-    {
+    let claims_kept = before.as_ref().is_some_and(|existing| {
+        resources::keep_claim_templates(&mut children.stateful_set, existing)
+    });
+    // Nothing is written before everything that can refuse this spec has
+    // had its say: the cache's parser, then (for a new generation) the API
+    // server in a dry run of every child. The running cache stays as it is.
+    let verdict = match validation::check(mirror, &children) {
+        Err(message) => Some(message),
+        // Boxed: a large future, run only for a new generation.
+        Ok(()) if needs_dry_run(mirror) => Box::pin(dry_run_children(&children, ctx)).await?,
+        Ok(()) => None,
+    };
+    if let Some(message) = verdict {
+        let problem = Problem {
+            reason: reason::INVALID_SPEC,
+            message,
+        };
+        report(mirror, ctx, conflicts, Outcome::Stopped(problem)).await?;
+        return Ok(Action::requeue(Duration::from_secs(300)));
+    }
+    if claims_kept {
         publish(
             ctx,
             mirror,
@@ -614,7 +633,13 @@ async fn report(
             }
             (observed, None, false)
         }
-        Outcome::Stopped(p) => (Seen::read(mirror, ctx).await?.observed(), Some(p), false),
+        Outcome::Stopped(p) => {
+            let observed = Observed {
+                not_applied: true,
+                ..Seen::read(mirror, ctx).await?.observed()
+            };
+            (observed, Some(p), false)
+        }
         Outcome::Deleting(seen) => (seen.observed(), None, true),
     };
     let observed = Observed {
@@ -663,6 +688,65 @@ async fn ssa(ctx: &Context, kind: ChildKind, object: &Value) -> Result<DynamicOb
             name,
             source,
         })
+}
+
+/// Whether this generation of the spec has not been applied in full yet
+/// (so its children are dry-run first).
+fn needs_dry_run(mirror: &RegistryMirror) -> bool {
+    mirror.status.as_ref().and_then(|s| s.observed_generation) != mirror.metadata.generation
+}
+
+/// Server-side dry run of every child but the NodePort Service, then a real
+/// apply of that Service: `Some(message)` when the API server refuses one
+/// as invalid ([`validation::refused`]), `None` when all would apply. Other
+/// failures are errors (retried).
+///
+/// The Service is written for real, last: the API server checks a NodePort
+/// (range, already allocated) only when it allocates it, which a dry run
+/// skips (seen on Kubernetes 1.35). Written last, it changes only once
+/// everything else would apply too.
+async fn dry_run_children(c: &Children, ctx: &Context) -> Result<Option<String>, Error> {
+    let kinds = ChildKind::ALL
+        .into_iter()
+        .filter(|k| *k != ChildKind::Service)
+        .map(|k| (k, true))
+        .chain([(ChildKind::Service, false)]);
+    for (kind, dry_run) in kinds {
+        let Some(object) = c.object(kind) else {
+            continue;
+        };
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let mut params = PatchParams::apply(MANAGER).force();
+        params.dry_run = dry_run;
+        match ctx
+            .children(kind)
+            .patch(&name, &params, &Patch::Apply(&object))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) => {
+                if let Some(message) = validation::refused(kind.as_str(), &name, &status) {
+                    return Ok(Some(message));
+                }
+                return Err(Error::Apply {
+                    kind: kind.as_str(),
+                    name,
+                    source: kube::Error::Api(status),
+                });
+            }
+            Err(source) => {
+                return Err(Error::Apply {
+                    kind: kind.as_str(),
+                    name,
+                    source,
+                });
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Applies every child in [`ChildKind::ALL`]'s order.
@@ -1050,6 +1134,88 @@ mod tests {
             }
         }
 
+        /// `m` with its current generation already applied (no dry run).
+        fn applied_before(mut m: RegistryMirror) -> RegistryMirror {
+            m.status = Some(crate::crd::RegistryMirrorStatus {
+                observed_generation: m.metadata.generation,
+                ..Default::default()
+            });
+            m
+        }
+
+        #[tokio::test]
+        async fn a_new_generation_the_api_server_refuses_writes_no_child() {
+            // Generation 2 of a mirror whose generation 1 runs on port 31500 for docker.io.
+            let mut m = fixtures::mirror(true);
+            m.metadata.generation = Some(2);
+            m.status = Some(crate::crd::RegistryMirrorStatus {
+                observed_generation: Some(1),
+                hosts: Some(vec!["docker.io".into()]),
+                node_port: Some(31500),
+                ..Default::default()
+            });
+            let result = fixtures::reconcile(m, |mut api| async move {
+                let stateful_set = apps("statefulsets", "regmirror-hub");
+                api.expect_not_found(Method::GET, &stateful_set).await;
+                for path in [
+                    core("configmaps", "regmirror-hub"),
+                    core("serviceaccounts", "regmirror-hub-cache"),
+                    rbac("roles", "regmirror-hub-cache"),
+                    rbac("rolebindings", "regmirror-hub-cache"),
+                    core("services", "regmirror-hub-members"),
+                    stateful_set.clone(),
+                    apps("daemonsets", "regmirror-hub-agent"),
+                ] {
+                    let call = api
+                        .expect(Method::PATCH, &path, StatusCode::OK, |c| c.body.clone())
+                        .await;
+                    assert!(call.query.contains("dryRun=All"), "{path}: {}", call.query);
+                }
+                // The NodePort Service last, for real: only a real write checks its port.
+                let call = api.expect(
+                    Method::PATCH,
+                    &core("services", "regmirror-hub"),
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    |_| {
+                        json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                               "status": "Failure", "reason": "Invalid", "code": 422,
+                               "message": "Service \"regmirror-hub\" is invalid: spec.ports[0].nodePort: Invalid value: 80: provided port is not in the valid range. The range of valid ports is 30000-32767"})
+                    },
+                )
+                .await;
+                assert!(!call.query.contains("dryRun"), "{}", call.query);
+                // No real apply, no migration: the status reads the children as they are.
+                for path in [
+                    stateful_set,
+                    core("services", "regmirror-hub"),
+                    apps("daemonsets", "regmirror-hub-agent"),
+                ] {
+                    api.expect_not_found(Method::GET, &path).await;
+                }
+                assert_eq!(
+                    api.expect_event().await,
+                    ("Warning".into(), "InvalidSpec".into())
+                );
+                let status = api.expect_status().await;
+                let ready = &status["conditions"][0];
+                assert_eq!(ready["reason"], "InvalidSpec");
+                assert!(
+                    ready["message"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("spec.cache.nodePort: the API server refuses the cache's Service regmirror-hub: "),
+                    "{ready}"
+                );
+                // What nodes act on stays generation 1's.
+                assert_eq!(status["observedGeneration"], 1);
+                assert_eq!(status["hosts"], json!(["docker.io"]));
+                assert_eq!(status["nodePort"], 31500);
+                api
+            })
+            .await;
+            assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(300)));
+        }
+
         fn success() -> Value {
             json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"})
         }
@@ -1102,7 +1268,7 @@ mod tests {
 
         #[tokio::test]
         async fn apply_applies_children_in_order_then_prunes_then_writes_the_status() {
-            let result = fixtures::reconcile(fixtures::mirror(true), |mut api| async move {
+            let result = fixtures::reconcile(applied_before(fixtures::mirror(true)), |mut api| async move {
                 let stateful_set = apps("statefulsets", "regmirror-hub");
                 api.expect_not_found(Method::GET, &stateful_set).await;
                 expect_nothing_to_migrate(&mut api).await;
@@ -1214,45 +1380,48 @@ mod tests {
 
         #[tokio::test]
         async fn a_failed_apply_is_reported_in_the_status_from_the_children_as_they_are() {
-            let result = fixtures::reconcile(fixtures::mirror(true), |mut api| async move {
-                let stateful_set = apps("statefulsets", "regmirror-hub");
-                api.expect_not_found(Method::GET, &stateful_set).await;
-                expect_nothing_to_migrate(&mut api).await;
-                api.expect(
-                    Method::PATCH,
-                    &core("configmaps", "regmirror-hub"),
-                    StatusCode::FORBIDDEN,
-                    |_| {
-                        json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+            let result = fixtures::reconcile(
+                applied_before(fixtures::mirror(true)),
+                |mut api| async move {
+                    let stateful_set = apps("statefulsets", "regmirror-hub");
+                    api.expect_not_found(Method::GET, &stateful_set).await;
+                    expect_nothing_to_migrate(&mut api).await;
+                    api.expect(
+                        Method::PATCH,
+                        &core("configmaps", "regmirror-hub"),
+                        StatusCode::FORBIDDEN,
+                        |_| {
+                            json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
                                "status": "Failure", "reason": "Forbidden", "code": 403,
                                "message": "configmaps is forbidden"})
-                    },
-                )
-                .await;
-                // Nothing more is applied or pruned; the status reads the children.
-                for path in [
-                    stateful_set,
-                    core("services", "regmirror-hub"),
-                    apps("daemonsets", "regmirror-hub-agent"),
-                ] {
-                    api.expect_not_found(Method::GET, &path).await;
-                }
-                assert_eq!(
-                    api.expect_event().await,
-                    ("Warning".into(), "ApplyFailed".into())
-                );
-                let status = api.expect_status().await;
-                let ready = &status["conditions"][0];
-                assert_eq!(ready["reason"], "ApplyFailed");
-                assert!(
-                    ready["message"]
-                        .as_str()
-                        .unwrap()
-                        .starts_with("applying ConfigMap regmirror-hub: "),
-                    "{ready}"
-                );
-                api
-            })
+                        },
+                    )
+                    .await;
+                    // Nothing more is applied or pruned; the status reads the children.
+                    for path in [
+                        stateful_set,
+                        core("services", "regmirror-hub"),
+                        apps("daemonsets", "regmirror-hub-agent"),
+                    ] {
+                        api.expect_not_found(Method::GET, &path).await;
+                    }
+                    assert_eq!(
+                        api.expect_event().await,
+                        ("Warning".into(), "ApplyFailed".into())
+                    );
+                    let status = api.expect_status().await;
+                    let ready = &status["conditions"][0];
+                    assert_eq!(ready["reason"], "ApplyFailed");
+                    assert!(
+                        ready["message"]
+                            .as_str()
+                            .unwrap()
+                            .starts_with("applying ConfigMap regmirror-hub: "),
+                        "{ready}"
+                    );
+                    api
+                },
+            )
             .await;
             assert_eq!(result.unwrap_err().kind(), "apply");
         }

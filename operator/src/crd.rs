@@ -50,6 +50,8 @@ pub struct RegistryMirrorSpec {
     pub upstreams: Vec<Upstream>,
     /// Where each cache member keeps content: one claim per member.
     #[serde(default)]
+    #[x_kube(validation = Rule::new("has(self.storageClassName) == has(oldSelf.storageClassName) && (!has(self.storageClassName) || self.storageClassName == oldSelf.storageClassName)")
+        .message("storageClassName is fixed once the mirror exists (set or unset): Kubernetes does not change a StatefulSet's claim templates"))]
     pub storage: Storage,
     /// The cache: a StatefulSet of `replicas` members acting as one cache.
     #[serde(default)]
@@ -67,8 +69,8 @@ pub struct Upstream {
     /// `ghcr.io`, `registry.example.com:5000`.
     #[schemars(length(min = 1, max = 253))]
     #[x_kube(
-        validation = Rule::new(r"self.matches('^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[0-9]{1,5})?$')")
-            .message("host must be a lowercase registry host name with an optional port, such as docker.io or registry.example.com:5000 (no scheme, no path)"),
+        validation = Rule::new(r"self.matches('^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?$')")
+            .message("host must be a lowercase registry host name with an optional port (1-65535), such as docker.io or registry.example.com:5000 (no scheme, no path)"),
         validation = docker_hub_alias_rule()
     )]
     pub host: String,
@@ -78,8 +80,8 @@ pub struct Upstream {
     /// Nodes fall back to it when the cache is down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048))]
-    #[x_kube(validation = Rule::new(r"self.matches('^https?://[^/?#@\\s]+(/[^?#\\s]*)?$')")
-        .message("url must be http:// or https:// followed by a host, an optional port and path, without credentials, query or fragment"))]
+    #[x_kube(validation = Rule::new(r"self.matches('^https?://([^/?#@\\s:\\[\\]]+|\\[[0-9a-fA-F:.]+\\])(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?(/[^?#\\s]*)?$')")
+        .message("url must be http:// or https:// followed by a host, an optional port (1-65535) and path, without credentials, query or fragment"))]
     pub url: Option<String>,
     /// A `kubernetes.io/dockerconfigjson` Secret holding credentials for this registry.
     /// It must be in the operator's namespace (which is the default).
@@ -123,8 +125,20 @@ fn docker_hub_alias_rule() -> kube::core::Rule {
 }
 
 fn duration_rule() -> kube::core::Rule {
-    kube::core::Rule::new(r"self.matches('^([0-9]+(ms|s|m|h|d))+$')")
-        .message("must be a duration such as 30s, 5m or 1h30m")
+    kube::core::Rule::new(r"self.matches('^([0-9]{1,9}(ms|s|m|h|d))+$')")
+        .message("must be a duration such as 30s, 5m or 1h30m (each number at most 9 digits)")
+}
+
+/// A duration that must be longer than zero (a limit: `0s` would evict at once).
+fn positive_duration_rule(field: &str) -> kube::core::Rule {
+    kube::core::Rule::new(r"!self.matches('^(0+(ms|s|m|h|d))+$')")
+        .message(format!("{field} must be longer than 0 (omit it for no limit)").as_str())
+}
+
+/// A quantity that must be more than zero.
+fn positive_quantity_rule(field: &str) -> kube::core::Rule {
+    kube::core::Rule::new("!isQuantity(self) || quantity(self).isGreaterThan(quantity('0'))")
+        .message(format!("{field} must be more than 0").as_str())
 }
 
 /// A Secret reference.
@@ -165,16 +179,29 @@ pub struct Storage {
     /// Requested volume size of each member (a Kubernetes quantity such as 20Gi).
     /// Fixed once the StatefulSet exists (Kubernetes does not change its claim templates).
     #[schemars(length(max = 64))]
-    #[x_kube(validation = Rule::new(r"self.matches('^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$')")
-        .message("size must be a quantity such as 500Mi, 20Gi or 1Ti"))]
+    #[x_kube(
+        validation = Rule::new(r"self.matches('^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$')")
+            .message("size must be a quantity such as 500Mi, 20Gi or 1Ti"),
+        validation = positive_quantity_rule("size"),
+        validation = Rule::new("self == oldSelf")
+            .message("size is fixed once the mirror exists: Kubernetes does not change a StatefulSet's claim templates (expand each member's claim with kubectl edit pvc, if its StorageClass allows, or create a new mirror)")
+    )]
     #[serde(default = "default_storage_size")]
     pub size: String,
-    /// StorageClass of the claims; the cluster default when unset. Fixed once the StatefulSet exists.
+    /// StorageClass of the claims; the cluster default when unset. Fixed once the mirror exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(
+        validation = Rule::new(r"self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')")
+            .message("storageClassName must be a StorageClass name: lowercase letters, digits, '-' and '.'")
+    )]
     pub storage_class_name: Option<String>,
     /// Access mode of each member's claim. Members never share a volume, so
     /// ReadWriteOnce (which every StorageClass offers) suits any number of members.
+    /// Fixed once the mirror exists.
     #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf")
+        .message("accessMode is fixed once the mirror exists: Kubernetes does not change a StatefulSet's claim templates"))]
     pub access_mode: AccessMode,
 }
 
@@ -218,6 +245,9 @@ impl LogLevel {
 pub struct CacheSpec {
     /// Cache image; defaults to the operator's `--cache-image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = Rule::new(r"!self.matches('\\s')")
+        .message("image must be an image reference without spaces"))]
     pub image: Option<String>,
     /// Always, IfNotPresent or Never; Kubernetes' default when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -249,12 +279,13 @@ pub struct CacheSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new(r"self.matches('^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$')")
-        .message("maxSize must be a quantity such as 500Mi, 18Gi or 1Ti: the budget of all cache members together"))]
+        .message("maxSize must be a quantity such as 500Mi, 18Gi or 1Ti: the budget of all cache members together"),
+        validation = positive_quantity_rule("maxSize"))]
     pub max_size: Option<String>,
     /// Evict content nobody pulled for this long (e.g. `30d`); never by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
-    #[x_kube(validation = duration_rule())]
+    #[x_kube(validation = duration_rule(), validation = positive_duration_rule("maxAge"))]
     pub max_age: Option<String>,
     /// Fixed NodePort for the cache Service (inside the cluster's NodePort range);
     /// allocated by Kubernetes when unset.
@@ -290,6 +321,9 @@ impl Default for CacheSpec {
 pub struct NodesSpec {
     /// Nodes to configure; all nodes when empty.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "node_selector_schema")]
+    #[x_kube(validation = Rule::new(r"self.all(k, k.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$'))")
+        .message("nodeSelector keys must be label keys: an optional DNS prefix and '/', then up to 63 letters, digits, '-', '_' or '.'"))]
     pub node_selector: BTreeMap<String, String>,
     /// Tolerations of the agent; when unset it tolerates every taint, so tainted
     /// (e.g. control-plane) nodes are configured too.
@@ -316,6 +350,21 @@ pub struct NodesSpec {
     /// Agent image; defaults to the operator's `--agent-image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_image: Option<String>,
+}
+
+/// `nodeSelector`: at most 64 labels whose values are label values (a
+/// `pattern`, which costs nothing in the CEL budget; the keys' rule is CEL,
+/// as OpenAPI has no pattern for map keys).
+fn node_selector_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": 64,
+        "additionalProperties": {
+            "type": "string",
+            "maxLength": 63,
+            "pattern": "^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
+        }
+    })
 }
 
 fn default_containerd_config_file() -> String {

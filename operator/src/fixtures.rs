@@ -83,7 +83,8 @@ where
 {
     let (ctx, server) = context();
     // `ctx` (and so every client) is dropped when the reconcile returns.
-    let work = controller::reconcile(Arc::new(mirror), ctx);
+    // Boxed: the reconcile future is large, and a test thread has 2 MiB of stack.
+    let work = Box::pin(controller::reconcile(Arc::new(mirror), ctx));
     let limit = Duration::from_secs(5);
     let (result, server) =
         tokio::time::timeout(limit, async { tokio::join!(work, script(server)) })

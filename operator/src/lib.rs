@@ -23,3 +23,4 @@ pub mod quiet;
 pub mod resources;
 pub mod selection;
 pub mod status;
+pub mod validation;

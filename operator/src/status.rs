@@ -107,6 +107,12 @@ pub struct Observed {
     pub namespace: String,
     /// Why a cache member is not ready, when a pod says ([`pod_cause`]).
     pub cache_cause: Option<String>,
+    /// Reconciling stopped before every child of this generation was
+    /// applied. The status then keeps what the nodes act on (`hosts`,
+    /// `nodePort`) and `observedGeneration` from the last generation that
+    /// was (issue 18: an edit that failed half-way still published its new
+    /// hosts, so agents pointed nodes at a cache that did not serve them).
+    pub not_applied: bool,
 }
 
 /// Longest cause quoted from a pod (scheduler messages list every node).
@@ -410,13 +416,24 @@ pub fn compute(
         .map(|c| transition(old, c, generation, now))
         .collect();
 
+    // What nodes act on changes only with a fully applied generation.
+    let (observed_generation, upstreams, hosts, node_port) = match previous {
+        Some(p) if observed.not_applied => (
+            p.observed_generation,
+            p.upstreams.clone(),
+            p.hosts.clone(),
+            p.node_port,
+        ),
+        None if observed.not_applied => (None, Some(summary), None, None),
+        _ => (generation, Some(summary), Some(hosts), observed.node_port),
+    };
     RegistryMirrorStatus {
-        observed_generation: generation,
+        observed_generation,
         conditions,
-        upstreams: Some(summary),
-        hosts: Some(hosts),
-        endpoint: observed.node_port.map(|p| format!("<node-ip>:{p}")),
-        node_port: observed.node_port,
+        upstreams,
+        hosts,
+        endpoint: node_port.map(|p| format!("<node-ip>:{p}")),
+        node_port,
         nodes_desired,
         nodes_configured,
         cache: observed

@@ -28,8 +28,9 @@ const IDENTITY: &str = "op-1";
 
 /// Every scenario of this file: the shared control plane is stopped when this
 /// many have had their [`turn`].
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 9] = [
     "invalid_specs_are_rejected_with_the_schemas_messages",
+    "a_spec_the_cache_or_the_api_server_refuses_leaves_the_running_cache_alone",
     "a_mirror_becomes_ready_with_owned_labelled_children_events_and_metrics",
     "a_later_mirror_loses_a_shared_host_until_the_older_is_deleted",
     "a_spec_change_rolls_the_cache_config",
@@ -226,6 +227,62 @@ async fn invalid_specs_are_rejected_with_the_schemas_messages() -> Result<()> {
             "must be a duration",
         ),
         ("[]", "", "spec.upstreams"),
+        // Issue 18, item 1: accepted before, then refused by the cache or the API server.
+        (
+            "[{host: r.example, url: 'http://:80'}]",
+            "",
+            "url must be http:// or https:// followed by a host",
+        ),
+        (
+            "[{host: 'r.example:99999'}]",
+            "",
+            "host must be a lowercase registry host name with an optional port (1-65535)",
+        ),
+        (
+            "[{host: r.example, url: 'http://r.example:65536/'}]",
+            "",
+            "url must be http:// or https:// followed by a host, an optional port (1-65535)",
+        ),
+        (
+            "[{host: docker.io}]",
+            "  cache: {maxSize: '0'}\n",
+            "maxSize must be more than 0",
+        ),
+        (
+            "[{host: docker.io}]",
+            "  cache: {maxAge: 0s}\n",
+            "maxAge must be longer than 0",
+        ),
+        (
+            "[{host: docker.io, tagTTL: 99999999999999999999d}]",
+            "",
+            "each number at most 9 digits",
+        ),
+        (
+            "[{host: docker.io}]",
+            "  storage: {size: '0'}\n",
+            "size must be more than 0",
+        ),
+        (
+            "[{host: docker.io}]",
+            "  storage: {storageClassName: 'Not Valid!'}\n",
+            "storageClassName must be a StorageClass name",
+        ),
+        (
+            "[{host: docker.io}]",
+            "  nodes: {nodeSelector: {'bad key!': x}}\n",
+            "nodeSelector keys must be label keys",
+        ),
+        (
+            "[{host: docker.io}]",
+            "  nodes: {nodeSelector: {pool: 'not valid!'}}\n",
+            "spec.nodes.nodeSelector.pool",
+        ),
+        (
+            "[{host: docker.io}]",
+            "  cache: {image: ''}\n",
+            "spec.cache.image",
+        ),
     ] {
         let out = cp.apply(&mirror_yaml("bad", upstreams, extra)).await?;
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -235,6 +292,169 @@ async fn invalid_specs_are_rejected_with_the_schemas_messages() -> Result<()> {
             out.status
         );
     }
+    Ok(())
+}
+
+/// What of `steady`'s children a write would change: the StatefulSet's
+/// generation (spec changes only), the ConfigMap's data, the Service's ports.
+async fn steady_children(
+    cp: &ControlPlane,
+) -> Result<(serde_json::Value, serde_json::Value, serde_json::Value)> {
+    let sts = cp
+        .get_json(&["statefulset", "regmirror-steady", "-n", NS])
+        .await?
+        .context("steady's StatefulSet")?;
+    let cm = cp
+        .get_json(&["configmap", "regmirror-steady", "-n", NS])
+        .await?
+        .context("steady's ConfigMap")?;
+    let svc = cp
+        .get_json(&["service", "regmirror-steady", "-n", NS])
+        .await?
+        .context("steady's Service")?;
+    Ok((
+        sts["metadata"]["generation"].clone(),
+        cm["data"].clone(),
+        svc["spec"]["ports"].clone(),
+    ))
+}
+
+/// Issue 18, items 1 and 2: what only the cache's parser or the API server
+/// can refuse sets `InvalidSpec` and writes no child, so the running cache
+/// keeps its configuration and the nodes keep pointing at what it serves;
+/// storage fields Kubernetes will not change are refused at apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_the_cache_or_the_api_server_refuses_leaves_the_running_cache_alone() -> Result<()> {
+    let mut turn =
+        turn("a_spec_the_cache_or_the_api_server_refuses_leaves_the_running_cache_alone").await;
+    let (cp, op) = turn.cluster().await?;
+    create_mirror(cp, op, "steady", "[{host: steady.example}]").await?;
+    op.wait_for(
+        cp,
+        "steady generation 1 applied",
+        &["registrymirror", "steady"],
+        |m| {
+            let m = m?;
+            (m["status"]["observedGeneration"] == 1 && m["status"]["nodePort"].is_i64())
+                .then_some(())
+        },
+    )
+    .await?;
+    let running = steady_children(cp).await?;
+    let status0 = cp
+        .get_json(&["registrymirror", "steady"])
+        .await?
+        .context("steady")?["status"]
+        .clone();
+
+    // Another Service holds a NodePort, which the mirror then asks for.
+    let taken = 30000 + (std::process::id() % 2000) as u16;
+    cp.apply_ok(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: holder, namespace: {NS}}}\nspec:\n  type: NodePort\n  selector: {{app: none}}\n  ports: [{{port: 80, nodePort: {taken}}}]\n"
+    ))
+    .await?;
+    for (i, (patch, expected)) in [
+        (
+            r#"{"spec":{"cache":{"resources":{"limits":{"memory":"lots"}}}}}"#.to_owned(),
+            "spec.cache.resources.limits.memory: \"lots\" is not a quantity",
+        ),
+        (
+            r#"{"spec":{"cache":{"nodePort":80}}}"#.to_owned(),
+            "spec.cache.nodePort: the API server refuses the cache's Service regmirror-steady",
+        ),
+        (
+            format!(r#"{{"spec":{{"cache":{{"nodePort":{taken}}}}}}}"#),
+            "already allocated",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // Each bad edit also adds a host, which nodes must not be pointed at.
+        let bad = patch.replacen(
+            r#"{"spec":{"#,
+            r#"{"spec":{"upstreams":[{"host":"steady.example"},{"host":"new.example"}],"#,
+            1,
+        );
+        patch_mirror(cp, "steady", &bad).await?;
+        let generation = 2 + 2 * i as i64;
+        op.wait_for(
+            cp,
+            &format!("steady InvalidSpec for {patch}"),
+            &["registrymirror", "steady"],
+            |m| {
+                let m = m?;
+                let ready = condition(m, "Ready")?;
+                (ready["reason"] == "InvalidSpec"
+                    && ready["observedGeneration"] == generation
+                    && ready["message"].as_str()?.contains(expected))
+                .then_some(())
+            },
+        )
+        .await?;
+        let m = cp
+            .get_json(&["registrymirror", "steady"])
+            .await?
+            .context("steady")?;
+        assert_eq!(m["status"]["observedGeneration"], generation - 1, "{patch}");
+        assert_eq!(m["status"]["hosts"], status0["hosts"], "{patch}");
+        assert_eq!(m["status"]["nodePort"], status0["nodePort"], "{patch}");
+        assert_eq!(
+            steady_children(cp).await?,
+            running,
+            "{patch}: a child was written"
+        );
+        // Back to the running spec: Ready's reason leaves InvalidSpec.
+        patch_mirror(
+            cp,
+            "steady",
+            r#"{"spec":{"upstreams":[{"host":"steady.example"}],"cache":{"resources":null,"nodePort":null}}}"#,
+        )
+        .await?;
+        op.wait_for(
+            cp,
+            "steady valid again",
+            &["registrymirror", "steady"],
+            |m| {
+                let m = m?;
+                (m["status"]["observedGeneration"] == generation + 1).then_some(())
+            },
+        )
+        .await?;
+    }
+
+    // Item 2: what Kubernetes will not change on the claims is refused.
+    for (patch, expected) in [
+        (
+            r#"{"spec":{"storage":{"accessMode":"ReadWriteMany"}}}"#,
+            "accessMode is fixed",
+        ),
+        (r#"{"spec":{"storage":{"size":"2Gi"}}}"#, "size is fixed"),
+        (
+            r#"{"spec":{"storage":{"storageClassName":"fast"}}}"#,
+            "storageClassName is fixed",
+        ),
+    ] {
+        let out = cp
+            .kubectl(&[
+                "patch",
+                "registrymirror",
+                "steady",
+                "--type=merge",
+                "-p",
+                patch,
+            ])
+            .await?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(expected),
+            "{patch}: {stderr}"
+        );
+    }
+    cp.kubectl_ok(&["delete", "service", "holder", "-n", NS])
+        .await?;
+    cp.kubectl_ok(&["delete", "registrymirror", "steady", "--wait=false"])
+        .await?;
     Ok(())
 }
 

@@ -14,6 +14,7 @@ pub mod crd;
 pub mod credentials;
 #[cfg(test)]
 mod fixtures;
+pub mod installation;
 pub mod leader;
 pub mod metrics;
 pub mod migration;

@@ -8,6 +8,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use kube::runtime::events::Reporter;
 use regmirror_operator::controller;
+use regmirror_operator::installation::{self, Installation};
 use regmirror_operator::leader::{self, LeaseConfig};
 use regmirror_operator::metrics::{self, Metrics};
 use regmirror_operator::resources::Settings;
@@ -191,6 +192,33 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = shutdown.cancelled() => return Ok(()),
         }
         metrics.leader.set(1);
+    }
+    // One installation manages the cluster's RegistryMirrors (issue 18):
+    // wait while another, alive, holds the claim, keeping our lease meanwhile.
+    let installation = Installation {
+        namespace: args.namespace.clone(),
+        lease: lease.name.clone(),
+    };
+    let recorder = kube::runtime::events::Recorder::new(client.clone(), reporter.clone());
+    let keep_lease = async {
+        if args.leader_election {
+            leader::hold(&leases, &lease).await
+        } else {
+            std::future::pending().await
+        }
+    };
+    tokio::select! {
+        () = installation::claim(&client, &installation, &metrics, &recorder) => {}
+        _ = keep_lease => {
+            metrics.leader.set(0);
+            anyhow::bail!("lost the leader lease");
+        }
+        _ = shutdown.cancelled() => {
+            if args.leader_election {
+                let _ = tokio::time::timeout(SHUTDOWN_GRACE, leader::release(&leases, &lease)).await;
+            }
+            return Ok(());
+        }
     }
     tracing::info!(namespace = %settings.namespace, "starting the RegistryMirror controller");
     let controller = controller::run(

@@ -28,8 +28,9 @@ const IDENTITY: &str = "op-1";
 
 /// Every scenario of this file: the shared control plane is stopped when this
 /// many have had their [`turn`].
-const SCENARIOS: [&str; 9] = [
+const SCENARIOS: [&str; 10] = [
     "invalid_specs_are_rejected_with_the_schemas_messages",
+    "a_second_installation_waits_while_the_first_is_alive",
     "a_spec_the_cache_or_the_api_server_refuses_leaves_the_running_cache_alone",
     "a_mirror_becomes_ready_with_owned_labelled_children_events_and_metrics",
     "a_later_mirror_loses_a_shared_host_until_the_older_is_deleted",
@@ -292,6 +293,104 @@ async fn invalid_specs_are_rejected_with_the_schemas_messages() -> Result<()> {
             out.status
         );
     }
+    Ok(())
+}
+
+/// The installation claim on the RegistryMirror CRD.
+async fn installation_claim(cp: &ControlPlane) -> Result<Option<String>> {
+    let crd = cp
+        .get_json(&["crd", "registrymirrors.regmirror.dev"])
+        .await?
+        .context("the CRD")?;
+    Ok(crd["metadata"]["annotations"]["regmirror.dev/installation"]
+        .as_str()
+        .map(str::to_owned))
+}
+
+/// Issue 18, item 3: a second installation (another namespace) does not
+/// reconcile the cluster's mirrors while the first is alive, says so in its
+/// log, its readiness and an event, and takes over once the first is gone.
+/// Before, both reconciled every mirror: `status.nodePort` flipped between
+/// two values and the second created children in its own namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_installation_waits_while_the_first_is_alive() -> Result<()> {
+    let mut turn = turn("a_second_installation_waits_while_the_first_is_alive").await;
+    let (cp, op) = turn.cluster().await?;
+    const OTHER: &str = "regmirror-second";
+    wait_until(Duration::from_secs(60), || async {
+        installation_claim(cp).await.ok().flatten().as_deref()
+            == Some("regmirror-system/regmirror-operator")
+    })
+    .await
+    .context("the first installation never claimed the mirrors")?;
+    cp.kubectl_ok(&["create", "namespace", OTHER]).await?;
+    let mut second = OperatorProcess::start(&cp.kubeconfig, OTHER, "op-second", &[])?;
+    create_mirror(cp, op, "twice", "[{host: twice.example}]").await?;
+    wait_until(Duration::from_secs(60), || async {
+        second.log().contains(
+            "another regmirror installation (regmirror-system/regmirror-operator) manages the RegistryMirrors",
+        )
+    })
+    .await
+    .with_context(|| format!("the second installation never said it waits:\n{}", second.log()))?;
+    let ready = regmirror_e2e::util::http_client()
+        .get(format!("{}/readyz", second.metrics_url))
+        .send()
+        .await?;
+    assert_eq!(
+        ready.status().as_u16(),
+        503,
+        "the waiting installation is not ready"
+    );
+    let events = cp
+        .kubectl_ok(&["get", "events.events.k8s.io", "-n", "default", "-o", "json"])
+        .await?;
+    assert!(
+        events.contains("AnotherInstallation"),
+        "no AnotherInstallation event"
+    );
+    // The mirror's status is the first installation's alone, and stays so.
+    let port = |m: Option<serde_json::Value>| m.map(|m| m["status"]["nodePort"].clone());
+    let first = port(cp.get_json(&["registrymirror", "twice"]).await?);
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            port(cp.get_json(&["registrymirror", "twice"]).await?),
+            first
+        );
+    }
+    let theirs = cp
+        .kubectl_ok(&[
+            "get",
+            "statefulsets,services,configmaps",
+            "-n",
+            OTHER,
+            "-o",
+            "name",
+        ])
+        .await?;
+    assert!(
+        !theirs.contains("regmirror-twice"),
+        "the second installation created children: {theirs}"
+    );
+    cp.kubectl_ok(&["delete", "registrymirror", "twice", "--timeout=60s"])
+        .await?;
+
+    // The first installation goes away (its lease released): the second takes over.
+    op.stop(Duration::from_secs(10)).await?;
+    wait_until(Duration::from_secs(30), || async {
+        installation_claim(cp).await.ok().flatten().as_deref()
+            == Some(&format!("{OTHER}/regmirror-operator"))
+    })
+    .await
+    .with_context(|| format!("the second installation never took over:\n{}", second.log()))?;
+    assert!(
+        second
+            .log()
+            .contains("this installation now manages the RegistryMirrors")
+    );
+    // Back to one installation (the next turn restarts the first).
+    second.stop(Duration::from_secs(10)).await?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::containerd_imports::{self, ConfigFile, HostRoot, NodeFiles};
+use crate::containerd_imports::{self, ConfigFile, HostRoot, Loaded, NodeFiles};
 use crate::containerd_merge::{self, Registry, Rules};
 
 /// What a node's containerd configuration says about `hosts.toml`.
@@ -41,11 +41,14 @@ pub fn inspect(config: Option<&str>, certs_dir: &str) -> Detection {
             ));
         }
     };
-    let files = [ConfigFile {
-        path: "config.toml".to_owned(),
-        doc,
-    }];
-    decide(&Rules::all().map(|r| (r, Ok(files.to_vec()))), certs_dir)
+    let loaded = Loaded {
+        files: vec![ConfigFile {
+            path: "config.toml".to_owned(),
+            doc,
+        }],
+        unmatched: Vec::new(),
+    };
+    decide(&Rules::all().map(|r| (r, Ok(loaded.clone()))), certs_dir)
 }
 
 /// Inspects the node's containerd configuration as containerd reads it: the
@@ -80,7 +83,7 @@ pub fn inspect_file(
         None => Rules::all().to_vec(),
     };
     // Loading differs only in how relative globs resolve.
-    let by_rules: Vec<(Rules, Result<Vec<ConfigFile>, String>)> = rules
+    let by_rules: Vec<(Rules, Result<Loaded, String>)> = rules
         .into_iter()
         .map(|r| {
             (
@@ -117,29 +120,32 @@ fn refused(message: String) -> Detection {
 /// The detection over the candidate releases (each with its loaded files):
 /// those that refuse the configuration cannot be the running containerd;
 /// the rest must agree, else the answer depends on the release.
-fn decide(by_rules: &[(Rules, Result<Vec<ConfigFile>, String>)], certs_dir: &str) -> Detection {
+fn decide(by_rules: &[(Rules, Result<Loaded, String>)], certs_dir: &str) -> Detection {
     let main_version = by_rules
         .iter()
-        .find_map(|(_, f)| f.as_ref().ok()?.first()?.doc.get("version")?.as_integer())
+        .find_map(|(_, l)| {
+            l.as_ref()
+                .ok()?
+                .files
+                .first()?
+                .doc
+                .get("version")?
+                .as_integer()
+        })
         .unwrap_or(1);
     let outcomes: Vec<(Rules, Result<Detection, String>)> = by_rules
         .iter()
-        .map(|(rules, files)| {
-            let d = files.as_ref().map_err(String::clone).and_then(|files| {
-                let reg = containerd_merge::registry(files, rules)?;
-                Ok(judge(&reg, rules, main_version, certs_dir))
+        .map(|(rules, loaded)| {
+            let d = loaded.as_ref().map_err(String::clone).and_then(|l| {
+                let reg = containerd_merge::registry(&l.files, rules)?;
+                Ok(judge(&reg, rules, main_version, &l.unmatched, certs_dir))
             });
             (*rules, d)
         })
         .collect();
-    // Prefer the releases that speak the main file's dialect for messages.
-    let mut preferred: Vec<&(Rules, Result<Detection, String>)> = outcomes.iter().collect();
-    preferred.sort_by_key(|(r, _)| {
-        (
-            r.whole_plugin_tables != (main_version <= 2),
-            r.max_version < 4,
-        )
-    });
+    // Newest first, then the releases of the main file's dialect first.
+    let mut preferred: Vec<&(Rules, Result<Detection, String>)> = outcomes.iter().rev().collect();
+    preferred.sort_by_key(|(r, _)| r.whole_plugin_tables != (main_version <= 2));
     let accepted: Vec<(&Rules, &Detection)> = preferred
         .iter()
         .filter_map(|(r, d)| Some((r, d.as_ref().ok()?)))
@@ -189,7 +195,13 @@ fn decide(by_rules: &[(Rules, Result<Vec<ConfigFile>, String>)], certs_dir: &str
 }
 
 /// Whether `reg` makes containerd read hosts.toml from `certs_dir`.
-fn judge(reg: &Registry, rules: &Rules, main_version: i64, certs_dir: &str) -> Detection {
+fn judge(
+    reg: &Registry,
+    rules: &Rules,
+    main_version: i64,
+    unmatched: &[String],
+    certs_dir: &str,
+) -> Detection {
     let section_name = &reg.section;
     let want = certs_dir.trim_end_matches('/');
     let (reads_hosts, message) = match (&reg.config_path, reg.legacy_mirrors) {
@@ -205,17 +217,25 @@ fn judge(reg: &Registry, rules: &Rules, main_version: i64, certs_dir: &str) -> D
                 "containerd uses the legacy {section_name} mirrors, so hosts.toml is ignored; replace them with config_path = {want:?} (regmirror will not edit config.toml)"
             ),
         ),
-        (None, false) => (
-            false,
-            match &reg.lost {
-                Some(lost) => format!(
-                    "{section_name} has no config_path in effect ({lost}), so hosts.toml is ignored: set config_path = {want:?} and restart containerd"
+        (None, false) => {
+            let why: Vec<&str> = reg
+                .lost
+                .iter()
+                .chain(unmatched)
+                .map(String::as_str)
+                .collect();
+            let why = if why.is_empty() {
+                String::new()
+            } else {
+                format!(" in effect ({})", why.join("; "))
+            };
+            (
+                false,
+                format!(
+                    "{section_name} has no config_path{why}, so hosts.toml is ignored: set config_path = {want:?} and restart containerd"
                 ),
-                None => format!(
-                    "{section_name} has no config_path, so hosts.toml is ignored: set config_path = {want:?} and restart containerd"
-                ),
-            },
-        ),
+            )
+        }
         (Some(p), false) => {
             let dirs: Vec<&str> = p.split(':').map(|d| d.trim_end_matches('/')).collect();
             if !dirs.contains(&want) {

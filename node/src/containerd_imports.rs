@@ -61,15 +61,22 @@ pub struct ConfigFile {
     pub doc: toml::Table,
 }
 
+/// A configuration's files, as loaded.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Loaded {
+    /// In containerd's merge order, the main file first.
+    pub files: Vec<ConfigFile>,
+    /// Glob imports that matched no file (containerd says nothing of them),
+    /// e.g. `import "conf.d/*.toml" of /etc/containerd/config.toml matches no file`.
+    pub unmatched: Vec<String>,
+}
+
 /// Loads `main` and its imports in containerd's merge order. `globs_from_dir`:
 /// relative glob imports are joined to the importing file's directory
 /// (containerd 1.6.29+, 1.7.16+, 2.x) rather than taken as written.
 /// Errors: why containerd would refuse to start, naming the node path.
-pub fn load(
-    files: &dyn NodeFiles,
-    main: &str,
-    globs_from_dir: bool,
-) -> Result<Vec<ConfigFile>, String> {
+pub fn load(files: &dyn NodeFiles, main: &str, globs_from_dir: bool) -> Result<Loaded, String> {
+    let mut unmatched = Vec::new();
     let mut loaded = HashSet::new();
     let mut pending = VecDeque::from([main.to_owned()]);
     let mut out = Vec::new();
@@ -98,6 +105,14 @@ pub fn load(
             if resolved.contains('*') {
                 let matches = glob(files, &resolved)
                     .map_err(|e| format!("{path}: import {import:?}: {e}"))?;
+                if matches.is_empty() {
+                    let cwd = if resolved.starts_with('/') {
+                        ""
+                    } else {
+                        ", relative to containerd's working directory"
+                    };
+                    unmatched.push(format!("import {import:?} of {path} matches no file{cwd}"));
+                }
                 pending.extend(matches);
             } else {
                 pending.push_back(resolved);
@@ -106,7 +121,10 @@ pub fn load(
         loaded.insert(path.clone());
         out.push(ConfigFile { path, doc });
     }
-    Ok(out)
+    Ok(Loaded {
+        files: out,
+        unmatched,
+    })
 }
 
 /// The path containerd reads for `import` written in the file `parent`
@@ -360,6 +378,7 @@ pub(crate) mod tests {
     fn paths(files: &Files, main: &str) -> Vec<String> {
         load(files, main, true)
             .unwrap()
+            .files
             .into_iter()
             .map(|f| f.path)
             .collect()
@@ -506,6 +525,7 @@ pub(crate) mod tests {
     fn paths_of(files: &dyn NodeFiles) -> Vec<String> {
         load(files, "/etc/containerd/config.toml", true)
             .unwrap()
+            .files
             .into_iter()
             .map(|f| f.path)
             .collect()

@@ -139,7 +139,7 @@ pub struct Registry {
     /// The table to tell a user to edit, in the dialect of the main file.
     pub section: String,
     /// Why a `config_path` written in the files is not what containerd uses
-    /// (empty when nothing was lost).
+    /// (`None` when nothing was lost).
     pub lost: Option<String>,
 }
 
@@ -270,8 +270,11 @@ pub fn registry(files: &[ConfigFile], rules: &Rules) -> Result<Registry, String>
     if defaulted {
         config_path = Some(DEFAULT_CONFIG_PATH.to_owned());
     }
+    // Where a user should set config_path: the main file's own dialect where
+    // this release reads (or migrates) it, else the version 3 table.
     let section = match main_version {
-        0 | 1 => section_name(CRI_V1),
+        _ if rules.whole_plugin_tables => section_name(key),
+        0 | 1 if rules.migrate_each_file => section_name(CRI_V1),
         2 => section_name(CRI_V2),
         _ => section_name(IMAGES_V3),
     };
@@ -280,12 +283,21 @@ pub fn registry(files: &[ConfigFile], rules: &Rules) -> Result<Registry, String>
         let unread = [CRI_V1, CRI_V2, IMAGES_V3]
             .into_iter()
             .find(|k| *k != key && config_path_in(&plugins, k).is_some())?;
+        let unread = if unread == CRI_V2 && main_version <= 1 && !rules.whole_plugin_tables {
+            // Renamed from the version 1 table, whose registry 2.0-2.2 do not move.
+            format!(
+                "{} (from a version 1 config, whose registry {} does not migrate)",
+                section_name(CRI_V1),
+                rules.label
+            )
+        } else {
+            section_name(unread)
+        };
         (config_path_in(&plugins, key).is_none()).then(|| {
             format!(
-                "{} reads {}, not the config_path in {}",
+                "{} reads {}, not the config_path in {unread}",
                 rules.label,
                 section_name(key),
-                section_name(unread)
             )
         })
     });
@@ -458,7 +470,7 @@ mod tests {
         assert_eq!(r.config_path, None);
         assert!(
             r.lost.unwrap().contains(
-                "not the config_path in [plugins.\"io.containerd.grpc.v1.cri\".registry]"
+                "not the config_path in [plugins.cri.registry] (from a version 1 config, whose registry containerd 2.0-2.1 does not migrate)"
             )
         );
         assert!(registry(&files(&[V1_REG]), &V2_2).unwrap().defaulted);

@@ -332,16 +332,16 @@ fn match_from(p: &[char], n: &[char]) -> bool {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
     /// A node's files in memory: node path -> text (directories implied).
     #[derive(Default)]
-    pub(crate) struct Files(pub BTreeMap<String, String>);
+    struct Files(BTreeMap<String, String>);
 
     impl Files {
-        pub(crate) fn of(files: &[(&str, &str)]) -> Self {
+        fn of(files: &[(&str, &str)]) -> Self {
             Self(
                 files
                     .iter()
@@ -375,7 +375,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn paths(files: &Files, main: &str) -> Vec<String> {
+    fn paths(files: &dyn NodeFiles, main: &str) -> Vec<String> {
         load(files, main, true)
             .unwrap()
             .files
@@ -514,20 +514,11 @@ pub(crate) mod tests {
         std::fs::write(root.path().join("etc/containerd/conf.d/a.toml"), "").unwrap();
         let files = HostRoot(root.path());
         assert_eq!(
-            paths_of(&files),
+            paths(&files, "/etc/containerd/config.toml"),
             [
                 "/etc/containerd/config.toml",
                 "/etc/containerd/conf.d/a.toml"
             ]
         );
-    }
-
-    fn paths_of(files: &dyn NodeFiles) -> Vec<String> {
-        load(files, "/etc/containerd/config.toml", true)
-            .unwrap()
-            .files
-            .into_iter()
-            .map(|f| f.path)
-            .collect()
     }
 }

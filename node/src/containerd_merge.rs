@@ -68,10 +68,7 @@ const V2_0: Rules = Rules {
     label: "containerd 2.0-2.1",
     whole_plugin_tables: false,
     max_version: 3,
-    migrate_each_file: false,
-    globs_from_dir: true,
-    default_config_path: false,
-    refuse_newer_imports: false,
+    ..V1
 };
 const V2_2: Rules = Rules {
     label: "containerd 2.2",

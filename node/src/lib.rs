@@ -1,12 +1,16 @@
 //! What the node agent does to a node, as plain functions over a directory:
 //! render containerd `hosts.toml` files ([`hosts_toml`]), write and remove
 //! them without ever clobbering what regmirror did not write ([`apply`]), and
-//! tell whether containerd will read them at all ([`containerd`]).
+//! tell whether containerd will read them at all ([`containerd`], reading its
+//! configuration files as containerd does: [`containerd_imports`],
+//! [`containerd_merge`]).
 
 pub mod apply;
 pub mod containerd;
+pub mod containerd_imports;
+pub mod containerd_merge;
 pub mod hosts_toml;
 
 pub use apply::{Apply, HostReport, HostState, MergeMode, apply, remove_owned};
-pub use containerd::{Detection, inspect};
+pub use containerd::{Detection, inspect, inspect_file};
 pub use hosts_toml::{HostsToml, MARKER, owner_of, render};

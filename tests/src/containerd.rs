@@ -40,6 +40,30 @@ pub fn write_hosts_toml(
     Ok(path)
 }
 
+/// The harness's CRI plugin tables (config version 2): no SELinux, stream
+/// server on loopback, snapshotter `native`, CNI dirs `dir/cni-bin` and
+/// `dir/cni-conf` (created), and `registry.config_path = certs_dir` if given.
+pub fn cri_tables(dir: &Path, certs_dir: Option<&Path>) -> Result<String> {
+    let cni_conf = dir.join("cni-conf");
+    let cni_bin = dir.join("cni-bin");
+    std::fs::create_dir_all(&cni_conf)?;
+    std::fs::create_dir_all(&cni_bin)?;
+    let mut t = format!(
+        "\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n  enable_selinux = false\n\
+         [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"native\"\n\
+         [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"{}\"\n  conf_dir = \"{}\"\n",
+        cni_bin.display(),
+        cni_conf.display(),
+    );
+    if let Some(certs) = certs_dir {
+        t.push_str(&format!(
+            "[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{}\"\n",
+            certs.display()
+        ));
+    }
+    Ok(t)
+}
+
 /// A private containerd daemon (root needed), killed on drop with its temp dir removed.
 #[derive(Debug)]
 pub struct Containerd {
@@ -55,16 +79,46 @@ pub struct Containerd {
 impl Containerd {
     /// containerd with the CRI plugin disabled.
     pub async fn start() -> Result<Self> {
-        Self::start_inner(None).await
+        Self::start_inner(false, |_| Ok((String::new(), String::new()))).await
     }
 
     /// containerd with the CRI plugin enabled, registry `config_path = certs_dir`,
     /// snapshotter `native`, CNI dirs inside the temp dir.
     pub async fn start_with_cri(certs_dir: &Path) -> Result<Self> {
-        Self::start_inner(Some(certs_dir)).await
+        Self::start_inner(true, |d| {
+            Ok((String::new(), cri_tables(d, Some(certs_dir))?))
+        })
+        .await
     }
 
-    async fn start_inner(cri_certs_dir: Option<&Path>) -> Result<Self> {
+    /// containerd with the CRI plugin enabled and configured only by imported
+    /// files: `config(dir)` (dir: the temp dir holding config.toml) returns
+    /// the main config's `imports` and the files to write first, as (path
+    /// relative to `dir`, text); the main config.toml is version 2 without
+    /// plugin tables. Build CRI tables with [`cri_tables`].
+    pub async fn start_with_imports(
+        config: impl FnOnce(&Path) -> Result<(Vec<String>, Vec<(String, String)>)>,
+    ) -> Result<Self> {
+        Self::start_inner(true, |d| {
+            let (imports, files) = config(d)?;
+            for (rel, text) in files {
+                let path = d.join(rel);
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+            }
+            let list: Vec<String> = imports.iter().map(|i| format!("{i:?}")).collect();
+            Ok((format!("imports = [{}]\n", list.join(", ")), String::new()))
+        })
+        .await
+    }
+
+    /// `config(dir)` returns (top-level keys, tables) to add to the main config.
+    async fn start_inner(
+        cri: bool,
+        config: impl FnOnce(&Path) -> Result<(String, String)>,
+    ) -> Result<Self> {
         require_root("containerd");
         let dir = tempfile::Builder::new()
             .prefix("regmirror-ctrd-")
@@ -77,31 +131,20 @@ impl Containerd {
             q(d.join("root")),
             q(d.join("state"))
         );
-        match cri_certs_dir {
-            None => cfg.push_str("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n"),
-            Some(_) => cfg.push_str("disabled_plugins = []\n"),
+        if cri {
+            cfg.push_str("disabled_plugins = []\n");
+        } else {
+            cfg.push_str("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n");
         }
+        let (top, tables) = config(d)?;
+        cfg.push_str(&top);
         cfg.push_str(&format!(
             "\n[grpc]\n  address = \"{}\"\n[ttrpc]\n  address = \"{}\"\n[debug]\n  address = \"{}\"\n[metrics]\n  address = \"\"\n",
             q(socket.clone()),
             q(d.join("sock.ttrpc")),
             q(d.join("debug.sock"))
         ));
-        if let Some(certs) = cri_certs_dir {
-            let cni_conf = d.join("cni-conf");
-            let cni_bin = d.join("cni-bin");
-            std::fs::create_dir_all(&cni_conf)?;
-            std::fs::create_dir_all(&cni_bin)?;
-            cfg.push_str(&format!(
-                "\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n  enable_selinux = false\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"native\"\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"{}\"\n  conf_dir = \"{}\"\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{}\"\n",
-                q(cni_bin),
-                q(cni_conf),
-                certs.display()
-            ));
-        }
+        cfg.push_str(&tables);
         let config_path = d.join("config.toml");
         std::fs::write(&config_path, cfg)?;
         let log_path = d.join("containerd.log");

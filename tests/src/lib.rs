@@ -42,7 +42,7 @@ pub mod util;
 
 pub use cache::{CacheOptions, CacheProcess, StoreLayout, cache_binary};
 pub use cluster::Cluster;
-pub use containerd::{Containerd, write_hosts_toml};
+pub use containerd::{Containerd, cri_tables, write_hosts_toml};
 pub use controlplane::{ControlPlane, tools_bin_dir};
 pub use fake::{Auth, Behaviour, FakeUpstream, RecordedRequest, TokenFields};
 pub use gate::{FaultGate, Outage};

@@ -164,6 +164,23 @@ pub async fn claim(client: &Client, me: &Installation, metrics: &Metrics, record
     }
 }
 
+/// While this installation reconciles: every [`RECHECK`], claims the
+/// mirrors again if the claim was dropped (an uninstall hook that ran but
+/// did not remove the operator) and returns the other installation's id if
+/// one, alive, holds it now (the caller stops reconciling).
+pub async fn keep(client: &Client, me: &Installation) -> String {
+    loop {
+        tokio::time::sleep(RECHECK).await;
+        match round(client, me).await {
+            Ok(Verdict::Refuse { by }) => return by,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(error = %crate::controller::api_error_text(&e), "cannot check the installation claim; retrying");
+            }
+        }
+    }
+}
+
 async fn publish_refusal(client: &Client, recorder: &Recorder, me: &Installation, by: &str) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let Ok(crd) = crds.get(CRD_NAME).await else {

@@ -24,4 +24,5 @@ pub mod quiet;
 pub mod resources;
 pub mod selection;
 pub mod status;
+pub mod uninstall;
 pub mod validation;

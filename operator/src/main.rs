@@ -44,6 +44,10 @@ enum Command {
         #[arg(long)]
         node: bool,
     },
+    /// Before uninstalling (the chart's pre-delete hook): delete every
+    /// RegistryMirror this installation manages and wait until their node
+    /// configuration is removed; fails, naming what remains, after --timeout.
+    Uninstall(UninstallArgs),
     /// Node agent: writes this node's containerd hosts.toml for one mirror (run by
     /// the DaemonSet the operator creates).
     Agent(AgentArgs),
@@ -88,6 +92,23 @@ struct AgentArgs {
     /// configured); none when unset.
     #[arg(long, env = "REGMIRROR_PROBE_ADDR")]
     probe_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+struct UninstallArgs {
+    /// The installation's namespace (the operator's --namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "regmirror-system")]
+    namespace: String,
+    /// The installation's leader Lease (the operator's --lease-name).
+    #[arg(
+        long,
+        env = "REGMIRROR_LEASE_NAME",
+        default_value = "regmirror-operator"
+    )]
+    lease_name: String,
+    /// How long to wait for the mirrors to be removed (e.g. 4m).
+    #[arg(long, default_value = "4m")]
+    timeout: humantime::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -140,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Some(Command::Agent(args)) => agent(args).await,
         Some(Command::Run(args)) => run(args).await,
+        Some(Command::Uninstall(args)) => uninstall(args).await,
         None => run(cli.run).await,
     }
 }
@@ -222,7 +244,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!(namespace = %settings.namespace, "starting the RegistryMirror controller");
     let controller = controller::run(
-        client,
+        client.clone(),
         settings,
         metrics.clone(),
         reporter,
@@ -243,6 +265,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     tokio::select! {
         _ = controller => {}
+        by = installation::keep(&client, &installation) => {
+            anyhow::bail!("another regmirror installation ({by}) manages the RegistryMirrors now: stopping");
+        }
         _ = stuck => tracing::warn!(grace = ?SHUTDOWN_GRACE, "the controller did not stop within the grace period: exiting"),
         _ = lost => {
             metrics.leader.set(0);
@@ -259,6 +284,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+async fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
+    init_tracing(Some("kube_client::client::builder=off"));
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot configure a Kubernetes client (in-cluster or KUBECONFIG)")?;
+    let me = Installation {
+        namespace: args.namespace,
+        lease: args.lease_name,
+    };
+    regmirror_operator::uninstall::run(&client, &me, args.timeout.into())
+        .await
+        .map(drop)
 }
 
 async fn agent(args: AgentArgs) -> anyhow::Result<()> {

@@ -44,14 +44,95 @@ fn help_flags(help: &str) -> Vec<(String, Option<String>)> {
 }
 
 async fn operator_run_flags() -> Result<Vec<(String, Option<String>)>> {
+    operator_flags("run").await
+}
+
+/// The flags of `regmirror-operator <subcommand>`, with their defaults.
+async fn operator_flags(subcommand: &str) -> Result<Vec<(String, Option<String>)>> {
     let out = tokio::process::Command::new(operator_binary())
-        .args(["run", "--help"])
+        .args([subcommand, "--help"])
         .output()
         .await?;
-    ensure_success("regmirror-operator run --help", &out)?;
+    ensure_success(&format!("regmirror-operator {subcommand} --help"), &out)?;
     // Defaults may be on the next line of a long help entry: join each entry.
     let text = String::from_utf8_lossy(&out.stdout).replace("\n          ", " ");
     Ok(help_flags(&text))
+}
+
+/// Issue 18, item 4: `helm uninstall` first runs `regmirror-operator
+/// uninstall` as a pre-delete hook, with flags the binary has, its own
+/// ServiceAccount, and rights to list and delete mirrors and nothing of the
+/// cluster's workloads; `uninstall.removeMirrors: false` drops it.
+#[tokio::test]
+async fn the_uninstall_hook_removes_the_mirrors_first_with_its_own_rights() -> Result<()> {
+    let helm = Helm::new()?;
+    let objects = parse_yaml_stream(&helm.template(NS, &[]).await?)?;
+    let hooks: Vec<&Value> = objects
+        .iter()
+        .filter(|o| o["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete")
+        .collect();
+    let kinds: BTreeSet<&str> = hooks.iter().filter_map(|o| o["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from(["ClusterRole", "ClusterRoleBinding", "Job", "ServiceAccount"])
+    );
+    let job = hooks.iter().find(|o| o["kind"] == "Job").unwrap();
+    for o in &hooks {
+        let weight: i32 = o["metadata"]["annotations"]["helm.sh/hook-weight"]
+            .as_str()
+            .unwrap()
+            .parse()?;
+        if o["kind"] != "Job" {
+            assert!(weight < 0, "{} must exist before the Job", o["kind"]);
+        }
+    }
+    let pod = &job["spec"]["template"]["spec"];
+    assert_eq!(pod["restartPolicy"], "Never");
+    assert_eq!(job["spec"]["backoffLimit"], 0);
+    let sa = pod["serviceAccountName"].as_str().unwrap();
+    assert!(
+        hooks
+            .iter()
+            .any(|o| o["kind"] == "ServiceAccount" && o["metadata"]["name"] == sa)
+    );
+    let args: Vec<&str> = pod["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[0], "uninstall");
+    let flags = operator_flags("uninstall").await?;
+    for a in &args[1..] {
+        let name = a.trim_start_matches("--").split('=').next().unwrap();
+        assert!(
+            flags.iter().any(|(f, _)| f == name),
+            "uninstall has no flag --{name}"
+        );
+    }
+    assert!(args.contains(&"--timeout=4m"), "{args:?}");
+    let role = hooks.iter().find(|o| o["kind"] == "ClusterRole").unwrap();
+    let text = role["rules"].to_string();
+    assert!(
+        text.contains("registrymirrors") && text.contains("delete"),
+        "{text}"
+    );
+    for never in ["pods", "secrets", "nodes", "deployments", "\"*\""] {
+        assert!(!text.contains(never), "the hook may {never}: {text}");
+    }
+
+    let without = parse_yaml_stream(
+        &helm
+            .template(NS, &["--set", "uninstall.removeMirrors=false"])
+            .await?,
+    )?;
+    assert!(
+        without
+            .iter()
+            .all(|o| o["metadata"]["annotations"]["helm.sh/hook"].is_null()),
+        "hooks rendered with uninstall.removeMirrors=false"
+    );
+    Ok(())
 }
 
 #[test]
@@ -109,6 +190,7 @@ async fn rendered_chart_follows_conventions() -> Result<()> {
             "ClusterRole",
             "ClusterRoleBinding",
             "Deployment",
+            "Job",
             "Role",
             "RoleBinding",
             "Service",

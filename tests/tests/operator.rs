@@ -28,8 +28,9 @@ const IDENTITY: &str = "op-1";
 
 /// Every scenario of this file: the shared control plane is stopped when this
 /// many have had their [`turn`].
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 11] = [
     "invalid_specs_are_rejected_with_the_schemas_messages",
+    "uninstall_removes_every_mirror_or_fails_naming_what_is_left",
     "a_second_installation_waits_while_the_first_is_alive",
     "a_spec_the_cache_or_the_api_server_refuses_leaves_the_running_cache_alone",
     "a_mirror_becomes_ready_with_owned_labelled_children_events_and_metrics",
@@ -293,6 +294,94 @@ async fn invalid_specs_are_rejected_with_the_schemas_messages() -> Result<()> {
             out.status
         );
     }
+    Ok(())
+}
+
+/// `regmirror-operator uninstall` (the chart's pre-delete hook) as the
+/// hook's ServiceAccount with the chart's hook RBAC; its output and whether
+/// it succeeded.
+async fn run_uninstall(cp: &ControlPlane, timeout: &str) -> Result<(bool, String)> {
+    let out = tokio::process::Command::new(regmirror_e2e::operator_binary())
+        .args(["uninstall", "--namespace", NS, "--timeout", timeout])
+        .env(
+            "KUBECONFIG",
+            cp.token_kubeconfig(NS, "regmirror-uninstall", "uninstall.kubeconfig")
+                .await?,
+        )
+        .env("NO_COLOR", "1")
+        .env_remove("POD_NAMESPACE")
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    Ok((
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+/// Issue 18, item 4: before `helm uninstall` removes the operator, its
+/// pre-delete hook deletes every mirror and waits for their finalizers (the
+/// node configuration), then releases the installation claim; when that
+/// cannot finish in time it fails naming each mirror left and why, and
+/// leaves everything running. Before, uninstall left the mirrors, their
+/// workloads and every node's files, with finalizers nobody would release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uninstall_removes_every_mirror_or_fails_naming_what_is_left() -> Result<()> {
+    let mut turn = turn("uninstall_removes_every_mirror_or_fails_naming_what_is_left").await;
+    let (cp, op) = turn.cluster().await?;
+    // The hook's ServiceAccount and RBAC, as the chart renders them (the Job
+    // itself would only run on a real node: its command runs here instead).
+    let hook = regmirror_e2e::helm::Helm::new()?
+        .template(NS, &["--show-only", "templates/uninstall-hook.yaml"])
+        .await?;
+    for doc in hook.split("\n---").filter(|d| !d.contains("kind: Job")) {
+        if doc.contains("kind:") {
+            cp.apply_ok(doc).await?;
+        }
+    }
+    // The operator is stopped: the finalizers cannot be released in time,
+    // so the hook fails, naming the mirrors, and deletes nothing else.
+    create_mirror(cp, op, "leaving-a", "[{host: leaving-a.example}]").await?;
+    create_mirror(cp, op, "leaving-b", "[{host: leaving-b.example}]").await?;
+    op.stop(Duration::from_secs(10)).await?;
+    let (ok, out) = run_uninstall(cp, "3s").await?;
+    assert!(!ok, "uninstall succeeded with the finalizers held: {out}");
+    for needle in [
+        "2 RegistryMirror(s) still present after 3s",
+        "leaving-a: ",
+        "leaving-b: ",
+        "helm uninstall stops here",
+    ] {
+        assert!(out.contains(needle), "{needle:?} not in: {out}");
+    }
+    let held = cp
+        .get_json(&["registrymirror", "leaving-a"])
+        .await?
+        .context("leaving-a is gone without its finalizer")?;
+    assert!(held["metadata"]["deletionTimestamp"].is_string());
+
+    // With the operator running, the same hook removes them and the claim.
+    let (cp, _op) = turn.cluster().await?;
+    let (ok, out) = run_uninstall(cp, "60s").await?;
+    assert!(ok, "uninstall failed: {out}");
+    assert!(out.contains("removed 2 RegistryMirror(s)"), "{out}");
+    for m in ["leaving-a", "leaving-b"] {
+        assert!(
+            cp.get_json(&["registrymirror", m]).await?.is_none(),
+            "{m} left"
+        );
+    }
+    assert_eq!(installation_claim(cp).await?, None, "claim not released");
+    assert!(
+        cp.get_json(&["statefulset", "regmirror-leaving-a", "-n", NS])
+            .await?
+            .is_none(),
+        "the cache outlived its mirror"
+    );
     Ok(())
 }
 

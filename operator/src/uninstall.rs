@@ -1,0 +1,168 @@
+//! `regmirror-operator uninstall`: what the chart's pre-delete hook runs
+//! before `helm uninstall` removes the operator (issue 18, item 4: an
+//! uninstall with mirrors present left the CRD, the mirrors, their
+//! workloads and every node's `hosts.toml`, and deleting a mirror afterwards
+//! hung on its finalizer).
+//!
+//! While the operator and the node agents still run, it deletes every
+//! RegistryMirror this installation manages and waits, at most `timeout`,
+//! until their finalizers have removed the node configuration and the
+//! children. Then it gives up the installation claim, so a later install
+//! starts clean. If that does not happen in time it fails, naming each
+//! mirror still there and why: `helm uninstall` stops, and the installation
+//! keeps running in a consistent state.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+use crate::crd::RegistryMirror;
+use crate::installation::{self, CLAIM, CRD_NAME, Installation, Verdict};
+use crate::status;
+
+/// How often progress is printed while waiting.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// What an uninstall ended with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every mirror (this many) is gone and the claim is released.
+    Removed(usize),
+    /// Another, alive installation manages the mirrors: nothing was touched.
+    NotOurs { by: String },
+}
+
+/// One line per mirror still present: its name and what its `Ready`
+/// condition says (e.g. `hub: Deleting: waiting for node agents to remove
+/// their configuration from node-3`).
+pub fn remaining(mirrors: &[RegistryMirror]) -> String {
+    mirrors
+        .iter()
+        .map(|m| {
+            let why = status::condition(m.status.as_ref(), status::READY)
+                .map(|c| format!("{}: {}", c.reason, c.message))
+                .unwrap_or_else(|| "no status yet".into());
+            format!("{}: {why}", m.name_any())
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Deletes this installation's mirrors and waits until they are gone, then
+/// releases the claim. `Err` (with [`remaining`]) after `timeout`, or on an
+/// API error.
+pub async fn run(client: &Client, me: &Installation, timeout: Duration) -> anyhow::Result<Outcome> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    if crds.get_opt(CRD_NAME).await?.is_none() {
+        println!("the RegistryMirror CRD is not installed: nothing to remove");
+        return Ok(Outcome::Removed(0));
+    }
+    // Read-only here: never claim on the way out.
+    let claim = crds
+        .get(CRD_NAME)
+        .await?
+        .metadata
+        .annotations
+        .and_then(|a| a.get(CLAIM).cloned());
+    let claimant = claim.as_deref().and_then(Installation::parse);
+    if let Some(other) = claimant.as_ref().filter(|c| *c != me) {
+        let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
+            client.clone(),
+            &other.namespace,
+        )
+        .get_opt(&other.lease)
+        .await?;
+        let verdict = installation::decide(
+            claim.as_deref(),
+            me,
+            lease.as_ref(),
+            k8s_openapi::jiff::Timestamp::now(),
+        );
+        if let Verdict::Refuse { by } = verdict {
+            println!("the RegistryMirrors are managed by the installation {by}: none removed");
+            return Ok(Outcome::NotOurs { by });
+        }
+    }
+    let mirrors: Api<RegistryMirror> = Api::all(client.clone());
+    let listed = mirrors.list(&ListParams::default()).await?.items;
+    let count = listed.len();
+    for m in &listed {
+        if m.metadata.deletion_timestamp.is_none() {
+            println!("deleting RegistryMirror {}", m.name_any());
+            match mirrors
+                .delete(&m.name_any(), &DeleteParams::background())
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    let started = Instant::now();
+    let mut last_progress: Option<Instant> = None;
+    loop {
+        let left = mirrors.list(&ListParams::default()).await?.items;
+        if left.is_empty() {
+            break;
+        }
+        if started.elapsed() >= timeout {
+            anyhow::bail!(
+                "{} RegistryMirror(s) still present after {}: {}. The operator removes a mirror once its node agents removed their configuration; until then helm uninstall stops here and the installation keeps running. Fix the cause and uninstall again, or drop a mirror's finalizer (its nodes keep their hosts.toml): kubectl patch registrymirror NAME --type=json -p '[{{\"op\":\"remove\",\"path\":\"/metadata/finalizers\"}}]'",
+                left.len(),
+                humantime::format_duration(timeout),
+                remaining(&left)
+            );
+        }
+        if last_progress.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
+            println!(
+                "waiting for {} RegistryMirror(s): {}",
+                left.len(),
+                remaining(&left)
+            );
+            last_progress = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    if claimant.is_some() {
+        let patch = json!({"metadata": {"annotations": {CLAIM: null}}});
+        crds.patch(CRD_NAME, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+    }
+    println!("removed {count} RegistryMirror(s) and their node configuration");
+    Ok(Outcome::Removed(count))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::RegistryMirrorStatus;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+    #[test]
+    fn what_remains_says_why() {
+        let mut hub = RegistryMirror::new(
+            "hub",
+            serde_json::from_value(json!({"upstreams": [{"host": "docker.io"}]})).unwrap(),
+        );
+        hub.status = Some(RegistryMirrorStatus {
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: "False".into(),
+                reason: "Deleting".into(),
+                message: "waiting for node agents to remove their configuration from node-3".into(),
+                last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+                observed_generation: None,
+            }],
+            ..Default::default()
+        });
+        let quay = RegistryMirror::new("quay", hub.spec.clone());
+        assert_eq!(
+            remaining(&[hub, quay]),
+            "hub: Deleting: waiting for node agents to remove their configuration from node-3; quay: no status yet"
+        );
+    }
+}

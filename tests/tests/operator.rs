@@ -28,8 +28,9 @@ const IDENTITY: &str = "op-1";
 
 /// Every scenario of this file: the shared control plane is stopped when this
 /// many have had their [`turn`].
-const SCENARIOS: [&str; 11] = [
+const SCENARIOS: [&str; 12] = [
     "invalid_specs_are_rejected_with_the_schemas_messages",
+    "conditions_events_and_logs_are_messages_a_user_can_act_on",
     "uninstall_removes_every_mirror_or_fails_naming_what_is_left",
     "a_second_installation_waits_while_the_first_is_alive",
     "a_spec_the_cache_or_the_api_server_refuses_leaves_the_running_cache_alone",
@@ -381,6 +382,75 @@ async fn uninstall_removes_every_mirror_or_fails_naming_what_is_left() -> Result
             .await?
             .is_none(),
         "the cache outlived its mirror"
+    );
+    Ok(())
+}
+
+/// Issue 18, item 8 on the real API server: a cache that cannot start says
+/// why (its pod's scheduling cause) and where to look (the real namespace);
+/// no condition carries a Rust debug dump of an API error; a normal delete
+/// is a Normal event; the operator's log has no colour codes off a terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditions_events_and_logs_are_messages_a_user_can_act_on() -> Result<()> {
+    let mut turn = turn("conditions_events_and_logs_are_messages_a_user_can_act_on").await;
+    let (cp, op) = turn.cluster().await?;
+    // A StorageClass nobody provides: the member's claim stays Pending and
+    // the scheduler says so on the pod.
+    cp.apply_ok(&mirror_yaml(
+        "unbound",
+        "[{host: unbound.example}]",
+        "  storage: {size: 1Gi, storageClassName: nobody-provides-this}\n",
+    ))
+    .await?;
+    let message = op
+        .wait_for(
+            cp,
+            "unbound: CacheUnavailable with the pod's cause",
+            &["registrymirror", "unbound"],
+            |m| {
+                let c = condition(m?, "CacheAvailable")?;
+                let text = c["message"].as_str()?;
+                (c["reason"] == "CacheUnavailable" && text.contains("cannot be scheduled"))
+                    .then(|| text.to_owned())
+            },
+        )
+        .await?;
+    assert!(
+        message.contains("unbound") && message.contains("PersistentVolumeClaim"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("kubectl -n {NS} get pods")),
+        "{message}"
+    );
+    let m = cp
+        .get_json(&["registrymirror", "unbound"])
+        .await?
+        .context("unbound")?;
+    let conditions = m["status"]["conditions"].to_string();
+    for dump in ["Status {", "Some(", "ErrorResponse", "\\u001b["] {
+        assert!(!conditions.contains(dump), "{dump:?} in {conditions}");
+    }
+    cp.kubectl_ok(&["delete", "registrymirror", "unbound", "--timeout=60s"])
+        .await?;
+    let events = cp
+        .get_json(&["events.events.k8s.io", "-n", "default"])
+        .await?
+        .context("events")?;
+    let deleting: Vec<&serde_json::Value> = events["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["regarding"]["name"] == "unbound" && e["reason"] == "Deleting")
+        .collect();
+    assert!(!deleting.is_empty(), "no Deleting event");
+    assert!(
+        deleting.iter().all(|e| e["type"] == "Normal"),
+        "{deleting:?}"
+    );
+    assert!(
+        !op.log().contains('\u{1b}'),
+        "colour codes in a log written to a file"
     );
     Ok(())
 }

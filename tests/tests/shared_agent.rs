@@ -58,11 +58,9 @@ impl Node {
         Ok(())
     }
 
+    /// The agent's whole log.
     fn log(&self) -> String {
-        self.agent
-            .as_ref()
-            .map(|a| tail_lines(&a.log(), 30))
-            .unwrap_or_default()
+        self.agent.as_ref().map(|a| a.log()).unwrap_or_default()
     }
 
     /// The owner named in the marker of `registry`'s hosts.toml, `Some("")`
@@ -108,7 +106,7 @@ async fn wait_node(
                 node.name,
                 r.map(|v| serde_json::to_string_pretty(&v["status"]).unwrap())
                     .unwrap_or_else(|| "(none)".into()),
-                node.log()
+                tail_lines(&node.log(), 30)
             );
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -317,7 +315,9 @@ async fn one_agent_per_node_reconciles_every_mirror_and_leaves_nothing_behind() 
     }
 
     // A status-only change (the operator's conditions): no pass, no report.
+    const PASS_ON_CHANGE: &str = "changed: reconciling";
     let before = report(&cp, "node-1").await?.context("no report")?;
+    let passes = n1.log().matches(PASS_ON_CHANGE).count();
     patch_status(
         &cp,
         "hub",
@@ -331,7 +331,12 @@ async fn one_agent_per_node_reconciles_every_mirror_and_leaves_nothing_behind() 
         "a status-only change was reported: {} -> {}\nagent log:\n{}",
         before["status"],
         after["status"],
-        n1.log()
+        tail_lines(&n1.log(), 30)
+    );
+    let now = n1.log().matches(PASS_ON_CHANGE).count();
+    ensure!(
+        passes > 0 && now == passes,
+        "passes on change: {passes} before, {now} after a status-only change"
     );
 
     // Narrowed nodeSelector: node-2 loses ghcr's file and entry.

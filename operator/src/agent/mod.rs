@@ -349,6 +349,9 @@ pub async fn run(
         if !(due || (changed && !failing)) {
             continue;
         }
+        if changed {
+            tracing::debug!("the mirrors or this Node changed: reconciling");
+        }
         let outcome = pass(&cfg, &apis, (&mirrors, &nodes), &mut st, &mut failures).await?;
         ready.store(
             outcome == Passed::Done { reconciled: true },

@@ -194,30 +194,34 @@ fn user_hosts(text: &str, from: &Path) -> io::Result<hosts_toml::HostTables> {
 /// The node agent removes the files of owners that no mirror wants here
 /// (issue 17: orphans of deleted mirrors blocked later ones).
 pub fn owners(dir: &Path) -> Vec<String> {
-    let Ok(rd) = fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut out: Vec<String> = rd
-        .filter_map(|e| e.ok())
-        .filter_map(|e| fs::read_to_string(e.path().join("hosts.toml")).ok())
-        .filter_map(|t| owner_of(&t).map(str::to_owned))
-        .collect();
+    let mut out: Vec<String> = marked(dir).into_iter().map(|(_, o)| o).collect();
     out.sort();
     out.dedup();
     out
 }
 
-/// Registries under `dir` whose `hosts.toml` names `owner`.
+/// Registries under `dir` whose `hosts.toml` names `owner`, sorted.
 fn owned_registries(dir: &Path, owner: &str) -> Vec<String> {
+    marked(dir)
+        .into_iter()
+        .filter(|(_, o)| o == owner)
+        .map(|(registry, _)| registry)
+        .collect()
+}
+
+/// Every (registry, owner) under `dir` whose `hosts.toml` carries our
+/// marker, sorted by registry; empty when `dir` cannot be read.
+fn marked(dir: &Path) -> Vec<(String, String)> {
     let Ok(rd) = fs::read_dir(dir) else {
         return Vec::new();
     };
-    let mut out: Vec<String> = rd
+    let mut out: Vec<(String, String)> = rd
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|name| {
-            fs::read_to_string(dir.join(name).join("hosts.toml"))
-                .is_ok_and(|t| owner_of(&t) == Some(owner))
+        .filter_map(|name| {
+            let text = fs::read_to_string(dir.join(&name).join("hosts.toml")).ok()?;
+            let owner = owner_of(&text)?.to_owned();
+            Some((name, owner))
         })
         .collect();
     out.sort();

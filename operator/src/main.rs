@@ -229,8 +229,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     // The agent logs each failed API request itself, rate-limited
-    // (agent/mod.rs); kube's client would log every one again at ERROR.
-    init_tracing(Some("kube_client::client::builder=off"));
+    // (agent/mod.rs); kube's client would log every one again at ERROR,
+    // and its watcher every failed 403 list at WARN.
+    init_tracing(Some(
+        "kube_client::client::builder=off,kube_runtime::watcher=off",
+    ));
     let client = kube::Client::try_default()
         .await
         .context("cannot configure a Kubernetes client (in-cluster or KUBECONFIG)")?;

@@ -189,17 +189,39 @@ fn user_hosts(text: &str, from: &Path) -> io::Result<hosts_toml::HostTables> {
         })
 }
 
-/// Registries under `dir` whose `hosts.toml` names `owner`.
+/// The owners (RegistryMirror names) of every `hosts.toml` under `dir` that
+/// carries our marker, sorted, each once; empty when `dir` cannot be read.
+/// The node agent removes the files of owners that no mirror wants here
+/// (issue 17: orphans of deleted mirrors blocked later ones).
+pub fn owners(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = marked(dir).into_iter().map(|(_, o)| o).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Registries under `dir` whose `hosts.toml` names `owner`, sorted.
 fn owned_registries(dir: &Path, owner: &str) -> Vec<String> {
+    marked(dir)
+        .into_iter()
+        .filter(|(_, o)| o == owner)
+        .map(|(registry, _)| registry)
+        .collect()
+}
+
+/// Every (registry, owner) under `dir` whose `hosts.toml` carries our
+/// marker, sorted by registry; empty when `dir` cannot be read.
+fn marked(dir: &Path) -> Vec<(String, String)> {
     let Ok(rd) = fs::read_dir(dir) else {
         return Vec::new();
     };
-    let mut out: Vec<String> = rd
+    let mut out: Vec<(String, String)> = rd
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|name| {
-            fs::read_to_string(dir.join(name).join("hosts.toml"))
-                .is_ok_and(|t| owner_of(&t) == Some(owner))
+        .filter_map(|name| {
+            let text = fs::read_to_string(dir.join(&name).join("hosts.toml")).ok()?;
+            let owner = owner_of(&text)?.to_owned();
+            Some((name, owner))
         })
         .collect();
     out.sort();
@@ -403,6 +425,27 @@ mod tests {
             owner_of(&fs::read_to_string(d.path().join("quay.io/hosts.toml")).unwrap())
                 == Some("other")
         );
+    }
+
+    #[test]
+    fn owners_lists_each_marked_owner_once_and_never_a_users_file() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(owners(&d.path().join("missing")).is_empty());
+        run(
+            d.path(),
+            "hub",
+            &[entry("docker.io", "hub"), entry("ghcr.io", "hub")],
+            MergeMode::Never,
+        );
+        run(
+            d.path(),
+            "hub2",
+            &[entry("quay.io", "hub2")],
+            MergeMode::Never,
+        );
+        fs::create_dir_all(d.path().join("gcr.io")).unwrap();
+        fs::write(d.path().join("gcr.io/hosts.toml"), "server = \"x\"\n").unwrap();
+        assert_eq!(owners(d.path()), ["hub", "hub2"]);
     }
 
     #[test]

@@ -11,6 +11,6 @@ pub mod containerd_imports;
 pub mod containerd_merge;
 pub mod hosts_toml;
 
-pub use apply::{Apply, HostReport, HostState, MergeMode, apply, remove_owned};
+pub use apply::{Apply, HostReport, HostState, MergeMode, apply, owners, remove_owned};
 pub use containerd::{Detection, inspect, inspect_file};
 pub use hosts_toml::{HostsToml, MARKER, owner_of, render};

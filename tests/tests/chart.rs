@@ -577,23 +577,29 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
         .get_json(&["registrymirror", "public"])
         .await?
         .context("public")?;
-    let status = serde_json::json!({"status": {"mirrors": [{
-        "mirror": "public", "uid": public["metadata"]["uid"], "state": "NotEffective",
-        "message": "containerd does not read /etc/containerd/certs.d",
-        "configDir": "/etc/containerd/certs.d", "hosts": ["docker.io"],
-    }]}});
+    // Server-side apply of the status, as the agent writes it.
+    let status = serde_json::json!({
+        "apiVersion": "regmirror.dev/v1alpha1", "kind": "RegistryMirrorNode",
+        "metadata": {"name": "node-1"},
+        "status": {"mirrors": [{
+            "mirror": "public", "uid": public["metadata"]["uid"], "state": "NotEffective",
+            "message": "containerd does not read /etc/containerd/certs.d",
+            "configDir": "/etc/containerd/certs.d", "hosts": ["docker.io"],
+        }]},
+    });
+    let status_file = work.path().join("report-status.json");
+    std::fs::write(&status_file, status.to_string())?;
     as_agent(
         [
-            "patch",
-            "registrymirrornode",
-            "node-1",
+            "apply",
+            "--server-side",
             "--subresource=status",
-            "--type=merge",
-            "-p",
+            "--field-manager=regmirror-agent",
+            "-f",
         ]
         .into_iter()
         .map(str::to_owned)
-        .chain([status.to_string()])
+        .chain([status_file.display().to_string()])
         .collect(),
     )
     .await?;

@@ -224,9 +224,20 @@ async fn rendered_chart_follows_conventions() -> Result<()> {
     Ok(())
 }
 
-/// The agents' `(--allowed-dir values, mounted host paths, mount paths)` and
-/// the operator's `--agent-host-dirs` value, from the rendered chart.
-fn host_dirs(objects: &[Value]) -> Result<(Vec<String>, Vec<String>, Vec<String>, String)> {
+/// The host directories of a rendered chart, as each part names them.
+struct HostDirs {
+    /// The agents' `--allowed-dir` values.
+    allowed: Vec<String>,
+    /// The host paths the agents' pod mounts.
+    host_paths: Vec<String>,
+    /// Where they are mounted in the agent container.
+    mounts: Vec<String>,
+    /// The operator's `--agent-host-dirs` value.
+    operator: String,
+}
+
+/// [`HostDirs`] of the rendered chart `objects`.
+fn host_dirs(objects: &[Value]) -> Result<HostDirs> {
     let agents = find(objects, "DaemonSet", &format!("{RELEASE}-agent")).context("agents")?;
     let pod = &agents["spec"]["template"]["spec"];
     let container = &pod["containers"][0];
@@ -253,7 +264,12 @@ fn host_dirs(objects: &[Value]) -> Result<(Vec<String>, Vec<String>, Vec<String>
                 .map(str::to_owned)
         },
     );
-    Ok((allowed, host_paths, mounts, operator.join(";")))
+    Ok(HostDirs {
+        allowed,
+        host_paths,
+        mounts,
+        operator: operator.join(";"),
+    })
 }
 
 /// Issue 17: what the node agents may touch on a node is the installer's
@@ -265,7 +281,12 @@ async fn the_agents_mount_only_the_installers_host_dirs_and_agent_and_operator_s
 -> Result<()> {
     let helm = Helm::new()?;
     let default = parse_yaml_stream(&helm.template(NS, &[]).await?)?;
-    let (allowed, host_paths, mounts, operator) = host_dirs(&default)?;
+    let HostDirs {
+        allowed,
+        host_paths,
+        mounts,
+        operator,
+    } = host_dirs(&default)?;
     assert_eq!(allowed, ["/etc/containerd"]);
     assert_eq!(host_paths, ["/etc/containerd"]);
     assert_eq!(mounts, ["/host/etc/containerd"]);
@@ -274,7 +295,12 @@ async fn the_agents_mount_only_the_installers_host_dirs_and_agent_and_operator_s
     let k3s = "/var/lib/rancher/k3s/agent/etc/containerd";
     let set = format!("agent.hostDirs={{/etc/containerd,{k3s}}}");
     let objects = parse_yaml_stream(&helm.template(NS, &["--set", &set]).await?)?;
-    let (allowed, host_paths, mounts, operator) = host_dirs(&objects)?;
+    let HostDirs {
+        allowed,
+        host_paths,
+        mounts,
+        operator,
+    } = host_dirs(&objects)?;
     assert_eq!(allowed, ["/etc/containerd", k3s]);
     assert_eq!(
         host_paths, allowed,

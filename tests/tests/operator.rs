@@ -130,6 +130,29 @@ async fn report(cp: &ControlPlane, node: &str, entries: &[(&str, &str)]) -> Resu
     .map(drop)
 }
 
+/// Adds kwok nodes `nodes` labelled `pool=<name>`, and the mirror `name`
+/// (upstream `<name>.example`, 1Gi) selecting them.
+async fn pooled_mirror(cp: &ControlPlane, name: &str, nodes: &[&str]) -> Result<()> {
+    add_nodes(cp, nodes, &[&format!("pool={name}")]).await?;
+    cp.apply_ok(&mirror_yaml(
+        name,
+        &format!("[{{host: {name}.example}}]"),
+        &format!("  storage: {{size: 1Gi}}\n  nodes: {{nodeSelector: {{pool: {name}}}}}\n"),
+    ))
+    .await
+}
+
+/// Waits until the mirror `name` is gone (its finalizer released).
+async fn mirror_gone(cp: &ControlPlane, op: &mut OperatorProcess, name: &str) -> Result<()> {
+    op.wait_for(
+        cp,
+        &format!("{name} gone"),
+        &["registrymirror", name],
+        |m| m.is_none().then_some(()),
+    )
+    .await
+}
+
 /// Adds kwok nodes `names` labelled `labels` (`k=v` each).
 async fn add_nodes(cp: &ControlPlane, names: &[&str], labels: &[&str]) -> Result<()> {
     for n in names {
@@ -1118,13 +1141,7 @@ async fn ready_counts_only_reports_of_existing_selected_nodes() -> Result<()> {
     let mut turn = turn("ready_counts_only_reports_of_existing_selected_nodes").await;
     let (cp, op) = turn.cluster().await?;
     let nodes = ["agg-1", "agg-2", "agg-3"];
-    add_nodes(cp, &nodes, &["pool=agg"]).await?;
-    cp.apply_ok(&mirror_yaml(
-        "agg",
-        "[{host: agg.example}]",
-        "  storage: {size: 1Gi}\n  nodes: {nodeSelector: {pool: agg}}\n",
-    ))
-    .await?;
+    pooled_mirror(cp, "agg", &nodes).await?;
 
     // The cache is up, no agent has reported: not Ready, every node Pending.
     let m = op
@@ -1243,10 +1260,7 @@ async fn ready_counts_only_reports_of_existing_selected_nodes() -> Result<()> {
     report(cp, "node-1", &[("agg", "Gone")]).await?;
     cp.kubectl_ok(&["delete", "registrymirror", "agg", "--wait=false"])
         .await?;
-    op.wait_for(cp, "agg gone", &["registrymirror", "agg"], |m| {
-        m.is_none().then_some(())
-    })
-    .await?;
+    mirror_gone(cp, op, "agg").await?;
     remove_nodes(cp, &nodes).await
 }
 
@@ -1259,13 +1273,7 @@ async fn deletion_waits_only_for_existing_nodes_still_reporting_the_mirror() -> 
     let mut turn = turn("deletion_waits_only_for_existing_nodes_still_reporting_the_mirror").await;
     let (cp, op) = turn.cluster().await?;
     let nodes = ["del-1", "del-2", "del-3"];
-    add_nodes(cp, &nodes, &["pool=del"]).await?;
-    cp.apply_ok(&mirror_yaml(
-        "del",
-        "[{host: del.example}]",
-        "  storage: {size: 1Gi}\n  nodes: {nodeSelector: {pool: del}}\n",
-    ))
-    .await?;
+    pooled_mirror(cp, "del", &nodes).await?;
     op.wait_for(cp, "del finalized", &["registrymirror", "del"], |m| {
         m?["metadata"]["finalizers"].as_array().map(drop)
     })
@@ -1304,10 +1312,7 @@ async fn deletion_waits_only_for_existing_nodes_still_reporting_the_mirror() -> 
     assert!(op.log().contains(waiting), "the log names del-2");
 
     report(cp, "del-2", &[("del", "Removed")]).await?;
-    op.wait_for(cp, "del gone", &["registrymirror", "del"], |m| {
-        m.is_none().then_some(())
-    })
-    .await?;
+    mirror_gone(cp, op, "del").await?;
     remove_nodes(cp, &nodes).await
 }
 
@@ -1411,13 +1416,7 @@ async fn per_mirror_agents_are_retired_once_the_shared_agent_reports_every_node(
         // What the old operator left, made while this one is stopped.
         let (cp, op) = turn.cluster().await?;
         op.stop(Duration::from_secs(10)).await?;
-        add_nodes(cp, &nodes, &["pool=mig"]).await?;
-        cp.apply_ok(&mirror_yaml(
-            "mig",
-            "[{host: mig.example}]",
-            "  storage: {size: 1Gi}\n  nodes: {nodeSelector: {pool: mig}}\n",
-        ))
-        .await?;
+        pooled_mirror(cp, "mig", &nodes).await?;
         let mirror = cp
             .get_json(&["registrymirror", "mig"])
             .await?
@@ -1513,9 +1512,6 @@ async fn per_mirror_agents_are_retired_once_the_shared_agent_reports_every_node(
     }
     cp.kubectl_ok(&["delete", "registrymirror", "mig", "--wait=false"])
         .await?;
-    op.wait_for(cp, "mig gone", &["registrymirror", "mig"], |m| {
-        m.is_none().then_some(())
-    })
-    .await?;
+    mirror_gone(cp, op, "mig").await?;
     remove_nodes(cp, &nodes).await
 }

@@ -36,24 +36,22 @@ pub struct NodesSummary {
     pub unreported: Vec<String>,
 }
 
-/// The report of `node` (a RegistryMirrorNode is named after its node), if any.
-fn report_of<'a>(
-    node: &str,
-    reports: &'a [std::sync::Arc<RegistryMirrorNode>],
-) -> Option<&'a RegistryMirrorNode> {
-    reports
-        .iter()
-        .map(AsRef::as_ref)
-        .find(|r| r.name_any() == node)
+/// The reports by node name (a RegistryMirrorNode is named after its node),
+/// so a summary takes one pass over nodes and reports however many there are.
+fn by_node(
+    reports: &[std::sync::Arc<RegistryMirrorNode>],
+) -> BTreeMap<String, &RegistryMirrorNode> {
+    reports.iter().map(|r| (r.name_any(), r.as_ref())).collect()
 }
 
 /// `node`'s entry for `mirror` (name, and uid when both have one).
 fn entry_for<'a>(
     mirror: &RegistryMirror,
     node: &str,
-    reports: &'a [std::sync::Arc<RegistryMirrorNode>],
+    reports: &BTreeMap<String, &'a RegistryMirrorNode>,
 ) -> Option<&'a MirrorOnNode> {
-    report_of(node, reports)?
+    reports
+        .get(node)?
         .status
         .as_ref()?
         .entry(&mirror.name_any(), mirror.metadata.uid.as_deref())
@@ -79,6 +77,7 @@ pub fn summarize(
     nodes: &[std::sync::Arc<Node>],
     reports: &[std::sync::Arc<RegistryMirrorNode>],
 ) -> NodesSummary {
+    let reports = by_node(reports);
     let mut entries: Vec<NodeResult> = Vec::new();
     let mut unreported = Vec::new();
     for node in nodes
@@ -86,7 +85,7 @@ pub fn summarize(
         .filter(|n| selection::selects(&mirror.spec.nodes, n))
     {
         let name = node.name_any();
-        let entry = match entry_for(mirror, &name, reports) {
+        let entry = match entry_for(mirror, &name, &reports) {
             Some(e) => NodeResult {
                 name,
                 state: e.state,
@@ -130,10 +129,11 @@ pub fn cleanup_pending(
     nodes: &[std::sync::Arc<Node>],
     reports: &[std::sync::Arc<RegistryMirrorNode>],
 ) -> Vec<String> {
+    let reports = by_node(reports);
     let mut names: Vec<String> = nodes
         .iter()
         .map(|n| n.name_any())
-        .filter(|n| entry_for(mirror, n, reports).is_some_and(|e| e.state != NodeState::Removed))
+        .filter(|n| entry_for(mirror, n, &reports).is_some_and(|e| e.state != NodeState::Removed))
         .collect();
     names.sort();
     names

@@ -189,6 +189,24 @@ fn user_hosts(text: &str, from: &Path) -> io::Result<hosts_toml::HostTables> {
         })
 }
 
+/// The owners (RegistryMirror names) of every `hosts.toml` under `dir` that
+/// carries our marker, sorted, each once; empty when `dir` cannot be read.
+/// The node agent removes the files of owners that no mirror wants here
+/// (issue 17: orphans of deleted mirrors blocked later ones).
+pub fn owners(dir: &Path) -> Vec<String> {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| fs::read_to_string(e.path().join("hosts.toml")).ok())
+        .filter_map(|t| owner_of(&t).map(str::to_owned))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// Registries under `dir` whose `hosts.toml` names `owner`.
 fn owned_registries(dir: &Path, owner: &str) -> Vec<String> {
     let Ok(rd) = fs::read_dir(dir) else {
@@ -403,6 +421,27 @@ mod tests {
             owner_of(&fs::read_to_string(d.path().join("quay.io/hosts.toml")).unwrap())
                 == Some("other")
         );
+    }
+
+    #[test]
+    fn owners_lists_each_marked_owner_once_and_never_a_users_file() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(owners(&d.path().join("missing")).is_empty());
+        run(
+            d.path(),
+            "hub",
+            &[entry("docker.io", "hub"), entry("ghcr.io", "hub")],
+            MergeMode::Never,
+        );
+        run(
+            d.path(),
+            "hub2",
+            &[entry("quay.io", "hub2")],
+            MergeMode::Never,
+        );
+        fs::create_dir_all(d.path().join("gcr.io")).unwrap();
+        fs::write(d.path().join("gcr.io/hosts.toml"), "server = \"x\"\n").unwrap();
+        assert_eq!(owners(d.path()), ["hub", "hub2"]);
     }
 
     #[test]

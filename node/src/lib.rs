@@ -7,6 +7,6 @@ pub mod apply;
 pub mod containerd;
 pub mod hosts_toml;
 
-pub use apply::{Apply, HostReport, HostState, MergeMode, apply, remove_owned};
+pub use apply::{Apply, HostReport, HostState, MergeMode, apply, owners, remove_owned};
 pub use containerd::{Detection, inspect};
 pub use hosts_toml::{HostsToml, MARKER, owner_of, render};

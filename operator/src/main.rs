@@ -43,48 +43,42 @@ enum Command {
         #[arg(long)]
         node: bool,
     },
-    /// Node agent: writes this node's containerd hosts.toml for one mirror (run by
-    /// the DaemonSet the operator creates).
+    /// Node agent: reconciles this node's containerd hosts.toml files for every
+    /// RegistryMirror and reports to its RegistryMirrorNode (run by the chart's
+    /// DaemonSet, one pod per node).
     Agent(AgentArgs),
 }
 
 #[derive(Debug, Args)]
 struct AgentArgs {
-    /// The RegistryMirror this agent configures the node for.
-    #[arg(long, env = "REGMIRROR_MIRROR")]
-    mirror: String,
     /// This node's name (downward API spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
-    /// This node's IP, where containerd reaches the cache's NodePort (status.hostIP).
+    /// This node's IP, where containerd reaches the caches' NodePorts (status.hostIP).
     #[arg(long, env = "NODE_IP")]
     node_ip: String,
-    /// containerd's registry config directory as mounted into this pod.
+    /// Where this process sees the node's `/` (the pod mounts each allowed
+    /// directory under it); `/` when run directly on a node.
+    #[arg(long, env = "REGMIRROR_HOST_ROOT", default_value = "/host")]
+    host_root: std::path::PathBuf,
+    /// A node directory the agent may write (a mirror's containerdConfigDir)
+    /// and read (its containerdConfigFile) in; repeatable. Set by the
+    /// installer (chart value agent.hostDirs), never by a RegistryMirror.
     #[arg(
-        long,
-        env = "REGMIRROR_HOSTS_DIR",
-        default_value = "/host/etc/containerd/certs.d"
+        long = "allowed-dir",
+        env = "REGMIRROR_ALLOWED_DIRS",
+        value_delimiter = ',',
+        default_value = "/etc/containerd"
     )]
-    hosts_dir: std::path::PathBuf,
-    /// The same directory as named on the node (what containerd's config_path says).
-    #[arg(
-        long,
-        env = "REGMIRROR_HOSTS_DIR_ON_NODE",
-        default_value = "/etc/containerd/certs.d"
-    )]
-    hosts_dir_on_node: String,
-    /// containerd's config.toml as mounted into this pod (read only).
-    #[arg(
-        long,
-        env = "REGMIRROR_CONTAINERD_CONFIG",
-        default_value = "/host/etc/containerd/config.toml"
-    )]
-    containerd_config: std::path::PathBuf,
-    /// Re-check the files this often (e.g. 30s).
+    allowed_dirs: Vec<String>,
+    /// Re-check the files this often without a change (e.g. 30s).
     #[arg(long, env = "REGMIRROR_RESYNC", default_value = "30s")]
     resync: humantime::Duration,
+    /// Rewrite an unchanged report this often (its lastUpdate heartbeat).
+    #[arg(long, env = "REGMIRROR_HEARTBEAT", default_value = "5m")]
+    heartbeat: humantime::Duration,
     /// Address serving /healthz and /readyz (ready once this node is
-    /// configured); none when unset.
+    /// reconciled and reported); none when unset.
     #[arg(long, env = "REGMIRROR_PROBE_ADDR")]
     probe_addr: Option<SocketAddr>,
 }
@@ -235,7 +229,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
 async fn agent(args: AgentArgs) -> anyhow::Result<()> {
     // The agent logs each failed API request itself, rate-limited
-    // (agent.rs); kube's client would log every one again at ERROR.
+    // (agent/mod.rs); kube's client would log every one again at ERROR.
     init_tracing(Some("kube_client::client::builder=off"));
     let client = kube::Client::try_default()
         .await
@@ -253,13 +247,12 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         serve(addr, &metrics, &shutdown).await?;
     }
     let cfg = regmirror_operator::agent::AgentConfig {
-        mirror: args.mirror,
         node_name: args.node_name,
         node_ip: args.node_ip,
-        hosts_dir: args.hosts_dir,
-        hosts_dir_on_node: args.hosts_dir_on_node,
-        containerd_config: args.containerd_config,
+        host_root: args.host_root,
+        allowed_dirs: args.allowed_dirs,
         resync: args.resync.into(),
+        heartbeat: args.heartbeat.into(),
     };
     regmirror_operator::agent::run(client, cfg, &metrics.ready, shutdown).await
 }

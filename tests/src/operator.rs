@@ -149,8 +149,8 @@ impl OperatorProcess {
     }
 }
 
-/// `regmirror-operator agent` for one mirror and one (fake) node, run on this
-/// machine with the node's hosts directory and containerd config given directly.
+/// `regmirror-operator agent` for one (fake) node, run on this machine with
+/// the node's `/` at [`AgentOptions::host_root`] (a temp dir per node).
 pub struct AgentProcess {
     child: ChildGuard,
     _dir: TempDir,
@@ -159,11 +159,19 @@ pub struct AgentProcess {
 /// What [`AgentProcess::start`] needs.
 pub struct AgentOptions<'a> {
     pub kubeconfig: &'a Path,
-    pub mirror: &'a str,
     pub node_name: &'a str,
     pub node_ip: &'a str,
-    pub hosts_dir: &'a Path,
-    pub containerd_config: &'a Path,
+    /// Where the agent sees the node's `/` (`--host-root`).
+    pub host_root: &'a Path,
+    /// Node paths the agent may touch (`--allowed-dir`, each).
+    pub allowed_dirs: &'a [&'a str],
+}
+
+impl AgentOptions<'_> {
+    /// Where the agent sees the node path `node_path`, under the host root.
+    pub fn on_node(&self, node_path: &str) -> PathBuf {
+        self.host_root.join(node_path.trim_start_matches('/'))
+    }
 }
 
 impl AgentProcess {
@@ -172,23 +180,17 @@ impl AgentProcess {
     }
 
     /// [`AgentProcess::start`] with more environment variables (`extra`,
-    /// e.g. `REGMIRROR_PROBE_ADDR`), set after the defaults.
+    /// e.g. `REGMIRROR_PROBE_ADDR`), set after the defaults (so they win).
     pub fn start_with_env(o: &AgentOptions<'_>, extra: &[(&str, &str)]) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("regmirror-agent-")
             .tempdir()?;
-        let hosts = o.hosts_dir.display().to_string();
         let env: Vec<(String, String)> = [
             ("KUBECONFIG", o.kubeconfig.display().to_string()),
-            ("REGMIRROR_MIRROR", o.mirror.to_owned()),
             ("NODE_NAME", o.node_name.to_owned()),
             ("NODE_IP", o.node_ip.to_owned()),
-            ("REGMIRROR_HOSTS_DIR", hosts.clone()),
-            ("REGMIRROR_HOSTS_DIR_ON_NODE", hosts),
-            (
-                "REGMIRROR_CONTAINERD_CONFIG",
-                o.containerd_config.display().to_string(),
-            ),
+            ("REGMIRROR_HOST_ROOT", o.host_root.display().to_string()),
+            ("REGMIRROR_ALLOWED_DIRS", o.allowed_dirs.join(",")),
             ("REGMIRROR_RESYNC", "1s".to_owned()),
             ("REGMIRROR_LOG", "info,regmirror_operator=debug".to_owned()),
             ("NO_COLOR", "1".to_owned()),

@@ -20,22 +20,15 @@ const RUN: Duration = Duration::from_secs(10);
 const MAX_CPU: Duration = Duration::from_millis(200);
 const MAX_LINES: usize = 50;
 
-/// The agent for node-1's `hosts` directory; containerd's config is
-/// `config`; `extra` environment variables.
-fn start_agent(
-    kubeconfig: &Path,
-    hosts: &Path,
-    config: &Path,
-    extra: &[(&str, &str)],
-) -> Result<AgentProcess> {
+/// The agent for node-1, whose `/` is `root`; `extra` environment variables.
+fn start_agent(kubeconfig: &Path, root: &Path, extra: &[(&str, &str)]) -> Result<AgentProcess> {
     AgentProcess::start_with_env(
         &AgentOptions {
             kubeconfig,
-            mirror: "hub",
             node_name: "node-1",
             node_ip: "127.0.0.1",
-            hosts_dir: hosts,
-            containerd_config: config,
+            host_root: root,
+            allowed_dirs: &["/etc/containerd"],
         },
         extra,
     )
@@ -55,10 +48,10 @@ async fn readyz(addr: &str) -> Result<u16> {
 async fn run_case(
     case: &str,
     kubeconfig: &Path,
-    (hosts, config): (&Path, &Path),
+    root: &Path,
     extra: &[(&str, &str)],
 ) -> Result<(AgentProcess, Option<String>)> {
-    let mut agent = start_agent(kubeconfig, hosts, config, extra)?;
+    let mut agent = start_agent(kubeconfig, root, extra)?;
     tokio::time::sleep(RUN).await;
     ensure!(
         agent.is_running(),
@@ -82,18 +75,15 @@ async fn run_case(
 async fn the_agent_backs_off_and_stays_quiet_without_the_api_server() -> Result<()> {
     let cp = ControlPlane::start().await?;
     cp.install_crd().await?;
-    let node_dir = tempfile::tempdir()?;
-    let hosts = &node_dir.path().join("certs.d");
-    let config = &node_dir.path().join("config.toml");
+    // node-1's `/`, with containerd configured to read hosts.toml.
+    let node_root = tempfile::tempdir()?;
+    let node = node_root.path();
+    let hosts = &node.join("etc/containerd/certs.d");
     std::fs::create_dir_all(hosts)?;
     std::fs::write(
-        config,
-        format!(
-            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\nconfig_path = \"{}\"\n",
-            hosts.display()
-        ),
+        node.join("etc/containerd/config.toml"),
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\nconfig_path = \"/etc/containerd/certs.d\"\n",
     )?;
-    let node = (hosts.as_path(), config.as_path());
 
     // (a) Nothing listens at the address (a port that was free a moment ago).
     let unreachable = cp.kubeconfig_with(
@@ -138,15 +128,15 @@ async fn the_agent_backs_off_and_stays_quiet_without_the_api_server() -> Result<
     ])
     .await?;
     wait_until(Duration::from_secs(45), || async {
-        b.log().contains("reading the mirror works again")
+        b.log().contains("watching the mirrors works again")
     })
     .await
     .with_context(|| format!("no recovery logged; log:\n{}", tail_lines(&b.log(), 30)))?;
-    // Readable but no mirror to configure the node for: not ready.
-    ensure!(readyz(&probe).await? == 503, "ready without a mirror");
+    // Readable but no Node to configure: not ready.
+    ensure!(readyz(&probe).await? == 503, "ready without its Node");
 
-    // The mirror as the operator publishes it: the agent configures the node
-    // and only then is ready.
+    // The mirror as the operator publishes it, then the Node: the agent
+    // configures the node and only then is ready.
     cp.apply_ok("apiVersion: regmirror.dev/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: hub\nspec:\n  upstreams: [{host: docker.io}]\n  storage: {size: 1Gi}\n")
         .await?;
     cp.kubectl_ok(&[
@@ -159,11 +149,15 @@ async fn the_agent_backs_off_and_stays_quiet_without_the_api_server() -> Result<
         r#"{"status":{"hosts":["docker.io"],"nodePort":30123}}"#,
     ])
     .await?;
+    ensure!(readyz(&probe).await? == 503, "ready without its Node");
+    cp.add_node("node-1").await?;
     wait_until(Duration::from_secs(45), || async {
         readyz(&probe).await.is_ok_and(|s| s == 200)
     })
     .await
     .with_context(|| format!("never ready; log:\n{}", tail_lines(&b.log(), 30)))?;
     assert!(hosts.join("docker.io/hosts.toml").exists());
+    let recovered = b.log().matches("watching the mirrors works again").count();
+    ensure!(recovered == 1, "recovery logged {recovered} times");
     Ok(())
 }

@@ -434,14 +434,14 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
     let agent_kubeconfig = cp
         .token_kubeconfig(NS, "regmirror-agent", "agent.kubeconfig")
         .await?;
-    let hosts = work.path().join("certs.d");
+    // The node's `/` is `work` (no containerd config there).
+    let hosts = work.path().join("etc/containerd/certs.d");
     let agent = AgentProcess::start(&AgentOptions {
         kubeconfig: &agent_kubeconfig,
-        mirror: "public",
         node_name: "chart-node",
         node_ip: "127.0.0.1",
-        hosts_dir: &hosts,
-        containerd_config: &work.path().join("no-containerd-config.toml"),
+        host_root: work.path(),
+        allowed_dirs: &["/etc/containerd"],
     })?;
     op.wait_for(
         &cp,

@@ -65,20 +65,15 @@ fn condition_true(m: Option<&Value>, type_: &str) -> bool {
         })
 }
 
-fn agent_options<'a>(
-    cp: &'a ControlPlane,
-    certs: &'a Path,
-    ctrd: &'a Containerd,
-    config: &'a Path,
-) -> AgentOptions<'a> {
-    let _ = ctrd;
+/// The agent for node-1 run on this machine (`/` is the node's root), allowed
+/// the test's hosts directory and containerd's config directory.
+fn agent_options<'a>(cp: &'a ControlPlane, allowed: &'a [&'a str]) -> AgentOptions<'a> {
     AgentOptions {
         kubeconfig: &cp.kubeconfig,
-        mirror: "hub",
         node_name: "node-1",
         node_ip: "127.0.0.1",
-        hosts_dir: certs,
-        containerd_config: config,
+        host_root: Path::new("/"),
+        allowed_dirs: allowed,
     }
 }
 
@@ -108,6 +103,11 @@ async fn the_node_agent_points_containerd_at_the_cache_and_cleans_up() -> Result
     std::fs::write(&user_file, "server = \"https://quay.io\"\n")?;
     let ctrd = Containerd::start_with_cri(certs).await?;
     let ctrd_config = ctrd.config_file();
+    let (certs_str, config_dir) = (
+        certs.display().to_string(),
+        ctrd_config.parent().unwrap().display().to_string(),
+    );
+    let allowed = [certs_str.as_str(), config_dir.as_str()];
 
     // The control plane, the CRD and the operator.
     let cp = ControlPlane::start().await?;
@@ -119,14 +119,15 @@ async fn the_node_agent_points_containerd_at_the_cache_and_cleans_up() -> Result
     cp.apply_ok("apiVersion: v1\nkind: PersistentVolume\nmetadata:\n  name: agent-pv\nspec:\n  capacity: {storage: 1Gi}\n  accessModes: [ReadWriteOnce]\n  hostPath: {path: /tmp/agent-pv}\n").await?;
     let mut op = OperatorProcess::start(&cp.kubeconfig, NS, "op-1", &[])?;
     cp.apply_ok(&format!(
-        "apiVersion: regmirror.dev/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: hub\nspec:\n  upstreams: [{{host: docker.io, url: '{}'}}]\n  storage: {{size: 1Gi}}\n  cache: {{nodePort: {node_port}}}\n  nodes: {{containerdConfigDir: '{}'}}\n",
+        "apiVersion: regmirror.dev/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: hub\nspec:\n  upstreams: [{{host: docker.io, url: '{}'}}]\n  storage: {{size: 1Gi}}\n  cache: {{nodePort: {node_port}}}\n  nodes: {{containerdConfigDir: '{}', containerdConfigFile: '{}'}}\n",
         reg.url(),
-        certs.display()
+        certs.display(),
+        ctrd_config.display()
     ))
     .await?;
 
     // The agent configures node-1 and reports it; the operator counts it.
-    let mut agent = AgentProcess::start(&agent_options(&cp, certs, &ctrd, &ctrd_config))?;
+    let mut agent = AgentProcess::start(&agent_options(&cp, &allowed))?;
     wait_mirror(&cp, &agent, &mut op, "node-1 Configured", |m| {
         node_entry(m, "node-1").is_some_and(|n| n["state"] == "Configured")
             && condition_true(m, "NodesConfigured")
@@ -182,7 +183,7 @@ async fn the_node_agent_points_containerd_at_the_cache_and_cleans_up() -> Result
         .context("mirror deleted before its node was cleaned")?;
     assert!(held["metadata"]["deletionTimestamp"].is_string());
     assert!(certs.join("docker.io/hosts.toml").exists());
-    let agent = AgentProcess::start(&agent_options(&cp, certs, &ctrd, &ctrd_config))?;
+    let agent = AgentProcess::start(&agent_options(&cp, &allowed))?;
     wait_mirror(&cp, &agent, &mut op, "hub deleted", |m| m.is_none()).await?;
     assert!(!certs.join("docker.io").exists(), "agent files left behind");
     assert_eq!(

@@ -8,7 +8,7 @@
 //! mirror's labels and delete what the mirror owns but no longer wants.
 
 use k8s_openapi::Resource as _;
-use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::core::ApiResource;
@@ -37,16 +37,15 @@ pub enum ChildKind {
     StatefulSet,
     /// The cache's NodePort.
     Service,
-    /// The node agents.
-    DaemonSet,
 }
 
 impl ChildKind {
     /// Every kind, in apply order: what a child refers to is applied before
     /// it (the cache StatefulSet mounts the ConfigMap and the credentials
-    /// Secret, runs as the ServiceAccount, names the members Service), and
-    /// the node agents come last, once the cache they point nodes at exists.
-    pub const ALL: [Self; 9] = [
+    /// Secret, runs as the ServiceAccount, names the members Service). The
+    /// node agents are no child: the chart installs one DaemonSet for all
+    /// mirrors (issue 17).
+    pub const ALL: [Self; 8] = [
         Self::ConfigMap,
         Self::Secret,
         Self::ServiceAccount,
@@ -55,7 +54,6 @@ impl ChildKind {
         Self::MembersService,
         Self::StatefulSet,
         Self::Service,
-        Self::DaemonSet,
     ];
 
     /// The kinds of [`Self::ALL`] with a distinct API resource, one each:
@@ -78,7 +76,6 @@ impl ChildKind {
             Self::RoleBinding => RoleBinding::KIND,
             Self::MembersService | Self::Service => Service::KIND,
             Self::StatefulSet => StatefulSet::KIND,
-            Self::DaemonSet => DaemonSet::KIND,
         }
     }
 
@@ -92,7 +89,6 @@ impl ChildKind {
             Self::RoleBinding => ApiResource::erase::<RoleBinding>(&()),
             Self::MembersService | Self::Service => ApiResource::erase::<Service>(&()),
             Self::StatefulSet => ApiResource::erase::<StatefulSet>(&()),
-            Self::DaemonSet => ApiResource::erase::<DaemonSet>(&()),
         }
     }
 
@@ -108,14 +104,12 @@ impl ChildKind {
             Self::MembersService => resources::members_service_name(mirror),
             Self::StatefulSet => resources::stateful_set_name(mirror),
             Self::Service => resources::service_name(mirror),
-            Self::DaemonSet => resources::daemon_set_name(mirror),
         }
     }
 
     /// Every kind in the order the finalizer deletes them: the cache's
-    /// StatefulSet (with its claims) and Services before what its pods use,
-    /// the node agents last.
-    pub fn deletion_order() -> [Self; 9] {
+    /// StatefulSet (with its claims) and Services before what its pods use.
+    pub fn deletion_order() -> [Self; 8] {
         let mut kinds = Self::ALL;
         // Stable: kinds of one stage keep their apply order.
         kinds.sort_by_key(|k| match k {
@@ -126,7 +120,6 @@ impl ChildKind {
             | Self::ServiceAccount
             | Self::Role
             | Self::RoleBinding => 2,
-            Self::DaemonSet => 3,
         });
         kinds
     }
@@ -146,7 +139,6 @@ impl Children {
             ChildKind::MembersService => serde_json::to_value(&self.members_service),
             ChildKind::StatefulSet => serde_json::to_value(&self.stateful_set),
             ChildKind::Service => serde_json::to_value(&self.service),
-            ChildKind::DaemonSet => serde_json::to_value(&self.daemon_set),
         };
         Some(value.expect("Kubernetes objects serialize"))
     }
@@ -235,13 +227,12 @@ mod tests {
                 (ChildKind::MembersService, "regmirror-hub-members".into()),
                 (ChildKind::StatefulSet, "regmirror-hub".into()),
                 (ChildKind::Service, "regmirror-hub".into()),
-                (ChildKind::DaemonSet, "regmirror-hub-agent".into()),
             ]
         );
     }
 
     #[test]
-    fn deletion_takes_the_cache_first_and_the_agents_last() {
+    fn deletion_takes_the_cache_first() {
         assert_eq!(
             ChildKind::deletion_order(),
             [
@@ -253,7 +244,6 @@ mod tests {
                 ChildKind::ServiceAccount,
                 ChildKind::Role,
                 ChildKind::RoleBinding,
-                ChildKind::DaemonSet,
             ]
         );
     }

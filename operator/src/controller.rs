@@ -1,14 +1,17 @@
 //! The reconcile loop: validate -> build -> server-side apply -> prune ->
 //! status, per `RegistryMirror`, plus the finalizer that removes node
 //! configuration before a mirror goes away. Watching, applying, pruning and
-//! deleting children all walk [`ChildKind`]'s one list.
+//! deleting children all walk [`ChildKind`]'s one list. The nodes' side of
+//! the status is aggregated from the node agents' reports
+//! ([`crate::node_watch`], [`crate::node_status`]), whose changes trigger
+//! reconciles at a bounded rate.
 //!
 //! Children are namespaced (the operator's namespace) while the mirror is
 //! cluster-scoped. `Controller::owns` would map a child's owner reference to
 //! a *namespaced* object reference that never matches the mirror, so children
 //! are watched with `watches_with` and an explicit owner-reference mapper.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,11 +29,14 @@ use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+use crate::agent_migration::{self, Outcome as Legacy};
 use crate::children::ChildKind;
 use crate::crd::RegistryMirror;
 use crate::credentials;
 use crate::metrics::Metrics;
 use crate::migration::{self, Progress};
+use crate::node_status::{self, NodesSummary};
+use crate::node_watch::{self, NodeViews};
 use crate::resources::{self, Children, MANAGER, Settings};
 use crate::status::{self, Conflict, Observed, Problem, reason};
 
@@ -111,19 +117,25 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Every mirror, for conflict detection.
     pub mirrors: Store<RegistryMirror>,
+    /// Every Node and every node agent's report, for the nodes' status.
+    pub views: NodeViews,
     /// Consecutive failures per mirror, for the error backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Uids of mirrors known to have no agent DaemonSet of the per-mirror
+    /// layout (any more): not looked for again.
+    legacy_gone: Mutex<HashSet<String>>,
 }
 
 impl Context {
     /// Shared state for [`reconcile`] and [`error_policy`]: `mirrors` is the
-    /// controller's store of every mirror.
+    /// controller's store of every mirror, `views` the Nodes and reports.
     pub fn new(
         client: Client,
         settings: Settings,
         recorder: Recorder,
         metrics: Arc<Metrics>,
         mirrors: Store<RegistryMirror>,
+        views: NodeViews,
     ) -> Self {
         Self {
             client,
@@ -131,8 +143,22 @@ impl Context {
             recorder,
             metrics,
             mirrors,
+            views,
             failures: Mutex::default(),
+            legacy_gone: Mutex::default(),
         }
+    }
+
+    /// What the reports say about `mirror`; `None` until the Nodes and the
+    /// reports have been listed.
+    fn nodes_summary(&self, mirror: &RegistryMirror) -> Option<NodesSummary> {
+        self.views.ready().then(|| {
+            node_status::summarize(
+                mirror,
+                &self.views.nodes.state(),
+                &self.views.reports.state(),
+            )
+        })
     }
 
     fn ns<K>(&self) -> Api<K>
@@ -164,6 +190,12 @@ pub async fn run(
     let mut controller =
         Controller::new(mirrors.clone(), watcher::Config::default().any_semantic());
     let store = controller.store();
+    let (views, triggers) = node_watch::start(&client);
+    controller = controller.reconcile_on(node_watch::throttled(
+        triggers,
+        store.clone(),
+        node_watch::AGGREGATE_EVERY,
+    ));
     let labelled =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}"));
     let ctx = Arc::new(Context::new(
@@ -172,6 +204,7 @@ pub async fn run(
         Recorder::new(client.clone(), reporter),
         metrics,
         store.clone(),
+        views,
     ));
     for kind in ChildKind::resources() {
         let api = ctx.children(kind);
@@ -423,7 +456,7 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
         }
     }
 
-    let applied = match apply_children(&children, ctx).await {
+    let mut applied = match apply_children(&children, ctx).await {
         Ok(a) => a,
         Err(e) => {
             let problem = Problem {
@@ -435,14 +468,14 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
         }
     };
     prune(mirror, &children, ctx).await?;
+    applied.legacy_agents = retire_legacy_agents(mirror, ctx).await?;
 
     let event = match &before {
         None => Some((
             "Created",
             format!(
-                "created the cache ({}) and node agents ({}) in namespace {}",
+                "created the cache ({}) in namespace {}",
                 resources::stateful_set_name(&name),
-                resources::daemon_set_name(&name),
                 ctx.settings.namespace
             ),
         )),
@@ -462,6 +495,30 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
     } else {
         Duration::from_secs(30)
     }))
+}
+
+/// Deletes `mirror`'s agent DaemonSet of the per-mirror layout once the
+/// shared agent reports on every node it selects ([`agent_migration`]);
+/// `Some(why)` while it is kept. Nothing is decided before the Nodes and
+/// reports are listed, and a mirror found without one is not looked at again.
+async fn retire_legacy_agents(
+    mirror: &RegistryMirror,
+    ctx: &Context,
+) -> Result<Option<String>, Error> {
+    let uid = mirror.uid().unwrap_or_default();
+    if ctx.legacy_gone.lock().expect("not poisoned").contains(&uid) {
+        return Ok(None);
+    }
+    let Some(summary) = ctx.nodes_summary(mirror) else {
+        return Ok(None);
+    };
+    match agent_migration::retire(&ctx.client, &ctx.settings.namespace, mirror, &summary).await? {
+        Legacy::Kept(why) => Ok(Some(why)),
+        Legacy::Absent | Legacy::Deleted => {
+            ctx.legacy_gone.lock().expect("not poisoned").insert(uid);
+            Ok(None)
+        }
+    }
 }
 
 /// Outer `Err`: the API failed (retry); inner `Err`: the user must fix something.
@@ -493,7 +550,8 @@ async fn load_credentials(
 struct Seen {
     stateful_set: Option<StatefulSet>,
     service: Option<Service>,
-    daemon_set: Option<DaemonSet>,
+    /// Why the per-mirror agent DaemonSet is still kept, if it is.
+    legacy_agents: Option<String>,
 }
 
 impl Seen {
@@ -509,10 +567,7 @@ impl Seen {
                 .ns::<Service>()
                 .get_opt(&resources::service_name(&name))
                 .await?,
-            daemon_set: ctx
-                .ns::<DaemonSet>()
-                .get_opt(&resources::daemon_set_name(&name))
-                .await?,
+            legacy_agents: None,
         })
     }
 
@@ -521,7 +576,6 @@ impl Seen {
         match kind {
             ChildKind::StatefulSet => self.stateful_set = Some(decode(applied)?),
             ChildKind::Service => self.service = Some(decode(applied)?),
-            ChildKind::DaemonSet => self.daemon_set = Some(decode(applied)?),
             ChildKind::ConfigMap
             | ChildKind::Secret
             | ChildKind::ServiceAccount
@@ -537,7 +591,7 @@ impl Seen {
         Observed {
             cache_replicas: self.stateful_set.as_ref().map(members),
             node_port: self.service.as_ref().and_then(node_port),
-            agents: self.daemon_set.as_ref().map(agents),
+            legacy_agents: self.legacy_agents.clone(),
             ..Default::default()
         }
     }
@@ -565,13 +619,6 @@ fn node_port(s: &Service) -> Option<i32> {
     s.spec.as_ref()?.ports.as_ref()?.first()?.node_port
 }
 
-fn agents(ds: &DaemonSet) -> (i32, i32) {
-    ds.status
-        .as_ref()
-        .map(|s| (s.desired_number_scheduled, s.number_ready))
-        .unwrap_or((0, 0))
-}
-
 fn config_hash(d: &StatefulSet) -> Option<&str> {
     d.spec
         .as_ref()?
@@ -591,8 +638,9 @@ enum Outcome {
     /// Stopped by a problem before every child was applied: the status reads
     /// the children as they are.
     Stopped(Problem),
-    /// The mirror is being deleted; the children as read.
-    Deleting(Seen),
+    /// The mirror is being deleted; the children as read, and what the
+    /// finalizer waits for.
+    Deleting(Seen, Option<String>),
 }
 
 /// Writes the status for a pass that ended in `outcome` with `conflicts`;
@@ -603,7 +651,7 @@ async fn report(
     conflicts: Vec<Conflict>,
     outcome: Outcome,
 ) -> Result<bool, Error> {
-    let (observed, problem, deleting) = match outcome {
+    let (observed, problem, cleanup) = match outcome {
         Outcome::Applied(seen) => {
             let mut observed = seen.observed();
             if observed
@@ -612,15 +660,22 @@ async fn report(
             {
                 observed.cache_cause = cache_cause(mirror, ctx).await;
             }
-            (observed, None, false)
+            (observed, None, None)
         }
-        Outcome::Stopped(p) => (Seen::read(mirror, ctx).await?.observed(), Some(p), false),
-        Outcome::Deleting(seen) => (seen.observed(), None, true),
+        Outcome::Stopped(p) => (Seen::read(mirror, ctx).await?.observed(), Some(p), None),
+        Outcome::Deleting(seen, waiting) => (seen.observed(), None, Some(waiting)),
     };
     let observed = Observed {
         conflicts,
         problem,
-        deleting,
+        deleting: cleanup.is_some(),
+        cleanup: cleanup.flatten(),
+        nodes: ctx.nodes_summary(mirror),
+        node_refusal: node_status::refusal(
+            mirror,
+            &ctx.settings.agent_host_dirs,
+            &ctx.settings.agent_image,
+        ),
         namespace: ctx.settings.namespace.clone(),
         ..observed
     };
@@ -732,10 +787,20 @@ async fn update_status(
         publish(ctx, mirror, e.type_, &e.reason, "Reconcile", e.note).await;
     }
 
-    let mut comparable = previous.cloned().unwrap_or_default();
-    comparable.nodes.clear();
-    if comparable != new {
+    if previous != Some(&new) {
         let api: Api<RegistryMirror> = Api::all(ctx.client.clone());
+        // Entries of the per-mirror agents of earlier versions (each its own
+        // field manager, with a heartbeat the operator never writes) would
+        // survive an apply of the operator's list: dropped once, with the
+        // whole list, which the apply then writes anew.
+        if previous.is_some_and(|p| p.nodes.iter().any(|n| n.last_update.is_some())) {
+            api.patch_status(
+                &mirror.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"nodes": null}})),
+            )
+            .await?;
+        }
         let patch = json!({
             "apiVersion": RegistryMirror::api_version(&()),
             "kind": RegistryMirror::kind(&()),
@@ -786,53 +851,52 @@ fn truncate(mut s: String, max: usize) -> String {
 /// agent that cannot run must not keep a mirror forever).
 pub const NODE_CLEANUP_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Whether the node agents still have configuration for this mirror on some
-/// node: `Some(what)` while they do. Agents remove their files when they see
-/// the mirror being deleted and report `state: Removed` in `status.nodes`;
-/// every node that reported anything must have reported that, unless the
-/// agents are gone or [`NODE_CLEANUP_TIMEOUT`] has passed.
+/// What deletion still waits for, as the condition and the log say it:
+/// `Some(message)` while an existing node's agent reports configuration of
+/// the mirror not yet `Removed` (`pending`, from [`node_status::cleanup_pending`];
+/// `None` when the reports have not been read yet), until
+/// [`NODE_CLEANUP_TIMEOUT`] after the deletion. Nodes that are gone or never
+/// reported the mirror are not waited for.
 pub fn node_cleanup_pending(
     mirror: &RegistryMirror,
-    agents: Option<&DaemonSet>,
+    pending: Option<&[String]>,
     now: Timestamp,
 ) -> Option<String> {
-    let scheduled = agents?
-        .status
-        .as_ref()
-        .map_or(0, |s| s.current_number_scheduled);
-    if scheduled == 0 {
-        return None;
-    }
     if let Some(deleted) = &mirror.metadata.deletion_timestamp {
         let waited = now.duration_since(deleted.0).as_secs().max(0) as u64;
         if waited >= NODE_CLEANUP_TIMEOUT.as_secs() {
             return None;
         }
     }
-    let pending: Vec<&str> = mirror
-        .status
-        .iter()
-        .flat_map(|s| &s.nodes)
-        .filter(|n| n.state != crate::crd::NodeState::Removed)
-        .map(|n| n.name.as_str())
-        .collect();
-    (!pending.is_empty()).then(|| {
-        format!(
+    match pending {
+        None => Some("waiting until the node agents' reports have been read".into()),
+        Some([]) => None,
+        Some(names) => Some(format!(
             "waiting for node agents to remove their configuration from {}",
-            pending.join(", ")
-        )
-    })
+            node_status::name_list(names)
+        )),
+    }
 }
 
 /// Finalizer cleanup: wait for the node agents' acknowledgement, then delete
-/// the children in [`ChildKind::deletion_order`] (the agents last), so the
-/// finalizer can be released.
+/// the children in [`ChildKind::deletion_order`], and the per-mirror agent
+/// DaemonSet of earlier versions if one is left, so the finalizer can be
+/// released.
 async fn cleanup(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> {
     let name = mirror.name_any();
     let seen = Seen::read(mirror, ctx).await?;
-    let ds = seen.daemon_set.clone();
-    report(mirror, ctx, Vec::new(), Outcome::Deleting(seen)).await?;
-    if let Some(waiting) = node_cleanup_pending(mirror, ds.as_ref(), Timestamp::now()) {
+    let pending = ctx.views.ready().then(|| {
+        node_status::cleanup_pending(mirror, &ctx.views.nodes.state(), &ctx.views.reports.state())
+    });
+    let waiting = node_cleanup_pending(mirror, pending.as_deref(), Timestamp::now());
+    report(
+        mirror,
+        ctx,
+        Vec::new(),
+        Outcome::Deleting(seen, waiting.clone()),
+    )
+    .await?;
+    if let Some(waiting) = waiting {
         return Err(Error::NodeCleanupPending(waiting));
     }
     // Still pending but for the timeout: say so once, then let go.
@@ -841,7 +905,7 @@ async fn cleanup(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error
         .deletion_timestamp
         .as_ref()
         .map_or_else(Timestamp::now, |t| t.0);
-    if node_cleanup_pending(mirror, ds.as_ref(), deleted_at).is_some() {
+    if let Some(waiting) = node_cleanup_pending(mirror, pending.as_deref(), deleted_at) {
         publish(
             ctx,
             mirror,
@@ -849,13 +913,17 @@ async fn cleanup(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error
             "NodeCleanupTimedOut",
             "Cleanup",
             format!(
-                "node agents did not confirm removal within {NODE_CLEANUP_TIMEOUT:?}; hosts.toml files may remain on some nodes"
+                "node agents did not confirm removal within {NODE_CLEANUP_TIMEOUT:?} ({waiting}); hosts.toml files may remain on those nodes"
             ),
         )
         .await;
     }
     for kind in ChildKind::deletion_order() {
         delete_ignoring_missing(&ctx.children(kind), &kind.child_name(&name)).await?;
+    }
+    let uid = mirror.uid().unwrap_or_default();
+    if !ctx.legacy_gone.lock().expect("not poisoned").contains(&uid) {
+        delete_ignoring_missing(&ctx.ns::<DaemonSet>(), &resources::daemon_set_name(&name)).await?;
     }
     publish(
         ctx,
@@ -864,7 +932,7 @@ async fn cleanup(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error
         "Deleted",
         "Cleanup",
         format!(
-            "node configuration removed; deleted the cache and node agents in namespace {}",
+            "node configuration removed; deleted the cache in namespace {}",
             ctx.settings.namespace
         ),
     )
@@ -950,50 +1018,27 @@ mod tests {
     }
 
     #[test]
-    fn deletion_waits_for_every_reporting_node_until_the_timeout() {
-        use crate::crd::{NodeResult, NodeState, RegistryMirrorStatus};
-        use k8s_openapi::api::apps::v1::DaemonSetStatus;
+    fn deletion_waits_for_the_named_nodes_until_the_timeout() {
         use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-        let node = |name: &str, state| NodeResult {
-            name: name.into(),
-            state,
-            message: None,
-            last_update: None,
-        };
         let deleted: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let mut m = RegistryMirror::new(
             "hub",
             serde_json::from_value(json!({"upstreams": [{"host": "docker.io"}]})).unwrap(),
         );
         m.metadata.deletion_timestamp = Some(Time(deleted));
-        m.status = Some(RegistryMirrorStatus {
-            nodes: vec![
-                node("n1", NodeState::Removed),
-                node("n2", NodeState::Configured),
-            ],
-            ..Default::default()
-        });
-        let ds = DaemonSet {
-            status: Some(DaemonSetStatus {
-                current_number_scheduled: 2,
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
         let soon = deleted + std::time::Duration::from_secs(30);
-        let waiting =
-            node_cleanup_pending(&m, Some(&ds), soon).expect("n2 has not removed its files");
-        assert!(
-            waiting.contains("n2") && !waiting.contains("n1"),
-            "{waiting}"
+        let n2 = ["n2".to_owned()];
+        assert_eq!(
+            node_cleanup_pending(&m, Some(&n2), soon).as_deref(),
+            Some("waiting for node agents to remove their configuration from n2")
         );
-        // No agents running (or none scheduled): nothing can be waited for.
-        assert_eq!(node_cleanup_pending(&m, None, soon), None);
+        // Nothing concluded before the reports are read.
+        assert!(node_cleanup_pending(&m, None, soon).is_some());
+        assert_eq!(node_cleanup_pending(&m, Some(&[]), soon), None);
         // An agent that never answers does not hold the mirror forever.
         let late = deleted + NODE_CLEANUP_TIMEOUT;
-        assert_eq!(node_cleanup_pending(&m, Some(&ds), late), None);
-        m.status.as_mut().unwrap().nodes[1].state = NodeState::Removed;
-        assert_eq!(node_cleanup_pending(&m, Some(&ds), soon), None);
+        assert_eq!(node_cleanup_pending(&m, Some(&n2), late), None);
+        assert_eq!(node_cleanup_pending(&m, None, late), None);
     }
 
     #[test]
@@ -1021,7 +1066,7 @@ mod tests {
     /// Reconciles against a mocked API server (see [`crate::fixtures`]).
     mod against_the_api {
         use super::*;
-        use crate::crd::{NodeResult, NodeState, RegistryMirrorStatus};
+        use crate::crd::NodeState;
         use crate::fixtures::{self, ApiServer, NS, metadata_list};
         use http::{Method, StatusCode};
         use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -1061,25 +1106,8 @@ mod tests {
             }]})
         }
 
-        fn agents_scheduled(n: i32) -> Value {
-            json!({"status": {"currentNumberScheduled": n, "desiredNumberScheduled": n,
-                              "numberMisscheduled": 0, "numberReady": n}})
-        }
-
-        fn deleted(mut m: RegistryMirror, nodes: &[(&str, NodeState)]) -> RegistryMirror {
+        fn deleted(mut m: RegistryMirror) -> RegistryMirror {
             m.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
-            m.status = Some(RegistryMirrorStatus {
-                nodes: nodes
-                    .iter()
-                    .map(|(name, state)| NodeResult {
-                        name: (*name).into(),
-                        state: *state,
-                        message: None,
-                        last_update: None,
-                    })
-                    .collect(),
-                ..Default::default()
-            });
             m
         }
 
@@ -1123,10 +1151,6 @@ mod tests {
                         json!({"spec": {"replicas": 1}, "status": {"replicas": 1, "readyReplicas": 1}}),
                     ),
                     (core("services", "regmirror-hub"), service_port),
-                    (
-                        apps("daemonsets", "regmirror-hub-agent"),
-                        agents_scheduled(1),
-                    ),
                 ] {
                     let call = api.expect_apply(&path, stored).await;
                     let owner = &call.body["metadata"]["ownerReferences"][0];
@@ -1165,10 +1189,6 @@ mod tests {
                         ],
                     ),
                     (format!("/apis/apps/v1/namespaces/{NS}/statefulsets"), vec![]),
-                    (
-                        format!("/apis/apps/v1/namespaces/{NS}/daemonsets"),
-                        vec![owned("regmirror-hub-agent", "uid-hub")],
-                    ),
                 ] {
                     let call = api
                         .expect(Method::GET, &path, StatusCode::OK, |_| {
@@ -1191,7 +1211,12 @@ mod tests {
                     }
                 }
 
-                // Then the events and the status, from what the API server returned.
+                // No agent DaemonSet of the per-mirror layout to retire.
+                api.expect_not_found(Method::GET, &apps("daemonsets", "regmirror-hub-agent"))
+                    .await;
+
+                // Then the events and the status, from what the API server
+                // returned and what the node reports say.
                 assert_eq!(
                     api.expect_event().await,
                     ("Normal".into(), "Created".into())
@@ -1200,6 +1225,7 @@ mod tests {
                 let status = api.expect_status().await;
                 assert_eq!(status["nodePort"], 31500);
                 assert_eq!(status["nodesConfigured"], 1);
+                assert_eq!(status["nodes"], json!([{"name": "n1", "state": "Configured"}]));
                 assert_eq!(
                     status["cache"],
                     json!({"replicas": 1, "readyReplicas": 1, "members": "1/1"})
@@ -1230,11 +1256,7 @@ mod tests {
                 )
                 .await;
                 // Nothing more is applied or pruned; the status reads the children.
-                for path in [
-                    stateful_set,
-                    core("services", "regmirror-hub"),
-                    apps("daemonsets", "regmirror-hub-agent"),
-                ] {
+                for path in [stateful_set, core("services", "regmirror-hub")] {
                     api.expect_not_found(Method::GET, &path).await;
                 }
                 assert_eq!(
@@ -1258,12 +1280,14 @@ mod tests {
         }
 
         #[tokio::test]
-        async fn deletion_deletes_the_children_agents_last_then_releases_the_finalizer() {
-            let m = deleted(fixtures::mirror(true), &[("n1", NodeState::Removed)]);
-            let result = fixtures::reconcile(m, |mut api| async move {
-                expect_deleting_status(&mut api, 1).await;
+        async fn deletion_deletes_the_children_then_the_old_agents_then_releases_the_finalizer() {
+            let m = deleted(fixtures::mirror(true));
+            let views = fixtures::nodes_reporting(&[("n1", NodeState::Removed)]);
+            let result = fixtures::reconcile_seeing(m, views, |mut api| async move {
+                expect_deleting_status(&mut api).await;
 
-                // Every node reported Removed: the children go, agents last.
+                // Every node reported Removed: the children go, and an
+                // agent DaemonSet of the per-mirror layout if one is left.
                 for (path, found) in [
                     (apps("statefulsets", "regmirror-hub"), true),
                     (core("services", "regmirror-hub-members"), true),
@@ -1273,7 +1297,7 @@ mod tests {
                     (core("serviceaccounts", "regmirror-hub-cache"), true),
                     (rbac("roles", "regmirror-hub-cache"), true),
                     (rbac("rolebindings", "regmirror-hub-cache"), true),
-                    (apps("daemonsets", "regmirror-hub-agent"), true),
+                    (apps("daemonsets", "regmirror-hub-agent"), false),
                 ] {
                     if found {
                         api.expect(Method::DELETE, &path, StatusCode::OK, |_| success())
@@ -1302,47 +1326,47 @@ mod tests {
 
         #[tokio::test]
         async fn deletion_waits_while_a_node_agent_still_has_configuration() {
-            let m = deleted(
-                fixtures::mirror(true),
-                &[("n1", NodeState::Removed), ("n2", NodeState::Configured)],
-            );
-            let result = fixtures::reconcile(m, |mut api| async move {
-                expect_deleting_status(&mut api, 2).await;
+            let m = deleted(fixtures::mirror(true));
+            let views = fixtures::nodes_reporting(&[
+                ("n1", NodeState::Removed),
+                ("n2", NodeState::Configured),
+            ]);
+            let result = fixtures::reconcile_seeing(m, views, |mut api| async move {
+                let status = expect_deleting_status(&mut api).await;
+                let ready = &status["conditions"][0]["message"];
+                assert!(
+                    ready
+                        .as_str()
+                        .unwrap()
+                        .ends_with("waiting for node agents to remove their configuration from n2"),
+                    "{ready}"
+                );
                 // No deletion, and the finalizer stays.
                 api
             })
             .await;
             let err = result.unwrap_err();
             assert_eq!(err.kind(), "node_cleanup_pending");
-            assert!(err.to_string().contains("n2"), "{err}");
+            assert!(
+                err.to_string().contains("n2") && !err.to_string().contains("n1"),
+                "{err}"
+            );
         }
 
-        /// What cleanup does first: reads the children (the cache gone, the
-        /// agents on `agents` nodes), then reports Deleting.
-        async fn expect_deleting_status(api: &mut ApiServer, agents: i32) {
+        /// What cleanup does first: reads the children (the cache gone),
+        /// then reports Deleting; returns the status written.
+        async fn expect_deleting_status(api: &mut ApiServer) -> Value {
             api.expect_not_found(Method::GET, &apps("statefulsets", "regmirror-hub"))
                 .await;
             api.expect_not_found(Method::GET, &core("services", "regmirror-hub"))
                 .await;
-            api.expect(
-                Method::GET,
-                &apps("daemonsets", "regmirror-hub-agent"),
-                StatusCode::OK,
-                |_| {
-                    fixtures::merged(
-                        json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
-                               "metadata": {"name": "regmirror-hub-agent"}}),
-                        &agents_scheduled(agents),
-                    )
-                },
-            )
-            .await;
             assert_eq!(
                 api.expect_event().await,
                 ("Normal".into(), "Deleting".into())
             );
             let status = api.expect_status().await;
             assert_eq!(status["conditions"][0]["reason"], "Deleting");
+            status
         }
     }
 }

@@ -284,25 +284,34 @@ impl Default for CacheSpec {
     }
 }
 
-/// The node agent DaemonSet, which writes each node's containerd `hosts.toml`.
+/// Which nodes' container runtimes are pointed at the cache, and where their
+/// configuration lives. The node agents (one per node, installed with the
+/// operator) write it.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct NodesSpec {
-    /// Nodes to configure; all nodes when empty.
+    /// Nodes to configure (every label must match); all nodes when empty.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
-    /// Tolerations of the agent; when unset it tolerates every taint, so tainted
-    /// (e.g. control-plane) nodes are configured too.
+    /// Which tainted nodes to configure: a node with a NoSchedule or NoExecute taint
+    /// is configured only if one of these tolerates it, as the scheduler would
+    /// decide for a pod. When unset every node is configured, tainted (e.g.
+    /// control-plane) ones too. The installer decides where node agents run
+    /// (Helm chart value agent.tolerations); a node without an agent is never
+    /// configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
     /// containerd's registry configuration directory on the nodes (`config_path`).
+    /// Must be inside a directory the installer lets the node agents use (Helm
+    /// chart value agent.hostDirs, default /etc/containerd); otherwise the mirror
+    /// is refused (NodesConfigured False, reason ConfigDirNotAllowed).
     #[schemars(length(min = 1, max = 1024))]
     #[x_kube(validation = Rule::new(r"self.startsWith('/') && !self.contains('..')")
         .message("containerdConfigDir must be an absolute path without '..'"))]
     #[serde(default = "default_containerd_config_dir")]
     pub containerd_config_dir: String,
     /// containerd's configuration file on the nodes, read (never written) to tell
-    /// whether containerd uses `containerdConfigDir`.
+    /// whether containerd uses `containerdConfigDir`. Must be inside agent.hostDirs too.
     #[schemars(length(min = 1, max = 1024))]
     #[x_kube(validation = Rule::new(r"self.startsWith('/') && !self.contains('..')")
         .message("containerdConfigFile must be an absolute path without '..'"))]
@@ -313,7 +322,9 @@ pub struct NodesSpec {
     /// file is left alone and reported as a conflict.
     #[serde(default)]
     pub merge_existing: bool,
-    /// Agent image; defaults to the operator's `--agent-image`.
+    /// Deprecated: the node agent image is the installer's choice (Helm chart value
+    /// agent.image, the operator's `--agent-image`). Leave unset; any other image
+    /// than the installed one is refused (reason AgentImageNotAllowed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_image: Option<String>,
 }
@@ -358,16 +369,17 @@ pub struct RegistryMirrorStatus {
     /// NodePort of the cache Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_port: Option<i32>,
-    /// Nodes the agent DaemonSet should run on.
+    /// Existing nodes this mirror selects (spec.nodes.nodeSelector and tolerations).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes_desired: Option<i32>,
-    /// Nodes configured to pull through the cache.
+    /// Of those, the nodes whose agent reports them configured to pull through the cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes_configured: Option<i32>,
     /// The cache members, as the StatefulSet reports them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheStatus>,
-    /// Per-node results, one entry per node, written by that node's agent.
+    /// Per-node results, aggregated by the operator from the nodes' agents' reports
+    /// (RegistryMirrorNodes): one entry per selected node, problems first, at most 100.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub nodes: Vec<NodeResult>,
@@ -385,8 +397,8 @@ pub struct CacheStatus {
     pub members: String,
 }
 
-/// One node's configuration result, reported by its agent.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+/// One node's configuration result, as its agent reported it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeResult {
     /// Node name.
@@ -394,7 +406,8 @@ pub struct NodeResult {
     pub state: NodeState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-    /// When the agent last wrote this entry (RFC 3339).
+    /// When the agent last wrote this entry (RFC 3339); only in entries written by
+    /// agents of earlier versions (the aggregated list has none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_update: Option<String>,
 }
@@ -412,6 +425,9 @@ pub enum NodeState {
     Failed,
     /// The mirror is being deleted and this node's files are gone.
     Removed,
+    /// Selected, but the node's agent has not reported on this mirror yet
+    /// (set by the operator, never by an agent).
+    Pending,
 }
 
 impl Upstream {

@@ -18,9 +18,12 @@ use tower_test::mock::{self, Handle};
 use kube::runtime::controller::Action;
 
 use crate::controller::{self, Context, Error, FINALIZER};
-use crate::crd::RegistryMirror;
+use crate::crd::{NodeState, RegistryMirror};
 use crate::metrics::Metrics;
+use crate::node_report::RegistryMirrorNode;
+use crate::node_watch::NodeViews;
 use crate::resources::Settings;
+use k8s_openapi::api::core::v1::Node;
 
 /// The namespace of the children in these tests.
 pub const NS: &str = "regmirror-system";
@@ -41,9 +44,37 @@ pub struct Call {
     pub body: Value,
 }
 
+/// One node `n1` whose agent reports [`mirror`] `hub` Configured.
+pub fn one_node_configured() -> NodeViews {
+    nodes_reporting(&[("n1", NodeState::Configured)])
+}
+
+/// Nodes, each with a report of [`mirror`] `hub` (uid `uid-hub`) in the
+/// given state.
+pub fn nodes_reporting(nodes: &[(&str, NodeState)]) -> NodeViews {
+    let node = |name: &str| -> Node {
+        serde_json::from_value(json!({"metadata": {"name": name}})).unwrap()
+    };
+    let report = |name: &str, state: NodeState| -> RegistryMirrorNode {
+        serde_json::from_value(json!({
+            "apiVersion": "regmirror.dev/v1alpha1", "kind": "RegistryMirrorNode",
+            "metadata": {"name": name},
+            "spec": {"nodeName": name},
+            "status": {"mirrors": [{"mirror": "hub", "uid": "uid-hub", "state": state,
+                                     "configDir": "/etc/containerd/certs.d"}]},
+        }))
+        .unwrap()
+    };
+    NodeViews::of(
+        nodes.iter().map(|(n, _)| node(n)).collect(),
+        nodes.iter().map(|(n, s)| report(n, *s)).collect(),
+    )
+}
+
 /// A context whose client talks to the returned mocked API server, with an
-/// empty store of mirrors (so no host conflicts).
-pub fn context() -> (Arc<Context>, ApiServer) {
+/// empty store of mirrors (so no host conflicts) and the Nodes and reports
+/// of `views`.
+pub fn context_seeing(views: NodeViews) -> (Arc<Context>, ApiServer) {
     let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let (store, _writer) = reflector::store();
@@ -57,6 +88,7 @@ pub fn context() -> (Arc<Context>, ApiServer) {
         Recorder::new(client, reporter),
         Arc::new(Metrics::default()),
         store,
+        views,
     );
     (Arc::new(ctx), ApiServer(handle))
 }
@@ -67,7 +99,7 @@ pub fn settings() -> Settings {
         namespace: NS.into(),
         cache_image: "regmirror/cache:test".into(),
         agent_image: "regmirror/operator:test".into(),
-        agent_service_account: "regmirror-agent".into(),
+        agent_host_dirs: vec!["/etc/containerd".into()],
     }
 }
 
@@ -81,7 +113,19 @@ pub async fn reconcile<F>(
 where
     F: Future<Output = ApiServer>,
 {
-    let (ctx, server) = context();
+    reconcile_seeing(mirror, one_node_configured(), script).await
+}
+
+/// [`reconcile`] with the Nodes and reports of `views`.
+pub async fn reconcile_seeing<F>(
+    mirror: RegistryMirror,
+    views: NodeViews,
+    script: impl FnOnce(ApiServer) -> F,
+) -> Result<Action, Error>
+where
+    F: Future<Output = ApiServer>,
+{
+    let (ctx, server) = context_seeing(views);
     // `ctx` (and so every client) is dropped when the reconcile returns.
     let work = controller::reconcile(Arc::new(mirror), ctx);
     let limit = Duration::from_secs(5);

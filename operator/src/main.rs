@@ -107,16 +107,17 @@ struct RunArgs {
     /// Cache image for mirrors that do not set spec.cache.image.
     #[arg(long, env = "REGMIRROR_CACHE_IMAGE", default_value_t = format!("ghcr.io/regmirror/regmirror-cache:{VERSION}"))]
     cache_image: String,
-    /// Node agent image for mirrors that do not set spec.nodes.agentImage (this operator's image).
+    /// The node agent image the installer runs (the chart's agent.image); a mirror whose spec.nodes.agentImage names another is refused.
     #[arg(long, env = "REGMIRROR_AGENT_IMAGE", default_value_t = format!("ghcr.io/regmirror/regmirror-operator:{VERSION}"))]
     agent_image: String,
-    /// ServiceAccount of the node agent pods.
+    /// Node directories the node agents may use, comma-separated (the chart's agent.hostDirs, which its agent DaemonSet mounts); a mirror whose containerd paths are outside them is refused.
     #[arg(
         long,
-        env = "REGMIRROR_AGENT_SERVICE_ACCOUNT",
-        default_value = "regmirror-agent"
+        env = "REGMIRROR_AGENT_HOST_DIRS",
+        value_delimiter = ',',
+        default_value = "/etc/containerd"
     )]
-    agent_service_account: String,
+    agent_host_dirs: Vec<String>,
 }
 
 #[tokio::main]
@@ -162,7 +163,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         namespace: args.namespace.clone(),
         cache_image: args.cache_image,
         agent_image: args.agent_image,
-        agent_service_account: args.agent_service_account,
+        agent_host_dirs: args.agent_host_dirs,
     };
     let reporter = Reporter {
         controller: "regmirror-operator".into(),

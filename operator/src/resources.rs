@@ -1,5 +1,7 @@
 //! Pure builders: a `RegistryMirror` (plus operator settings and resolved
-//! credentials) in, the Kubernetes objects that run its cache and node agents out.
+//! credentials) in, the Kubernetes objects that run its cache out. The node
+//! agents are not a mirror's: one DaemonSet for all mirrors is installed with
+//! the operator (the Helm chart, issue 17).
 //!
 //! All children live in the operator's namespace and carry a controller owner
 //! reference to the (cluster-scoped) mirror, so the garbage collector removes
@@ -9,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv6Addr, SocketAddr};
 
-use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -31,7 +33,6 @@ pub const MIRROR_LABEL: &str = "regmirror.dev/mirror";
 pub const CONFIG_HASH_ANNOTATION: &str = "regmirror.dev/config-hash";
 
 pub const COMPONENT_CACHE: &str = "cache";
-pub const COMPONENT_AGENT: &str = "node-agent";
 
 /// Where things are inside the cache container.
 pub const CONFIG_DIR: &str = "/etc/regmirror";
@@ -51,8 +52,6 @@ pub const DATA_CLAIM_TEMPLATE: &str = "data";
 /// 10 s to spare.
 pub const CACHE_TERMINATION_GRACE_SECONDS: i64 = 40;
 
-/// Where the agent sees the host's paths: `/host` + the host path.
-pub const HOST_ROOT: &str = "/host";
 /// Unprivileged user of the cache container (fsGroup makes the volume writable).
 const CACHE_UID: i64 = 65532;
 
@@ -68,8 +67,13 @@ pub struct Settings {
     /// Namespace the children are created in.
     pub namespace: String,
     pub cache_image: String,
+    /// The node agent image the installer runs (the chart's `agent.image`): a
+    /// mirror naming another in `spec.nodes.agentImage` is refused.
     pub agent_image: String,
-    pub agent_service_account: String,
+    /// Node directories the installer lets the node agents use (the chart's
+    /// `agent.hostDirs`, which its agent DaemonSet mounts): a mirror's
+    /// containerd paths must be inside them ([`crate::selection::within_allowed`]).
+    pub agent_host_dirs: Vec<String>,
 }
 
 /// Everything one mirror needs, ready to apply: one object per
@@ -90,7 +94,6 @@ pub struct Children {
     pub stateful_set: StatefulSet,
     /// The NodePort Service: the entry point nodes pull through.
     pub service: Service,
-    pub daemon_set: DaemonSet,
     /// Hash of the cache configuration, also on the pod template.
     pub config_hash: String,
 }
@@ -162,6 +165,8 @@ pub fn member_claim_name(mirror: &str, ordinal: u32) -> String {
 pub fn service_name(mirror: &str) -> String {
     child_name(mirror, "")
 }
+/// The per-mirror node agent DaemonSet of earlier versions, which
+/// [`crate::agent_migration`] removes once the shared agent took over.
 pub fn daemon_set_name(mirror: &str) -> String {
     child_name(mirror, "-agent")
 }
@@ -360,7 +365,6 @@ pub fn build(mirror: &RegistryMirror, settings: &Settings, credentials: Option<&
     ));
     let members_service = typed(members_service_json(mirror, settings));
     let service = typed(service_json(mirror, settings));
-    let daemon_set = typed(daemon_set_json(mirror, settings));
 
     Children {
         config_map,
@@ -371,7 +375,6 @@ pub fn build(mirror: &RegistryMirror, settings: &Settings, credentials: Option<&
         members_service,
         stateful_set,
         service,
-        daemon_set,
         config_hash,
     }
 }
@@ -581,96 +584,6 @@ fn service_json(mirror: &RegistryMirror, settings: &Settings) -> Value {
     })
 }
 
-/// Port of the node agent's `/readyz` inside its pod.
-pub const AGENT_PROBE_PORT: u16 = 8081;
-
-/// The node agent (`regmirror-operator agent`, issue 5): one pod per selected
-/// node, with the host's containerd registry directory mounted read-write at
-/// `/host<dir>`, and the node's name and IP from the downward API.
-fn daemon_set_json(mirror: &RegistryMirror, settings: &Settings) -> Value {
-    let name = mirror.name();
-    let nodes = &mirror.spec.nodes;
-    let hosts_dir = format!("{HOST_ROOT}{}", nodes.containerd_config_dir);
-    // containerd's config file is read through its directory (read-only): a
-    // file hostPath would create an empty file on nodes that have none.
-    let config_file = std::path::Path::new(&nodes.containerd_config_file);
-    let config_dir = config_file
-        .parent()
-        .map_or("/".to_owned(), |p| p.display().to_string());
-    let config_dir_mount = format!("{HOST_ROOT}{config_dir}");
-    let tolerations = match &nodes.tolerations {
-        Some(t) => serde_json::to_value(t).expect("tolerations serialize"),
-        None => json!([{"operator": "Exists"}]),
-    };
-    let field = |path: &str| json!({"fieldRef": {"apiVersion": "v1", "fieldPath": path}});
-    let mut pod_spec = json!({
-        "serviceAccountName": settings.agent_service_account,
-        "terminationGracePeriodSeconds": 10,
-        "tolerations": tolerations,
-        "containers": [{
-            "name": "agent",
-            "image": nodes.agent_image.clone().unwrap_or_else(|| settings.agent_image.clone()),
-            "args": ["agent"],
-            "env": [
-                {"name": "REGMIRROR_MIRROR", "value": name},
-                {"name": "REGMIRROR_HOSTS_DIR", "value": hosts_dir},
-                {"name": "REGMIRROR_HOSTS_DIR_ON_NODE", "value": nodes.containerd_config_dir},
-                {"name": "REGMIRROR_CONTAINERD_CONFIG", "value": format!("{HOST_ROOT}{}", nodes.containerd_config_file)},
-                {"name": "REGMIRROR_HOST_ROOT", "value": HOST_ROOT},
-                {"name": "NODE_NAME", "valueFrom": field("spec.nodeName")},
-                {"name": "NODE_IP", "valueFrom": field("status.hostIP")},
-                {"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
-                {"name": "REGMIRROR_PROBE_ADDR", "value": format!("0.0.0.0:{AGENT_PROBE_PORT}")},
-            ],
-            "ports": [{"name": "probes", "containerPort": AGENT_PROBE_PORT, "protocol": "TCP"}],
-            // Ready only once this node is configured (agent::reconciled), so
-            // ready pods are not counted as configured nodes (issue 17).
-            "readinessProbe": {
-                "httpGet": {"path": "/readyz", "port": "probes"},
-                "periodSeconds": 10,
-            },
-            "resources": {
-                "requests": {"cpu": "10m", "memory": "32Mi"},
-                // A bound on what one agent may take from its node (issue 17:
-                // an agent without backoff burnt a core when the API server was away).
-                "limits": {"cpu": "100m", "memory": "128Mi"},
-            },
-            "securityContext": {
-                // Root to write the host's root-owned directory; nothing more.
-                "runAsUser": 0,
-                "allowPrivilegeEscalation": false,
-                "readOnlyRootFilesystem": true,
-                "capabilities": {"drop": ["ALL"]},
-            },
-            // The read-only parent first, so a nested hosts directory mounts over it.
-            "volumeMounts": [
-                {"name": "containerd-config", "mountPath": config_dir_mount, "readOnly": true},
-                {"name": "containerd-hosts", "mountPath": hosts_dir},
-            ],
-        }],
-        "volumes": [
-            {"name": "containerd-config", "hostPath": {"path": config_dir, "type": "DirectoryOrCreate"}},
-            {"name": "containerd-hosts", "hostPath": {"path": nodes.containerd_config_dir, "type": "DirectoryOrCreate"}},
-        ],
-    });
-    if !nodes.node_selector.is_empty() {
-        pod_spec["nodeSelector"] = json!(nodes.node_selector);
-    }
-    json!({
-        "apiVersion": "apps/v1",
-        "kind": "DaemonSet",
-        "metadata": metadata(mirror, settings, daemon_set_name(&name), COMPONENT_AGENT),
-        "spec": {
-            "selector": {"matchLabels": selector_labels(&name, COMPONENT_AGENT)},
-            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}},
-            "template": {
-                "metadata": {"labels": labels(&name, COMPONENT_AGENT)},
-                "spec": pod_spec,
-            },
-        },
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -691,7 +604,7 @@ mod tests {
             namespace: NS.into(),
             cache_image: "regmirror/cache:test".into(),
             agent_image: "regmirror/operator:test".into(),
-            agent_service_account: "regmirror-agent".into(),
+            agent_host_dirs: vec!["/etc/containerd".into()],
         }
     }
 
@@ -1138,62 +1051,5 @@ port_name = "registry"
                            "protocol": "TCP", "nodePort": 31500}],
             })
         );
-    }
-
-    #[test]
-    fn agent_daemon_set_mounts_the_hosts_dir_and_knows_its_node() {
-        let m = mirror(json!({
-            "upstreams": [{"host": "docker.io"}],
-            "nodes": {"nodeSelector": {"pool": "gpu"}, "containerdConfigDir": "/etc/k3s/certs.d"},
-        }));
-        let ds = v(&build(&m, &settings(), None).daemon_set);
-        assert_eq!(ds["metadata"]["name"], "regmirror-hub-agent");
-        assert_eq!(
-            ds["metadata"]["labels"]["app.kubernetes.io/component"],
-            "node-agent"
-        );
-        let pod = &ds["spec"]["template"]["spec"];
-        assert_eq!(pod["nodeSelector"], json!({"pool": "gpu"}));
-        assert_eq!(pod["tolerations"], json!([{"operator": "Exists"}]));
-        assert_eq!(pod["serviceAccountName"], "regmirror-agent");
-        let ctr = &pod["containers"][0];
-        assert_eq!(ctr["args"], json!(["agent"]));
-        assert_eq!(ctr["image"], "regmirror/operator:test");
-        assert_eq!(ctr["readinessProbe"]["httpGet"]["path"], "/readyz");
-        assert_eq!(ctr["ports"][0]["containerPort"], AGENT_PROBE_PORT);
-        assert_eq!(
-            ctr["resources"],
-            json!({"requests": {"cpu": "10m", "memory": "32Mi"},
-                   "limits": {"cpu": "100m", "memory": "128Mi"}})
-        );
-        let env = ctr["env"].as_array().unwrap();
-        assert!(env.contains(
-            &json!({"name": "REGMIRROR_PROBE_ADDR", "value": format!("0.0.0.0:{AGENT_PROBE_PORT}")})
-        ));
-        assert!(env.contains(&json!({"name": "NODE_IP", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.hostIP"}}})));
-        assert!(env.contains(&json!({"name": "NODE_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}}})));
-        assert!(
-            env.contains(&json!({"name": "REGMIRROR_HOSTS_DIR", "value": "/host/etc/k3s/certs.d"}))
-        );
-        assert_eq!(
-            pod["volumes"][1],
-            json!({"name": "containerd-hosts", "hostPath": {"path": "/etc/k3s/certs.d", "type": "DirectoryOrCreate"}})
-        );
-        assert_eq!(
-            ctr["volumeMounts"][1],
-            json!({"name": "containerd-hosts", "mountPath": "/host/etc/k3s/certs.d"})
-        );
-        // containerd's config is readable, never writable, and mounted first.
-        assert_eq!(
-            pod["volumes"][0],
-            json!({"name": "containerd-config", "hostPath": {"path": "/etc/containerd", "type": "DirectoryOrCreate"}})
-        );
-        assert_eq!(
-            ctr["volumeMounts"][0],
-            json!({"name": "containerd-config", "mountPath": "/host/etc/containerd", "readOnly": true})
-        );
-        assert!(env.contains(
-            &json!({"name": "REGMIRROR_CONTAINERD_CONFIG", "value": "/host/etc/containerd/config.toml"})
-        ));
     }
 }

@@ -6,6 +6,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::EventType;
 
 use crate::crd::{CacheStatus, NodeState, RegistryMirror, RegistryMirrorStatus};
+use crate::node_status::NodesSummary;
 
 pub const READY: &str = "Ready";
 pub const CACHE_AVAILABLE: &str = "CacheAvailable";
@@ -31,7 +32,15 @@ pub mod reason {
     pub const AGENTS_NOT_READY: &str = "AgentsNotReady";
     pub const NO_NODES: &str = "NoNodes";
     pub const NODES_NOT_CONFIGURED: &str = "NodesNotConfigured";
+    /// Selected nodes whose agents have not reported on the mirror yet (and
+    /// none reports a problem).
+    pub const NODES_PENDING: &str = "NodesPending";
     pub const NO_HOSTS: &str = "NoHosts";
+    /// `spec.nodes.containerdConfigDir`/`containerdConfigFile` outside the
+    /// installer's directories (issue 17).
+    pub const CONFIG_DIR_NOT_ALLOWED: &str = "ConfigDirNotAllowed";
+    /// `spec.nodes.agentImage` other than the installed agent image (issue 17).
+    pub const AGENT_IMAGE_NOT_ALLOWED: &str = "AgentImageNotAllowed";
 }
 
 /// A host of this mirror that an older mirror already serves.
@@ -97,8 +106,17 @@ pub struct Observed {
     pub cache_replicas: Option<(i32, i32)>,
     /// Allocated NodePort of the cache Service.
     pub node_port: Option<i32>,
-    /// `(desiredNumberScheduled, numberReady)` of the agent DaemonSet, if observed.
-    pub agents: Option<(i32, i32)>,
+    /// What the node agents report about the nodes the mirror selects; `None`
+    /// until the Nodes and the reports have been listed.
+    pub nodes: Option<NodesSummary>,
+    /// Why the installer's settings refuse the mirror's node configuration
+    /// ([`crate::node_status::refusal`]).
+    pub node_refusal: Option<Problem>,
+    /// Why an agent DaemonSet of the per-mirror layout is still kept
+    /// ([`crate::agent_migration`]).
+    pub legacy_agents: Option<String>,
+    /// While deleting: what the finalizer waits for.
+    pub cleanup: Option<String>,
     pub conflicts: Vec<Conflict>,
     pub problem: Option<Problem>,
     pub deleting: bool,
@@ -189,9 +207,9 @@ fn cond(type_: &str, ok: bool, reason: &str, message: String) -> Condition {
     }
 }
 
-/// The status the operator writes (everything but the agents' `nodes` entries,
-/// which it reads from `previous`). Conditions keep their `lastTransitionTime`
-/// unless their status flips.
+/// The status the operator writes, `nodes` included (aggregated from the
+/// agents' reports in `observed.nodes`). Conditions keep their
+/// `lastTransitionTime` unless their status flips.
 pub fn compute(
     mirror: &RegistryMirror,
     previous: Option<&RegistryMirrorStatus>,
@@ -259,15 +277,13 @@ pub fn compute(
         ),
     };
 
-    // Per-node results from the agents (issue 5) win over the DaemonSet's counts.
-    let previous_nodes = previous.map(|s| s.nodes.clone()).unwrap_or_default();
-    let configured_from_agents = previous_nodes
-        .iter()
-        .filter(|n| n.state == NodeState::Configured)
-        .count() as i32;
-    let (nodes_desired, nodes_configured, nodes) = match observed.agents {
+    // Counted from the agents' reports of existing selected nodes only
+    // (issue 17): nothing is configured until agents say so.
+    let reported = observed.nodes.as_ref();
+    let counts = reported.map(|s| (s.desired, s.configured));
+    let (nodes_desired, nodes_configured, nodes) = match reported {
         _ if hosts.is_empty() => (
-            observed.agents.map(|a| a.0),
+            counts.map(|c| c.0),
             Some(0),
             cond(
                 NODES_CONFIGURED,
@@ -277,6 +293,14 @@ pub fn compute(
                     .into(),
             ),
         ),
+        _ if observed.node_refusal.is_some() => {
+            let p = observed.node_refusal.as_ref().expect("checked");
+            (
+                counts.map(|c| c.0),
+                counts.map(|c| c.1),
+                cond(NODES_CONFIGURED, false, p.reason, p.message.clone()),
+            )
+        }
         None => (
             None,
             None,
@@ -284,10 +308,11 @@ pub fn compute(
                 NODES_CONFIGURED,
                 false,
                 reason::NOT_OBSERVED,
-                "the node agent DaemonSet has not been created yet".into(),
+                "the Nodes and the node agents' reports (RegistryMirrorNodes) have not been read yet"
+                    .into(),
             ),
         ),
-        Some((0, _)) => (
+        Some(s) if s.desired == 0 => (
             Some(0),
             Some(0),
             cond(
@@ -297,8 +322,10 @@ pub fn compute(
                 "no node matches spec.nodes.nodeSelector (and tolerations)".into(),
             ),
         ),
-        Some((desired, _)) if !previous_nodes.is_empty() => {
-            let pending: Vec<String> = previous_nodes
+        Some(s) => {
+            let ok = s.configured >= s.desired;
+            let problems: Vec<String> = s
+                .nodes
                 .iter()
                 .filter(|n| n.state != NodeState::Configured)
                 .take(5)
@@ -314,41 +341,28 @@ pub fn compute(
                     )
                 })
                 .collect();
-            let ok = configured_from_agents >= desired && pending.is_empty();
-            let message = if ok {
-                format!("{configured_from_agents}/{desired} nodes configured")
-            } else {
-                format!(
-                    "{configured_from_agents}/{desired} nodes configured; {}",
-                    pending.join("; ")
-                )
-            };
+            let mut message = format!("{}/{} nodes configured", s.configured, s.desired);
+            if !problems.is_empty() {
+                message = format!("{message}; {}", problems.join("; "));
+            }
+            if let Some(legacy) = &observed.legacy_agents {
+                message = format!("{message}; {legacy}");
+            }
+            let only_pending = s
+                .nodes
+                .iter()
+                .all(|n| matches!(n.state, NodeState::Configured | NodeState::Pending));
             let r = if ok {
                 reason::NODES_CONFIGURED
+            } else if only_pending {
+                reason::NODES_PENDING
             } else {
                 reason::NODES_NOT_CONFIGURED
             };
             (
-                Some(desired),
-                Some(configured_from_agents),
+                Some(s.desired),
+                Some(s.configured),
                 cond(NODES_CONFIGURED, ok, r, message),
-            )
-        }
-        Some((desired, ready)) => {
-            let ok = ready >= desired;
-            (
-                Some(desired),
-                Some(ready),
-                cond(
-                    NODES_CONFIGURED,
-                    ok,
-                    if ok {
-                        reason::AGENTS_READY
-                    } else {
-                        reason::AGENTS_NOT_READY
-                    },
-                    format!("{ready}/{desired} node agents ready"),
-                ),
             )
         }
     };
@@ -358,9 +372,14 @@ pub fn compute(
             READY,
             false,
             reason::DELETING,
-            "removing node configuration before the mirror is deleted".into(),
+            match &observed.cleanup {
+                Some(waiting) => {
+                    format!("removing node configuration before the mirror is deleted: {waiting}")
+                }
+                None => "removing node configuration before the mirror is deleted".into(),
+            },
         )
-    } else if let Some(p) = &observed.problem {
+    } else if let Some(p) = observed.problem.as_ref().or(observed.node_refusal.as_ref()) {
         cond(READY, false, p.reason, p.message.clone())
     } else if !observed.conflicts.is_empty() {
         let msg = observed
@@ -426,7 +445,7 @@ pub fn compute(
                 ready_replicas: ready,
                 members: format!("{ready}/{replicas}"),
             }),
-        nodes: Vec::new(),
+        nodes: reported.map(|s| s.nodes.clone()).unwrap_or_default(),
     }
 }
 
@@ -485,6 +504,7 @@ pub fn ready_event(
                 | reason::MEMBERS_NOT_READY
                 | reason::MIGRATING
                 | reason::AGENTS_NOT_READY
+                | reason::NODES_PENDING
                 | reason::NOT_OBSERVED
                 // Someone deleted it: the normal end of a mirror (issue 18).
                 | reason::DELETING
@@ -521,6 +541,28 @@ mod tests {
         Timestamp::from_second(s).unwrap()
     }
 
+    /// What the reports say of `desired` selected nodes, `configured` of
+    /// them Configured and the others without a report (listed first, as
+    /// [`crate::node_status::summarize`] orders them).
+    fn reported(desired: i32, configured: i32) -> Option<NodesSummary> {
+        let node = |i: i32, state| NodeResult {
+            name: format!("n{i}"),
+            state,
+            message: None,
+            last_update: None,
+        };
+        let mut nodes: Vec<NodeResult> = (configured..desired)
+            .map(|i| node(i, NodeState::Pending))
+            .collect();
+        nodes.extend((0..configured).map(|i| node(i, NodeState::Configured)));
+        Some(NodesSummary {
+            desired,
+            configured,
+            unreported: (configured..desired).map(|i| format!("n{i}")).collect(),
+            nodes,
+        })
+    }
+
     #[test]
     fn later_mirror_loses_shared_hosts() {
         let a = mirror("a", 100, &["docker.io", "ghcr.io"]);
@@ -551,7 +593,7 @@ mod tests {
         let obs = Observed {
             cache_replicas: Some((1, 1)),
             node_port: Some(31500),
-            agents: Some((3, 3)),
+            nodes: reported(3, 3),
             ..Default::default()
         };
         let s = compute(&m, None, &obs, t(1000));
@@ -568,7 +610,7 @@ mod tests {
 
         let obs = Observed {
             cache_replicas: Some((1, 0)),
-            agents: Some((3, 1)),
+            nodes: reported(3, 1),
             namespace: "regmirror-system".into(),
             ..obs
         };
@@ -601,7 +643,10 @@ mod tests {
         let nodes = condition(Some(&s), NODES_CONFIGURED).unwrap();
         assert_eq!(
             (nodes.reason.as_str(), nodes.message.as_str()),
-            (reason::AGENTS_NOT_READY, "1/3 node agents ready")
+            (
+                reason::NODES_PENDING,
+                "1/3 nodes configured; n1: Pending; n2: Pending"
+            )
         );
     }
 
@@ -659,7 +704,7 @@ mod tests {
         let obs = Observed {
             cache_replicas: Some((3, 2)),
             node_port: Some(31500),
-            agents: Some((3, 3)),
+            nodes: reported(3, 3),
             ..Default::default()
         };
         let s = compute(&m, None, &obs, t(1000));
@@ -692,7 +737,7 @@ mod tests {
         let m = mirror("b", 2, &["docker.io", "quay.io"]);
         let obs = Observed {
             cache_replicas: Some((1, 1)),
-            agents: Some((1, 1)),
+            nodes: reported(1, 1),
             conflicts: vec![Conflict {
                 host: "docker.io".into(),
                 owner: "a".into(),
@@ -725,41 +770,147 @@ mod tests {
     }
 
     #[test]
-    fn agent_reports_win_over_daemon_set_counts() {
+    fn the_reports_count_and_list_the_nodes_and_nothing_counts_before_them() {
         let m = mirror("a", 1, &["docker.io"]);
-        let prev = RegistryMirrorStatus {
+        let reports = NodesSummary {
+            desired: 2,
+            configured: 1,
             nodes: vec![
-                NodeResult {
-                    name: "n1".into(),
-                    state: NodeState::Configured,
-                    message: None,
-                    last_update: None,
-                },
                 NodeResult {
                     name: "n2".into(),
                     state: NodeState::NotEffective,
                     message: Some("config_path is not set".into()),
                     last_update: None,
                 },
+                NodeResult {
+                    name: "n1".into(),
+                    state: NodeState::Configured,
+                    message: None,
+                    last_update: None,
+                },
             ],
+            unreported: vec![],
+        };
+        // Entries of an older agent (with a heartbeat) are replaced.
+        let prev = RegistryMirrorStatus {
+            nodes: vec![NodeResult {
+                name: "gone".into(),
+                state: NodeState::Configured,
+                message: None,
+                last_update: Some("2026-01-01T00:00:00Z".into()),
+            }],
             ..Default::default()
         };
         let obs = Observed {
             cache_replicas: Some((1, 1)),
-            agents: Some((2, 2)),
+            nodes: Some(reports.clone()),
             ..Default::default()
         };
         let s = compute(&m, Some(&prev), &obs, t(1));
         let nodes = condition(Some(&s), NODES_CONFIGURED).unwrap();
-        assert_eq!(nodes.status, "False");
+        assert_eq!(
+            (nodes.status.as_str(), nodes.reason.as_str()),
+            ("False", reason::NODES_NOT_CONFIGURED)
+        );
         assert_eq!(
             nodes.message,
             "1/2 nodes configured; n2: NotEffective (config_path is not set)"
         );
-        assert_eq!(s.nodes_configured, Some(1));
+        assert_eq!((s.nodes_desired, s.nodes_configured), (Some(2), Some(1)));
+        assert_eq!(
+            s.nodes, reports.nodes,
+            "the operator writes the aggregated list"
+        );
+        let e = ready_event(None, &s).unwrap();
+        assert_eq!(e.type_, EventType::Warning, "a node reports a problem");
+
+        // No report yet: not Ready, whatever runs (issue 17), and expected.
+        let s = compute(
+            &m,
+            None,
+            &Observed {
+                nodes: reported(3, 0),
+                ..obs.clone()
+            },
+            t(1),
+        );
+        let ready = condition(Some(&s), READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", reason::NODES_PENDING)
+        );
+        assert_eq!(s.nodes_configured, Some(0));
+        assert_eq!(ready_event(None, &s).unwrap().type_, EventType::Normal);
+        // Nodes and reports not read yet: nothing is claimed either.
+        let s = compute(
+            &m,
+            None,
+            &Observed {
+                nodes: None,
+                ..obs.clone()
+            },
+            t(1),
+        );
+        let nodes = condition(Some(&s), NODES_CONFIGURED).unwrap();
+        assert_eq!(nodes.reason, reason::NOT_OBSERVED);
+        assert_eq!(s.nodes_configured, None);
+        // The shared agent has not taken over yet: said where it is waited for.
+        let s = compute(
+            &m,
+            None,
+            &Observed {
+                nodes: reported(2, 1),
+                legacy_agents: Some("the shared node agent has not taken over n1 yet".into()),
+                ..obs
+            },
+            t(1),
+        );
         assert!(
-            s.nodes.is_empty(),
-            "the operator never writes agents' entries"
+            condition(Some(&s), NODES_CONFIGURED)
+                .unwrap()
+                .message
+                .ends_with("; the shared node agent has not taken over n1 yet")
+        );
+    }
+
+    #[test]
+    fn a_refused_mirror_is_not_ready_and_says_why() {
+        let m = mirror("a", 1, &["docker.io"]);
+        let refusal = Problem {
+            reason: reason::CONFIG_DIR_NOT_ALLOWED,
+            message: "spec.nodes.containerdConfigDir \"/\" is not inside ...".into(),
+        };
+        let obs = Observed {
+            cache_replicas: Some((1, 1)),
+            nodes: reported(1, 0),
+            node_refusal: Some(refusal.clone()),
+            ..Default::default()
+        };
+        let s = compute(&m, None, &obs, t(1));
+        for ty in [READY, NODES_CONFIGURED] {
+            let c = condition(Some(&s), ty).unwrap();
+            assert_eq!(
+                (c.status.as_str(), c.reason.as_str(), c.message.as_str()),
+                ("False", refusal.reason, refusal.message.as_str()),
+                "{ty}"
+            );
+        }
+        assert_eq!(condition(Some(&s), CACHE_AVAILABLE).unwrap().status, "True");
+        assert_eq!(ready_event(None, &s).unwrap().type_, EventType::Warning);
+    }
+
+    #[test]
+    fn deleting_says_what_it_waits_for() {
+        let m = mirror("a", 1, &["docker.io"]);
+        let obs = Observed {
+            deleting: true,
+            cleanup: Some("waiting for node agents to remove their configuration from n2".into()),
+            ..Default::default()
+        };
+        let s = compute(&m, None, &obs, t(1));
+        assert_eq!(
+            condition(Some(&s), READY).unwrap().message,
+            "removing node configuration before the mirror is deleted: waiting for node agents to remove their configuration from n2"
         );
     }
 
@@ -768,7 +919,7 @@ mod tests {
         let m = mirror("a", 1, &["docker.io"]);
         let up = Observed {
             cache_replicas: Some((1, 1)),
-            agents: Some((1, 1)),
+            nodes: reported(1, 1),
             ..Default::default()
         };
         let s1 = compute(&m, None, &up, t(100));
@@ -800,7 +951,7 @@ mod tests {
         let m = mirror("a", 1, &["docker.io"]);
         let up = Observed {
             cache_replicas: Some((1, 1)),
-            agents: Some((1, 1)),
+            nodes: reported(1, 1),
             ..Default::default()
         };
         let ready = compute(&m, None, &up, t(1));
@@ -810,7 +961,7 @@ mod tests {
             (
                 EventType::Normal,
                 reason::READY,
-                "cache available; 1/1 node agents ready"
+                "cache available; 1/1 nodes configured"
             )
         );
         // Nothing changed: no event on every pass.

@@ -3,20 +3,20 @@
 //! server (and the CRD's own), then `helm install` into a real control plane,
 //! where the operator runs with a token of the chart's ServiceAccount: the
 //! mirrors from `examples/` get their children and status, so the chart's
-//! RBAC is enough, and `kubectl auth can-i` shows what it does not allow.
+//! RBAC is enough (for the node agents too: a report written with their
+//! token), and `kubectl auth can-i` shows what it does not allow.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use regmirror_e2e::controlplane::tools_bin_dir;
 use regmirror_e2e::helm::{
     Helm, chart_dir, find, kubeconform, parse_yaml_stream, write_api_schemas, write_crd_schemas,
 };
 use regmirror_e2e::operator::condition;
 use regmirror_e2e::util::{tail_lines, workspace_root};
-use regmirror_e2e::{
-    AgentOptions, AgentProcess, ControlPlane, OperatorProcess, ensure_success, operator_binary,
-};
+use regmirror_e2e::{ControlPlane, OperatorProcess, ensure_success, operator_binary};
 use serde_json::Value;
 
 const NS: &str = "regmirror-system";
@@ -108,6 +108,7 @@ async fn rendered_chart_follows_conventions() -> Result<()> {
         BTreeSet::from([
             "ClusterRole",
             "ClusterRoleBinding",
+            "DaemonSet",
             "Deployment",
             "Role",
             "RoleBinding",
@@ -148,8 +149,8 @@ async fn rendered_chart_follows_conventions() -> Result<()> {
         }
     }
 
-    // Every argument of the operator is one of its flags, and the agent
-    // ServiceAccount the chart creates is the one the operator names.
+    // Every argument of the operator is one of its flags, and the node agents
+    // run as the agent ServiceAccount the chart creates.
     let deploy = find(&objects, "Deployment", RELEASE).context("operator Deployment")?;
     let pod = &deploy["spec"]["template"]["spec"];
     let container = &pod["containers"][0];
@@ -175,13 +176,17 @@ async fn rendered_chart_follows_conventions() -> Result<()> {
         .output()
         .await?;
     ensure_success(&format!("regmirror-operator {}", args.join(" ")), &out)?;
-    let default_agent_sa = flags
-        .iter()
-        .find(|(f, _)| f == "agent-service-account")
-        .and_then(|(_, d)| d.clone())
-        .context("--agent-service-account default")?;
-    assert!(args.contains(&format!("--agent-service-account={default_agent_sa}").as_str()));
-    assert!(find(&objects, "ServiceAccount", &default_agent_sa).is_some());
+    let agents = find(&objects, "DaemonSet", &format!("{RELEASE}-agent")).context("agents")?;
+    let agent_sa = agents["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .context("agent ServiceAccount")?;
+    assert_eq!(agent_sa, "regmirror-agent");
+    assert!(find(&objects, "ServiceAccount", agent_sa).is_some());
+    // The image the agents run is the one the operator allows.
+    let agent_image = agents["spec"]["template"]["spec"]["containers"][0]["image"]
+        .as_str()
+        .unwrap();
+    assert!(args.contains(&format!("--agent-image={agent_image}").as_str()));
     assert_eq!(pod["serviceAccountName"], RELEASE);
     let env: Vec<&str> = container["env"]
         .as_array()
@@ -216,6 +221,111 @@ async fn rendered_chart_follows_conventions() -> Result<()> {
     assert!(find(&renamed, "Deployment", "cache-ops").is_some());
     let renamed = parse_yaml_stream(&helm.template(NS, &["--set", "nameOverride=rm"]).await?)?;
     assert!(find(&renamed, "Deployment", "regmirror-rm").is_some());
+    Ok(())
+}
+
+/// The agents' `(--allowed-dir values, mounted host paths, mount paths)` and
+/// the operator's `--agent-host-dirs` value, from the rendered chart.
+fn host_dirs(objects: &[Value]) -> Result<(Vec<String>, Vec<String>, Vec<String>, String)> {
+    let agents = find(objects, "DaemonSet", &format!("{RELEASE}-agent")).context("agents")?;
+    let pod = &agents["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let strings = |v: &Value, f: &dyn Fn(&Value) -> Option<String>| -> Vec<String> {
+        v.as_array().into_iter().flatten().filter_map(f).collect()
+    };
+    let allowed = strings(&container["args"], &|a| {
+        a.as_str()?
+            .strip_prefix("--allowed-dir=")
+            .map(str::to_owned)
+    });
+    let host_paths = strings(&pod["volumes"], &|v| {
+        Some(v["hostPath"]["path"].as_str()?.to_owned())
+    });
+    let mounts = strings(&container["volumeMounts"], &|m| {
+        Some(m["mountPath"].as_str()?.to_owned())
+    });
+    let deploy = find(objects, "Deployment", RELEASE).context("operator")?;
+    let operator = strings(
+        &deploy["spec"]["template"]["spec"]["containers"][0]["args"],
+        &|a| {
+            a.as_str()?
+                .strip_prefix("--agent-host-dirs=")
+                .map(str::to_owned)
+        },
+    );
+    Ok((allowed, host_paths, mounts, operator.join(";")))
+}
+
+/// Issue 17: what the node agents may touch on a node is the installer's
+/// (`agent.hostDirs`): the agent DaemonSet mounts exactly those host
+/// directories (at `/host<dir>`), nothing else of the host, and the agents
+/// and the operator are given the same list.
+#[tokio::test]
+async fn the_agents_mount_only_the_installers_host_dirs_and_agent_and_operator_share_them()
+-> Result<()> {
+    let helm = Helm::new()?;
+    let default = parse_yaml_stream(&helm.template(NS, &[]).await?)?;
+    let (allowed, host_paths, mounts, operator) = host_dirs(&default)?;
+    assert_eq!(allowed, ["/etc/containerd"]);
+    assert_eq!(host_paths, ["/etc/containerd"]);
+    assert_eq!(mounts, ["/host/etc/containerd"]);
+    assert_eq!(operator, "/etc/containerd");
+
+    let k3s = "/var/lib/rancher/k3s/agent/etc/containerd";
+    let set = format!("agent.hostDirs={{/etc/containerd,{k3s}}}");
+    let objects = parse_yaml_stream(&helm.template(NS, &["--set", &set]).await?)?;
+    let (allowed, host_paths, mounts, operator) = host_dirs(&objects)?;
+    assert_eq!(allowed, ["/etc/containerd", k3s]);
+    assert_eq!(
+        host_paths, allowed,
+        "every allowed directory, and only those"
+    );
+    assert_eq!(
+        mounts,
+        ["/host/etc/containerd".to_owned(), format!("/host{k3s}")]
+    );
+    assert_eq!(operator, format!("/etc/containerd,{k3s}"));
+    // The operator parses the list as its flag's values.
+    let flags = operator_run_flags().await?;
+    assert!(
+        flags
+            .iter()
+            .any(|(f, d)| f == "agent-host-dirs" && d.as_deref() == Some("/etc/containerd")),
+        "{flags:?}"
+    );
+
+    // The agents' pod: probed, bounded, tolerating every taint by default.
+    let agents = find(&default, "DaemonSet", &format!("{RELEASE}-agent")).context("agents")?;
+    let pod = &agents["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["resources"]["limits"]["cpu"], "100m");
+    assert_eq!(c["resources"]["limits"]["memory"], "128Mi");
+    assert_eq!(
+        pod["tolerations"],
+        serde_json::json!([{"operator": "Exists"}])
+    );
+    assert_eq!(
+        agents["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"],
+        "10%"
+    );
+    // A relative or escaping directory is refused at install time.
+    for bad in ["etc/containerd", "/etc/containerd/../.."] {
+        let out = helm
+            .run(&[
+                "template",
+                RELEASE,
+                chart_dir().to_str().unwrap(),
+                "--set",
+                &format!("agent.hostDirs={{{bad}}}"),
+            ])
+            .await?;
+        assert!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("agent.hostDirs"),
+            "{bad}: {out:?}"
+        );
+    }
     Ok(())
 }
 
@@ -387,15 +497,20 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
         ("statefulset", "regmirror-public"),
         ("persistentvolumeclaim", "data-regmirror-public-0"),
         ("service", "regmirror-public"),
-        ("daemonset", "regmirror-public-agent"),
     ] {
         let o = cp.get_json(&[kind, name, "-n", NS]).await?;
         assert!(o.is_some(), "{kind} {name} missing");
     }
+    // The node agents are the chart's DaemonSet, not the mirror's.
+    assert!(
+        cp.get_json(&["daemonset", "regmirror-public-agent", "-n", NS])
+            .await?
+            .is_none()
+    );
     let ds = cp
-        .get_json(&["daemonset", "regmirror-public-agent", "-n", NS])
+        .get_json(&["daemonset", &format!("{RELEASE}-agent"), "-n", NS])
         .await?
-        .unwrap();
+        .context("the chart's agent DaemonSet")?;
     assert_eq!(
         ds["spec"]["template"]["spec"]["serviceAccountName"], "regmirror-agent",
         "agents run as the chart's agent ServiceAccount"
@@ -429,43 +544,72 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
         .await?
         .context("lease")?;
     assert_eq!(lease["spec"]["holderIdentity"], "chart-op");
-    // The node agent as the chart's agent ServiceAccount: reads its mirror and
-    // reports its node, with nothing more than the agent's RBAC.
+    // The node agent's writes as the chart's agent ServiceAccount: its
+    // node's report (created, then its status), which the operator
+    // aggregates into the mirror's status.
     let agent_kubeconfig = cp
         .token_kubeconfig(NS, "regmirror-agent", "agent.kubeconfig")
         .await?;
-    // The node's `/` is `work` (no containerd config there).
-    let hosts = work.path().join("etc/containerd/certs.d");
-    let agent = AgentProcess::start(&AgentOptions {
-        kubeconfig: &agent_kubeconfig,
-        node_name: "chart-node",
-        node_ip: "127.0.0.1",
-        host_root: work.path(),
-        allowed_dirs: &["/etc/containerd"],
-    })?;
+    let as_agent = |args: Vec<String>| {
+        let kubectl = tools_bin_dir().map(|d| d.join("kubectl"));
+        let kubeconfig = agent_kubeconfig.clone();
+        async move {
+            let out = tokio::process::Command::new(kubectl?)
+                .arg(format!("--kubeconfig={}", kubeconfig.display()))
+                .args(&args)
+                .output()
+                .await?;
+            ensure_success(&format!("kubectl (as the agent) {}", args.join(" ")), &out)
+        }
+    };
+    let report = work.path().join("report.yaml");
+    std::fs::write(
+        &report,
+        "apiVersion: regmirror.dev/v1alpha1\nkind: RegistryMirrorNode\nmetadata: {name: node-1}\nspec: {nodeName: node-1}\n",
+    )?;
+    as_agent(vec![
+        "create".into(),
+        "-f".into(),
+        report.display().to_string(),
+    ])
+    .await?;
+    let public = cp
+        .get_json(&["registrymirror", "public"])
+        .await?
+        .context("public")?;
+    let status = serde_json::json!({"status": {"mirrors": [{
+        "mirror": "public", "uid": public["metadata"]["uid"], "state": "NotEffective",
+        "message": "containerd does not read /etc/containerd/certs.d",
+        "configDir": "/etc/containerd/certs.d", "hosts": ["docker.io"],
+    }]}});
+    as_agent(
+        [
+            "patch",
+            "registrymirrornode",
+            "node-1",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .chain([status.to_string()])
+        .collect(),
+    )
+    .await?;
     op.wait_for(
         &cp,
-        "public: the agent's node entry",
+        "public: node-1's entry from its report",
         &["registrymirror", "public"],
         |m| {
             m?["status"]["nodes"]
                 .as_array()?
                 .iter()
-                .any(|n| n["name"] == "chart-node" && n["state"] == "NotEffective")
+                .any(|n| n["name"] == "node-1" && n["state"] == "NotEffective")
                 .then_some(())
         },
     )
     .await?;
-    assert!(
-        hosts.join("docker.io/hosts.toml").is_file(),
-        "agent wrote nothing"
-    );
-    assert!(
-        !agent.log().to_lowercase().contains("forbidden"),
-        "the agent was refused something:\n{}",
-        agent.log()
-    );
-    drop(agent);
 
     // The finalizer: children deleted, finalizer removed.
     cp.kubectl_ok(&["delete", "registrymirror", "private", "--wait=false"])
@@ -588,6 +732,27 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
         (op_sa, &["delete", "registrymirrors.regmirror.dev"], false),
         (op_sa, &["get", "configmaps", ns[0], ns[1]], false),
         (op_sa, &["get", "nodes"], false),
+        (op_sa, &["list", "nodes"], true),
+        (op_sa, &["patch", "nodes"], false),
+        (op_sa, &["watch", "registrymirrornodes.regmirror.dev"], true),
+        (
+            op_sa,
+            &["patch", "registrymirrornodes.regmirror.dev"],
+            false,
+        ),
+        (
+            op_sa,
+            &[
+                "patch",
+                "registrymirrornodes.regmirror.dev",
+                "--subresource=status",
+            ],
+            false,
+        ),
+        // The per-mirror agents of earlier versions: deleted, never made.
+        (op_sa, &["delete", "daemonsets.apps", ns[0], ns[1]], true),
+        (op_sa, &["create", "daemonsets.apps", ns[0], ns[1]], false),
+        (op_sa, &["patch", "daemonsets.apps", ns[0], ns[1]], false),
         (
             op_sa,
             &["patch", "customresourcedefinitions.apiextensions.k8s.io"],
@@ -598,8 +763,30 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
             &["create", "clusterrolebindings.rbac.authorization.k8s.io"],
             false,
         ),
-        // The node agent: mirrors, its status entry, its Node; nothing else.
+        // The node agent: reads mirrors and Nodes, writes its node's report;
+        // nothing else.
         (agent_sa, &["watch", "registrymirrors.regmirror.dev"], true),
+        (agent_sa, &["watch", "nodes"], true),
+        (agent_sa, &["get", "nodes"], true),
+        (
+            agent_sa,
+            &["create", "registrymirrornodes.regmirror.dev"],
+            true,
+        ),
+        (
+            agent_sa,
+            &[
+                "patch",
+                "registrymirrornodes.regmirror.dev",
+                "--subresource=status",
+            ],
+            true,
+        ),
+        (
+            agent_sa,
+            &["delete", "registrymirrornodes.regmirror.dev"],
+            false,
+        ),
         (
             agent_sa,
             &[
@@ -607,16 +794,14 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
                 "registrymirrors.regmirror.dev",
                 "--subresource=status",
             ],
-            true,
+            false,
         ),
-        (agent_sa, &["get", "nodes"], false),
         (
             agent_sa,
             &["create", "events.events.k8s.io", "-n", "default"],
             false,
         ),
         (agent_sa, &["patch", "registrymirrors.regmirror.dev"], false),
-        (agent_sa, &["list", "nodes"], false),
         (agent_sa, &["patch", "nodes"], false),
         (agent_sa, &["get", "secrets", ns[0], ns[1]], false),
         (agent_sa, &["patch", "daemonsets.apps", ns[0], ns[1]], false),

@@ -2,8 +2,11 @@
 //! kube-controller-manager, kube-scheduler, kwok): CRD validation, children,
 //! status, events, host conflicts, spec changes, finalizer, garbage collection
 //! and leader election, the cache cluster (members discovering each other
-//! through EndpointSlices while it scales) and the migration from the
-//! single-Deployment layout, as named scenarios.
+//! through EndpointSlices while it scales), the migration from the
+//! single-Deployment layout, and the nodes' side of the status aggregated
+//! from node agents' reports (simulated: RegistryMirrorNodes written with
+//! kubectl as an agent writes them) with the installer's limits and the
+//! retirement of per-mirror agent DaemonSets (issue 17), as named scenarios.
 //!
 //! The scenarios share one control plane and one operator, started by the
 //! first scenario and stopped when the last has finished (see [`turn`]); they
@@ -28,7 +31,7 @@ const IDENTITY: &str = "op-1";
 
 /// Every scenario of this file: the shared control plane is stopped when this
 /// many have had their [`turn`].
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 12] = [
     "invalid_specs_are_rejected_with_the_schemas_messages",
     "a_mirror_becomes_ready_with_owned_labelled_children_events_and_metrics",
     "a_later_mirror_loses_a_shared_host_until_the_older_is_deleted",
@@ -37,6 +40,10 @@ const SCENARIOS: [&str; 8] = [
     "another_registrys_only_credentials_entry_is_never_copied",
     "cache_members_discover_each_other_and_scaling_restarts_none",
     "an_old_layout_mirror_hands_its_volume_to_member_zero",
+    "ready_counts_only_reports_of_existing_selected_nodes",
+    "deletion_waits_only_for_existing_nodes_still_reporting_the_mirror",
+    "a_mirror_asking_for_the_nodes_root_or_a_foreign_agent_image_is_refused",
+    "per_mirror_agents_are_retired_once_the_shared_agent_reports_every_node",
 ];
 
 fn mirror_yaml(name: &str, upstreams: &str, extra: &str) -> String {
@@ -53,7 +60,7 @@ async fn patch_mirror(cp: &ControlPlane, name: &str, patch: &str) -> Result<()> 
 }
 
 /// Creates the mirror `name` of `upstreams` with 1Gi of storage, and waits
-/// until the operator applied its children (the agents' DaemonSet is applied
+/// until the operator applied its children (the NodePort Service is applied
 /// last).
 async fn create_mirror(
     cp: &ControlPlane,
@@ -66,10 +73,100 @@ async fn create_mirror(
     op.wait_for(
         cp,
         &format!("{name}'s children applied"),
-        &["daemonset", &format!("regmirror-{name}-agent"), "-n", NS],
+        &["service", &format!("regmirror-{name}"), "-n", NS],
         |d| d.map(|_| ()),
     )
     .await
+}
+
+/// Writes node `node`'s report as its agent would: the RegistryMirrorNode
+/// named after the node (created if missing), then its status (the status
+/// subresource) with `entries` (mirror, state) replacing the node's entries
+/// for those mirrors, each with the mirror's current uid. `Gone` as a state
+/// drops the mirror's entry.
+async fn report(cp: &ControlPlane, node: &str, entries: &[(&str, &str)]) -> Result<()> {
+    if cp.get_json(&["registrymirrornode", node]).await?.is_none() {
+        cp.apply_ok(&format!(
+            "apiVersion: regmirror.dev/v1alpha1\nkind: RegistryMirrorNode\nmetadata:\n  name: {node}\nspec:\n  nodeName: {node}\n"
+        ))
+        .await?;
+    }
+    let current = cp
+        .get_json(&["registrymirrornode", node])
+        .await?
+        .context("the report just created")?;
+    let mut mirrors: Vec<serde_json::Value> = current["status"]["mirrors"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for (mirror, state) in entries {
+        mirrors.retain(|e| e["mirror"] != *mirror);
+        if *state == "Gone" {
+            continue;
+        }
+        let m = cp
+            .get_json(&["registrymirror", mirror])
+            .await?
+            .with_context(|| format!("mirror {mirror}"))?;
+        mirrors.push(serde_json::json!({
+            "mirror": mirror, "uid": m["metadata"]["uid"], "state": state,
+            "configDir": "/etc/containerd/certs.d", "hosts": [],
+        }));
+    }
+    let patch = serde_json::json!({"status": {
+        "mirrors": mirrors,
+        "lastUpdate": "2026-01-01T00:00:00Z",
+    }});
+    cp.kubectl_ok(&[
+        "patch",
+        "registrymirrornode",
+        node,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &patch.to_string(),
+    ])
+    .await
+    .map(drop)
+}
+
+/// Adds kwok nodes `names` labelled `labels` (`k=v` each).
+async fn add_nodes(cp: &ControlPlane, names: &[&str], labels: &[&str]) -> Result<()> {
+    for n in names {
+        cp.add_node(n).await?;
+        let mut args = vec!["label", "node", n, "--overwrite"];
+        args.extend_from_slice(labels);
+        cp.kubectl_ok(&args).await?;
+    }
+    Ok(())
+}
+
+/// Deletes nodes `names` and their reports (what the garbage collector does
+/// through the report's owner reference, which these simulated reports lack),
+/// so the mirrors of other scenarios select `node-1` alone again.
+async fn remove_nodes(cp: &ControlPlane, names: &[&str]) -> Result<()> {
+    for n in names {
+        cp.kubectl_ok(&["delete", "node", n, "--ignore-not-found"])
+            .await?;
+        cp.kubectl_ok(&["delete", "registrymirrornode", n, "--ignore-not-found"])
+            .await?;
+    }
+    Ok(())
+}
+
+/// `(name, state)` of each entry of a mirror's `status.nodes`.
+fn node_entries(m: &serde_json::Value) -> Vec<(String, String)> {
+    m["status"]["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap_or_default().to_owned(),
+                n["state"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
 }
 
 /// A PersistentVolume the cache's claim can bind to (no provisioner here).
@@ -95,7 +192,8 @@ impl Cluster {
         cp.kubectl_ok(&["create", "namespace", NS]).await?;
         cp.kubectl_ok(&["create", "serviceaccount", "regmirror-agent", "-n", NS])
             .await?;
-        for i in 1..=SCENARIOS.len() {
+        // Some scenarios make more than one mirror with a cache.
+        for i in 1..=2 * SCENARIOS.len() {
             cp.apply_ok(&pv_yaml(&format!("cache-pv-{i}"))).await?;
         }
         cp.install_crd().await?;
@@ -244,8 +342,10 @@ async fn a_mirror_becomes_ready_with_owned_labelled_children_events_and_metrics(
         turn("a_mirror_becomes_ready_with_owned_labelled_children_events_and_metrics").await;
     let (cp, op) = turn.cluster().await?;
     create_mirror(cp, op, "hub", "[{host: docker.io}, {host: ghcr.io}]").await?;
+    // The node's agent reports it configured.
+    report(cp, "node-1", &[("hub", "Configured")]).await?;
 
-    // Ready, with everything derived from the real children.
+    // Ready, with everything derived from the real children and the report.
     let hub = op
         .wait_for(cp, "hub Ready", &["registrymirror", "hub"], |m| {
             let m = m?;
@@ -258,6 +358,10 @@ async fn a_mirror_becomes_ready_with_owned_labelled_children_events_and_metrics(
     );
     assert_eq!(hub["status"]["upstreams"], "docker.io,ghcr.io");
     assert_eq!(hub["status"]["nodesConfigured"], 1);
+    assert_eq!(
+        hub["status"]["nodes"],
+        serde_json::json!([{"name": "node-1", "state": "Configured"}])
+    );
     assert_eq!(condition(&hub, "CacheAvailable").unwrap()["status"], "True");
     assert_eq!(
         condition(&hub, "NodesConfigured").unwrap()["status"],
@@ -279,7 +383,6 @@ async fn a_mirror_becomes_ready_with_owned_labelled_children_events_and_metrics(
         ("service", "regmirror-hub-members"),
         ("statefulset", "regmirror-hub"),
         ("service", "regmirror-hub"),
-        ("daemonset", "regmirror-hub-agent"),
     ] {
         let o = cp
             .get_json(&[kind, name, "-n", NS, "--show-managed-fields"])
@@ -309,6 +412,13 @@ async fn a_mirror_becomes_ready_with_owned_labelled_children_events_and_metrics(
             "{kind} applied by one field manager"
         );
     }
+    // The node agents are the chart's, not the mirror's (issue 17).
+    assert!(
+        cp.get_json(&["daemonset", "regmirror-hub-agent", "-n", NS])
+            .await?
+            .is_none(),
+        "a per-mirror agent DaemonSet was created"
+    );
     let svc = cp
         .get_json(&["service", "regmirror-hub", "-n", NS])
         .await?
@@ -551,13 +661,6 @@ async fn without_the_operator_the_finalizer_holds_and_the_garbage_collector_clea
         |d| d.is_none().then_some(()),
     )
     .await?;
-    op.wait_for(
-        cp,
-        "held's DaemonSet garbage-collected",
-        &["daemonset", "regmirror-held-agent", "-n", NS],
-        |d| d.is_none().then_some(()),
-    )
-    .await?;
     Ok(())
 }
 
@@ -710,6 +813,7 @@ async fn cache_members_discover_each_other_and_scaling_restarts_none() -> Result
         "  storage: {size: 1Gi, storageClassName: pool}\n  cache: {maxSize: 2Gi}\n",
     ))
     .await?;
+    report(cp, "node-1", &[("pool", "Configured")]).await?;
     op.wait_for(
         cp,
         "pool Ready with 1/1 members",
@@ -994,4 +1098,424 @@ async fn an_old_layout_mirror_hands_its_volume_to_member_zero() -> Result<()> {
     cp.kubectl_ok(&["delete", "registrymirror", "legacy", "--wait=false"])
         .await?;
     Ok(())
+}
+
+/// `(nodesDesired, nodesConfigured)` of a mirror.
+fn counts(m: &serde_json::Value) -> (i64, i64) {
+    (
+        m["status"]["nodesDesired"].as_i64().unwrap_or(-1),
+        m["status"]["nodesConfigured"].as_i64().unwrap_or(-1),
+    )
+}
+
+/// Issue 17: Ready means configured. Counts and `status.nodes` come from the
+/// agents' reports of nodes that exist and are selected: nothing before a
+/// report (while every node runs an agent pod, as kwok's do), a report from
+/// a node the mirror does not select counts for nothing, a deleted node and
+/// nodes left out by a narrowed selector are pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_counts_only_reports_of_existing_selected_nodes() -> Result<()> {
+    let mut turn = turn("ready_counts_only_reports_of_existing_selected_nodes").await;
+    let (cp, op) = turn.cluster().await?;
+    let nodes = ["agg-1", "agg-2", "agg-3"];
+    add_nodes(cp, &nodes, &["pool=agg"]).await?;
+    cp.apply_ok(&mirror_yaml(
+        "agg",
+        "[{host: agg.example}]",
+        "  storage: {size: 1Gi}\n  nodes: {nodeSelector: {pool: agg}}\n",
+    ))
+    .await?;
+
+    // The cache is up, no agent has reported: not Ready, every node Pending.
+    let m = op
+        .wait_for(
+            cp,
+            "agg: cache up, 0/3 nodes",
+            &["registrymirror", "agg"],
+            |m| {
+                let m = m?;
+                (condition(m, "CacheAvailable")?["status"] == "True" && counts(m) == (3, 0))
+                    .then(|| m.clone())
+            },
+        )
+        .await?;
+    let ready = condition(&m, "Ready").unwrap();
+    assert_eq!(ready["status"], "False", "{ready}");
+    assert_eq!(ready["reason"], "NodesPending", "{ready}");
+    assert!(
+        node_entries(&m).iter().all(|(_, s)| s == "Pending") && node_entries(&m).len() == 3,
+        "{m}"
+    );
+    assert!(
+        cp.get_json(&["daemonset", "regmirror-agg-agent", "-n", NS])
+            .await?
+            .is_none()
+    );
+
+    // Two report; node-1 (not selected) reports too and counts for nothing.
+    report(cp, "agg-1", &[("agg", "Configured")]).await?;
+    report(cp, "agg-2", &[("agg", "Configured")]).await?;
+    report(cp, "node-1", &[("agg", "Configured")]).await?;
+    let m = op
+        .wait_for(cp, "agg: 2/3 nodes", &["registrymirror", "agg"], |m| {
+            let m = m?;
+            (counts(m) == (3, 2)).then(|| m.clone())
+        })
+        .await?;
+    assert_eq!(condition(&m, "Ready").unwrap()["status"], "False");
+    assert_eq!(
+        node_entries(&m),
+        [
+            ("agg-3".to_owned(), "Pending".to_owned()),
+            ("agg-1".into(), "Configured".into()),
+            ("agg-2".into(), "Configured".into()),
+        ],
+        "problems first, nothing of node-1"
+    );
+
+    // The last one: Ready.
+    report(cp, "agg-3", &[("agg", "Configured")]).await?;
+    let m = op
+        .wait_for(cp, "agg Ready", &["registrymirror", "agg"], |m| {
+            let m = m?;
+            (condition(m, "Ready")?["status"] == "True").then(|| m.clone())
+        })
+        .await?;
+    assert_eq!(counts(&m), (3, 3));
+    assert_eq!(
+        condition(&m, "NodesConfigured").unwrap()["message"],
+        "3/3 nodes configured"
+    );
+
+    // A deleted node is pruned (its report stays: nothing owns it here).
+    cp.kubectl_ok(&["delete", "node", "agg-3"]).await?;
+    let m = op
+        .wait_for(cp, "agg: agg-3 pruned", &["registrymirror", "agg"], |m| {
+            let m = m?;
+            (counts(m) == (2, 2)).then(|| m.clone())
+        })
+        .await?;
+    assert!(node_entries(&m).iter().all(|(n, _)| n != "agg-3"), "{m}");
+    assert_eq!(condition(&m, "Ready").unwrap()["status"], "True");
+
+    // A narrowed selector: the node left out is no longer counted.
+    cp.kubectl_ok(&["label", "node", "agg-1", "tier=gold"])
+        .await?;
+    patch_mirror(
+        cp,
+        "agg",
+        r#"{"spec":{"nodes":{"nodeSelector":{"pool":"agg","tier":"gold"}}}}"#,
+    )
+    .await?;
+    let m = op
+        .wait_for(
+            cp,
+            "agg: agg-2 de-selected",
+            &["registrymirror", "agg"],
+            |m| {
+                let m = m?;
+                (counts(m) == (1, 1)).then(|| m.clone())
+            },
+        )
+        .await?;
+    assert_eq!(
+        node_entries(&m),
+        [("agg-1".to_owned(), "Configured".to_owned())]
+    );
+
+    // Labels count too: agg-2 labelled in is selected again, and Pending
+    // until its agent reports the mirror (it had dropped the entry).
+    report(cp, "agg-2", &[("agg", "Gone")]).await?;
+    cp.kubectl_ok(&["label", "node", "agg-2", "tier=gold"])
+        .await?;
+    op.wait_for(
+        cp,
+        "agg: agg-2 selected again",
+        &["registrymirror", "agg"],
+        |m| {
+            let m = m?;
+            (counts(m) == (2, 1) && condition(m, "Ready")?["status"] == "False").then_some(())
+        },
+    )
+    .await?;
+
+    report(cp, "agg-1", &[("agg", "Removed")]).await?;
+    report(cp, "node-1", &[("agg", "Gone")]).await?;
+    cp.kubectl_ok(&["delete", "registrymirror", "agg", "--wait=false"])
+        .await?;
+    op.wait_for(cp, "agg gone", &["registrymirror", "agg"], |m| {
+        m.is_none().then_some(())
+    })
+    .await?;
+    remove_nodes(cp, &nodes).await
+}
+
+/// Issue 17: deletion waits for the existing nodes whose agent still reports
+/// configuration of the mirror, names them in the condition, does not wait
+/// for a node that is gone (even one that reported), and lets go once they
+/// report `Removed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_waits_only_for_existing_nodes_still_reporting_the_mirror() -> Result<()> {
+    let mut turn = turn("deletion_waits_only_for_existing_nodes_still_reporting_the_mirror").await;
+    let (cp, op) = turn.cluster().await?;
+    let nodes = ["del-1", "del-2", "del-3"];
+    add_nodes(cp, &nodes, &["pool=del"]).await?;
+    cp.apply_ok(&mirror_yaml(
+        "del",
+        "[{host: del.example}]",
+        "  storage: {size: 1Gi}\n  nodes: {nodeSelector: {pool: del}}\n",
+    ))
+    .await?;
+    op.wait_for(cp, "del finalized", &["registrymirror", "del"], |m| {
+        m?["metadata"]["finalizers"].as_array().map(drop)
+    })
+    .await?;
+    for n in nodes {
+        report(cp, n, &[("del", "Configured")]).await?;
+    }
+    // del-3 reported, then went away with its files.
+    cp.kubectl_ok(&["delete", "node", "del-3"]).await?;
+    op.wait_for(cp, "del: 2 nodes", &["registrymirror", "del"], |m| {
+        (counts(m?) == (2, 2)).then_some(())
+    })
+    .await?;
+
+    cp.kubectl_ok(&["delete", "registrymirror", "del", "--wait=false"])
+        .await?;
+    report(cp, "del-1", &[("del", "Removed")]).await?;
+    let waiting = "waiting for node agents to remove their configuration from del-2";
+    let ready = op
+        .wait_for(cp, "del waits for del-2", &["registrymirror", "del"], |m| {
+            let c = condition(m?, "Ready")?;
+            (c["reason"] == "Deleting" && c["message"].as_str()?.ends_with(waiting))
+                .then(|| c.clone())
+        })
+        .await?;
+    assert!(
+        !ready["message"].as_str().unwrap().contains("del-3"),
+        "{ready}"
+    );
+    // It keeps waiting (and says so in the log) while del-2 has not removed.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        cp.get_json(&["registrymirror", "del"]).await?.is_some(),
+        "released before del-2 removed its configuration"
+    );
+    assert!(op.log().contains(waiting), "the log names del-2");
+
+    report(cp, "del-2", &[("del", "Removed")]).await?;
+    op.wait_for(cp, "del gone", &["registrymirror", "del"], |m| {
+        m.is_none().then_some(())
+    })
+    .await?;
+    remove_nodes(cp, &nodes).await
+}
+
+/// Issue 17: node configuration power stays with the installer. A mirror
+/// asking for the node's root directory, or for another agent image, is
+/// refused with a condition saying what is allowed and where the installer
+/// sets it; nothing runs for it on the nodes (no DaemonSet at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_asking_for_the_nodes_root_or_a_foreign_agent_image_is_refused() -> Result<()> {
+    let mut turn =
+        turn("a_mirror_asking_for_the_nodes_root_or_a_foreign_agent_image_is_refused").await;
+    let (cp, op) = turn.cluster().await?;
+    // Claims of a class nothing provides: these caches need no volume.
+    let storage = "  storage: {size: 1Gi, storageClassName: refused}\n";
+    cp.apply_ok(&mirror_yaml(
+        "rootdir",
+        "[{host: root.example}]",
+        &format!("{storage}  nodes: {{containerdConfigDir: /}}\n"),
+    ))
+    .await?;
+    cp.apply_ok(&mirror_yaml(
+        "foreign",
+        "[{host: foreign.example}]",
+        &format!("{storage}  nodes: {{agentImage: \"attacker.example/anything:latest\"}}\n"),
+    ))
+    .await?;
+    for (mirror, reason, says) in [
+        (
+            "rootdir",
+            "ConfigDirNotAllowed",
+            [
+                "spec.nodes.containerdConfigDir \"/\"",
+                "/etc/containerd",
+                "agent.hostDirs",
+            ],
+        ),
+        (
+            "foreign",
+            "AgentImageNotAllowed",
+            [
+                "attacker.example/anything:latest",
+                "registry.invalid/regmirror-operator:test",
+                "agent.image",
+            ],
+        ),
+    ] {
+        let m = op
+            .wait_for(
+                cp,
+                &format!("{mirror} refused"),
+                &["registrymirror", mirror],
+                |m| {
+                    let m = m?;
+                    (condition(m, "NodesConfigured")?["reason"] == reason).then(|| m.clone())
+                },
+            )
+            .await?;
+        for ty in ["Ready", "NodesConfigured"] {
+            let c = condition(&m, ty).unwrap();
+            assert_eq!(
+                (&c["status"], &c["reason"]),
+                (&"False".into(), &reason.into()),
+                "{c}"
+            );
+            let message = c["message"].as_str().unwrap();
+            for s in says {
+                assert!(
+                    message.contains(s),
+                    "{ty} of {mirror} lacks {s:?}: {message}"
+                );
+            }
+        }
+    }
+    let daemon_sets = cp
+        .get_json(&["daemonsets", "-n", NS])
+        .await?
+        .context("daemonsets")?;
+    assert_eq!(
+        daemon_sets["items"],
+        serde_json::json!([]),
+        "nothing runs on the nodes for a mirror"
+    );
+    for mirror in ["rootdir", "foreign"] {
+        cp.kubectl_ok(&["delete", "registrymirror", mirror, "--wait=false"])
+            .await?;
+    }
+    Ok(())
+}
+
+/// Issue 17, migration: a mirror's agent DaemonSet from the per-mirror
+/// layout (`regmirror-<m>-agent`, owned by the mirror) stays, named in the
+/// status, until the shared agent reports on every node the mirror selects,
+/// then is deleted; the old agents' own entries in `status.nodes` are
+/// replaced by the aggregated list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_mirror_agents_are_retired_once_the_shared_agent_reports_every_node() -> Result<()> {
+    let mut turn =
+        turn("per_mirror_agents_are_retired_once_the_shared_agent_reports_every_node").await;
+    let nodes = ["mig-1", "mig-2"];
+    {
+        // What the old operator left, made while this one is stopped.
+        let (cp, op) = turn.cluster().await?;
+        op.stop(Duration::from_secs(10)).await?;
+        add_nodes(cp, &nodes, &["pool=mig"]).await?;
+        cp.apply_ok(&mirror_yaml(
+            "mig",
+            "[{host: mig.example}]",
+            "  storage: {size: 1Gi}\n  nodes: {nodeSelector: {pool: mig}}\n",
+        ))
+        .await?;
+        let mirror = cp
+            .get_json(&["registrymirror", "mig"])
+            .await?
+            .context("mirror")?;
+        let uid = mirror["metadata"]["uid"].as_str().unwrap();
+        let labels = "{app.kubernetes.io/name: regmirror, app.kubernetes.io/instance: mig, app.kubernetes.io/component: node-agent}";
+        cp.apply_ok(&format!(
+            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: regmirror-mig-agent\n  namespace: {NS}\n  labels: {labels}\n  ownerReferences: [{{apiVersion: regmirror.dev/v1alpha1, kind: RegistryMirror, name: mig, uid: {uid}, controller: true, blockOwnerDeletion: true}}]\nspec:\n  selector: {{matchLabels: {labels}}}\n  template:\n    metadata: {{labels: {labels}}}\n    spec:\n      nodeSelector: {{pool: mig}}\n      tolerations: [{{operator: Exists}}]\n      containers: [{{name: agent, image: regmirror/operator:old, args: [agent]}}]\n"
+        ))
+        .await?;
+        // An old agent's own entry, with its heartbeat.
+        cp.kubectl_ok(&[
+            "patch",
+            "registrymirror",
+            "mig",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"nodes":[{"name":"mig-1","state":"Configured","lastUpdate":"2026-01-01T00:00:00Z"},{"name":"old-node","state":"Configured","lastUpdate":"2026-01-01T00:00:00Z"}]}}"#,
+        ])
+        .await?;
+    }
+
+    // The operator (restarted by the turn) keeps the old agents while the
+    // shared one has not reported on every selected node.
+    let (cp, op) = turn.cluster().await?;
+    let m = op
+        .wait_for(
+            cp,
+            "mig: old agents kept",
+            &["registrymirror", "mig"],
+            |m| {
+                let m = m?;
+                let c = condition(m, "NodesConfigured")?;
+                c["message"]
+                    .as_str()?
+                    .contains("has not taken over mig-1, mig-2 yet")
+                    .then(|| m.clone())
+            },
+        )
+        .await?;
+    assert!(
+        condition(&m, "NodesConfigured").unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("regmirror-mig-agent"),
+        "{m}"
+    );
+    // The old agents' entries are gone: the aggregated list only, no heartbeat.
+    assert_eq!(
+        m["status"]["nodes"],
+        serde_json::json!([
+            {"name": "mig-1", "state": "Pending", "message": "no report from the node agent on this node yet"},
+            {"name": "mig-2", "state": "Pending", "message": "no report from the node agent on this node yet"},
+        ])
+    );
+    report(cp, "mig-1", &[("mig", "Configured")]).await?;
+    op.wait_for(cp, "mig: mig-2 left", &["registrymirror", "mig"], |m| {
+        let c = condition(m?, "NodesConfigured")?;
+        c["message"]
+            .as_str()?
+            .contains("has not taken over mig-2 yet")
+            .then_some(())
+    })
+    .await?;
+    assert!(
+        cp.get_json(&["daemonset", "regmirror-mig-agent", "-n", NS])
+            .await?
+            .is_some(),
+        "deleted before mig-2 was taken over"
+    );
+    // Any entry counts as taken over, whatever its state.
+    report(cp, "mig-2", &[("mig", "NotEffective")]).await?;
+    op.wait_for(
+        cp,
+        "the old agents deleted",
+        &["daemonset", "regmirror-mig-agent", "-n", NS],
+        |d| d.is_none().then_some(()),
+    )
+    .await?;
+    op.wait_for(
+        cp,
+        "mig: no old agents named",
+        &["registrymirror", "mig"],
+        |m| {
+            let c = condition(m?, "NodesConfigured")?;
+            (!c["message"].as_str()?.contains("regmirror-mig-agent")).then_some(())
+        },
+    )
+    .await?;
+    for n in nodes {
+        report(cp, n, &[("mig", "Removed")]).await?;
+    }
+    cp.kubectl_ok(&["delete", "registrymirror", "mig", "--wait=false"])
+        .await?;
+    op.wait_for(cp, "mig gone", &["registrymirror", "mig"], |m| {
+        m.is_none().then_some(())
+    })
+    .await?;
+    remove_nodes(cp, &nodes).await
 }

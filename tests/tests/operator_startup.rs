@@ -92,7 +92,7 @@ async fn without_the_crd_the_operator_is_unready_says_so_stops_and_picks_it_up()
     op.wait_for(
         &cp,
         "late's children applied",
-        &["daemonset", "regmirror-late-agent", "-n", NS],
+        &["service", "regmirror-late", "-n", NS],
         |d| d.map(|_| ()),
     )
     .await?;

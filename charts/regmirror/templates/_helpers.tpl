@@ -67,6 +67,15 @@ app.kubernetes.io/component: operator
 {{- end }}
 
 {{/*
+Selector labels of the node agents.
+*/}}
+{{- define "regmirror.agentSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "regmirror.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: node-agent
+{{- end }}
+
+{{/*
 The operator's ServiceAccount.
 */}}
 {{- define "regmirror.serviceAccountName" -}}
@@ -78,7 +87,7 @@ The operator's ServiceAccount.
 {{- end }}
 
 {{/*
-The node agents' ServiceAccount (the operator's --agent-service-account).
+The node agents' ServiceAccount.
 */}}
 {{- define "regmirror.agentServiceAccountName" -}}
 {{- required "agent.serviceAccount.name is required" .Values.agent.serviceAccount.name }}

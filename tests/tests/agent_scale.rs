@@ -352,7 +352,7 @@ async fn requests_grow_linearly_with_the_nodes() {
 /// The README's figures: 50 and 200 nodes, 30 s heartbeats over 4 rounds.
 /// Prints a Markdown table.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "measures 50 and 200 nodes for the README (about 10 minutes); run with --ignored --nocapture"]
+#[ignore = "measures 50 and 200 nodes for the README (about 6 minutes); run with --ignored --nocapture"]
 async fn agent_load_figures() {
     bounded(1800, async {
         let mut rows = Vec::new();

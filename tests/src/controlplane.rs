@@ -60,10 +60,19 @@ pub fn tools_bin_dir() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// What [`ControlPlane::start_with`] starts beyond the defaults.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StartOptions {
+    /// Log every request to an audit log (policy [`crate::audit::POLICY`]),
+    /// read with [`ControlPlane::audit_log`].
+    pub audit: bool,
+}
+
 /// A running control plane. Use [`ControlPlane::kubectl`] or the kubeconfig.
 pub struct ControlPlane {
     dir: TempDir,
     bin: PathBuf,
+    audit_log: Option<PathBuf>,
     pub kubeconfig: PathBuf,
     /// `https://127.0.0.1:PORT`.
     pub server: String,
@@ -150,6 +159,11 @@ impl ControlPlane {
 
     /// Starts everything and waits until pods can be created (about 10 s).
     pub async fn start() -> Result<Self> {
+        Self::start_with(StartOptions::default()).await
+    }
+
+    /// [`ControlPlane::start`] with `options`.
+    pub async fn start_with(options: StartOptions) -> Result<Self> {
         let bin = tools_bin_dir()?;
         let dir = tempfile::Builder::new()
             .prefix("regmirror-k8s-")
@@ -183,8 +197,10 @@ impl ControlPlane {
         let server = format!("https://127.0.0.1:{ap}");
         let kubeconfig = w.join("kubeconfig");
         write_kubeconfig(&kubeconfig, &server, &pki.join("apiserver.crt"), &token)?;
+        let audit_log = options.audit.then(|| w.join("audit.log"));
         let mut cp = Self {
             bin: bin.clone(),
+            audit_log: audit_log.clone(),
             kubeconfig: kubeconfig.clone(),
             server,
             kwok: None,
@@ -215,6 +231,19 @@ impl ControlPlane {
             &[],
             &w.join("etcd.log"),
         )?);
+        let mut audit_args = Vec::new();
+        if let Some(log) = &audit_log {
+            let policy = w.join("audit-policy.yaml");
+            std::fs::write(&policy, crate::audit::POLICY)?;
+            audit_args = vec![
+                format!("--audit-policy-file={}", s(&policy)),
+                format!("--audit-log-path={}", s(log)),
+                // Written as requests arrive; never rotated (lumberjack's
+                // default is 100 MB).
+                "--audit-log-mode=blocking".into(),
+                "--audit-log-maxsize=100000".into(),
+            ];
+        }
         cp.apiserver = Some(ChildGuard::spawn(
             "kube-apiserver",
             &bin.join("kube-apiserver"),
@@ -231,7 +260,10 @@ impl ControlPlane {
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
                 format!("--service-account-key-file={}", s(&sa_pub)),
                 format!("--service-account-signing-key-file={}", s(&sa_key)),
-            ],
+            ]
+            .into_iter()
+            .chain(audit_args)
+            .collect::<Vec<_>>(),
             &[],
             &[],
             &w.join("apiserver.log"),
@@ -298,6 +330,11 @@ impl ControlPlane {
     /// Directory holding the logs of every component.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The audit log, when started with [`StartOptions::audit`].
+    pub fn audit_log(&self) -> Option<crate::audit::AuditLog> {
+        self.audit_log.as_deref().map(crate::audit::AuditLog::new)
     }
 
     /// Last lines of every component's log, for failure messages.
@@ -402,8 +439,6 @@ impl ControlPlane {
         ensure_success("kubectl apply", &out)
     }
 
-    /// A fake node managed by kwok (Ready within a second), without taints so
-    /// ordinary pods schedule onto it.
     /// Applies the CRDs in `crds/` (RegistryMirror and RegistryMirrorNode)
     /// and waits until they are served.
     pub async fn install_crd(&self) -> Result<()> {
@@ -421,10 +456,21 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// A fake node managed by kwok (Ready within a second), without taints so
+    /// ordinary pods schedule onto it.
     pub async fn add_node(&self, name: &str) -> Result<()> {
-        self.apply_ok(&format!(
-            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations: {{kwok.x-k8s.io/node: fake}}\n  labels: {{kubernetes.io/hostname: {name}, type: kwok}}\n"
-        ))
-        .await
+        self.add_nodes(&[name]).await
+    }
+
+    /// [`ControlPlane::add_node`] for each of `names`, in one `kubectl apply`
+    /// (200 nodes take a few seconds, not one kubectl run each).
+    pub async fn add_nodes(&self, names: &[&str]) -> Result<()> {
+        let yaml: String = names
+            .iter()
+            .map(|name| format!(
+                "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations: {{kwok.x-k8s.io/node: fake}}\n  labels: {{kubernetes.io/hostname: {name}, type: kwok}}\n"
+            ))
+            .collect();
+        self.apply_ok(&yaml).await
     }
 }

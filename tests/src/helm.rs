@@ -235,3 +235,49 @@ pub async fn kubeconform(schemas: &Path, files: &[&Path]) -> Result<std::process
     )
     .await
 }
+
+/// Kinds [`apply_chart_identities`] applies.
+const IDENTITY_KINDS: [&str; 5] = [
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "ClusterRole",
+    "ClusterRoleBinding",
+];
+
+/// Applies the chart's identities and permissions, and nothing else: every
+/// ServiceAccount, Role, RoleBinding, ClusterRole and ClusterRoleBinding of
+/// `helm template regmirror charts/regmirror -n NAMESPACE` with `extra`
+/// arguments (e.g. `--set ...`), after creating `namespace`. For running the
+/// operator and the node agents as processes with exactly the RBAC an
+/// installed chart gives them ([`ControlPlane::token_kubeconfig`] for
+/// `regmirror` and `regmirror-agent`). Returns the `kind/name` of what it
+/// applied.
+pub async fn apply_chart_identities(
+    cp: &ControlPlane,
+    namespace: &str,
+    extra: &[&str],
+) -> Result<Vec<String>> {
+    let rendered = Helm::new()?.template(namespace, extra).await?;
+    let objects: Vec<Value> = parse_yaml_stream(&rendered)?
+        .into_iter()
+        .filter(|o| IDENTITY_KINDS.iter().any(|k| o["kind"] == *k))
+        .collect();
+    let names = objects
+        .iter()
+        .map(|o| {
+            format!(
+                "{}/{}",
+                o["kind"].as_str().unwrap_or_default(),
+                o["metadata"]["name"].as_str().unwrap_or_default()
+            )
+        })
+        .collect();
+    let mut items = vec![json!({
+        "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}
+    })];
+    items.extend(objects);
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+    cp.apply_ok(&serde_json::to_string(&list)?).await?;
+    Ok(names)
+}

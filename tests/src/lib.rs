@@ -7,6 +7,8 @@
 //! - [`CacheProcess`]: the `regmirror-cache` binary under test.
 //! - [`Cluster`]: R cache processes as one cache cluster (`--name`, `--peer`).
 //! - [`ControlPlane`]: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok.
+//! - [`audit`]: the API server's audit log: who sent which requests when.
+//! - [`AgentFleet`]: one node agent process per (kwok) node, for load measurements.
 //! - [`helm`]: the Helm chart, `helm`, and kubeconform with schemas from the API server.
 //! - [`OperatorProcess`]: the `regmirror-operator` binary under test.
 //! - [`FakeUpstream`]: programmable in-process registry for fault and auth tests.
@@ -23,12 +25,14 @@
 //! (`#[tokio::test]`), not from `spawn_blocking` or a shared static.
 
 pub mod answer;
+pub mod audit;
 pub mod cache;
 pub mod clients;
 pub mod cluster;
 pub mod containerd;
 pub mod controlplane;
 pub mod fake;
+pub mod fleet;
 pub mod gate;
 pub mod helm;
 pub mod operator;
@@ -40,11 +44,13 @@ pub mod skopeo;
 pub mod tools;
 pub mod util;
 
+pub use audit::{AuditLog, AuditRequest};
 pub use cache::{CacheOptions, CacheProcess, StoreLayout, cache_binary};
 pub use cluster::Cluster;
 pub use containerd::{Containerd, cri_tables, write_hosts_toml};
-pub use controlplane::{ControlPlane, tools_bin_dir};
+pub use controlplane::{ControlPlane, StartOptions, tools_bin_dir};
 pub use fake::{Auth, Behaviour, FakeUpstream, RecordedRequest, TokenFields};
+pub use fleet::{AgentFleet, FleetOptions, FleetUsage};
 pub use gate::{FaultGate, Outage};
 pub use operator::{AgentOptions, AgentProcess, OperatorProcess, operator_binary};
 pub use process::ensure_success;

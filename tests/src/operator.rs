@@ -223,24 +223,8 @@ impl AgentProcess {
         self.child.terminate(grace).await
     }
 
-    /// CPU time the agent has used so far (user + system), from
-    /// `/proc/<pid>/stat` fields 14 and 15, in clock ticks of 1/100 s
-    /// (Linux's USER_HZ).
+    /// CPU time the agent has used so far ([`crate::process::cpu_time`]).
     pub fn cpu_time(&self) -> Result<Duration> {
-        let pid = self.child.pid().context("agent not running")?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .with_context(|| format!("read /proc/{pid}/stat"))?;
-        // The command name (field 2) may hold spaces: count fields after its ')'.
-        let after = stat.rsplit_once(')').context("malformed stat")?.1;
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| -> Result<u64> {
-            fields
-                .get(i)
-                .context("short stat")?
-                .parse::<u64>()
-                .context("stat field")
-        };
-        // fields[0] is field 3 (state): utime (14) is fields[11], stime (15) fields[12].
-        Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+        crate::process::cpu_time(self.child.pid().context("agent not running")?)
     }
 }

@@ -176,6 +176,39 @@ impl Drop for ChildGuard {
     }
 }
 
+/// CPU time process `pid` has used so far (user + system, all threads), from
+/// `/proc/<pid>/stat` fields 14 and 15, in clock ticks of 1/100 s (Linux's
+/// USER_HZ). Errors when the process is gone.
+pub fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("read /proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces: count fields after its ')'.
+    let after = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .context("short stat")?
+            .parse::<u64>()
+            .context("stat field")
+    };
+    // fields[0] is field 3 (state): utime (14) is fields[11], stime (15) fields[12].
+    Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+}
+
+/// Resident memory of process `pid` in bytes (`VmRSS` of `/proc/<pid>/status`,
+/// which counts kB). Errors when the process is gone.
+pub fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("read /proc/{pid}/status"))?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))?;
+    Ok(kb * 1024)
+}
+
 /// Runs a short-lived command with a timeout (killed when it expires).
 /// Returns the output whatever the exit status; errors only on spawn failure or timeout.
 pub async fn run_with_timeout<S: AsRef<OsStr>>(

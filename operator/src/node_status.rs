@@ -178,8 +178,9 @@ pub fn refusal(
         return Some(Problem {
             reason: reason::CONFIG_DIR_NOT_ALLOWED,
             message: format!(
-                "{} is not inside the directories the node agents may use ({}); the installer sets them (Helm chart value agent.hostDirs, operator flag --agent-host-dirs): use a path inside them or ask the installer to add one",
+                "{} {} not inside the directories the node agents may use ({}); the installer sets them (Helm chart value agent.hostDirs, operator flag --agent-host-dirs): use a path inside them or ask the installer to add one",
                 outside.join(" and "),
+                if outside.len() > 1 { "are" } else { "is" },
                 allowed_dirs.join(", ")
             ),
         });

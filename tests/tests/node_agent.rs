@@ -117,7 +117,14 @@ async fn the_node_agent_points_containerd_at_the_cache_and_cleans_up() -> Result
         .await?;
     cp.install_crd().await?;
     cp.apply_ok("apiVersion: v1\nkind: PersistentVolume\nmetadata:\n  name: agent-pv\nspec:\n  capacity: {storage: 1Gi}\n  accessModes: [ReadWriteOnce]\n  hostPath: {path: /tmp/agent-pv}\n").await?;
-    let mut op = OperatorProcess::start(&cp.kubeconfig, NS, "op-1", &[])?;
+    // The installer lets agents use exactly these directories.
+    let host_dirs = allowed.join(",");
+    let mut op = OperatorProcess::start(
+        &cp.kubeconfig,
+        NS,
+        "op-1",
+        &["--agent-host-dirs", &host_dirs],
+    )?;
     cp.apply_ok(&format!(
         "apiVersion: regmirror.dev/v1alpha1\nkind: RegistryMirror\nmetadata:\n  name: hub\nspec:\n  upstreams: [{{host: docker.io, url: '{}'}}]\n  storage: {{size: 1Gi}}\n  cache: {{nodePort: {node_port}}}\n  nodes: {{containerdConfigDir: '{}', containerdConfigFile: '{}'}}\n",
         reg.url(),

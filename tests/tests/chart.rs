@@ -476,6 +476,7 @@ async fn chart_installs_and_its_rbac_runs_the_operator() -> Result<()> {
         &[
             "api/v1",
             "apis/apps/v1",
+            "apis/batch/v1",
             "apis/rbac.authorization.k8s.io/v1",
             "apis/apiextensions.k8s.io/v1",
         ],

@@ -7,6 +7,10 @@
 //! - [`CacheProcess`]: the `regmirror-cache` binary under test.
 //! - [`Cluster`]: R cache processes as one cache cluster (`--name`, `--peer`).
 //! - [`ControlPlane`]: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok.
+//! - [`RealNode`]: one real kubelet on a private containerd, registered against a
+//!   [`ControlPlane`] (one per machine).
+//! - [`images`]: runnable images built from host binaries (the binaries under test,
+//!   a pause image, a shell) with exactly the libraries they link.
 //! - [`helm`]: the Helm chart, `helm`, and kubeconform with schemas from the API server.
 //! - [`OperatorProcess`]: the `regmirror-operator` binary under test.
 //! - [`FakeUpstream`]: programmable in-process registry for fault and auth tests.
@@ -31,6 +35,8 @@ pub mod controlplane;
 pub mod fake;
 pub mod gate;
 pub mod helm;
+pub mod images;
+pub mod kubelet;
 pub mod operator;
 pub mod process;
 pub mod registry;
@@ -43,9 +49,11 @@ pub mod util;
 pub use cache::{CacheOptions, CacheProcess, StoreLayout, cache_binary};
 pub use cluster::Cluster;
 pub use containerd::{Containerd, cri_tables, write_hosts_toml};
-pub use controlplane::{ControlPlane, tools_bin_dir};
+pub use controlplane::{ControlPlane, ControlPlaneOptions, tools_bin_dir};
 pub use fake::{Auth, Behaviour, FakeUpstream, RecordedRequest, TokenFields};
 pub use gate::{FaultGate, Outage};
+pub use images::BinaryImage;
+pub use kubelet::RealNode;
 pub use operator::{AgentOptions, AgentProcess, OperatorProcess, operator_binary};
 pub use process::ensure_success;
 pub use registry::{AccessEntry, Registry};

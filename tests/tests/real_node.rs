@@ -1,0 +1,219 @@
+//! The suite's one real node (issue 19, foundation): a kubelet on a private
+//! containerd registers against the loopback control plane and turns Ready;
+//! a hostNetwork pod whose docker.io image is pulled through a
+//! `regmirror-cache` process (containerd's `hosts.toml` points docker.io at
+//! it, `server` at a closed port) runs and `kubectl logs` shows its output;
+//! and the `regmirror-cache` binary this build made, packed by the test into
+//! an image on an empty base, runs as a pod and serves `/v2/`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use regmirror_e2e::images::{BinaryImage, shell_image};
+use regmirror_e2e::kubelet::NODE_NAME;
+use regmirror_e2e::util::{bounded, free_port, http_client, metric_sum, tail_lines, wait_until};
+use regmirror_e2e::{
+    CacheProcess, ControlPlane, ControlPlaneOptions, RealNode, Registry, RequestLog, cache_binary,
+    write_hosts_toml,
+};
+use serde_json::{Value, json};
+
+const POD_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A hostNetwork pod on the real node running `image` with `args`, the
+/// loopback API server in its environment, and an emptyDir at `/data`.
+fn host_network_pod(node: &RealNode, name: &str, image: &str, args: &[&str]) -> String {
+    let env: Vec<Value> = node
+        .api_server_env()
+        .iter()
+        .map(|(k, v)| json!({"name": k, "value": v}))
+        .chain([json!({"name": "NO_COLOR", "value": "1"})])
+        .collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "hostNetwork": true,
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "main",
+                "image": image,
+                "args": args,
+                "env": env,
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+            }],
+            "volumes": [{"name": "data", "emptyDir": {}}],
+        }
+    })
+    .to_string()
+}
+
+/// Waits until pod `name` reaches `phase`; fails early when it cannot
+/// (Failed, or an image pull error), with its status and the kubelet's log.
+async fn wait_phase(cp: &ControlPlane, node: &RealNode, name: &str, phase: &str) -> Result<Value> {
+    let deadline = tokio::time::Instant::now() + POD_TIMEOUT;
+    loop {
+        let pod = cp.get_json(&["pod", name, "-n", "default"]).await?;
+        let status = pod
+            .as_ref()
+            .map(|p| p["status"].clone())
+            .unwrap_or_default();
+        let now = status["phase"].as_str().unwrap_or("");
+        if now == phase {
+            return Ok(status);
+        }
+        let waiting = status["containerStatuses"][0]["state"]["waiting"]["reason"]
+            .as_str()
+            .unwrap_or("");
+        let stuck = (now == "Failed" && phase != "Failed")
+            || ["ErrImagePull", "ImagePullBackOff", "CreateContainerError"].contains(&waiting);
+        if stuck || tokio::time::Instant::now() >= deadline {
+            bail!(
+                "pod {name} is {now:?}, not {phase}: {status:#}\nkubelet log tail:\n{}",
+                tail_lines(&node.kubelet_log(), 30)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_real_node_runs_pods_pulled_through_the_cache_and_the_cache_image_built_from_this_build()
+{
+    bounded(300, async {
+        let t0 = Instant::now();
+        let cp = ControlPlane::start_with(ControlPlaneOptions {
+            kubelet_node: Some(NODE_NAME.into()),
+        })
+        .await?;
+        let node = RealNode::start(&cp).await?;
+        let ready_after = t0.elapsed();
+        let n = cp
+            .get_json(&["node", NODE_NAME])
+            .await?
+            .context("node registered")?;
+        ensure!(
+            n["status"]["addresses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|a| a["type"] == "InternalIP" && a["address"] == "127.0.0.1"),
+            "node addresses: {}",
+            n["status"]["addresses"]
+        );
+
+        // A docker.io image on a local upstream, pulled through a cache
+        // process: containerd may only reach the cache (server: a closed port).
+        let upstream = Registry::start().await?;
+        let hello = shell_image()?
+            .push(&upstream.url(), "library/hello", "1.0")
+            .await?;
+        let cache =
+            CacheProcess::start(["--upstream".to_owned(), format!("docker.io={}", upstream.url())])
+                .await?;
+        write_hosts_toml(&node.certs_dir(), "docker.io", &cache.url(), "http://127.0.0.1:9")?;
+        cp.apply_ok(&host_network_pod(
+            &node,
+            "hello",
+            "docker.io/library/hello:1.0",
+            &[
+                "-c",
+                "echo hello from a real node; echo api=$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT",
+            ],
+        ))
+        .await?;
+        wait_phase(&cp, &node, "hello", "Succeeded").await?;
+        let logs = cp.kubectl_ok(&["logs", "hello", "-n", "default"]).await?;
+        let api = &node.api_server_env();
+        ensure!(
+            logs.contains("hello from a real node")
+                && logs.contains(&format!("api=127.0.0.1:{}", api[1].1)),
+            "kubectl logs hello:\n{logs}"
+        );
+        ensure!(
+            cache
+                .log()
+                .contains("/v2/library/hello/manifests/1.0?ns=docker.io"),
+            "cache log: {}",
+            cache.log_tail(20)
+        );
+        let metrics = cache.metrics().await?;
+        let misses = |kind: &str| {
+            metric_sum(
+                &metrics,
+                "regmirror_cache_misses_total",
+                &[&format!("kind=\"{kind}\"")],
+            )
+        };
+        ensure!(
+            misses("manifest") >= 1.0 && misses("blob") >= 2.0,
+            "the cache did not fetch manifest, config and layer:\n{metrics}"
+        );
+        ensure!(
+            metric_sum(&metrics, "regmirror_served_bytes_total", &[])
+                >= hello.layers[0].size() as f64,
+            "layer not served by the cache:\n{metrics}"
+        );
+        upstream.sync_log().await?;
+        ensure!(
+            upstream.count("GET", &format!("/blobs/{}", hello.layers[0].digest)) == 1,
+            "upstream access log: {:?}",
+            upstream.access_log()
+        );
+
+        // The regmirror-cache binary of this build, as an image on an empty
+        // base, runs as a pod and serves /v2/ on a loopback port.
+        let reg = node.image_registry();
+        BinaryImage::new(&["/usr/local/bin/regmirror-cache"])
+            .binary(&cache_binary(), "/usr/local/bin/regmirror-cache")?
+            .ca_bundle()
+            .dir("/tmp", 0o1777)
+            .push(&reg.url(), "regmirror-e2e/regmirror-cache", "test")
+            .await?;
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        cp.apply_ok(&host_network_pod(
+            &node,
+            "cache",
+            &format!("{}/regmirror-e2e/regmirror-cache:test", reg.host()),
+            &[
+                "--listen",
+                &listen,
+                "--storage",
+                "/data/store",
+                "--upstream",
+                "docker.io=http://127.0.0.1:9",
+            ],
+        ))
+        .await?;
+        wait_phase(&cp, &node, "cache", "Running").await?;
+        let client = http_client();
+        let url = format!("http://{listen}/v2/");
+        wait_until(POD_TIMEOUT, || async {
+            client
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "the cache pod never answered {url}; kubelet log tail:\n{}",
+                tail_lines(&node.kubelet_log(), 20)
+            )
+        })?;
+        let pod_logs = cp.kubectl_ok(&["logs", "cache", "-n", "default"]).await?;
+        ensure!(pod_logs.contains(&listen), "cache pod log:\n{pod_logs}");
+
+        node.stop().await?;
+        eprintln!(
+            "real node: Ready after {ready_after:?} (control plane included), whole test {:?}",
+            t0.elapsed()
+        );
+        Ok(())
+    })
+    .await;
+}

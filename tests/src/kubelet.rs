@@ -83,7 +83,9 @@ pub struct KubeletPorts {
 /// CAP_SYS_RESOURCE), swap tolerated, everything bound to 127.0.0.1, no
 /// read-only port, anonymous authentication with `AlwaysAllow` (only the
 /// loopback API server dials it), pod logs in `pod_logs_dir`, CRI at
-/// `socket`. Rules: `design/test-peers.md`.
+/// `socket`, and no eviction thresholds or image GC: the kubelet measures
+/// the machine's shared disk, and a test machine's free space (often under
+/// the default 10-15 %) is no reason to evict or refuse the test's pods. Rules: `design/test-peers.md`.
 pub fn kubelet_configuration(ports: &KubeletPorts, pod_logs_dir: &Path, socket: &Path) -> String {
     let sock = format!("unix://{}", socket.display());
     format!(
@@ -104,7 +106,11 @@ pub fn kubelet_configuration(ports: &KubeletPorts, pod_logs_dir: &Path, socket: 
          podLogsDir: {}\n\
          containerRuntimeEndpoint: {sock}\n\
          imageServiceEndpoint: {sock}\n\
-         serializeImagePulls: false\n",
+         serializeImagePulls: false\n\
+         evictionHard: {{}}\n\
+         evictionSoft: {{}}\n\
+         imageGCHighThresholdPercent: 100\n\
+         imageGCLowThresholdPercent: 99\n",
         ports.port,
         ports.healthz_port,
         pod_logs_dir.display(),
@@ -199,6 +205,15 @@ impl HostPaths {
     }
 
     /// Cgroups that appeared since the snapshot.
+    /// The host paths that did not exist at the snapshot.
+    fn absent(&self) -> Vec<PathBuf> {
+        self.paths
+            .iter()
+            .filter(|(_, before)| before.is_none())
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
     fn new_cgroups(&self) -> Vec<PathBuf> {
         top_cgroups()
             .into_iter()
@@ -280,6 +295,92 @@ fn pids_with_arg(arg: &str) -> Vec<u32> {
         .collect()
 }
 
+/// The `-address` argument of a containerd shim's command line (NUL-separated
+/// `/proc/PID/cmdline` split into arguments).
+pub fn shim_address<'a>(args: &[&'a str]) -> Option<&'a str> {
+    let i = args.iter().position(|a| *a == "-address")?;
+    args.get(i + 1).copied()
+}
+
+/// The parent pid in `/proc/PID/stat` text (`pid (comm) state ppid ...`;
+/// `comm` may hold spaces and parentheses, so fields count from the last `)`).
+pub fn parent_pid(stat: &str) -> Option<u32> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Every process below `root` (children, grandchildren, ...).
+fn descendants(root: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = entries(Path::new("/proc"))
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|p| {
+            let pid = p.file_name()?.to_str()?.parse().ok()?;
+            Some((pid, parent_pid(&read_lossy(&p.join("stat")))?))
+        })
+        .collect();
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
+/// What a real node whose test process died (SIGKILL, a timeout) leaves
+/// running: the kubelet and containerd die with it (`--pdeathsig`), but
+/// containerd's shims and their containers do not. Kills, by PID, each shim
+/// whose `-address` is a harness containerd socket (`regmirror-ctrd-`) where
+/// nothing listens any more, and every process below it; then removes the CRI
+/// cgroups that are empty (`rmdir` refuses the others). Run under the lock.
+fn reap_crashed_runs() {
+    for p in entries(Path::new("/proc")).unwrap_or_default() {
+        let Some(pid) = p.file_name().and_then(|n| n.to_str()?.parse::<u32>().ok()) else {
+            continue;
+        };
+        let cmdline = read_lossy(&p.join("cmdline"));
+        let args: Vec<&str> = cmdline.split('\0').collect();
+        // The socket file outlives a killed containerd: ask whether anyone listens.
+        let stale = shim_address(&args).is_some_and(|a| {
+            a.contains("/regmirror-ctrd-") && std::os::unix::net::UnixStream::connect(a).is_err()
+        });
+        if stale {
+            let mut pids = descendants(pid);
+            pids.push(pid);
+            kill_pids(&pids);
+            wait_gone(&pids, Duration::from_secs(5));
+        }
+    }
+    for h in entries(Path::new(CGROUP_ROOT)).unwrap_or_default() {
+        let cri = h.join(CRI_CGROUP);
+        if cri.is_dir() {
+            let _ = remove_cgroup_tree(&cri);
+        }
+    }
+}
+
+/// Waits (at most `timeout`) until none of `pids` is alive: gone from
+/// `/proc`, or a zombie (out of its cgroups already).
+fn wait_gone(pids: &[u32], timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    let alive = |pid: &u32| {
+        let stat = read_lossy(&Path::new("/proc").join(pid.to_string()).join("stat"));
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.split_whitespace().next() != Some("Z"))
+    };
+    while pids.iter().any(alive) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn kill_pids(pids: &[u32]) {
     if pids.is_empty() {
         return;
@@ -292,19 +393,112 @@ fn kill_pids(pids: &[u32]) {
         .status();
 }
 
-/// Holds [`LOCK_PATH`] (an exclusive `flock`) until dropped.
+/// What a running node leaves in the lock file so that the next start can
+/// clean up after a test process that died before stopping it: the host
+/// paths that did not exist before it started (`absent PATH` lines) and its
+/// private directories (`dir PATH` lines: mounts under them are unmounted,
+/// then they are removed). Empty after a clean stop.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CrashRecord {
+    pub absent: Vec<PathBuf>,
+    pub dirs: Vec<PathBuf>,
+}
+
+impl CrashRecord {
+    /// The lock file's text for this record.
+    pub fn to_text(&self) -> String {
+        let lines = |kind: &str, ps: &[PathBuf]| {
+            ps.iter()
+                .map(|p| format!("{kind} {}\n", p.display()))
+                .collect::<String>()
+        };
+        lines("absent", &self.absent) + &lines("dir", &self.dirs)
+    }
+
+    /// Parses [`CrashRecord::to_text`]; other lines are ignored, and only
+    /// absolute paths are taken.
+    pub fn parse(text: &str) -> Self {
+        let mut r = Self::default();
+        for line in text.lines() {
+            let (kind, path) = line.split_once(' ').unwrap_or((line, ""));
+            if !path.starts_with('/') {
+                continue;
+            }
+            match kind {
+                "absent" => r.absent.push(PathBuf::from(path)),
+                "dir" => r.dirs.push(PathBuf::from(path)),
+                _ => {}
+            }
+        }
+        r
+    }
+
+    /// Undoes what a crashed node left (after [`reap_crashed_runs`] stopped
+    /// its processes): lazily unmounts everything under its dirs, removes
+    /// them and the host paths that were absent before it.
+    fn clean_up(&self) {
+        let mountinfo = read_lossy(Path::new("/proc/self/mountinfo"));
+        for d in &self.dirs {
+            unmount_under(&mountinfo, d);
+            let _ = std::fs::remove_dir_all(d);
+        }
+        for p in &self.absent {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+/// `umount -l` of every mount at or under `dir` (deepest first); returns the
+/// mount points that could not be unmounted.
+fn unmount_under(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
+    mounts_under(mountinfo, dir)
+        .into_iter()
+        .filter(|m| {
+            !Command::new("umount")
+                .arg("-l")
+                .arg(m)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect()
+}
+
+/// Holds [`LOCK_PATH`] (an exclusive `flock`) until dropped; its content is
+/// the holder's [`CrashRecord`].
 #[derive(Debug)]
 struct MachineLock {
-    _held: File,
+    file: File,
 }
 
 impl MachineLock {
+    /// The record the previous holder left (empty after a clean stop).
+    fn record(&self) -> CrashRecord {
+        CrashRecord::parse(&read_lossy(Path::new(LOCK_PATH)))
+    }
+
+    /// Replaces the record (an empty one after a clean stop).
+    fn write_record(&mut self, record: &CrashRecord) -> std::io::Result<()> {
+        use std::io::{Seek, Write};
+        self.file.set_len(0)?;
+        self.file.rewind()?;
+        self.file.write_all(record.to_text().as_bytes())?;
+        self.file.sync_data()
+    }
+
     async fn acquire(timeout: Duration) -> Result<Self> {
-        let file = File::create(LOCK_PATH).with_context(|| format!("open {LOCK_PATH}"))?;
+        // Not truncated on open: the holder's record must survive a waiter.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(LOCK_PATH)
+            .with_context(|| format!("open {LOCK_PATH}"))?;
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match file.try_lock() {
-                Ok(()) => return Ok(Self { _held: file }),
+                Ok(()) => return Ok(Self { file }),
                 Err(std::fs::TryLockError::WouldBlock) => {}
                 Err(std::fs::TryLockError::Error(e)) => bail!("lock {LOCK_PATH}: {e}"),
             }
@@ -356,7 +550,9 @@ impl RealNode {
         require_root("a real node (kubelet, containerd)");
         let kubelet_bin = kubelet_binary()?;
         let node_kubeconfig = cp.node_kubeconfig()?;
-        let lock = MachineLock::acquire(LOCK_TIMEOUT).await?;
+        let mut lock = MachineLock::acquire(LOCK_TIMEOUT).await?;
+        reap_crashed_runs();
+        lock.record().clean_up();
         let host_paths = HostPaths::snapshot();
         let images = Registry::start().await?;
         pause_image()?
@@ -376,6 +572,11 @@ impl RealNode {
             .next()
             .and_then(|p| p.parse().ok())
             .context("API server port")?;
+        let mut record = CrashRecord {
+            absent: host_paths.absent(),
+            dirs: vec![d.clone()],
+        };
+        lock.write_record(&record)?;
         let mut node = Self {
             kubelet: None,
             containerd: None,
@@ -398,6 +599,10 @@ impl RealNode {
             })
             .await?,
         );
+        record.dirs.push(node.containerd().dir().to_path_buf());
+        if let Some(lock) = node.lock.as_mut() {
+            lock.write_record(&record)?;
+        }
         let socket = node.containerd().socket().to_path_buf();
         let ports = KubeletPorts {
             port: node.kubelet_port,
@@ -536,7 +741,7 @@ impl RealNode {
     /// Synchronous (run from `Drop` too).
     fn shutdown(&mut self) -> Vec<String> {
         let mut problems = Vec::new();
-        let Some(lock) = self.lock.take() else {
+        let Some(mut lock) = self.lock.take() else {
             return problems;
         };
         if let Some(mut k) = self.kubelet.take() {
@@ -574,15 +779,8 @@ impl RealNode {
             let mut roots = vec![ctrd.dir().to_path_buf()];
             roots.extend(self.dir.as_ref().map(|d| d.path().to_path_buf()));
             for root in roots {
-                for m in mounts_under(&mountinfo, &root) {
-                    let ok = Command::new("umount")
-                        .arg("-l")
-                        .arg(&m)
-                        .status()
-                        .is_ok_and(|s| s.success());
-                    if !ok {
-                        problems.push(format!("umount {}", m.display()));
-                    }
+                for m in unmount_under(&mountinfo, &root) {
+                    problems.push(format!("umount {}", m.display()));
                 }
             }
             drop(ctrd);
@@ -592,6 +790,11 @@ impl RealNode {
             && let Err(e) = dir.close()
         {
             problems.push(format!("remove the node dir: {e}"));
+        }
+        if problems.is_empty()
+            && let Err(e) = lock.write_record(&CrashRecord::default())
+        {
+            problems.push(format!("clear {LOCK_PATH}: {e}"));
         }
         drop(lock);
         problems
@@ -627,6 +830,37 @@ mod tests {
     }
 
     #[test]
+    fn a_crash_record_round_trips_through_the_lock_file_text() {
+        let r = CrashRecord {
+            absent: vec!["/var/lib/kubelet".into(), "/run/containerd".into()],
+            dirs: vec!["/tmp/regmirror-node-a b".into()],
+        };
+        assert_eq!(CrashRecord::parse(&r.to_text()), r);
+        assert_eq!(CrashRecord::parse(""), CrashRecord::default());
+        assert_eq!(
+            CrashRecord::parse("absent relative\nother /x\n"),
+            CrashRecord::default()
+        );
+    }
+
+    #[test]
+    fn shim_address_and_parent_pid_come_from_proc_text() {
+        let args = [
+            "/usr/bin/containerd-shim-runc-v2",
+            "-namespace",
+            "k8s.io",
+            "-address",
+            "/tmp/regmirror-ctrd-x/sock",
+            "-id",
+            "abc",
+        ];
+        assert_eq!(shim_address(&args), Some("/tmp/regmirror-ctrd-x/sock"));
+        assert_eq!(shim_address(&["sleep", "infinity"]), None);
+        assert_eq!(parent_pid("42 (a) b) c) S 17 42 42 0"), Some(17));
+        assert_eq!(parent_pid("42 (sleep) S 1 42"), Some(1));
+    }
+
+    #[test]
     fn kubelet_configuration_keeps_everything_on_loopback_and_cgroupfs() {
         let text = kubelet_configuration(
             &KubeletPorts {
@@ -649,6 +883,8 @@ mod tests {
         assert_eq!(v["containerRuntimeEndpoint"], "unix:///tmp/c/sock");
         assert_eq!(v["podLogsDir"], "/tmp/n/pod-logs");
         assert_eq!(v["enforceNodeAllocatable"], serde_json::json!([]));
+        assert_eq!(v["evictionHard"], serde_json::json!({}));
+        assert_eq!(v["imageGCHighThresholdPercent"], 100);
     }
 
     #[test]

@@ -91,10 +91,13 @@ enum Entry {
 #[derive(Debug, Clone)]
 pub struct BinaryImage {
     entries: BTreeMap<String, Entry>,
-    dirs: BTreeMap<String, u32>,
+    /// path -> (mode, uid, gid)
+    dirs: BTreeMap<String, (u32, u64, u64)>,
     entrypoint: Vec<String>,
     cmd: Vec<String>,
     env: Vec<String>,
+    user: Option<String>,
+    workdir: Option<String>,
 }
 
 impl BinaryImage {
@@ -106,6 +109,8 @@ impl BinaryImage {
             entrypoint: entrypoint.iter().map(|s| s.to_string()).collect(),
             cmd: Vec::new(),
             env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
+            user: None,
+            workdir: None,
         }
     }
 
@@ -164,10 +169,28 @@ impl BinaryImage {
         self
     }
 
-    /// Adds an empty directory (e.g. `/tmp` with mode `0o1777`).
-    pub fn dir(mut self, in_image: &str, mode: u32) -> Self {
+    /// Adds an empty directory owned by root (e.g. `/tmp` with mode `0o1777`).
+    pub fn dir(self, in_image: &str, mode: u32) -> Self {
+        self.dir_owned(in_image, mode, 0, 0)
+    }
+
+    /// Adds an empty directory owned by `uid:gid` (e.g. a data directory
+    /// for a non-root user).
+    pub fn dir_owned(mut self, in_image: &str, mode: u32, uid: u64, gid: u64) -> Self {
         self.dirs
-            .insert(in_image.trim_end_matches('/').to_owned(), mode);
+            .insert(in_image.trim_end_matches('/').to_owned(), (mode, uid, gid));
+        self
+    }
+
+    /// Sets the image's `User` (`UID[:GID]`).
+    pub fn user(mut self, user: &str) -> Self {
+        self.user = Some(user.to_owned());
+        self
+    }
+
+    /// Sets the image's `WorkingDir`.
+    pub fn workdir(mut self, dir: &str) -> Self {
+        self.workdir = Some(dir.to_owned());
         self
     }
 
@@ -195,10 +218,14 @@ impl BinaryImage {
             }
         }
         let mut tar = tar::Builder::new(Vec::new());
-        let mut dirs: BTreeMap<String, u32> = parents.into_iter().map(|d| (d, 0o755)).collect();
+        let mut dirs: BTreeMap<String, (u32, u64, u64)> =
+            parents.into_iter().map(|d| (d, (0o755, 0, 0))).collect();
         dirs.extend(self.dirs.clone());
-        for (d, mode) in &dirs {
+        for (d, (mode, uid, gid)) in &dirs {
             let mut h = header(tar::EntryType::Directory, *mode, 0);
+            h.set_uid(*uid);
+            h.set_gid(*gid);
+            h.set_cksum();
             tar.append_data(
                 &mut h,
                 format!("{}/", d.trim_start_matches('/')),
@@ -225,6 +252,12 @@ impl BinaryImage {
         let mut cfg = json!({"Env": self.env, "Entrypoint": self.entrypoint});
         if !self.cmd.is_empty() {
             cfg["Cmd"] = json!(self.cmd);
+        }
+        if let Some(u) = &self.user {
+            cfg["User"] = json!(u);
+        }
+        if let Some(w) = &self.workdir {
+            cfg["WorkingDir"] = json!(w);
         }
         let config = json!({
             "architecture": platform.architecture,
@@ -295,6 +328,37 @@ fn read_file(host: &Path, strip: bool, work: &Path) -> Result<Vec<u8>> {
     std::fs::read(host).with_context(|| format!("read {}", host.display()))
 }
 
+/// UID and GID the shipped images run as (distroless `nonroot`, the
+/// `Containerfile`'s `USER 65532:65532`).
+pub const NONROOT: u64 = 65532;
+
+/// The `Containerfile`'s `cache` target rebuilt from `binary` (a
+/// `regmirror-cache` this build made): `/usr/local/bin/regmirror-cache` as
+/// entrypoint, `/var/lib/regmirror` owned by and working directory of user
+/// 65532:65532, plus the CA bundle and `/tmp`. Errors when `ldd` fails.
+pub fn cache_image(binary: &Path) -> Result<BinaryImage> {
+    Ok(shipped_layout(binary, "regmirror-cache")?
+        .dir_owned("/var/lib/regmirror", 0o755, NONROOT, NONROOT)
+        .workdir("/var/lib/regmirror"))
+}
+
+/// The `Containerfile`'s `operator` target rebuilt from `binary` (a
+/// `regmirror-operator` this build made): entrypoint
+/// `/usr/local/bin/regmirror-operator`, `Cmd ["run"]`, user 65532:65532, plus
+/// the CA bundle and `/tmp`. Errors when `ldd` fails.
+pub fn operator_image(binary: &Path) -> Result<BinaryImage> {
+    Ok(shipped_layout(binary, "regmirror-operator")?.cmd(&["run"]))
+}
+
+fn shipped_layout(binary: &Path, name: &str) -> Result<BinaryImage> {
+    let path = format!("/usr/local/bin/{name}");
+    Ok(BinaryImage::new(&[&path])
+        .binary(binary, &path)?
+        .ca_bundle()
+        .dir("/tmp", 0o1777)
+        .user(&format!("{NONROOT}:{NONROOT}")))
+}
+
 /// The pause (sandbox) image a [`crate::RealNode`] gives containerd: the
 /// host's `sleep` running `sleep infinity`. Errors when `sleep` or its
 /// libraries cannot be read.
@@ -343,6 +407,31 @@ mod tests {
     }
 
     #[test]
+    fn the_cache_image_has_the_containerfile_layout() {
+        // Any dynamic executable stands in for the cache binary here.
+        let image = cache_image(&host_program("sh").unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        let config: serde_json::Value = serde_json::from_slice(&image.config.bytes).unwrap();
+        assert_eq!(
+            config["config"]["Entrypoint"],
+            json!(["/usr/local/bin/regmirror-cache"])
+        );
+        assert_eq!(config["config"]["User"], "65532:65532");
+        assert_eq!(config["config"]["WorkingDir"], "/var/lib/regmirror");
+        let mut tar = tar::Archive::new(&image.layers[0].bytes[..]);
+        let data = tar
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap())
+            .find(|e| e.path().unwrap().to_str() == Some("var/lib/regmirror/"))
+            .expect("data dir");
+        assert_eq!(data.header().uid().unwrap(), NONROOT);
+        assert_eq!(data.header().gid().unwrap(), NONROOT);
+    }
+
+    #[test]
     fn the_layer_holds_the_binary_its_libraries_and_every_parent_directory() {
         let image = shell_image()
             .unwrap()
@@ -378,6 +467,7 @@ mod tests {
         }
         let config: serde_json::Value = serde_json::from_slice(&image.config.bytes).unwrap();
         assert_eq!(config["config"]["Entrypoint"], json!(["/bin/sh"]));
+        assert!(config["config"].get("User").is_none());
         assert_eq!(config["rootfs"]["diff_ids"][0], json!(layer.digest));
     }
 }

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use regmirror_e2e::images::{BinaryImage, shell_image};
+use regmirror_e2e::images::{NONROOT, cache_image, shell_image};
 use regmirror_e2e::kubelet::NODE_NAME;
 use regmirror_e2e::util::{bounded, free_port, http_client, metric_sum, tail_lines, wait_until};
 use regmirror_e2e::{
@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 const POD_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// A hostNetwork pod on the real node running `image` with `args`, the
-/// loopback API server in its environment, and an emptyDir at `/data`.
+/// loopback API server in its environment.
 fn host_network_pod(node: &RealNode, name: &str, image: &str, args: &[&str]) -> String {
     let env: Vec<Value> = node
         .api_server_env()
@@ -42,12 +42,29 @@ fn host_network_pod(node: &RealNode, name: &str, image: &str, args: &[&str]) -> 
                 "image": image,
                 "args": args,
                 "env": env,
-                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
             }],
-            "volumes": [{"name": "data", "emptyDir": {}}],
         }
     })
     .to_string()
+}
+
+/// The real uid of the process that has `arg` among its arguments.
+fn uid_of_process_with_arg(arg: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        cmdline
+            .split(|b| *b == 0)
+            .any(|a| a == arg.as_bytes())
+            .then_some(())?;
+        let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
 }
 
 /// Waits until pod `name` reaches `phase`; fails early when it cannot
@@ -163,13 +180,11 @@ async fn a_real_node_runs_pods_pulled_through_the_cache_and_the_cache_image_buil
             upstream.access_log()
         );
 
-        // The regmirror-cache binary of this build, as an image on an empty
-        // base, runs as a pod and serves /v2/ on a loopback port.
+        // The regmirror-cache binary of this build, in the Containerfile's
+        // layout on an empty base, runs as a pod (as user 65532, storing in
+        // the image's data dir) and serves /v2/ on a loopback port.
         let reg = node.image_registry();
-        BinaryImage::new(&["/usr/local/bin/regmirror-cache"])
-            .binary(&cache_binary(), "/usr/local/bin/regmirror-cache")?
-            .ca_bundle()
-            .dir("/tmp", 0o1777)
+        cache_image(&cache_binary())?
             .push(&reg.url(), "regmirror-e2e/regmirror-cache", "test")
             .await?;
         let port = free_port();
@@ -182,7 +197,7 @@ async fn a_real_node_runs_pods_pulled_through_the_cache_and_the_cache_image_buil
                 "--listen",
                 &listen,
                 "--storage",
-                "/data/store",
+                "/var/lib/regmirror",
                 "--upstream",
                 "docker.io=http://127.0.0.1:9",
             ],
@@ -207,6 +222,21 @@ async fn a_real_node_runs_pods_pulled_through_the_cache_and_the_cache_image_buil
         })?;
         let pod_logs = cp.kubectl_ok(&["logs", "cache", "-n", "default"]).await?;
         ensure!(pod_logs.contains(&listen), "cache pod log:\n{pod_logs}");
+        ensure!(
+            uid_of_process_with_arg(&listen) == Some(NONROOT as u32),
+            "the cache pod does not run as the image's user {NONROOT}"
+        );
+
+        // The shared disk's free space must not make the kubelet evict or
+        // refuse the test's pods (no eviction thresholds).
+        let n = cp.get_json(&["node", NODE_NAME]).await?.context("node")?;
+        let pressure: Vec<&Value> = n["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["type"] != "Ready" && c["status"] != "False")
+            .collect();
+        ensure!(pressure.is_empty(), "node conditions: {pressure:?}");
 
         node.stop().await?;
         eprintln!(

@@ -706,6 +706,43 @@ impl RealNode {
         self.kubelet_port
     }
 
+    /// A `local` PersistentVolume of `capacity` (e.g. `1Gi`) in
+    /// `storage_class`, `ReadWriteOnce`, `Retain`, pinned to this node,
+    /// backed by a fresh directory under the node's dir (removed at stop).
+    /// The directory is root's with mode 0755, as a real disk's mount point
+    /// would be: only a pod `fsGroup` (which the kubelet applies to local
+    /// volumes, unlike hostPath ones) lets a non-root pod write to it. A PVC
+    /// naming `storage_class` binds to it (no StorageClass object needed).
+    /// Returns the directory.
+    pub async fn local_pv(
+        &self,
+        cp: &ControlPlane,
+        name: &str,
+        storage_class: &str,
+        capacity: &str,
+    ) -> Result<PathBuf> {
+        let dir = self.dir().join("volumes").join(name);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let pv = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": name},
+            "spec": {
+                "capacity": {"storage": capacity},
+                "accessModes": ["ReadWriteOnce"],
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": storage_class,
+                "local": {"path": dir.display().to_string()},
+                "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                    {"key": "kubernetes.io/hostname", "operator": "In", "values": [NODE_NAME]}
+                ]}]}},
+            }
+        });
+        cp.apply_ok(&pv.to_string()).await?;
+        Ok(dir)
+    }
+
     /// The kubelet's log so far.
     pub fn kubelet_log(&self) -> String {
         read_lossy(&self.dir().join("kubelet.log"))

@@ -13,8 +13,8 @@ use regmirror_e2e::images::{NONROOT, cache_image, shell_image};
 use regmirror_e2e::kubelet::NODE_NAME;
 use regmirror_e2e::util::{bounded, free_port, http_client, metric_sum, tail_lines, wait_until};
 use regmirror_e2e::{
-    CacheProcess, ControlPlane, ControlPlaneOptions, RealNode, Registry, RequestLog, cache_binary,
-    write_hosts_toml,
+    CacheProcess, ControlPlane, ControlPlaneOptions, RealNode, Registry, RequestLog, StoreLayout,
+    cache_binary, write_hosts_toml,
 };
 use serde_json::{Value, json};
 
@@ -22,7 +22,7 @@ const POD_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// A hostNetwork pod on the real node running `image` with `args`, the
 /// loopback API server in its environment.
-fn host_network_pod(node: &RealNode, name: &str, image: &str, args: &[&str]) -> String {
+fn host_network_pod(node: &RealNode, name: &str, image: &str, args: &[&str]) -> Value {
     let env: Vec<Value> = node
         .api_server_env()
         .iter()
@@ -45,7 +45,6 @@ fn host_network_pod(node: &RealNode, name: &str, image: &str, args: &[&str]) -> 
             }],
         }
     })
-    .to_string()
 }
 
 /// The real uid of the process that has `arg` among its arguments.
@@ -131,7 +130,8 @@ async fn a_real_node_runs_pods_pulled_through_the_cache_and_the_cache_image_buil
             CacheProcess::start(["--upstream".to_owned(), format!("docker.io={}", upstream.url())])
                 .await?;
         write_hosts_toml(&node.certs_dir(), "docker.io", &cache.url(), "http://127.0.0.1:9")?;
-        cp.apply_ok(&host_network_pod(
+        cp.apply_ok(
+            &host_network_pod(
             &node,
             "hello",
             "docker.io/library/hello:1.0",
@@ -139,7 +139,8 @@ async fn a_real_node_runs_pods_pulled_through_the_cache_and_the_cache_image_buil
                 "-c",
                 "echo hello from a real node; echo api=$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT",
             ],
-        ))
+        )
+        .to_string())
         .await?;
         wait_phase(&cp, &node, "hello", "Succeeded").await?;
         let logs = cp.kubectl_ok(&["logs", "hello", "-n", "default"]).await?;
@@ -181,15 +182,35 @@ async fn a_real_node_runs_pods_pulled_through_the_cache_and_the_cache_image_buil
         );
 
         // The regmirror-cache binary of this build, in the Containerfile's
-        // layout on an empty base, runs as a pod (as user 65532, storing in
-        // the image's data dir) and serves /v2/ on a loopback port.
+        // layout on an empty base, runs as a pod (as user 65532) with its
+        // data dir on a local PersistentVolume (root's: writable through the
+        // pod's fsGroup), serves /v2/ on a loopback port and stores what it
+        // fetches from the upstream on the volume.
+        let pv_dir = node
+            .local_pv(&cp, "cache-data", "regmirror-e2e-local", "1Gi")
+            .await?;
+        cp.apply_ok(
+            &json!({
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": "cache-data", "namespace": "default"},
+                "spec": {
+                    "storageClassName": "regmirror-e2e-local",
+                    "accessModes": ["ReadWriteOnce"],
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            })
+            .to_string(),
+        )
+        .await?;
         let reg = node.image_registry();
         cache_image(&cache_binary())?
             .push(&reg.url(), "regmirror-e2e/regmirror-cache", "test")
             .await?;
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
-        cp.apply_ok(&host_network_pod(
+        let upstream_arg = format!("docker.io={}", upstream.url());
+        let mut pod = host_network_pod(
             &node,
             "cache",
             &format!("{}/regmirror-e2e/regmirror-cache:test", reg.host()),
@@ -199,10 +220,15 @@ async fn a_real_node_runs_pods_pulled_through_the_cache_and_the_cache_image_buil
                 "--storage",
                 "/var/lib/regmirror",
                 "--upstream",
-                "docker.io=http://127.0.0.1:9",
+                &upstream_arg,
             ],
-        ))
-        .await?;
+        );
+        pod["spec"]["securityContext"] = json!({"fsGroup": NONROOT});
+        pod["spec"]["volumes"] =
+            json!([{"name": "data", "persistentVolumeClaim": {"claimName": "cache-data"}}]);
+        pod["spec"]["containers"][0]["volumeMounts"] =
+            json!([{"name": "data", "mountPath": "/var/lib/regmirror"}]);
+        cp.apply_ok(&pod.to_string()).await?;
         wait_phase(&cp, &node, "cache", "Running").await?;
         let client = http_client();
         let url = format!("http://{listen}/v2/");
@@ -226,6 +252,14 @@ async fn a_real_node_runs_pods_pulled_through_the_cache_and_the_cache_image_buil
             uid_of_process_with_arg(&listen) == Some(NONROOT as u32),
             "the cache pod does not run as the image's user {NONROOT}"
         );
+        let layer = &hello.layers[0].digest;
+        let blob_url = format!("http://{listen}/v2/library/hello/blobs/{layer}?ns=docker.io");
+        let body = client.get(&blob_url).send().await?.error_for_status()?.bytes().await?;
+        ensure!(body == hello.layers[0].bytes, "GET {blob_url}: other bytes");
+        let stored = StoreLayout::new(&pv_dir).blob("docker.io", layer);
+        wait_until(Duration::from_secs(10), || async { stored.is_file() })
+            .await
+            .with_context(|| format!("{} not stored on the volume", stored.display()))?;
 
         // The shared disk's free space must not make the kubelet evict or
         // refuse the test's pods (no eviction thresholds).

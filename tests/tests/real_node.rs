@@ -3,18 +3,23 @@
 //! a hostNetwork pod whose docker.io image is pulled through a
 //! `regmirror-cache` process (containerd's `hosts.toml` points docker.io at
 //! it, `server` at a closed port) runs and `kubectl logs` shows its output;
-//! and the `regmirror-cache` binary this build made, packed by the test into
-//! an image on an empty base, runs as a pod and serves `/v2/`.
+//! a pod's in-cluster client reaches the API server on loopback with its
+//! ServiceAccount token; and the `regmirror-cache` binary this build made,
+//! packed by the test into the Containerfile's layout on an empty base, runs
+//! as a non-root pod on a local PersistentVolume (writable through
+//! `fsGroup`), serves `/v2/` and stores what it fetched on the volume. The
+//! node leaves nothing behind on the host.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use regmirror_e2e::images::{NONROOT, cache_image, shell_image};
 use regmirror_e2e::kubelet::NODE_NAME;
+use regmirror_e2e::tools::tool;
 use regmirror_e2e::util::{bounded, free_port, http_client, metric_sum, tail_lines, wait_until};
 use regmirror_e2e::{
-    CacheProcess, ControlPlane, ControlPlaneOptions, RealNode, Registry, RequestLog, StoreLayout,
-    cache_binary, write_hosts_toml,
+    BinaryImage, CacheProcess, ControlPlane, ControlPlaneOptions, RealNode, Registry, RequestLog,
+    StoreLayout, cache_binary, write_hosts_toml,
 };
 use serde_json::{Value, json};
 
@@ -181,6 +186,32 @@ async fn a_real_node_runs_pods_pulled_through_the_cache_and_the_cache_image_buil
             upstream.access_log()
         );
 
+        // In-cluster clients reach the API server on loopback: a static
+        // kubectl in a pod finds KUBERNETES_SERVICE_HOST/PORT, verifies the
+        // server with the projected kube-root-ca.crt and authenticates with
+        // the pod's ServiceAccount token.
+        let reg = node.image_registry();
+        BinaryImage::new(&["/kubectl"])
+            .binary(&tool("kubectl"), "/kubectl")?
+            .push(&reg.url(), "regmirror-e2e/kubectl", "test")
+            .await?;
+        cp.apply_ok(
+            &host_network_pod(
+                &node,
+                "whoami",
+                &format!("{}/regmirror-e2e/kubectl:test", reg.host()),
+                &["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"],
+            )
+            .to_string(),
+        )
+        .await?;
+        wait_phase(&cp, &node, "whoami", "Succeeded").await?;
+        let who = cp.kubectl_ok(&["logs", "whoami", "-n", "default"]).await?;
+        ensure!(
+            who.trim() == "system:serviceaccount:default:default",
+            "kubectl auth whoami in a pod: {who}"
+        );
+
         // The regmirror-cache binary of this build, in the Containerfile's
         // layout on an empty base, runs as a pod (as user 65532) with its
         // data dir on a local PersistentVolume (root's: writable through the
@@ -203,7 +234,6 @@ async fn a_real_node_runs_pods_pulled_through_the_cache_and_the_cache_image_buil
             .to_string(),
         )
         .await?;
-        let reg = node.image_registry();
         cache_image(&cache_binary())?
             .push(&reg.url(), "regmirror-e2e/regmirror-cache", "test")
             .await?;

@@ -50,6 +50,9 @@ pub const PAUSE_REPO: &str = "regmirror-e2e/pause";
 const PAUSE_TAG: &str = "1";
 const LOCK_TIMEOUT: Duration = Duration::from_secs(600);
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
+const POD_TIMEOUT: Duration = Duration::from_secs(90);
+/// Container waiting reasons that end [`RealNode::wait_pod_phase`] early.
+const POD_STUCK: [&str; 3] = ["ErrImagePull", "ImagePullBackOff", "CreateContainerError"];
 /// Debian's containernetworking-plugins (the `loopback` plugin).
 const CNI_BIN_DIR: &str = "/usr/lib/cni";
 /// Host paths the kubelet and containerd create regardless of their flags,
@@ -741,6 +744,75 @@ impl RealNode {
         });
         cp.apply_ok(&pv.to_string()).await?;
         Ok(dir)
+    }
+
+    /// A Pod manifest (JSON) for this node: `hostNetwork` (the only kind
+    /// that runs here), `restartPolicy: Never`, a 1 s grace period, and one
+    /// container `main` running `image` with `args` and
+    /// [`RealNode::api_server_env`] as its environment. Callers add what else
+    /// they need (volumes, securityContext) before applying it.
+    pub fn host_network_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        image: &str,
+        args: &[&str],
+    ) -> serde_json::Value {
+        let env: Vec<serde_json::Value> = self
+            .api_server_env()
+            .iter()
+            .map(|(k, v)| serde_json::json!({"name": k, "value": v}))
+            .collect();
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "hostNetwork": true,
+                "restartPolicy": "Never",
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "main", "image": image, "args": args, "env": env}],
+            }
+        })
+    }
+
+    /// Waits (at most 90 s) until pod `namespace/name` reaches `phase`
+    /// (`Running`, `Succeeded`, ...) and returns its `status`. Fails early
+    /// when it cannot get there (`Failed`, or a container waiting on
+    /// `ErrImagePull`, `ImagePullBackOff` or `CreateContainerError`), with
+    /// the pod's status and the kubelet's log tail.
+    pub async fn wait_pod_phase(
+        &self,
+        cp: &ControlPlane,
+        namespace: &str,
+        name: &str,
+        phase: &str,
+    ) -> Result<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + POD_TIMEOUT;
+        loop {
+            let pod = cp.get_json(&["pod", name, "-n", namespace]).await?;
+            let status = pod.map(|p| p["status"].clone()).unwrap_or_default();
+            let now = status["phase"].as_str().unwrap_or("");
+            if now == phase {
+                return Ok(status);
+            }
+            let waiting = status["containerStatuses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["state"]["waiting"]["reason"].as_str())
+                .find(|r| POD_STUCK.contains(r));
+            if (now == "Failed" && phase != "Failed")
+                || waiting.is_some()
+                || tokio::time::Instant::now() >= deadline
+            {
+                bail!(
+                    "pod {namespace}/{name} is {now:?}, not {phase}: {status:#}\nkubelet log tail:\n{}",
+                    tail_lines(&self.kubelet_log(), 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// The kubelet's log so far.

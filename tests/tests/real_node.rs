@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, ensure};
 use regmirror_e2e::images::{NONROOT, cache_image, shell_image};
 use regmirror_e2e::kubelet::NODE_NAME;
 use regmirror_e2e::tools::tool;
@@ -25,31 +25,14 @@ use serde_json::{Value, json};
 
 const POD_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// A hostNetwork pod on the real node running `image` with `args`, the
-/// loopback API server in its environment.
+/// [`RealNode::host_network_pod`] in `default`, with plain log text.
 fn host_network_pod(node: &RealNode, name: &str, image: &str, args: &[&str]) -> Value {
-    let env: Vec<Value> = node
-        .api_server_env()
-        .iter()
-        .map(|(k, v)| json!({"name": k, "value": v}))
-        .chain([json!({"name": "NO_COLOR", "value": "1"})])
-        .collect();
-    json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "hostNetwork": true,
-            "restartPolicy": "Never",
-            "terminationGracePeriodSeconds": 1,
-            "containers": [{
-                "name": "main",
-                "image": image,
-                "args": args,
-                "env": env,
-            }],
-        }
-    })
+    let mut pod = node.host_network_pod("default", name, image, args);
+    pod["spec"]["containers"][0]["env"]
+        .as_array_mut()
+        .expect("env")
+        .push(json!({"name": "NO_COLOR", "value": "1"}));
+    pod
 }
 
 /// The real uid of the process that has `arg` among its arguments.
@@ -69,35 +52,6 @@ fn uid_of_process_with_arg(arg: &str) -> Option<u32> {
             .parse()
             .ok()
     })
-}
-
-/// Waits until pod `name` reaches `phase`; fails early when it cannot
-/// (Failed, or an image pull error), with its status and the kubelet's log.
-async fn wait_phase(cp: &ControlPlane, node: &RealNode, name: &str, phase: &str) -> Result<Value> {
-    let deadline = tokio::time::Instant::now() + POD_TIMEOUT;
-    loop {
-        let pod = cp.get_json(&["pod", name, "-n", "default"]).await?;
-        let status = pod
-            .as_ref()
-            .map(|p| p["status"].clone())
-            .unwrap_or_default();
-        let now = status["phase"].as_str().unwrap_or("");
-        if now == phase {
-            return Ok(status);
-        }
-        let waiting = status["containerStatuses"][0]["state"]["waiting"]["reason"]
-            .as_str()
-            .unwrap_or("");
-        let stuck = (now == "Failed" && phase != "Failed")
-            || ["ErrImagePull", "ImagePullBackOff", "CreateContainerError"].contains(&waiting);
-        if stuck || tokio::time::Instant::now() >= deadline {
-            bail!(
-                "pod {name} is {now:?}, not {phase}: {status:#}\nkubelet log tail:\n{}",
-                tail_lines(&node.kubelet_log(), 30)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test]
@@ -147,7 +101,7 @@ async fn a_real_node_runs_pods_pulled_through_the_cache_and_the_cache_image_buil
         )
         .to_string())
         .await?;
-        wait_phase(&cp, &node, "hello", "Succeeded").await?;
+        node.wait_pod_phase(&cp, "default", "hello", "Succeeded").await?;
         let logs = cp.kubectl_ok(&["logs", "hello", "-n", "default"]).await?;
         let api = &node.api_server_env();
         ensure!(
@@ -205,7 +159,7 @@ async fn a_real_node_runs_pods_pulled_through_the_cache_and_the_cache_image_buil
             .to_string(),
         )
         .await?;
-        wait_phase(&cp, &node, "whoami", "Succeeded").await?;
+        node.wait_pod_phase(&cp, "default", "whoami", "Succeeded").await?;
         let who = cp.kubectl_ok(&["logs", "whoami", "-n", "default"]).await?;
         ensure!(
             who.trim() == "system:serviceaccount:default:default",
@@ -259,7 +213,7 @@ async fn a_real_node_runs_pods_pulled_through_the_cache_and_the_cache_image_buil
         pod["spec"]["containers"][0]["volumeMounts"] =
             json!([{"name": "data", "mountPath": "/var/lib/regmirror"}]);
         cp.apply_ok(&pod.to_string()).await?;
-        wait_phase(&cp, &node, "cache", "Running").await?;
+        node.wait_pod_phase(&cp, "default", "cache", "Running").await?;
         let client = http_client();
         let url = format!("http://{listen}/v2/");
         wait_until(POD_TIMEOUT, || async {

@@ -21,7 +21,7 @@
 set -euo pipefail
 
 # ---- pinned versions ---------------------------------------------------------
-K8S_VERSION=v1.35.4          # kube-apiserver, kube-controller-manager, kube-scheduler, kubectl
+K8S_VERSION=v1.35.4          # kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet
 K8S_STAGING_VERSION=v0.35.4  # the k8s.io/* staging modules matching K8S_VERSION
 ETCD_VERSION=v3.6.16
 HELM_VERSION=v3.22.0
@@ -39,7 +39,8 @@ OCI_CONFORMANCE_PATCHES=p1
 # Bump to force a rebuild of everything when the recipe itself changes.
 RECIPE=r2
 
-K8S_TOOLS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+# kubelet: the suite's one real node (tests/src/kubelet.rs), from the same wrapper module.
+K8S_TOOLS=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet)
 ALL_TOOLS=("${K8S_TOOLS[@]}" etcd helm crane crictl kubeconform kwok oci-conformance)
 
 # tool -> "module-path-of-main-package version" for plain go install
@@ -70,7 +71,7 @@ P="${GO_BUILD_P:-2}"
 
 version_of() {
   case "$1" in
-    kube-*|kubectl) echo "$K8S_VERSION" ;;
+    kube-*|kubectl|kubelet) echo "$K8S_VERSION" ;;
     etcd) echo "$ETCD_VERSION" ;;
     oci-conformance) echo "$OCI_CONFORMANCE_VERSION" ;;
     *) echo "${GO_INSTALL[$1]#* }" ;;
@@ -149,9 +150,28 @@ install_bin() { # install_bin TOOL BUILT_FILE STARTED_AT
 # k8s.io/kubernetes requires its staging modules at v0.0.0 with replaces to
 # ./staging/src/..., so `go install` refuses it. A wrapper module requires it
 # and replaces every staging module with its published v0.Y.Z release.
+k8s_tools_go() {
+  echo '//go:build tools'
+  echo
+  echo '// Package tools pins the k8s.io/kubernetes commands built from this module.'
+  echo 'package tools'
+  echo
+  echo 'import ('
+  for t in "${K8S_TOOLS[@]}"; do echo "	_ \"k8s.io/kubernetes/cmd/$t\""; done
+  echo ')'
+}
+
 k8s_wrapper() {
   local dir="$SRC/k8s-$K8S_VERSION" log="$LOGS/k8s-wrapper.log" gomod staging m
-  if [ -f "$dir/.ready" ]; then echo "$dir"; return; fi
+  if [ -f "$dir/.ready" ]; then
+    # A wrapper made before a tool joined K8S_TOOLS (kubelet did) gets the
+    # new tools.go and a tidy in place; the module downloads stay cached.
+    if ! k8s_tools_go | cmp -s - "$dir/tools.go"; then
+      k8s_tools_go >"$dir/tools.go"
+      ( cd "$dir" && GOFLAGS="$GOFLAGS -mod=mod" run "$log" "$GO" mod tidy ) || exit 1
+    fi
+    echo "$dir"; return
+  fi
   : >"$log"
   rm -rf "$dir"; mkdir -p "$dir"
   gomod=$(cd "$dir" && "$GO" mod download -json "k8s.io/kubernetes@$K8S_VERSION" 2>>"$log" |
@@ -165,16 +185,7 @@ k8s_wrapper() {
     args=(-require="k8s.io/kubernetes@$K8S_VERSION")
     for m in $staging; do args+=(-replace="$m=$m@$K8S_STAGING_VERSION"); done
     run "$log" "$GO" mod edit "${args[@]}"
-    {
-      echo '//go:build tools'
-      echo
-      echo '// Package tools pins the k8s.io/kubernetes commands built from this module.'
-      echo 'package tools'
-      echo
-      echo 'import ('
-      for t in "${K8S_TOOLS[@]}"; do echo "	_ \"k8s.io/kubernetes/cmd/$t\""; done
-      echo ')'
-    } >tools.go
+    k8s_tools_go >tools.go
     GOFLAGS="$GOFLAGS -mod=mod" run "$log" "$GO" mod tidy
   )
   touch "$dir/.ready"
@@ -283,7 +294,7 @@ kwok_stages() {
 for t in "${todo[@]}"; do
   if fresh "$t"; then echo "$t $(version_of "$t"): cached"; continue; fi  # built by a concurrent run
   case "$t" in
-    kube-*|kubectl) build_k8s "$t" ;;
+    kube-*|kubectl|kubelet) build_k8s "$t" ;;
     etcd) build_etcd ;;
     oci-conformance) build_oci_conformance ;;
     *) build_go_install "$t" ;;

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the real peers the test suite runs against, only when missing:
-# Debian's docker-registry (CNCF distribution), skopeo and containerd.
+# Debian's docker-registry (CNCF distribution), skopeo and containerd, and
+# the CNI plugins (only `loopback`: the real node's network, tests/src/kubelet.rs).
 set -euo pipefail
 
 missing=()
 command -v docker-registry >/dev/null || missing+=(docker-registry)
 command -v skopeo >/dev/null || missing+=(skopeo)
 command -v containerd >/dev/null && command -v ctr >/dev/null || missing+=(containerd)
+[ -x /usr/lib/cni/loopback ] || missing+=(containernetworking-plugins)
 
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

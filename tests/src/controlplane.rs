@@ -61,11 +61,17 @@ pub fn tools_bin_dir() -> Result<PathBuf> {
 }
 
 /// What [`ControlPlane::start_with`] starts beyond the defaults.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct StartOptions {
     /// Log every request to an audit log (policy [`crate::audit::POLICY`]),
     /// read with [`ControlPlane::audit_log`].
     pub audit: bool,
+    /// The name of a real kubelet's Node ([`crate::RealNode`]) to serve: the
+    /// API server then authorizes with `Node,RBAC`, admits with
+    /// `NodeRestriction`, reaches kubelets at their `InternalIP`, and accepts
+    /// a token for `system:node:NAME` in group `system:nodes` (the kubelet's
+    /// identity; see [`ControlPlane::node_kubeconfig`]). `None`: RBAC only.
+    pub kubelet_node: Option<String>,
 }
 
 /// A running control plane. Use [`ControlPlane::kubectl`] or the kubeconfig.
@@ -76,6 +82,8 @@ pub struct ControlPlane {
     pub kubeconfig: PathBuf,
     /// `https://127.0.0.1:PORT`.
     pub server: String,
+    /// (node name, token) when started for a real kubelet.
+    node_token: Option<(String, String)>,
     // Dropped (killed) in reverse order of start.
     kwok: Option<ChildGuard>,
     scheduler: Option<ChildGuard>,
@@ -157,6 +165,17 @@ impl ControlPlane {
         }
     }
 
+    /// A kubeconfig for the real kubelet's Node named in
+    /// [`StartOptions::kubelet_node`] (`system:node:NAME`), written as
+    /// `node.kubeconfig` in this control plane's directory. Errors when the
+    /// control plane was started without one.
+    pub fn node_kubeconfig(&self) -> Result<PathBuf> {
+        let Some((_, token)) = &self.node_token else {
+            bail!("control plane started without StartOptions::kubelet_node");
+        };
+        self.kubeconfig_with("node.kubeconfig", &self.server, token)
+    }
+
     /// Starts everything and waits until pods can be created (about 10 s).
     pub async fn start() -> Result<Self> {
         Self::start_with(StartOptions::default()).await
@@ -183,10 +202,17 @@ impl ControlPlane {
             sa_pub.to_str().unwrap(),
         ])?;
         let token = hex::encode(rand::random::<[u8; 16]>());
-        std::fs::write(
-            pki.join("tokens.csv"),
-            format!("{token},admin,admin,system:masters\n"),
-        )?;
+        let mut tokens = format!("{token},admin,admin,system:masters\n");
+        let node_token = options
+            .kubelet_node
+            .as_ref()
+            .map(|n| (n.clone(), hex::encode(rand::random::<[u8; 16]>())));
+        if let Some((node, t)) = &node_token {
+            tokens.push_str(&format!(
+                "{t},system:node:{node},system:node:{node},system:nodes\n"
+            ));
+        }
+        std::fs::write(pki.join("tokens.csv"), tokens)?;
         let (ec, ep, ap, kp, sp) = (
             free_port(),
             free_port(),
@@ -203,6 +229,7 @@ impl ControlPlane {
             audit_log: audit_log.clone(),
             kubeconfig: kubeconfig.clone(),
             server,
+            node_token,
             kwok: None,
             scheduler: None,
             kcm: None,
@@ -244,6 +271,15 @@ impl ControlPlane {
                 "--audit-log-maxsize=100000".into(),
             ];
         }
+        let authorization = if cp.node_token.is_some() {
+            vec![
+                "--authorization-mode=Node,RBAC".to_string(),
+                "--enable-admission-plugins=NodeRestriction".into(),
+                "--kubelet-preferred-address-types=InternalIP".into(),
+            ]
+        } else {
+            vec!["--authorization-mode=RBAC".to_string()]
+        };
         cp.apiserver = Some(ChildGuard::spawn(
             "kube-apiserver",
             &bin.join("kube-apiserver"),
@@ -255,7 +291,6 @@ impl ControlPlane {
                 format!("--etcd-servers=http://127.0.0.1:{ec}"),
                 "--service-cluster-ip-range=10.0.0.0/24".into(),
                 format!("--token-auth-file={}", s(&pki.join("tokens.csv"))),
-                "--authorization-mode=RBAC".into(),
                 "--endpoint-reconciler-type=none".into(),
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
                 format!("--service-account-key-file={}", s(&sa_pub)),
@@ -263,6 +298,7 @@ impl ControlPlane {
             ]
             .into_iter()
             .chain(audit_args)
+            .chain(authorization)
             .collect::<Vec<_>>(),
             &[],
             &[],

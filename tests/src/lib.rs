@@ -9,6 +9,10 @@
 //! - [`ControlPlane`]: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok.
 //! - [`audit`]: the API server's audit log: who sent which requests when.
 //! - [`AgentFleet`]: one node agent process per (kwok) node, for load measurements.
+//! - [`RealNode`]: one real kubelet on a private containerd, registered against a
+//!   [`ControlPlane`] (one per machine).
+//! - [`images`]: runnable images built from host binaries (the binaries under test,
+//!   a pause image, a shell) with exactly the libraries they link.
 //! - [`helm`]: the Helm chart, `helm`, and kubeconform with schemas from the API server.
 //! - [`OperatorProcess`]: the `regmirror-operator` binary under test.
 //! - [`FakeUpstream`]: programmable in-process registry for fault and auth tests.
@@ -35,6 +39,8 @@ pub mod fake;
 pub mod fleet;
 pub mod gate;
 pub mod helm;
+pub mod images;
+pub mod kubelet;
 pub mod operator;
 pub mod process;
 pub mod registry;
@@ -52,6 +58,8 @@ pub use controlplane::{ControlPlane, StartOptions, tools_bin_dir};
 pub use fake::{Auth, Behaviour, FakeUpstream, RecordedRequest, TokenFields};
 pub use fleet::{AgentFleet, FleetOptions, FleetUsage};
 pub use gate::{FaultGate, Outage};
+pub use images::BinaryImage;
+pub use kubelet::RealNode;
 pub use operator::{AgentOptions, AgentProcess, OperatorProcess, operator_binary};
 pub use process::ensure_success;
 pub use registry::{AccessEntry, Registry};

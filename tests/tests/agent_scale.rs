@@ -197,7 +197,11 @@ fn mirror_ready(m: &Value, nodes: usize) -> bool {
 /// operator's aggregation are start-up, not steady state), then counts the
 /// agents' and the operator's requests over `plan.rounds` heartbeat rounds.
 async fn measure(plan: &Plan) -> Result<Measurement> {
-    let cp = ControlPlane::start_with(StartOptions { audit: true }).await?;
+    let cp = ControlPlane::start_with(StartOptions {
+        audit: true,
+        ..Default::default()
+    })
+    .await?;
     let audit = cp.audit_log().context("audit log")?;
     apply_chart_identities(&cp, NS, &[]).await?;
     cp.install_crd().await?;

@@ -690,12 +690,24 @@ async fn report(
         }
         Outcome::Deleting(seen, waiting) => (seen.observed(), None, Some(waiting)),
     };
+    let nodes = ctx.nodes_summary(mirror);
+    let pending = nodes.as_ref().is_some_and(|s| {
+        s.nodes
+            .iter()
+            .any(|n| n.state == crate::crd::NodeState::Pending)
+    });
+    let agent_cause = if pending && cleanup.is_none() {
+        Box::pin(agent_cause(ctx)).await
+    } else {
+        None
+    };
     let observed = Observed {
         conflicts,
         problem,
         deleting: cleanup.is_some(),
         cleanup: cleanup.flatten(),
-        nodes: ctx.nodes_summary(mirror),
+        nodes,
+        agent_cause,
         node_refusal: node_status::refusal(
             mirror,
             &ctx.settings.agent_host_dirs,
@@ -705,6 +717,28 @@ async fn report(
         ..observed
     };
     update_status(mirror, ctx, &observed).await
+}
+
+/// Why nodes have not reported, from the installer's agent DaemonSet and
+/// its events ([`status::agent_cause`]); read only while some selected node
+/// has no report. `None` when they cannot be read.
+async fn agent_cause(ctx: &Context) -> Option<String> {
+    let name = &ctx.settings.agent_daemon_set;
+    let ds = match ctx.ns::<DaemonSet>().get_opt(name).await {
+        Ok(ds) => ds,
+        Err(e) => {
+            tracing::debug!(error = %api_error_text(&e), "cannot read the agent DaemonSet for the status");
+            return None;
+        }
+    };
+    let selector = format!("involvedObject.kind=DaemonSet,involvedObject.name={name}");
+    let events = ctx
+        .ns::<k8s_openapi::api::core::v1::Event>()
+        .list(&ListParams::default().fields(&selector))
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    status::agent_cause(ds.as_ref(), &events, &ctx.settings.namespace, name)
 }
 
 /// Why a cache member is not ready, from its pod ([`status::pod_cause`]):

@@ -100,6 +100,7 @@ pub fn settings() -> Settings {
         cache_image: "regmirror/cache:test".into(),
         agent_image: "regmirror/operator:test".into(),
         agent_host_dirs: vec!["/etc/containerd".into()],
+        agent_daemon_set: "regmirror-agent".into(),
     }
 }
 

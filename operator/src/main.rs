@@ -140,6 +140,13 @@ struct RunArgs {
         default_value = "/etc/containerd"
     )]
     agent_host_dirs: Vec<String>,
+    /// The node agent DaemonSet the installer runs in --namespace (the chart's <release>-agent), read to say why nodes have not reported.
+    #[arg(
+        long,
+        env = "REGMIRROR_AGENT_DAEMONSET",
+        default_value = "regmirror-agent"
+    )]
+    agent_daemonset: String,
 }
 
 #[tokio::main]
@@ -187,6 +194,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         cache_image: args.cache_image,
         agent_image: args.agent_image,
         agent_host_dirs: args.agent_host_dirs,
+        agent_daemon_set: args.agent_daemonset,
     };
     let reporter = Reporter {
         controller: "regmirror-operator".into(),

@@ -74,6 +74,9 @@ pub struct Settings {
     /// `agent.hostDirs`, which its agent DaemonSet mounts): a mirror's
     /// containerd paths must be inside them ([`crate::selection::within_allowed`]).
     pub agent_host_dirs: Vec<String>,
+    /// The installer's node agent DaemonSet in `namespace` (the chart's
+    /// `<release>-agent`): read to say why nodes have not reported.
+    pub agent_daemon_set: String,
 }
 
 /// Everything one mirror needs, ready to apply: one object per
@@ -605,6 +608,7 @@ mod tests {
             cache_image: "regmirror/cache:test".into(),
             agent_image: "regmirror/operator:test".into(),
             agent_host_dirs: vec!["/etc/containerd".into()],
+            agent_daemon_set: "regmirror-agent".into(),
         }
     }
 

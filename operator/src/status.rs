@@ -125,12 +125,70 @@ pub struct Observed {
     pub namespace: String,
     /// Why a cache member is not ready, when a pod says ([`pod_cause`]).
     pub cache_cause: Option<String>,
+    /// Why nodes have not reported, when the agent DaemonSet says
+    /// ([`agent_cause`]).
+    pub agent_cause: Option<String>,
     /// Reconciling stopped before every child of this generation was
     /// applied. The status then keeps what the nodes act on (`hosts`,
     /// `nodePort`) and `observedGeneration` from the last generation that
     /// was (issue 18: an edit that failed half-way still published its new
     /// hosts, so agents pointed nodes at a cache that did not serve them).
     pub not_applied: bool,
+}
+
+/// Why the installer's node agent DaemonSet `namespace`/`name` (`ds`, `None`
+/// when it does not exist) has not reported on every node, from its status
+/// and its `events` (core/v1, newest Warning first: the DaemonSet
+/// controller's `FailedCreate` says e.g. that a PodSecurity level forbids
+/// its hostPath volumes). `None` when every scheduled pod is ready: its
+/// nodes have just not reported yet. Pure; quotes at most [`MAX_CAUSE`]
+/// characters of an event.
+pub fn agent_cause(
+    ds: Option<&k8s_openapi::api::apps::v1::DaemonSet>,
+    events: &[k8s_openapi::api::core::v1::Event],
+    namespace: &str,
+    name: &str,
+) -> Option<String> {
+    let Some(ds) = ds else {
+        return Some(format!(
+            "the node agent DaemonSet {namespace}/{name} does not exist: the Helm chart installs it (or the operator's --agent-daemonset names another)"
+        ));
+    };
+    let st = ds.status.as_ref();
+    let desired = st.map_or(0, |s| s.desired_number_scheduled);
+    let ready = st.map_or(0, |s| s.number_ready);
+    if desired > 0 && ready >= desired {
+        return None;
+    }
+    let when = |e: &k8s_openapi::api::core::v1::Event| {
+        e.last_timestamp
+            .as_ref()
+            .map(|t| t.0)
+            .or(e.event_time.as_ref().map(|t| t.0))
+    };
+    let latest = events
+        .iter()
+        .filter(|e| e.type_.as_deref() == Some("Warning"))
+        .max_by_key(|e| when(e));
+    let head =
+        format!("the node agent DaemonSet {namespace}/{name} has {ready}/{desired} pods ready");
+    Some(match latest {
+        Some(e) => format!(
+            "{head}: {}: {}",
+            e.reason.as_deref().unwrap_or("Warning"),
+            clip(e.message.as_deref().unwrap_or(""))
+        ),
+        None => format!("{head}: kubectl -n {namespace} describe daemonset {name}"),
+    })
+}
+
+/// `s` trimmed, cut after [`MAX_CAUSE`] characters with `...`.
+fn clip(s: &str) -> String {
+    let s = s.trim();
+    match s.char_indices().nth(MAX_CAUSE) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_owned(),
+    }
 }
 
 /// Longest cause quoted from a pod (scheduler messages list every node).
@@ -151,13 +209,6 @@ pub fn pod_cause(pod: &k8s_openapi::api::core::v1::Pod) -> Option<String> {
     {
         return None;
     }
-    let clip = |s: &str| -> String {
-        let s = s.trim();
-        match s.char_indices().nth(MAX_CAUSE) {
-            Some((i, _)) => format!("{}...", &s[..i]),
-            None => s.to_owned(),
-        }
-    };
     if let Some(c) = conditions
         .iter()
         .find(|c| c.type_ == "PodScheduled" && c.status == "False")
@@ -354,6 +405,13 @@ pub fn compute(
             if let Some(legacy) = &observed.legacy_agents {
                 message = format!("{message}; {legacy}");
             }
+            if let Some(cause) = observed
+                .agent_cause
+                .as_ref()
+                .filter(|_| s.nodes.iter().any(|n| n.state == NodeState::Pending))
+            {
+                message = format!("{message}; {cause}");
+            }
             let only_pending = s
                 .nodes
                 .iter()
@@ -540,6 +598,61 @@ pub fn ready_event(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_agent_pod_is_explained_by_the_daemon_sets_newest_warning() {
+        use k8s_openapi::api::apps::v1::DaemonSet;
+        use k8s_openapi::api::core::v1::Event;
+        let ds = |desired: i32, ready: i32| -> DaemonSet {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "regmirror-agent"},
+                "status": {"desiredNumberScheduled": desired, "numberReady": ready,
+                           "currentNumberScheduled": desired, "numberMisscheduled": 0}
+            }))
+            .unwrap()
+        };
+        let event = |type_: &str, reason: &str, at: &str, message: &str| -> Event {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "e"}, "involvedObject": {},
+                "type": type_, "reason": reason, "lastTimestamp": at, "message": message
+            }))
+            .unwrap()
+        };
+        let events = [
+            event("Warning", "FailedCreate", "2026-01-01T00:00:01Z", "old"),
+            event(
+                "Warning",
+                "FailedCreate",
+                "2026-01-01T00:00:09Z",
+                "Error creating: pods \"regmirror-agent-x\" is forbidden: violates PodSecurity \"baseline:latest\": hostPath volumes",
+            ),
+            event(
+                "Normal",
+                "SuccessfulCreate",
+                "2026-01-01T00:00:10Z",
+                "created",
+            ),
+        ];
+        let cause = agent_cause(Some(&ds(3, 0)), &events, "ns", "regmirror-agent").unwrap();
+        assert_eq!(
+            cause,
+            "the node agent DaemonSet ns/regmirror-agent has 0/3 pods ready: FailedCreate: Error creating: pods \"regmirror-agent-x\" is forbidden: violates PodSecurity \"baseline:latest\": hostPath volumes"
+        );
+        assert_eq!(
+            agent_cause(Some(&ds(3, 3)), &events, "ns", "regmirror-agent"),
+            None
+        );
+        assert!(
+            agent_cause(None, &[], "ns", "regmirror-agent")
+                .unwrap()
+                .contains("does not exist")
+        );
+        assert!(
+            agent_cause(Some(&ds(0, 0)), &[], "ns", "regmirror-agent")
+                .unwrap()
+                .contains("0/0 pods ready: kubectl -n ns describe daemonset regmirror-agent")
+        );
+    }
     use crate::crd::NodeResult;
     use serde_json::json;
 

@@ -31,7 +31,8 @@ const IDENTITY: &str = "op-1";
 
 /// Every scenario of this file: the shared control plane is stopped when this
 /// many have had their [`turn`].
-const SCENARIOS: [&str; 16] = [
+const SCENARIOS: [&str; 17] = [
+    "a_node_the_agent_daemon_set_cannot_reach_says_why",
     "invalid_specs_are_rejected_with_the_schemas_messages",
     "conditions_events_and_logs_are_messages_a_user_can_act_on",
     "uninstall_removes_every_mirror_or_fails_naming_what_is_left",
@@ -587,6 +588,62 @@ async fn conditions_events_and_logs_are_messages_a_user_can_act_on() -> Result<(
         !op.log().contains('\u{1b}'),
         "colour codes in a log written to a file"
     );
+    Ok(())
+}
+
+/// Issue 18, item 8: a node without an agent pod says why, from the agent
+/// DaemonSet's own events. Before, a namespace whose PodSecurity level
+/// forbids the agent's hostPath volumes showed only "AgentsNotReady".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_the_agent_daemon_set_cannot_reach_says_why() -> Result<()> {
+    let mut turn = turn("a_node_the_agent_daemon_set_cannot_reach_says_why").await;
+    let (cp, op) = turn.cluster().await?;
+    let label = "pod-security.kubernetes.io/enforce";
+    cp.kubectl_ok(&[
+        "label",
+        "namespace",
+        NS,
+        &format!("{label}=baseline"),
+        "--overwrite",
+    ])
+    .await?;
+    // The chart's agent DaemonSet, as installed: its pods need hostPath.
+    let ds = regmirror_e2e::helm::Helm::new()?
+        .template(NS, &["--show-only", "templates/agent-daemonset.yaml"])
+        .await?;
+    cp.apply_ok(&ds).await?;
+    cp.apply_ok(&mirror_yaml(
+        "unreached",
+        "[{host: unreached.example}]",
+        "  storage: {size: 1Gi}\n",
+    ))
+    .await?;
+    let message = op
+        .wait_for(
+            cp,
+            "unreached: the agent DaemonSet's cause",
+            &["registrymirror", "unreached"],
+            |m| {
+                let c = condition(m?, "NodesConfigured")?;
+                let text = c["message"].as_str()?;
+                text.contains("FailedCreate").then(|| text.to_owned())
+            },
+        )
+        .await?;
+    for needle in [
+        "node-1: Pending",
+        &format!("the node agent DaemonSet {NS}/regmirror-agent has 0/1 pods ready"),
+        "violates PodSecurity",
+        "hostPath",
+    ] {
+        assert!(message.contains(needle), "{needle:?} not in: {message}");
+    }
+    cp.kubectl_ok(&["label", "namespace", NS, &format!("{label}-")])
+        .await?;
+    cp.kubectl_ok(&["delete", "daemonset", "regmirror-agent", "-n", NS])
+        .await?;
+    cp.kubectl_ok(&["delete", "registrymirror", "unreached", "--timeout=60s"])
+        .await?;
     Ok(())
 }
 

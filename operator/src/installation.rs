@@ -16,13 +16,12 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource};
 use serde_json::json;
 
-use crate::leader::{self, Decision};
 use crate::metrics::Metrics;
 
 /// The annotation on `registrymirrors.regmirror.dev` naming the claimant.
@@ -66,11 +65,22 @@ pub enum Verdict {
     Refuse { by: String },
 }
 
+/// How long another installation's leader Lease must have gone unrenewed
+/// before its claim is taken over: far longer than a rolling restart, an
+/// API server outage or a crash-looping operator's back-off, so a claimant
+/// that is only briefly down keeps its mirrors (a reviewer moved every
+/// mirror to a second installation by stopping the first for 10 s).
+pub const CLAIM_GRACE: Duration = Duration::from_secs(600);
+
 /// Decides from the claim's text (`None`: no claim) and, for another
 /// installation's claim, that installation's leader Lease as read (`None`:
-/// no such Lease). The Lease is judged as leader election judges it
-/// ([`leader::decide`]): held by someone and renewed within its duration
-/// means alive.
+/// no such Lease). Another installation's claim is taken only when its
+/// Lease has gone unrenewed for [`CLAIM_GRACE`] (a leftover of an
+/// installation removed without its uninstall hook). Without a Lease there
+/// is no telling whether the claimant is alive (it may run without leader
+/// election): the claim stays until released by its uninstall hook or by
+/// hand (`kubectl annotate crd registrymirrors.regmirror.dev
+/// regmirror.dev/installation-`).
 pub fn decide(
     claim: Option<&str>,
     me: &Installation,
@@ -83,11 +93,22 @@ pub fn decide(
     if &claimant == me {
         return Verdict::Ours;
     }
-    // No identity of ours can hold another installation's lease: any holder
-    // with a valid lease is "someone else".
-    match leader::decide(claimant_lease.and_then(|l| l.spec.as_ref()), "", now) {
-        Decision::Wait { .. } => Verdict::Refuse { by: claimant.id() },
-        Decision::Acquire { .. } | Decision::Renew => Verdict::Take,
+    let last_renewed = claimant_lease.and_then(|l| l.spec.as_ref()).and_then(|s| {
+        s.renew_time
+            .as_ref()
+            .map(|t| (t.0, s.lease_duration_seconds.unwrap_or(15)))
+    });
+    match last_renewed {
+        Some((renewed, duration)) => {
+            let stale_after = SignedDuration::from_secs(i64::from(duration))
+                + SignedDuration::from_secs(CLAIM_GRACE.as_secs() as i64);
+            if renewed + stale_after < now {
+                Verdict::Take
+            } else {
+                Verdict::Refuse { by: claimant.id() }
+            }
+        }
+        None => Verdict::Refuse { by: claimant.id() },
     }
 }
 
@@ -146,8 +167,9 @@ pub async fn claim(client: &Client, me: &Installation, metrics: &Metrics, record
                     tracing::error!(
                         installation = %me.id(),
                         other = %by,
-                        "another regmirror installation ({by}) manages the RegistryMirrors: this one does not reconcile them while it is alive; uninstall one of them (helm uninstall in namespace {})",
-                        me.namespace
+                        "another regmirror installation ({by}) manages the RegistryMirrors: this one does not reconcile them; uninstall one of them (helm uninstall in namespace {}). If {by} is gone without its uninstall hook, this one takes over {} after its leader Lease was last renewed, or at once after: kubectl annotate crd {CRD_NAME} {CLAIM}-",
+                        me.namespace,
+                        humantime::format_duration(CLAIM_GRACE)
                     );
                     last_log = Some(std::time::Instant::now());
                 }
@@ -235,25 +257,36 @@ mod tests {
     }
 
     #[test]
-    fn an_alive_other_installation_is_refused_a_dead_one_replaced() {
-        let now = Timestamp::from_second(1000).unwrap();
+    fn another_installations_claim_is_taken_only_long_after_its_lease_lapsed() {
+        let now = Timestamp::from_second(10_000).unwrap();
         let other = "regmirror-system/regmirror-operator";
+        let refused = Verdict::Refuse { by: other.into() };
         assert_eq!(decide(None, &me(), None, now), Verdict::Take);
         assert_eq!(decide(Some("junk"), &me(), None, now), Verdict::Take);
         assert_eq!(decide(Some(&me().id()), &me(), None, now), Verdict::Ours);
+        // Alive, briefly down (released, or expired within the grace), or
+        // without a Lease at all (leader election off): still theirs.
         assert_eq!(
-            decide(Some(other), &me(), Some(&lease("op-1", 990)), now),
-            Verdict::Refuse { by: other.into() }
+            decide(Some(other), &me(), Some(&lease("op-1", 9_990)), now),
+            refused
         );
-        // Expired, released (no holder), or gone: the claimant is dead.
         assert_eq!(
-            decide(Some(other), &me(), Some(&lease("op-1", 900)), now),
+            decide(Some(other), &me(), Some(&lease("", 9_900)), now),
+            refused
+        );
+        assert_eq!(
+            decide(Some(other), &me(), Some(&lease("op-1", 9_500)), now),
+            refused
+        );
+        assert_eq!(decide(Some(other), &me(), None, now), refused);
+        // Unrenewed for longer than the grace: a leftover.
+        assert_eq!(
+            decide(Some(other), &me(), Some(&lease("op-1", 9_000)), now),
             Verdict::Take
         );
         assert_eq!(
-            decide(Some(other), &me(), Some(&lease("", 999)), now),
+            decide(Some(other), &me(), Some(&lease("", 9_000)), now),
             Verdict::Take
         );
-        assert_eq!(decide(Some(other), &me(), None, now), Verdict::Take);
     }
 }

@@ -100,6 +100,11 @@ struct UninstallArgs {
         default_value = "regmirror-operator"
     )]
     lease_name: String,
+    /// Whether the installation's operator runs with leader election (the
+    /// operator's --leader-election): then nothing is deleted unless its
+    /// leader Lease is held (a running operator removes the node configuration).
+    #[arg(long, env = "REGMIRROR_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
     /// How long to wait for the mirrors to be removed (e.g. 4m).
     #[arg(long, default_value = "4m")]
     timeout: humantime::Duration,
@@ -298,7 +303,7 @@ async fn uninstall(args: UninstallArgs) -> anyhow::Result<()> {
         namespace: args.namespace,
         lease: args.lease_name,
     };
-    regmirror_operator::uninstall::run(&client, &me, args.timeout.into())
+    regmirror_operator::uninstall::run(&client, &me, args.leader_election, args.timeout.into())
         .await
         .map(drop)
 }

@@ -20,8 +20,11 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use crate::crd::RegistryMirror;
-use crate::installation::{self, CLAIM, CRD_NAME, Installation, Verdict};
+use crate::installation::{CLAIM, CRD_NAME, Installation};
+use crate::leader;
 use crate::status;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
 
 /// How often progress is printed while waiting.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
@@ -52,15 +55,24 @@ pub fn remaining(mirrors: &[RegistryMirror]) -> String {
 }
 
 /// Deletes this installation's mirrors and waits until they are gone, then
-/// releases the claim. `Err` (with [`remaining`]) after `timeout`, or on an
-/// API error.
-pub async fn run(client: &Client, me: &Installation, timeout: Duration) -> anyhow::Result<Outcome> {
+/// releases the claim. Deletes nothing when another installation holds the
+/// claim, or when this installation's operator is not running (its leader
+/// Lease not held; checked only with `leader_election`). `Err` (with
+/// [`remaining`]) after `timeout`, or on an API error.
+pub async fn run(
+    client: &Client,
+    me: &Installation,
+    leader_election: bool,
+    timeout: Duration,
+) -> anyhow::Result<Outcome> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     if crds.get_opt(CRD_NAME).await?.is_none() {
         println!("the RegistryMirror CRD is not installed: nothing to remove");
         return Ok(Outcome::Removed(0));
     }
-    // Read-only here: never claim on the way out.
+    // Read-only here: never claim on the way out. Only the installation the
+    // claim names deletes the mirrors (an unclaimed cluster: whoever runs an
+    // operator, which claims at start).
     let claim = crds
         .get(CRD_NAME)
         .await?
@@ -69,21 +81,34 @@ pub async fn run(client: &Client, me: &Installation, timeout: Duration) -> anyho
         .and_then(|a| a.get(CLAIM).cloned());
     let claimant = claim.as_deref().and_then(Installation::parse);
     if let Some(other) = claimant.as_ref().filter(|c| *c != me) {
-        let lease = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
-            client.clone(),
-            &other.namespace,
-        )
-        .get_opt(&other.lease)
-        .await?;
-        let verdict = installation::decide(
-            claim.as_deref(),
-            me,
-            lease.as_ref(),
-            k8s_openapi::jiff::Timestamp::now(),
+        println!(
+            "the RegistryMirrors are managed by the installation {}: none removed",
+            other.id()
         );
-        if let Verdict::Refuse { by } = verdict {
-            println!("the RegistryMirrors are managed by the installation {by}: none removed");
-            return Ok(Outcome::NotOurs { by });
+        return Ok(Outcome::NotOurs { by: other.id() });
+    }
+    // Deleting a mirror only marks it: this installation's operator removes
+    // the node configuration and lets it go. Without a running operator
+    // nothing would, so nothing is deleted.
+    if leader_election {
+        let lease = Api::<Lease>::namespaced(client.clone(), &me.namespace)
+            .get_opt(&me.lease)
+            .await?;
+        let running = matches!(
+            leader::decide(
+                lease.as_ref().and_then(|l| l.spec.as_ref()),
+                "",
+                Timestamp::now()
+            ),
+            leader::Decision::Wait { .. }
+        );
+        if !running {
+            anyhow::bail!(
+                "no operator of this installation is running (its leader Lease {}/{} is not held): it would remove the mirrors' node configuration, so nothing was deleted. Start the operator (kubectl -n {} get pods) and uninstall again, or delete the mirrors yourself and uninstall with uninstall.removeMirrors=false",
+                me.namespace,
+                me.lease,
+                me.namespace
+            );
         }
     }
     let mirrors: Api<RegistryMirror> = Api::all(client.clone());
@@ -111,7 +136,7 @@ pub async fn run(client: &Client, me: &Installation, timeout: Duration) -> anyho
         }
         if started.elapsed() >= timeout {
             anyhow::bail!(
-                "{} RegistryMirror(s) still present after {}: {}. The operator removes a mirror once its node agents removed their configuration; until then helm uninstall stops here and the installation keeps running. Fix the cause and uninstall again, or drop a mirror's finalizer (its nodes keep their hosts.toml): kubectl patch registrymirror NAME --type=json -p '[{{\"op\":\"remove\",\"path\":\"/metadata/finalizers\"}}]'",
+                "{} RegistryMirror(s) still present after {}: {}. They are being deleted: the operator lets each go once its node agents confirm that its configuration is removed (or after 10 minutes, leaving hosts.toml on nodes that did not confirm). helm uninstall stops here; the operator and the agents keep running and finish the deletion. Uninstall again once they are gone; to let a mirror go at once (its nodes keep their hosts.toml): kubectl patch registrymirror NAME --type=json -p '[{{\"op\":\"remove\",\"path\":\"/metadata/finalizers\"}}]'",
                 left.len(),
                 humantime::format_duration(timeout),
                 remaining(&left)

@@ -420,12 +420,16 @@ async fn invalid_specs_are_rejected_with_the_schemas_messages() -> Result<()> {
     Ok(())
 }
 
-/// `regmirror-operator uninstall` (the chart's pre-delete hook) as the
-/// hook's ServiceAccount with the chart's hook RBAC; its output and whether
-/// it succeeded.
-async fn run_uninstall(cp: &ControlPlane, timeout: &str) -> Result<(bool, String)> {
+/// `regmirror-operator uninstall --namespace namespace` (the chart's
+/// pre-delete hook) as the hook's ServiceAccount with the chart's hook RBAC;
+/// its output and whether it succeeded.
+async fn run_uninstall(
+    cp: &ControlPlane,
+    namespace: &str,
+    timeout: &str,
+) -> Result<(bool, String)> {
     let out = tokio::process::Command::new(regmirror_e2e::operator_binary())
-        .args(["uninstall", "--namespace", NS, "--timeout", timeout])
+        .args(["uninstall", "--namespace", namespace, "--timeout", timeout])
         .env(
             "KUBECONFIG",
             cp.token_kubeconfig(NS, "regmirror-uninstall", "uninstall.kubeconfig")
@@ -446,12 +450,22 @@ async fn run_uninstall(cp: &ControlPlane, timeout: &str) -> Result<(bool, String
     ))
 }
 
+/// Whether the mirror `name` exists and is not being deleted.
+async fn untouched(cp: &ControlPlane, name: &str) -> Result<bool> {
+    Ok(cp
+        .get_json(&["registrymirror", name])
+        .await?
+        .is_some_and(|m| m["metadata"]["deletionTimestamp"].is_null()))
+}
+
 /// Issue 18, item 4: before `helm uninstall` removes the operator, its
 /// pre-delete hook deletes every mirror and waits for their finalizers (the
-/// node configuration), then releases the installation claim; when that
-/// cannot finish in time it fails naming each mirror left and why, and
-/// leaves everything running. Before, uninstall left the mirrors, their
-/// workloads and every node's files, with finalizers nobody would release.
+/// node configuration), then releases the installation claim. It deletes
+/// nothing for an installation that does not manage the mirrors, nor while
+/// no operator of its own runs (nothing would process the deletion); when
+/// node agents do not confirm in time it fails, naming each mirror and why.
+/// Before, uninstall left the mirrors, their workloads and every node's
+/// files, with finalizers nobody would release.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uninstall_removes_every_mirror_or_fails_naming_what_is_left() -> Result<()> {
     let mut turn = turn("uninstall_removes_every_mirror_or_fails_naming_what_is_left").await;
@@ -466,35 +480,67 @@ async fn uninstall_removes_every_mirror_or_fails_naming_what_is_left() -> Result
             cp.apply_ok(doc).await?;
         }
     }
-    // The operator is stopped: the finalizers cannot be released in time,
-    // so the hook fails, naming the mirrors, and deletes nothing else.
     create_mirror(cp, op, "leaving-a", "[{host: leaving-a.example}]").await?;
     create_mirror(cp, op, "leaving-b", "[{host: leaving-b.example}]").await?;
+    wait_until(Duration::from_secs(30), || async {
+        installation_claim(cp).await.ok().flatten().as_deref()
+            == Some(&format!("{NS}/regmirror-operator"))
+    })
+    .await
+    .context("the operator never claimed the mirrors")?;
+
+    // Another installation's hook: not its mirrors, none removed.
+    let (ok, out) = run_uninstall(cp, "regmirror-unrelated", "3s").await?;
+    assert!(ok && out.contains("none removed"), "{out}");
+    assert!(
+        untouched(cp, "leaving-a").await?,
+        "an unrelated uninstall deleted a mirror"
+    );
+
+    // This installation's operator is down: nothing would remove the node
+    // configuration, so nothing is deleted.
     op.stop(Duration::from_secs(10)).await?;
-    let (ok, out) = run_uninstall(cp, "3s").await?;
-    assert!(!ok, "uninstall succeeded with the finalizers held: {out}");
-    // Every mirror goes (other scenarios' too, in this shared cluster).
+    let (ok, out) = run_uninstall(cp, NS, "3s").await?;
+    assert!(!ok, "uninstall succeeded with no operator running: {out}");
+    assert!(
+        out.contains("no operator of this installation is running"),
+        "{out}"
+    );
+    assert!(
+        untouched(cp, "leaving-a").await?,
+        "deleted with no operator to finish"
+    );
+
+    // Running, but a node's agent never confirms removal: the hook fails in
+    // time, naming the mirror and the node, and the deletion goes on.
+    let (cp, _op) = turn.cluster().await?;
+    report(cp, "node-1", &[("leaving-a", "Configured")]).await?;
+    let (ok, out) = run_uninstall(cp, NS, "5s").await?;
+    assert!(
+        !ok,
+        "uninstall succeeded with a node still configured: {out}"
+    );
     for needle in [
-        "RegistryMirror(s) still present after 3s",
-        "leaving-a: ",
-        "leaving-b: ",
+        "still present after 5s",
+        "leaving-a: Deleting",
+        "node-1",
+        "They are being deleted",
         "helm uninstall stops here",
     ] {
         assert!(out.contains(needle), "{needle:?} not in: {out}");
     }
-    let held = cp
-        .get_json(&["registrymirror", "leaving-a"])
-        .await?
-        .context("leaving-a is gone without its finalizer")?;
-    assert!(held["metadata"]["deletionTimestamp"].is_string());
+    assert!(
+        cp.get_json(&["registrymirror", "leaving-b"])
+            .await?
+            .is_none(),
+        "leaving-b not removed"
+    );
 
-    // With the operator running, the same hook removes them and the claim.
-    // No agent runs here: the reports other scenarios wrote for node-1 go,
-    // so no deletion waits for them (it would wait out the timeout).
-    let (cp, _op) = turn.cluster().await?;
+    // The agent confirms (no reports left: no agent runs here): the same hook
+    // removes the rest and releases the claim.
     cp.kubectl_ok(&["delete", "registrymirrornodes", "--all"])
         .await?;
-    let (ok, out) = run_uninstall(cp, "60s").await?;
+    let (ok, out) = run_uninstall(cp, NS, "60s").await?;
     assert!(ok, "uninstall failed: {out}");
     assert!(
         out.contains("RegistryMirror(s) and their node configuration"),
@@ -506,12 +552,6 @@ async fn uninstall_removes_every_mirror_or_fails_naming_what_is_left() -> Result
             .is_some_and(|l| l["items"].as_array().is_some_and(Vec::is_empty)),
         "mirrors left after a successful uninstall"
     );
-    for m in ["leaving-a", "leaving-b"] {
-        assert!(
-            cp.get_json(&["registrymirror", m]).await?.is_none(),
-            "{m} left"
-        );
-    }
     assert_eq!(installation_claim(cp).await?, None, "claim not released");
     assert!(
         cp.get_json(&["statefulset", "regmirror-leaving-a", "-n", NS])
@@ -727,8 +767,23 @@ async fn a_second_installation_waits_while_the_first_is_alive() -> Result<()> {
     cp.kubectl_ok(&["delete", "registrymirror", "twice", "--timeout=60s"])
         .await?;
 
-    // The first installation goes away (its lease released): the second takes over.
+    // The first installation's operator stops (a restart, an outage): its
+    // mirrors stay its own.
     op.stop(Duration::from_secs(10)).await?;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert_eq!(
+        installation_claim(cp).await?.as_deref(),
+        Some("regmirror-system/regmirror-operator"),
+        "the claim moved while the first installation was only stopped"
+    );
+    // Its uninstall hook releases the claim: the second takes over.
+    cp.kubectl_ok(&[
+        "annotate",
+        "crd",
+        "registrymirrors.regmirror.dev",
+        "regmirror.dev/installation-",
+    ])
+    .await?;
     wait_until(Duration::from_secs(30), || async {
         installation_claim(cp).await.ok().flatten().as_deref()
             == Some(&format!("{OTHER}/regmirror-operator"))
@@ -740,8 +795,16 @@ async fn a_second_installation_waits_while_the_first_is_alive() -> Result<()> {
             .log()
             .contains("this installation now manages the RegistryMirrors")
     );
-    // Back to one installation (the next turn restarts the first).
+    // Back to one installation: the second goes as its uninstall hook would
+    // leave it (claim released); the next turn restarts the first.
     second.stop(Duration::from_secs(10)).await?;
+    cp.kubectl_ok(&[
+        "annotate",
+        "crd",
+        "registrymirrors.regmirror.dev",
+        "regmirror.dev/installation-",
+    ])
+    .await?;
     Ok(())
 }
 

@@ -502,6 +502,12 @@ pub fn compute(
             p.node_port,
         ),
         None if observed.not_applied => (None, Some(summary), None, None),
+        // Nodes are configured for no host of a mirror refused the nodes
+        // (a foreign agent image, directories outside the installer's): the
+        // agents write nothing for it and remove what they wrote.
+        _ if observed.node_refusal.is_some() => {
+            (generation, Some(summary), Some(Vec::new()), observed.node_port)
+        }
         _ => (generation, Some(summary), Some(hosts), observed.node_port),
     };
     RegistryMirrorStatus {
@@ -1027,6 +1033,8 @@ mod tests {
         }
         assert_eq!(condition(Some(&s), CACHE_AVAILABLE).unwrap().status, "True");
         assert_eq!(ready_event(None, &s).unwrap().type_, EventType::Warning);
+        // No host is published for nodes: agents write nothing for it.
+        assert_eq!(s.hosts, Some(vec![]));
     }
 
     #[test]

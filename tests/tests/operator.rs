@@ -1982,6 +1982,8 @@ async fn a_mirror_asking_for_the_nodes_root_or_a_foreign_agent_image_is_refused(
                 },
             )
             .await?;
+        // No host published for the nodes: agents write nothing for it.
+        assert_eq!(m["status"]["hosts"], serde_json::json!([]), "{mirror}");
         for ty in ["Ready", "NodesConfigured"] {
             let c = condition(&m, ty).unwrap();
             assert_eq!(

@@ -505,9 +505,12 @@ pub fn compute(
         // Nodes are configured for no host of a mirror refused the nodes
         // (a foreign agent image, directories outside the installer's): the
         // agents write nothing for it and remove what they wrote.
-        _ if observed.node_refusal.is_some() => {
-            (generation, Some(summary), Some(Vec::new()), observed.node_port)
-        }
+        _ if observed.node_refusal.is_some() => (
+            generation,
+            Some(summary),
+            Some(Vec::new()),
+            observed.node_port,
+        ),
         _ => (generation, Some(summary), Some(hosts), observed.node_port),
     };
     RegistryMirrorStatus {

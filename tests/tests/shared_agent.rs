@@ -395,5 +395,27 @@ async fn one_agent_per_node_reconciles_every_mirror_and_leaves_nothing_behind() 
     })
     .await?;
     ensure!(std::fs::read_to_string(n1.certs().join("quay.io/hosts.toml"))? == USER_FILE);
+
+    // The Node is deleted and created again under its name (a new uid): the
+    // garbage collector takes the report with the old Node, and the agent
+    // makes it again, owned by the new one, at once (not at its next
+    // heartbeat, 5 minutes here).
+    let uid =
+        |node: Option<Value>| node.and_then(|n| n["metadata"]["uid"].as_str().map(str::to_owned));
+    let old_uid = uid(cp.get_json(&["node", n2.name]).await?).context("node-2's uid")?;
+    cp.kubectl_ok(&["delete", "node", n2.name]).await?;
+    cp.add_node(n2.name).await?;
+    let new_uid = uid(cp.get_json(&["node", n2.name]).await?).context("node-2's new uid")?;
+    ensure!(new_uid != old_uid);
+    wait_node(&cp, &n2, "report owned by the new Node", |r, _| {
+        r.is_some_and(|r| r["metadata"]["ownerReferences"][0]["uid"] == new_uid.as_str())
+    })
+    .await?;
+    // And it stays (the collector does not take it with the old Node).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    ensure!(
+        report(&cp, n2.name).await?.is_some(),
+        "the report went with the old Node"
+    );
     Ok(())
 }

@@ -76,8 +76,28 @@ struct Failures {
 /// Logs `error` from the source `log` unless it is a repeat within
 /// [`crate::quiet::LOG_EVERY`] (issue 17: an unreachable API server wrote
 /// 312,540 lines in 11 s).
-fn failed(log: &mut FailureLog, what: &str, error: &dyn std::fmt::Display) {
-    let text = error.to_string();
+fn failed(log: &mut FailureLog, what: &str, error: &kube::Error) {
+    failed_text(log, what, crate::controller::api_error_text(error));
+}
+
+/// A watch's failure as [`failed`] logs it; an expired resource version
+/// (410 Gone: the watch re-lists, as after every API server restart) is
+/// routine and logged at debug only.
+fn watch_failed(log: &mut FailureLog, what: &str, error: &watcher::Error) {
+    match error {
+        watcher::Error::WatchError(s) if s.code == 410 => {
+            tracing::debug!(error = %s.message, "{what}: re-listing");
+        }
+        watcher::Error::InitialListFailed(e)
+        | watcher::Error::WatchStartFailed(e)
+        | watcher::Error::WatchFailed(e) => failed(log, what, e),
+        other => failed_text(log, what, other.to_string()),
+    }
+}
+
+/// Logs `text` from the source `log` unless it is a repeat within
+/// [`crate::quiet::LOG_EVERY`].
+fn failed_text(log: &mut FailureLog, what: &str, text: String) {
     if let Some(Say::Failure { suppressed }) = log.failure(&text, Instant::now()) {
         if suppressed == 0 {
             tracing::warn!(error = %text, "{what}");
@@ -100,8 +120,9 @@ fn succeeded(log: &mut FailureLog, what: &str) {
 struct State {
     /// The report's entries before this process started; `None` until read.
     previous: Option<Vec<MirrorOnNode>>,
-    /// Whether the node's `RegistryMirrorNode` exists, as last known.
-    exists: bool,
+    /// The Node uid the node's `RegistryMirrorNode` was last made owned by
+    /// (`None`: not known to exist, or not yet adopted by this process).
+    owned_by: Option<String>,
     /// Every directory (node path) known so far: files of a mirror that
     /// moved or went are found there.
     dirs: BTreeSet<String>,
@@ -138,7 +159,6 @@ async fn pass(
         match report::read(&apis.reports, &cfg.node_name).await {
             Ok(p) => {
                 succeeded(&mut failures.read, "reading this node's report");
-                st.exists = p.is_some();
                 st.previous = Some(p.unwrap_or_default());
             }
             Err(e) => {
@@ -185,32 +205,45 @@ async fn pass(
     let done = Passed::Done {
         reconciled: outcome.reconciled(),
     };
+    let uid = node.meta().uid.clone().unwrap_or_default();
+    if st.owned_by.as_deref() != Some(uid.as_str()) {
+        // First report of this process, or the Node was created again:
+        // (re)create the object owned by this Node, and write at once.
+        st.last = None;
+    }
     if !report::due(st.last.as_ref(), &entries, Instant::now(), cfg.heartbeat) {
         return Ok(done);
     }
-    if !st.exists {
-        let uid = node.meta().uid.clone().unwrap_or_default();
-        if let Err(e) = report::create(&apis.reports, &cfg.node_name, &uid).await {
-            failed(&mut failures.report, "cannot create this node's report", &e);
-            return Ok(Passed::ApiFailed);
-        }
-        st.exists = true;
-    }
-    match report::write(&apis.reports, &cfg.node_name, &entries).await {
-        Ok(()) => {
-            succeeded(&mut failures.report, "reporting this node's result");
-            if st.last.as_ref().is_none_or(|(e, _)| *e != entries) {
-                log_entries(&entries);
+    // A 404 means the object went (deleted, or collected with an old Node):
+    // adopted again and written once more in the same pass.
+    for attempt in 0..2 {
+        if st.owned_by.as_deref() != Some(uid.as_str()) {
+            if let Err(e) = report::adopt(&apis.reports, &cfg.node_name, &uid).await {
+                failed(&mut failures.report, "cannot create this node's report", &e);
+                return Ok(Passed::ApiFailed);
             }
-            st.last = Some((entries, Instant::now()));
-            Ok(done)
+            st.owned_by = Some(uid.clone());
         }
-        Err(e) => {
-            st.exists = !report::not_found(&e);
-            failed(&mut failures.report, "cannot report this node's result", &e);
-            Ok(Passed::ApiFailed)
+        match report::write(&apis.reports, &cfg.node_name, &entries).await {
+            Ok(()) => {
+                succeeded(&mut failures.report, "reporting this node's result");
+                if st.last.as_ref().is_none_or(|(e, _)| *e != entries) {
+                    log_entries(&entries);
+                }
+                st.last = Some((entries, Instant::now()));
+                return Ok(done);
+            }
+            Err(e) if report::not_found(&e) && attempt == 0 => {
+                tracing::debug!("this node's report is gone: creating it again");
+                st.owned_by = None;
+            }
+            Err(e) => {
+                failed(&mut failures.report, "cannot report this node's result", &e);
+                return Ok(Passed::ApiFailed);
+            }
         }
     }
+    Ok(Passed::ApiFailed)
 }
 
 /// Logs a changed report: one line with the summary, one per problem.
@@ -282,7 +315,7 @@ fn watched<K>(
             }
         }
         // The stream itself waits out its backoff before the next try.
-        Some(Err(e)) => failed(log, &format!("cannot watch {what}"), &e),
+        Some(Err(e)) => watch_failed(log, &format!("cannot watch {what}"), &e),
         None => *open = false,
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource as _;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 use super::plan::summary;
@@ -63,14 +63,18 @@ pub async fn read(
         .map(|o| o.status.map(|s| s.mirrors).unwrap_or_default()))
 }
 
-/// Creates `node`'s object owned by the Node `uid`; one that exists already
-/// is fine.
-pub async fn create(api: &Api<RegistryMirrorNode>, node: &str, uid: &str) -> kube::Result<()> {
-    match api.create(&PostParams::default(), &object(node, uid)).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(e),
-    }
+/// Creates `node`'s object, or makes an existing one owned by the Node
+/// `uid` (server-side apply of its metadata and spec): a Node deleted and
+/// created again under the same name has a new uid, and an object still
+/// owned by the old one would be garbage-collected under the agent.
+pub async fn adopt(api: &Api<RegistryMirrorNode>, node: &str, uid: &str) -> kube::Result<()> {
+    api.patch(
+        node,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&object(node, uid)),
+    )
+    .await
+    .map(drop)
 }
 
 /// Server-side applies `entries` (with their summary and a `lastUpdate`

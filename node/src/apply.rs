@@ -137,18 +137,19 @@ fn apply_one(a: Apply<'_>, h: &HostsToml) -> io::Result<HostState> {
                 file.display()
             )));
         }
-        // Ours: keep merging from the user's backup, if any.
+        // Ours: keep merging from the user's backup, if any; with merging
+        // turned off since, the user's file comes back as it was (and is in
+        // the way, as it was before merging).
         Some(Some(_)) => match read_if_exists(&backup)? {
+            Some(_) if a.merge == MergeMode::Never => {
+                remove_one(&host_dir)?;
+                return Ok(not_ours(&file));
+            }
             Some(text) => user_hosts(&text, &backup)?,
             None => Vec::new(),
         },
         Some(None) => match a.merge {
-            MergeMode::Never => {
-                return Ok(HostState::Conflict(format!(
-                    "{} was not written by regmirror (set the mirror's spec.nodes.mergeExisting: true to keep its hosts behind the cache)",
-                    file.display()
-                )));
-            }
+            MergeMode::Never => return Ok(not_ours(&file)),
             MergeMode::KeepUserHosts => {
                 let text = current.clone().unwrap_or_default();
                 let hosts = user_hosts(&text, &file)?;
@@ -178,6 +179,14 @@ fn apply_one(a: Apply<'_>, h: &HostsToml) -> io::Result<HostState> {
     fs::create_dir_all(&host_dir)?;
     write_atomic(&host_dir, "hosts.toml", text.as_bytes())?;
     Ok(HostState::Configured)
+}
+
+/// A user's `file` in the way of a mirror that does not merge.
+fn not_ours(file: &Path) -> HostState {
+    HostState::Conflict(format!(
+        "{} was not written by regmirror (set the mirror's spec.nodes.mergeExisting: true to keep its hosts behind the cache)",
+        file.display()
+    ))
 }
 
 fn user_hosts(text: &str, from: &Path) -> io::Result<hosts_toml::HostTables> {
@@ -475,5 +484,34 @@ mod tests {
             user
         );
         assert!(!d.path().join("docker.io").join(BACKUP).exists());
+    }
+
+    #[test]
+    fn turning_merging_off_gives_the_user_their_file_back() {
+        let d = tempfile::tempdir().unwrap();
+        let user = "server = \"https://ghcr.io\"\n[host.\"https://corp-mirror\"]\n  capabilities = [\"pull\"]\n";
+        fs::create_dir_all(d.path().join("ghcr.io")).unwrap();
+        fs::write(d.path().join("ghcr.io/hosts.toml"), user).unwrap();
+        let want = [entry("ghcr.io", "hub")];
+        assert_eq!(
+            run(d.path(), "hub", &want, MergeMode::KeepUserHosts),
+            [HostState::Configured]
+        );
+        // mergeExisting back to false: the original returns, and is in the way.
+        let states = run(d.path(), "hub", &want, MergeMode::Never);
+        assert!(
+            matches!(&states[..], [HostState::Conflict(m)] if m.contains("mergeExisting: true")),
+            "{states:?}"
+        );
+        assert_eq!(
+            fs::read_to_string(d.path().join("ghcr.io/hosts.toml")).unwrap(),
+            user
+        );
+        assert!(!d.path().join("ghcr.io").join(BACKUP).exists());
+        // And stays so on the next pass.
+        assert!(matches!(
+            &run(d.path(), "hub", &want, MergeMode::Never)[..],
+            [HostState::Conflict(_)]
+        ));
     }
 }

@@ -242,7 +242,7 @@ fn judge(
                 (
                     false,
                     format!(
-                        "config_path is {p:?}, not {want:?}: set the mirror's containerd config directory to it"
+                        "config_path is {p:?}, not {want:?}: set the mirror's spec.nodes.containerdConfigDir to it"
                     ),
                 )
             } else if dirs.len() > 1 && !rules.whole_plugin_tables {

@@ -183,7 +183,7 @@ pub struct Storage {
         validation = Rule::new(r"self.matches('^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$')")
             .message("size must be a quantity such as 500Mi, 20Gi or 1Ti"),
         validation = positive_quantity_rule("size"),
-        validation = Rule::new("self == oldSelf")
+        validation = Rule::new("self == oldSelf || (isQuantity(self) && isQuantity(oldSelf) && quantity(self).compareTo(quantity(oldSelf)) == 0)")
             .message("size is fixed once the mirror exists: Kubernetes does not change a StatefulSet's claim templates (expand each member's claim with kubectl edit pvc, if its StorageClass allows, or create a new mirror)")
     )]
     #[serde(default = "default_storage_size")]

@@ -87,8 +87,58 @@ pub fn check(mirror: &RegistryMirror, children: &Children) -> Result<(), String>
     );
     regmirror_cache::Config::check_file(text, CONFIG_KEY, &member)
         .map(|_| ())
-        .map_err(|e| format!("the cache would refuse its configuration: {e}"))
+        .map_err(|e| {
+            let e = e.to_string();
+            let fields: Vec<&str> = RENDERED_FROM
+                .iter()
+                .filter(|(key, _)| names_key(&e, key) && sets(mirror, key))
+                .map(|(_, field)| *field)
+                .collect();
+            if fields.is_empty() {
+                format!("the cache would refuse its configuration: {e}")
+            } else {
+                format!(
+                    "{}: the cache would refuse its configuration: {e}",
+                    fields.join(", ")
+                )
+            }
+        })
 }
+
+/// Whether `mirror` sets what the configuration key `key` is rendered from
+/// (a default it did not write is not the user's to fix).
+fn sets(mirror: &RegistryMirror, key: &str) -> bool {
+    let spec = &mirror.spec;
+    match key {
+        "max_size" => spec.cache.max_size.is_some(),
+        "max_age" => spec.cache.max_age.is_some(),
+        "tag_ttl" => {
+            spec.cache.tag_ttl.is_some() || spec.upstreams.iter().any(|u| u.tag_ttl.is_some())
+        }
+        _ => true,
+    }
+}
+
+/// Whether `text` names the configuration key `key` as a whole word
+/// (`max_size` is not named by `member_max_size`).
+fn names_key(text: &str, key: &str) -> bool {
+    text.match_indices(key).any(|(i, _)| {
+        let before = text[..i].chars().next_back();
+        let after = text[i + key.len()..].chars().next();
+        let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+        !word(before) && !word(after)
+    })
+}
+
+/// The mirror fields each cache configuration key is rendered from, so a
+/// refusal names what the user wrote.
+const RENDERED_FROM: [(&str, &str); 5] = [
+    ("member_max_size", "spec.storage.size (90% of it)"),
+    ("max_size", "spec.cache.maxSize"),
+    ("max_age", "spec.cache.maxAge"),
+    ("tag_ttl", "tagTTL"),
+    ("upstream", "spec.upstreams"),
+];
 
 /// The mirror field a refusal of the child `kind` is about, from the field
 /// path the API server names in its message.
@@ -179,6 +229,14 @@ mod tests {
             (
                 serde_json::json!({"upstreams": [{"host": "docker.io"}], "cache": {"maxSize": "0"}}),
                 "max_size",
+            ),
+            (
+                serde_json::json!({"upstreams": [{"host": "docker.io"}], "cache": {"maxSize": "0.5"}}),
+                "spec.cache.maxSize: the cache would refuse",
+            ),
+            (
+                serde_json::json!({"upstreams": [{"host": "docker.io"}], "storage": {"size": "1"}}),
+                "spec.storage.size (90% of it): the cache would refuse",
             ),
             (
                 serde_json::json!({"upstreams": [{"host": "docker.io"}], "cache": {"maxAge": "0s"}}),

@@ -86,6 +86,11 @@ struct AgentArgs {
     /// reconciled and reported); none when unset.
     #[arg(long, env = "REGMIRROR_PROBE_ADDR")]
     probe_addr: Option<SocketAddr>,
+    /// This agent's installation, NAMESPACE/LEASE (the chart passes its
+    /// release namespace and leader Lease): while another installation
+    /// holds the claim on the RegistryMirrors, this agent touches nothing.
+    #[arg(long, env = "REGMIRROR_INSTALLATION")]
+    installation: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -337,6 +342,13 @@ async fn agent(args: AgentArgs) -> anyhow::Result<()> {
         allowed_dirs: args.allowed_dirs,
         resync: args.resync.into(),
         heartbeat: args.heartbeat.into(),
+        installation: match args.installation.as_deref() {
+            None => None,
+            Some(text) => Some(
+                Installation::parse(text)
+                    .with_context(|| format!("--installation {text:?} must be NAMESPACE/LEASE"))?,
+            ),
+        },
     };
     regmirror_operator::agent::run(client, cfg, &metrics.ready, shutdown).await
 }

@@ -396,6 +396,72 @@ async fn one_agent_per_node_reconciles_every_mirror_and_leaves_nothing_behind() 
     .await?;
     ensure!(std::fs::read_to_string(n1.certs().join("quay.io/hosts.toml"))? == USER_FILE);
 
+    // Another installation holds the claim on the mirrors: an agent of this
+    // one (issue 18: two installs) touches no file and writes no report,
+    // until the claim is its installation's.
+    let mut n3 = Node::new("node-3")?;
+    cp.add_node(n3.name).await?;
+    mirror(&cp, "third", "mcr.microsoft.com", 31003, "{}").await?;
+    let claim = |who: &str| format!("regmirror.dev/installation={who}");
+    cp.kubectl_ok(&[
+        "annotate",
+        "crd",
+        "registrymirrors.regmirror.dev",
+        &claim("first/regmirror-operator"),
+        "--overwrite",
+    ])
+    .await?;
+    n3.agent = Some(AgentProcess::start_with_env(
+        &AgentOptions {
+            kubeconfig: &cp.kubeconfig,
+            node_name: n3.name,
+            node_ip: "127.0.0.1",
+            host_root: n3.root.path(),
+            allowed_dirs: &["/etc/containerd"],
+        },
+        &[("REGMIRROR_INSTALLATION", "second/regmirror-operator")],
+    )?);
+    wait_until(WAIT, || async {
+        n3.log()
+            .contains("another regmirror installation (first/regmirror-operator) manages")
+    })
+    .await
+    .with_context(|| format!("node-3's agent did not defer:\n{}", n3.log()))?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    ensure!(
+        report(&cp, n3.name).await?.is_none(),
+        "a deferring agent wrote a report"
+    );
+    ensure!(
+        n3.owner("mcr.microsoft.com").is_none(),
+        "a deferring agent wrote a file"
+    );
+    cp.kubectl_ok(&[
+        "annotate",
+        "crd",
+        "registrymirrors.regmirror.dev",
+        &claim("second/regmirror-operator"),
+        "--overwrite",
+    ])
+    .await?;
+    wait_node(
+        &cp,
+        &n3,
+        "third Configured once the claim is its own",
+        |r, n| {
+            state_is(r, "third", "Configured")
+                && n.owner("mcr.microsoft.com").as_deref() == Some("third")
+        },
+    )
+    .await?;
+    cp.kubectl_ok(&[
+        "annotate",
+        "crd",
+        "registrymirrors.regmirror.dev",
+        "regmirror.dev/installation-",
+    ])
+    .await?;
+
     // The Node is deleted and created again under its name (a new uid): the
     // garbage collector takes the report with the old Node, and the agent
     // makes it again, owned by the new one, at once (not at its next

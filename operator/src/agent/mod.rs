@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::utils::Backoff as _;
@@ -36,6 +37,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::crd::{NodeState, RegistryMirror};
+use crate::installation::{self, Installation};
 use crate::node_report::{MirrorOnNode, RegistryMirrorNode};
 use crate::quiet::{FailureLog, Say};
 use plan::{MirrorPlan, known_dirs, mirror_key, node_key};
@@ -62,11 +64,17 @@ pub struct AgentConfig {
     pub resync: Duration,
     /// How often an unchanged report is rewritten.
     pub heartbeat: Duration,
+    /// This agent's installation: while the claim on the RegistryMirrors
+    /// ([`crate::installation`]) names another, the agent touches no file
+    /// and writes no report (two installations' agents would fight over
+    /// each node). `None`: no check.
+    pub installation: Option<Installation>,
 }
 
 /// The failure logs of the agent's sources of API errors.
 #[derive(Debug, Default)]
 struct Failures {
+    claim: FailureLog,
     mirrors: FailureLog,
     node: FailureLog,
     read: FailureLog,
@@ -260,6 +268,24 @@ fn log_entries(entries: &[MirrorOnNode]) {
     }
 }
 
+/// The installation other than `me` that the claim on the RegistryMirror
+/// CRD names, if any (an absent or malformed claim is nobody's: this
+/// installation's operator takes it).
+fn other_claimant(crds: &Store<CustomResourceDefinition>, me: &Installation) -> Option<String> {
+    crds.state()
+        .first()
+        .and_then(|crd| {
+            crd.metadata
+                .annotations
+                .as_ref()?
+                .get(installation::CLAIM)
+                .cloned()
+        })
+        .and_then(|text| Installation::parse(&text))
+        .filter(|c| c != me)
+        .map(|c| c.id())
+}
+
 /// What of the watched view the files depend on ([`plan::mirror_key`],
 /// [`plan::node_key`]): a pass runs when it changes.
 fn view(mirrors: &Store<RegistryMirror>, nodes: &Store<Node>) -> Value {
@@ -348,8 +374,21 @@ pub async fn run(
         watcher::Config::default().fields(&format!("metadata.name={}", cfg.node_name)),
         node_writer,
     );
+    // The installation claim lives on the RegistryMirror CRD: watched only
+    // when this agent knows its installation.
+    let (crds, crd_writer) = reflector::store::<CustomResourceDefinition>();
+    let crd_events = watch(
+        Api::<CustomResourceDefinition>::all(client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={}", installation::CRD_NAME)),
+        crd_writer,
+    );
     let mut mirror_events = std::pin::pin!(mirror_events);
     let mut node_events = std::pin::pin!(node_events);
+    let mut crd_events = std::pin::pin!(crd_events);
+    let checks_claim = cfg.installation.is_some();
+    let (mut crd_listed, mut crd_open) = (!checks_claim, checks_claim);
+    // The other installation this agent defers to, while it does.
+    let mut deferring: Option<String> = None;
     let apis = Apis {
         reports: Api::all(client),
     };
@@ -375,6 +414,7 @@ pub async fn run(
         tokio::select! {
             e = mirror_events.next(), if mirrors_open => watched(e, &mut failures.mirrors, "the mirrors", &mut mirrors_listed, &mut mirrors_open),
             e = node_events.next(), if node_open => watched(e, &mut failures.node, "this node", &mut node_listed, &mut node_open),
+            e = crd_events.next(), if crd_open => watched(e, &mut failures.claim, "the installation claim", &mut crd_listed, &mut crd_open),
             () = tokio::time::sleep_until(next) => {
                 due = true;
                 next = tokio::time::Instant::now() + cfg.resync;
@@ -382,8 +422,27 @@ pub async fn run(
             () = shutdown.cancelled() => break,
         }
         // Never before both lists: an empty view would remove everything.
-        if !(mirrors_listed && node_listed) {
+        if !(mirrors_listed && node_listed && crd_listed) {
             continue;
+        }
+        if let Some(me) = &cfg.installation {
+            match other_claimant(&crds, me) {
+                Some(other) => {
+                    if deferring.as_deref() != Some(other.as_str()) {
+                        tracing::warn!(installation = %me.id(), %other, "another regmirror installation ({other}) manages the RegistryMirrors: this agent touches no file and writes no report while it does");
+                    }
+                    deferring = Some(other);
+                    ready.store(false, Ordering::Relaxed);
+                    passed = None;
+                    continue;
+                }
+                None if deferring.take().is_some() => {
+                    tracing::info!(
+                        "this installation manages the RegistryMirrors again: reconciling"
+                    );
+                }
+                None => {}
+            }
         }
         let now_view = view(&mirrors, &nodes);
         let changed = passed.as_ref() != Some(&now_view);

@@ -9,16 +9,20 @@
 //! the next one arrives or the body ends. The fill (which writes every batch
 //! to its temp file through a [`Tee`]) and the uncached pass-through both
 //! read upstream bodies through [`verified`].
-
-use std::mem;
+//!
+//! The hash runs behind the body ([`HashBehind`]): an earlier batch goes out
+//! once it is teed, maybe before it is hashed, and the batch that ends the
+//! body waits for the hash of everything. So receiving, writing and hashing
+//! overlap, and a cold transfer takes about as long as the slowest of them
+//! rather than their sum.
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::{BoxStream, Fuse};
 use futures::{FutureExt, Stream, StreamExt};
 
 use crate::error::{Error, Result};
+use crate::hashing::HashBehind;
 use crate::oci::Digest;
-use crate::oci::digest::Hasher;
 use crate::upstream::UpstreamBody;
 
 /// Most bytes gathered from chunks that have already arrived into one batch
@@ -26,9 +30,10 @@ use crate::upstream::UpstreamBody;
 /// blocking pool each. A single larger chunk is one batch as it is.
 pub const BATCH: usize = 256 * 1024;
 
-/// Where every batch is copied before it is hashed, on the blocking pool:
-/// called with the batch's offset in the body (bytes) and its bytes, before
-/// the batch is released. An error ends the body with that error.
+/// Where every batch is copied, on the blocking pool: called with the
+/// batch's offset in the body (bytes) and its bytes, before the batch is
+/// released (and maybe before it is hashed). An error ends the body with
+/// that error.
 pub type Tee = Box<dyn FnMut(u64, &[u8]) -> Result<()> + Send>;
 
 /// `body`'s bytes, in batches released as the module docs say, checked
@@ -51,7 +56,7 @@ pub fn verified(
         chunks: body.chunks.fuse(),
         upstream: body.upstream,
         len: body.len,
-        hasher: digest.algorithm().hasher(),
+        hash: Some(HashBehind::new(digest.algorithm().hasher())),
         digest,
         tee,
         seen: 0,
@@ -72,10 +77,10 @@ struct Verifier {
     upstream: String,
     len: Option<u64>,
     digest: Digest,
-    /// Of `digest`'s algorithm.
-    hasher: Hasher,
+    /// Of `digest`'s algorithm; taken by [`Verifier::finish`].
+    hash: Option<HashBehind>,
     tee: Option<Tee>,
-    /// Bytes hashed (and teed) so far.
+    /// Bytes teed (and queued for the hash) so far.
     seen: u64,
     /// Without a known length: the newest batch, until the next arrives.
     held: Option<Bytes>,
@@ -88,7 +93,7 @@ impl Verifier {
     async fn next_release(&mut self) -> Result<Option<Bytes>> {
         loop {
             let Some(batch) = self.next_batch().await? else {
-                self.finish()?;
+                self.finish().await?;
                 return Ok(self.held.take());
             };
             if batch.is_empty() {
@@ -103,7 +108,7 @@ impl Verifier {
             self.absorb(&batch).await?;
             match self.len {
                 Some(len) if self.seen == len => {
-                    self.finish()?;
+                    self.finish().await?;
                     return Ok(Some(batch));
                 }
                 Some(_) => return Ok(Some(batch)),
@@ -135,25 +140,28 @@ impl Verifier {
         Ok(Some(gathered.map_or(first, BytesMut::freeze)))
     }
 
-    /// Tees and hashes `batch` on the blocking pool.
+    /// Tees `batch` on the blocking pool and queues it for the hash
+    /// meanwhile.
     async fn absorb(&mut self, batch: &Bytes) -> Result<()> {
-        let (mut hasher, mut tee) = (self.take_hasher(), self.tee.take());
-        let (offset, bytes) = (self.seen, batch.clone());
-        (self.hasher, self.tee) = tokio::task::spawn_blocking(move || -> Result<_> {
-            if let Some(tee) = tee.as_mut() {
+        let teeing = self.tee.take().map(|mut tee| {
+            let (offset, bytes) = (self.seen, batch.clone());
+            tokio::task::spawn_blocking(move || -> Result<_> {
                 tee(offset, &bytes)?;
-            }
-            hasher.update(&bytes);
-            Ok((hasher, tee))
-        })
-        .await
-        .map_err(Error::internal)??;
+                Ok(tee)
+            })
+        });
+        let hash = self.hash.as_mut().expect("hashed until the end");
+        hash.push(batch.clone()).await?;
+        if let Some(teeing) = teeing {
+            self.tee = Some(teeing.await.map_err(Error::internal)??);
+        }
         self.seen += batch.len() as u64;
         Ok(())
     }
 
-    /// Checks the whole body: its length, then its digest.
-    fn finish(&mut self) -> Result<()> {
+    /// Checks the whole body: its length, then its digest (once the hash
+    /// has caught up).
+    async fn finish(&mut self) -> Result<()> {
         self.ended = true;
         if let Some(len) = self.len.filter(|len| *len != self.seen) {
             return Err(Error::UpstreamUnavailable {
@@ -161,18 +169,14 @@ impl Verifier {
                 detail: format!("blob body ended after {} of {len} bytes", self.seen),
             });
         }
-        let actual = self.take_hasher().finish();
+        let hash = self.hash.take().expect("finished once");
+        let actual = hash.finish().await?.finish();
         if actual != self.digest {
             return Err(self.invalid(format!(
                 "blob content does not match its digest (got {actual})"
             )));
         }
         Ok(())
-    }
-
-    /// The hasher, leaving a fresh one of the same algorithm in its place.
-    fn take_hasher(&mut self) -> Hasher {
-        mem::replace(&mut self.hasher, self.digest.algorithm().hasher())
     }
 
     fn invalid(&self, detail: String) -> Error {

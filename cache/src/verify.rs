@@ -16,6 +16,8 @@
 //! overlap, and a cold transfer takes about as long as the slowest of them
 //! rather than their sum.
 
+use std::collections::VecDeque;
+
 use bytes::{Bytes, BytesMut};
 use futures::stream::{BoxStream, Fuse};
 use futures::{FutureExt, Stream, StreamExt};
@@ -29,6 +31,12 @@ use crate::upstream::UpstreamBody;
 /// (one hash and one write), so that small chunks do not cost a trip to the
 /// blocking pool each. A single larger chunk is one batch as it is.
 pub const BATCH: usize = 256 * 1024;
+
+/// Most bytes of batches that have already arrived teed in one trip to the
+/// blocking pool: every trip costs thread wake-ups, which at a few hundred
+/// KiB per batch cost more CPU than the copies of a cold transfer's slowest
+/// parts.
+const GROUP: usize = 4 * BATCH;
 
 /// Where every batch is copied, on the blocking pool: called with the
 /// batch's offset in the body (bytes) and its bytes, before the batch is
@@ -61,13 +69,12 @@ pub fn verified(
         tee,
         seen: 0,
         held: None,
+        ready: VecDeque::new(),
+        failed: None,
         ended: false,
     };
     // After an error the stream ends: `try_unfold` drops the state.
     futures::stream::try_unfold(verifier, |mut v| async move {
-        if v.ended {
-            return Ok(None);
-        }
         Ok(v.next_release().await?.map(|batch| (batch, v)))
     })
 }
@@ -84,7 +91,11 @@ struct Verifier {
     seen: u64,
     /// Without a known length: the newest batch, until the next arrives.
     held: Option<Bytes>,
-    /// The whole body has been checked: nothing follows.
+    /// Batches that may go out, in order.
+    ready: VecDeque<Bytes>,
+    /// The error that ends the body once `ready` has gone out.
+    failed: Option<Error>,
+    /// The whole body has been checked: nothing follows `ready`.
     ended: bool,
 }
 
@@ -92,33 +103,70 @@ impl Verifier {
     /// The next batch that may go out; `None` after the last.
     async fn next_release(&mut self) -> Result<Option<Bytes>> {
         loop {
-            let Some(batch) = self.next_batch().await? else {
+            if let Some(batch) = self.ready.pop_front() {
+                return Ok(Some(batch));
+            }
+            if let Some(e) = self.failed.take() {
+                self.ended = true;
+                return Err(e);
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            let Some(first) = self.next_batch().await? else {
                 self.finish().await?;
-                return Ok(self.held.take());
-            };
-            if batch.is_empty() {
+                self.ready.extend(self.held.take());
                 continue;
-            }
-            if self
-                .len
-                .is_some_and(|len| self.seen + batch.len() as u64 > len)
-            {
-                return Err(self.invalid("blob body longer than its Content-Length".into()));
-            }
-            self.absorb(&batch).await?;
-            match self.len {
-                Some(len) if self.seen == len => {
-                    self.finish().await?;
-                    return Ok(Some(batch));
-                }
-                Some(_) => return Ok(Some(batch)),
-                None => {
-                    if let Some(prev) = self.held.replace(batch) {
-                        return Ok(Some(prev));
+            };
+            let group = self.group(first);
+            let mut end = self.seen;
+            let teed = self.absorb(&group).await;
+            for batch in group.into_iter().take(teed) {
+                end += batch.len() as u64;
+                match self.len {
+                    Some(len) if end == len => {
+                        if let Err(e) = self.finish().await {
+                            self.failed = Some(e);
+                            break;
+                        }
+                        self.ready.push_back(batch);
                     }
+                    Some(_) => self.ready.push_back(batch),
+                    None => self.ready.extend(self.held.replace(batch)),
                 }
             }
         }
+    }
+
+    /// `first` and the batches that have already arrived after it (up to
+    /// [`GROUP`] bytes in all, not past the length), to be teed in one trip
+    /// to the blocking pool. Empty batches are left out; a batch that goes
+    /// past the length, or an error, ends the group and is kept in
+    /// `failed`, to end the body once the group has gone out.
+    fn group(&mut self, first: Bytes) -> Vec<Bytes> {
+        let mut group = Vec::new();
+        let mut next = Some(first);
+        let mut at = self.seen;
+        while let Some(batch) = next.take() {
+            if self.len.is_some_and(|len| at + batch.len() as u64 > len) {
+                self.failed = Some(self.invalid("blob body longer than its Content-Length".into()));
+                break;
+            }
+            at += batch.len() as u64;
+            if !batch.is_empty() {
+                group.push(batch);
+            }
+            if at - self.seen >= GROUP as u64 || self.len.is_some_and(|len| at >= len) {
+                break;
+            }
+            if let Some(Some(chunk)) = self.chunks.next().now_or_never() {
+                match chunk.and_then(|c| self.gather(c)) {
+                    Ok(batch) => next = Some(batch),
+                    Err(e) => self.failed = Some(e),
+                }
+            }
+        }
+        group
     }
 
     /// The next chunk together with whatever else has already arrived, up
@@ -127,6 +175,12 @@ impl Verifier {
         let Some(first) = self.chunks.next().await.transpose()? else {
             return Ok(None);
         };
+        self.gather(first).map(Some)
+    }
+
+    /// `first` together with the chunks that have already arrived after
+    /// it, up to [`BATCH`] bytes.
+    fn gather(&mut self, first: Bytes) -> Result<Bytes> {
         let mut gathered: Option<BytesMut> = None;
         while gathered.as_ref().map_or(first.len(), BytesMut::len) < BATCH {
             match self.chunks.next().now_or_never() {
@@ -137,26 +191,50 @@ impl Verifier {
                 Some(None) | None => break,
             }
         }
-        Ok(Some(gathered.map_or(first, BytesMut::freeze)))
+        Ok(gathered.map_or(first, BytesMut::freeze))
     }
 
-    /// Tees `batch` on the blocking pool and queues it for the hash
-    /// meanwhile.
-    async fn absorb(&mut self, batch: &Bytes) -> Result<()> {
+    /// Queues `group` for the hash and tees its batches in order, in one
+    /// trip to the blocking pool; how many were teed (all but after an
+    /// error, which is kept in `failed`).
+    async fn absorb(&mut self, group: &[Bytes]) -> usize {
         let teeing = self.tee.take().map(|mut tee| {
-            let (offset, bytes) = (self.seen, batch.clone());
-            tokio::task::spawn_blocking(move || -> Result<_> {
-                tee(offset, &bytes)?;
-                Ok(tee)
+            let (mut offset, batches) = (self.seen, group.to_vec());
+            tokio::task::spawn_blocking(move || {
+                for (i, batch) in batches.iter().enumerate() {
+                    if let Err(e) = tee(offset, batch) {
+                        return (tee, i, Some(e));
+                    }
+                    offset += batch.len() as u64;
+                }
+                (tee, batches.len(), None)
             })
         });
         let hash = self.hash.as_mut().expect("hashed until the end");
-        hash.push(batch.clone()).await?;
-        if let Some(teeing) = teeing {
-            self.tee = Some(teeing.await.map_err(Error::internal)??);
+        for batch in group {
+            if let Err(e) = hash.push(batch.clone()).await {
+                self.failed = Some(e);
+                return 0;
+            }
         }
-        self.seen += batch.len() as u64;
-        Ok(())
+        let teed = match teeing {
+            None => group.len(),
+            Some(teeing) => match teeing.await {
+                Ok((tee, teed, error)) => {
+                    self.tee = Some(tee);
+                    if let Some(e) = error {
+                        self.failed = Some(e);
+                    }
+                    teed
+                }
+                Err(e) => {
+                    self.failed = Some(Error::internal(e));
+                    0
+                }
+            },
+        };
+        self.seen += group[..teed].iter().map(|b| b.len() as u64).sum::<u64>();
+        teed
     }
 
     /// Checks the whole body: its length, then its digest (once the hash

@@ -19,6 +19,8 @@ pub enum Check {
     /// median(ours) <= x: for a ratio measured side by side in every run,
     /// where one run is a few dozen CPU ticks and noisy both ways
     OursMedianAtMost(f64),
+    /// median(ours) >= x: likewise, for a ratio that must stay high
+    OursMedianAtLeast(f64),
     /// every run of ours == x (within 1e-9)
     OursAlways(f64),
 }
@@ -57,6 +59,7 @@ impl Row {
             Check::Lower => !d.is_nan() && o < d,
             Check::OursMaxAtMost(x) => max(&self.ours) <= *x,
             Check::OursMedianAtMost(x) => o <= *x,
+            Check::OursMedianAtLeast(x) => o >= *x,
             Check::OursAlways(x) => self.ours.iter().all(|v| (v - x).abs() < 1e-9),
         })
     }

@@ -108,7 +108,13 @@ async fn warm_blobs(b: &Bench, systems: &[System]) -> Result<Section> {
         let gbps = format!("{label}: throughput GB/s");
         let ttfb = format!("{label}: TTFB ms");
         let cpu = format!("{label}: server CPU-s per GiB");
+        let (gbps_ref, cpu_ref) = (
+            format!("{label}: throughput / reference"),
+            format!("{label}: server CPU / reference"),
+        );
         for _ in 0..runs {
+            // This run's (throughput, CPU) of ours, to set against the reference's.
+            let mut ours = (f64::NAN, f64::NAN);
             for sys in systems {
                 let client = http::client(1, Duration::from_secs(600));
                 let url = blob_url(&sys.url(), &blob.repo, &blob.digest);
@@ -124,9 +130,13 @@ async fn warm_blobs(b: &Bench, systems: &[System]) -> Result<Section> {
                 let took = secs(t0.elapsed());
                 let cpu1 = procfs::cpu_seconds(pid)?;
                 let bytes = (blob.size * *reps as u64) as f64;
-                sec.add(&gbps, sys.kind, bytes / took / 1e9);
+                let figures = (bytes / took / 1e9, (cpu1 - cpu0) / (bytes / GIB as f64));
+                if sys.kind == Kind::Ours {
+                    ours = figures;
+                }
+                sec.add(&gbps, sys.kind, figures.0);
                 sec.add(&ttfb, sys.kind, median(&ttfbs));
-                sec.add(&cpu, sys.kind, (cpu1 - cpu0) / (bytes / GIB as f64));
+                sec.add(&cpu, sys.kind, figures.1);
             }
             let client = http::client(1, Duration::from_secs(600));
             http::get_ok(&client, &ceiling.url(), blob.size).await?;
@@ -139,12 +149,19 @@ async fn warm_blobs(b: &Bench, systems: &[System]) -> Result<Section> {
                     .ttfb));
             }
             let bytes = (blob.size * *reps as u64) as f64;
-            sec.add_reference(&gbps, bytes / secs(t0.elapsed()) / 1e9);
+            let reference = (
+                bytes / secs(t0.elapsed()) / 1e9,
+                (ceiling.cpu_seconds()? - cpu0) / (bytes / GIB as f64),
+            );
+            sec.add_reference(&gbps, reference.0);
             sec.add_reference(&ttfb, median(&ttfbs));
-            sec.add_reference(&cpu, (ceiling.cpu_seconds()? - cpu0) / (bytes / GIB as f64));
+            sec.add_reference(&cpu, reference.1);
+            sec.add(&gbps_ref, Kind::Ours, ours.0 / reference.0);
+            sec.add(&cpu_ref, Kind::Ours, ours.1 / reference.1);
         }
         sec.target(&gbps, ">= distribution", Check::RatioAtLeast(1.0));
         sec.target(&cpu, "<= 0.5x distribution", Check::RatioAtMost(0.5));
+        reference_targets(&mut sec, &gbps_ref, &cpu_ref);
         if Some(blob.size) == biggest {
             external_clients(b, systems, blob, &ceiling, &mut sec).await?;
         }
@@ -154,6 +171,13 @@ async fn warm_blobs(b: &Bench, systems: &[System]) -> Result<Section> {
         1000 / procfs::clk_tck()
     ));
     Ok(sec)
+}
+
+/// Targets against the bare `sendfile` reference of the same run (issue 20):
+/// throughput at least 0.95x its, server CPU per GiB at most 1.15x its.
+fn reference_targets(sec: &mut Section, gbps_ref: &str, cpu_ref: &str) {
+    sec.target(gbps_ref, ">= 0.95", Check::OursMedianAtLeast(0.95));
+    sec.target(cpu_ref, "<= 1.15", Check::OursMedianAtMost(1.15));
 }
 
 /// Scenario 1, the biggest blob again, one GET per client process: curl and crane
@@ -182,10 +206,18 @@ async fn external_clients(
             name("server CPU-s per GiB"),
             name("client CPU-s per GiB"),
         ];
+        let (gbps_ref, cpu_ref) = (
+            name("throughput / reference"),
+            name("server CPU / reference"),
+        );
         let runs = async {
             for _ in 0..b.cfg.big_runs {
+                let mut ours = [f64::NAN; 3];
                 for sys in systems {
                     let figures = measured_fetch(client, sys.host(), blob, sys.pid()?).await?;
+                    if sys.kind == Kind::Ours {
+                        ours = figures;
+                    }
                     for (metric, v) in metrics.iter().zip(figures) {
                         sec.add(metric, sys.kind, v);
                     }
@@ -194,6 +226,8 @@ async fn external_clients(
                 for (metric, v) in metrics.iter().zip(figures) {
                     sec.add_reference(metric, v);
                 }
+                sec.add(&gbps_ref, Kind::Ours, ours[0] / figures[0]);
+                sec.add(&cpu_ref, Kind::Ours, ours[1] / figures[1]);
             }
             anyhow::Ok(())
         };
@@ -203,6 +237,7 @@ async fn external_clients(
         }
         sec.target(&metrics[0], ">= distribution", Check::RatioAtLeast(1.0));
         sec.target(&metrics[1], "<= 0.5x distribution", Check::RatioAtMost(0.5));
+        reference_targets(sec, &gbps_ref, &cpu_ref);
     }
     sec.note(format!(
         "\"{label} via curl / crane\": one GET per run from a client process of its own \

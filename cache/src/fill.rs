@@ -3,7 +3,8 @@
 //! The first request for a cold blob starts a fill; the fill writes the body
 //! to a temp file as it arrives, and publishes how many bytes are readable.
 //! Every request for the same blob, any range, reads from that file as it
-//! grows. The body goes through [`verified`], so the final bytes are
+//! grows (on HTTP/1, sent from that file with `sendfile(2)`, see
+//! [`Fill::read_zero_copy`]). The body goes through [`verified`], so the final bytes are
 //! published only once the digest has been checked: a client can never
 //! receive a complete body that does not match its digest. The file is then
 //! renamed into the store. Should that rename fail, the verified bytes are
@@ -41,6 +42,7 @@ use crate::read::read_at;
 use crate::store::{Kind, Reservation, Store};
 use crate::upstream::UpstreamBody;
 use crate::verify::{Tee, verified};
+use crate::zerocopy::{self, SendQueue};
 
 /// How much a reader sends per chunk.
 const CHUNK: usize = 256 * 1024;
@@ -147,17 +149,46 @@ impl Fill {
         }
     }
 
-    /// Bytes `start..end` (to the end if `None`) as they become available.
+    /// Bytes `start..end` (to the end if `None`) as they become available,
+    /// read from the fill's file in chunks of up to 256 KiB.
     pub fn read(
         &self,
         start: u64,
         end: Option<u64>,
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        self.reader(start, end, None)
+    }
+
+    /// Bytes `start..end` (to the end if `None`) as they become available,
+    /// as placeholder chunks for a connection whose socket is a
+    /// [`zerocopy::ZeroCopyStream`] sharing `queue`: each stands for all the
+    /// bytes available when it is made (up to [`zerocopy::CHUNK`]), sent
+    /// from the fill's file with `sendfile(2)`, never copied in user space.
+    pub fn read_zero_copy(
+        &self,
+        queue: SendQueue,
+        start: u64,
+        end: Option<u64>,
+    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        // The fill's state (its file, and the reservation of a blob not
+        // stored) lives until the last queued byte is sent.
+        let hold: Arc<dyn Send + Sync> = Arc::new(self.rx.clone());
+        self.reader(start, end, Some((queue, hold)))
+    }
+
+    fn reader(
+        &self,
+        start: u64,
+        end: Option<u64>,
+        zero_copy: Option<(SendQueue, Arc<dyn Send + Sync>)>,
+    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
         let reader = Reader {
             rx: self.rx.clone(),
+            start,
             pos: start,
             end,
             finished: false,
+            zero_copy,
         };
         futures::stream::unfold(reader, |mut r| async move {
             if r.finished {
@@ -177,9 +208,13 @@ impl Fill {
 
 struct Reader {
     rx: watch::Receiver<FillState>,
+    start: u64,
     pos: u64,
     end: Option<u64>,
     finished: bool,
+    /// The connection's queue and what its ranges hold, to send placeholder
+    /// chunks instead of bytes read.
+    zero_copy: Option<(SendQueue, Arc<dyn Send + Sync>)>,
 }
 
 impl Reader {
@@ -195,9 +230,17 @@ impl Reader {
             };
             let target = self.end.map_or(limit, |e| e.min(limit));
             if let Some(file) = file.filter(|_| self.pos < target) {
-                let len = (target - self.pos).min(CHUNK as u64) as usize;
-                let pos = self.pos;
-                let chunk = read_at(file, pos, len).await?;
+                let (pos, first) = (self.pos, self.pos == self.start);
+                let chunk = match &self.zero_copy {
+                    Some((queue, hold)) => {
+                        let len = (target - pos).min(zerocopy::CHUNK as u64) as usize;
+                        zerocopy::file_chunk(queue, &file, pos, len, hold, first)?
+                    }
+                    None => {
+                        let len = (target - pos).min(CHUNK as u64) as usize;
+                        read_at(file, pos, len).await?
+                    }
+                };
                 self.pos += chunk.len() as u64;
                 return Ok(Some(chunk));
             }
@@ -830,6 +873,47 @@ mod tests {
         assert_eq!(h.store.usage().committed(), len);
         assert_eq!(h.temp_files(), 0);
         assert_eq!(h.store.metrics().unstored_blobs.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_zero_copy_reader_sends_each_range_from_the_file_as_it_is_written() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let h = Harness::new().await;
+        let content = pattern(5 * BATCH + 7);
+        let digest = Digest::of(&content);
+        let (fill, _, feed) = h.join(&digest, Some(content.len() as u64));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connect = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(connect, listener.accept());
+        let (mut client, (server, queue)) = (
+            client.unwrap(),
+            zerocopy::ZeroCopyStream::new(accepted.unwrap().0),
+        );
+        let mut server = Box::pin(server);
+        let mut reader = Box::pin(fill.read_zero_copy(queue, BATCH as u64 + 3, None));
+        let receiving = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        // Two batches now, the rest once those are on their way.
+        send(&feed, &content[..2 * BATCH], BATCH);
+        let mut chunks = 0;
+        let mut rest = Some(&content[2 * BATCH..]);
+        while let Some(chunk) = reader.next().await {
+            let chunk = chunk.unwrap();
+            assert!(chunk.iter().all(|&b| b == 0), "bytes, not placeholders");
+            server.write_all(&chunk).await.unwrap();
+            chunks += 1;
+            if let Some(rest) = rest.take() {
+                send(&feed, rest, BATCH);
+            }
+        }
+        server.shutdown().await.unwrap();
+        let got = receiving.await.unwrap();
+        assert!(got == content[BATCH + 3..], "other bytes were sent");
+        assert!(chunks >= 2, "sent before the fill ended: {chunks} chunk(s)");
     }
 
     #[tokio::test]

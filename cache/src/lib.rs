@@ -19,6 +19,7 @@ pub mod fill;
 pub mod flight;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod hashing;
 pub mod listen;
 pub mod metrics;
 pub mod mirror;

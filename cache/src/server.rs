@@ -415,7 +415,11 @@ async fn blob_response(
             Body::from_stream(counted(stream, metrics, "disk"))
         }
         Blob::Filling { fill, .. } => {
-            Body::from_stream(counted(fill.read(start, end), metrics, "fill"))
+            let stream = match zero_copy {
+                Some(queue) => fill.read_zero_copy(queue, start, end).left_stream(),
+                None => fill.read(start, end).right_stream(),
+            };
+            Body::from_stream(counted(stream, metrics, "fill"))
         }
     };
     let mut resp = Response::new(body);

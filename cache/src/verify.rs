@@ -9,16 +9,22 @@
 //! the next one arrives or the body ends. The fill (which writes every batch
 //! to its temp file through a [`Tee`]) and the uncached pass-through both
 //! read upstream bodies through [`verified`].
+//!
+//! The hash runs behind the body ([`HashBehind`]): an earlier batch goes out
+//! once it is teed, maybe before it is hashed, and the batch that ends the
+//! body waits for the hash of everything. So receiving, writing and hashing
+//! overlap, and a cold transfer takes about as long as the slowest of them
+//! rather than their sum.
 
-use std::mem;
+use std::collections::VecDeque;
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::{BoxStream, Fuse};
 use futures::{FutureExt, Stream, StreamExt};
 
 use crate::error::{Error, Result};
+use crate::hashing::HashBehind;
 use crate::oci::Digest;
-use crate::oci::digest::Hasher;
 use crate::upstream::UpstreamBody;
 
 /// Most bytes gathered from chunks that have already arrived into one batch
@@ -26,9 +32,16 @@ use crate::upstream::UpstreamBody;
 /// blocking pool each. A single larger chunk is one batch as it is.
 pub const BATCH: usize = 256 * 1024;
 
-/// Where every batch is copied before it is hashed, on the blocking pool:
-/// called with the batch's offset in the body (bytes) and its bytes, before
-/// the batch is released. An error ends the body with that error.
+/// Most bytes of batches that have already arrived teed in one trip to the
+/// blocking pool: every trip costs thread wake-ups, which at a few hundred
+/// KiB per batch cost more CPU than the copies of a cold transfer's slowest
+/// parts.
+const GROUP: usize = 4 * BATCH;
+
+/// Where every batch is copied, on the blocking pool: called with the
+/// batch's offset in the body (bytes) and its bytes, before the batch is
+/// released (and maybe before it is hashed). An error ends the body with
+/// that error.
 pub type Tee = Box<dyn FnMut(u64, &[u8]) -> Result<()> + Send>;
 
 /// `body`'s bytes, in batches released as the module docs say, checked
@@ -51,18 +64,17 @@ pub fn verified(
         chunks: body.chunks.fuse(),
         upstream: body.upstream,
         len: body.len,
-        hasher: digest.algorithm().hasher(),
+        hash: Some(HashBehind::new(digest.algorithm().hasher())),
         digest,
         tee,
         seen: 0,
         held: None,
+        ready: VecDeque::new(),
+        failed: None,
         ended: false,
     };
     // After an error the stream ends: `try_unfold` drops the state.
     futures::stream::try_unfold(verifier, |mut v| async move {
-        if v.ended {
-            return Ok(None);
-        }
         Ok(v.next_release().await?.map(|batch| (batch, v)))
     })
 }
@@ -72,14 +84,18 @@ struct Verifier {
     upstream: String,
     len: Option<u64>,
     digest: Digest,
-    /// Of `digest`'s algorithm.
-    hasher: Hasher,
+    /// Of `digest`'s algorithm; taken by [`Verifier::finish`].
+    hash: Option<HashBehind>,
     tee: Option<Tee>,
-    /// Bytes hashed (and teed) so far.
+    /// Bytes teed (and queued for the hash) so far.
     seen: u64,
     /// Without a known length: the newest batch, until the next arrives.
     held: Option<Bytes>,
-    /// The whole body has been checked: nothing follows.
+    /// Batches that may go out, in order.
+    ready: VecDeque<Bytes>,
+    /// The error that ends the body once `ready` has gone out.
+    failed: Option<Error>,
+    /// The whole body has been checked: nothing follows `ready`.
     ended: bool,
 }
 
@@ -87,33 +103,70 @@ impl Verifier {
     /// The next batch that may go out; `None` after the last.
     async fn next_release(&mut self) -> Result<Option<Bytes>> {
         loop {
-            let Some(batch) = self.next_batch().await? else {
-                self.finish()?;
-                return Ok(self.held.take());
-            };
-            if batch.is_empty() {
+            if let Some(batch) = self.ready.pop_front() {
+                return Ok(Some(batch));
+            }
+            if let Some(e) = self.failed.take() {
+                self.ended = true;
+                return Err(e);
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            let Some(first) = self.next_batch().await? else {
+                self.finish().await?;
+                self.ready.extend(self.held.take());
                 continue;
-            }
-            if self
-                .len
-                .is_some_and(|len| self.seen + batch.len() as u64 > len)
-            {
-                return Err(self.invalid("blob body longer than its Content-Length".into()));
-            }
-            self.absorb(&batch).await?;
-            match self.len {
-                Some(len) if self.seen == len => {
-                    self.finish()?;
-                    return Ok(Some(batch));
-                }
-                Some(_) => return Ok(Some(batch)),
-                None => {
-                    if let Some(prev) = self.held.replace(batch) {
-                        return Ok(Some(prev));
+            };
+            let group = self.group(first);
+            let mut end = self.seen;
+            let teed = self.absorb(&group).await;
+            for batch in group.into_iter().take(teed) {
+                end += batch.len() as u64;
+                match self.len {
+                    Some(len) if end == len => {
+                        if let Err(e) = self.finish().await {
+                            self.failed = Some(e);
+                            break;
+                        }
+                        self.ready.push_back(batch);
                     }
+                    Some(_) => self.ready.push_back(batch),
+                    None => self.ready.extend(self.held.replace(batch)),
                 }
             }
         }
+    }
+
+    /// `first` and the batches that have already arrived after it (up to
+    /// [`GROUP`] bytes in all, not past the length), to be teed in one trip
+    /// to the blocking pool. Empty batches are left out; a batch that goes
+    /// past the length, or an error, ends the group and is kept in
+    /// `failed`, to end the body once the group has gone out.
+    fn group(&mut self, first: Bytes) -> Vec<Bytes> {
+        let mut group = Vec::new();
+        let mut next = Some(first);
+        let mut at = self.seen;
+        while let Some(batch) = next.take() {
+            if self.len.is_some_and(|len| at + batch.len() as u64 > len) {
+                self.failed = Some(self.invalid("blob body longer than its Content-Length".into()));
+                break;
+            }
+            at += batch.len() as u64;
+            if !batch.is_empty() {
+                group.push(batch);
+            }
+            if at - self.seen >= GROUP as u64 || self.len.is_some_and(|len| at >= len) {
+                break;
+            }
+            if let Some(Some(chunk)) = self.chunks.next().now_or_never() {
+                match chunk.and_then(|c| self.gather(c)) {
+                    Ok(batch) => next = Some(batch),
+                    Err(e) => self.failed = Some(e),
+                }
+            }
+        }
+        group
     }
 
     /// The next chunk together with whatever else has already arrived, up
@@ -122,6 +175,12 @@ impl Verifier {
         let Some(first) = self.chunks.next().await.transpose()? else {
             return Ok(None);
         };
+        self.gather(first).map(Some)
+    }
+
+    /// `first` together with the chunks that have already arrived after
+    /// it, up to [`BATCH`] bytes.
+    fn gather(&mut self, first: Bytes) -> Result<Bytes> {
         let mut gathered: Option<BytesMut> = None;
         while gathered.as_ref().map_or(first.len(), BytesMut::len) < BATCH {
             match self.chunks.next().now_or_never() {
@@ -132,28 +191,55 @@ impl Verifier {
                 Some(None) | None => break,
             }
         }
-        Ok(Some(gathered.map_or(first, BytesMut::freeze)))
+        Ok(gathered.map_or(first, BytesMut::freeze))
     }
 
-    /// Tees and hashes `batch` on the blocking pool.
-    async fn absorb(&mut self, batch: &Bytes) -> Result<()> {
-        let (mut hasher, mut tee) = (self.take_hasher(), self.tee.take());
-        let (offset, bytes) = (self.seen, batch.clone());
-        (self.hasher, self.tee) = tokio::task::spawn_blocking(move || -> Result<_> {
-            if let Some(tee) = tee.as_mut() {
-                tee(offset, &bytes)?;
+    /// Queues `group` for the hash and tees its batches in order, in one
+    /// trip to the blocking pool; how many were teed (all but after an
+    /// error, which is kept in `failed`).
+    async fn absorb(&mut self, group: &[Bytes]) -> usize {
+        let teeing = self.tee.take().map(|mut tee| {
+            let (mut offset, batches) = (self.seen, group.to_vec());
+            tokio::task::spawn_blocking(move || {
+                for (i, batch) in batches.iter().enumerate() {
+                    if let Err(e) = tee(offset, batch) {
+                        return (tee, i, Some(e));
+                    }
+                    offset += batch.len() as u64;
+                }
+                (tee, batches.len(), None)
+            })
+        });
+        let hash = self.hash.as_mut().expect("hashed until the end");
+        for batch in group {
+            if let Err(e) = hash.push(batch.clone()).await {
+                self.failed = Some(e);
+                return 0;
             }
-            hasher.update(&bytes);
-            Ok((hasher, tee))
-        })
-        .await
-        .map_err(Error::internal)??;
-        self.seen += batch.len() as u64;
-        Ok(())
+        }
+        let teed = match teeing {
+            None => group.len(),
+            Some(teeing) => match teeing.await {
+                Ok((tee, teed, error)) => {
+                    self.tee = Some(tee);
+                    if let Some(e) = error {
+                        self.failed = Some(e);
+                    }
+                    teed
+                }
+                Err(e) => {
+                    self.failed = Some(Error::internal(e));
+                    0
+                }
+            },
+        };
+        self.seen += group[..teed].iter().map(|b| b.len() as u64).sum::<u64>();
+        teed
     }
 
-    /// Checks the whole body: its length, then its digest.
-    fn finish(&mut self) -> Result<()> {
+    /// Checks the whole body: its length, then its digest (once the hash
+    /// has caught up).
+    async fn finish(&mut self) -> Result<()> {
         self.ended = true;
         if let Some(len) = self.len.filter(|len| *len != self.seen) {
             return Err(Error::UpstreamUnavailable {
@@ -161,18 +247,14 @@ impl Verifier {
                 detail: format!("blob body ended after {} of {len} bytes", self.seen),
             });
         }
-        let actual = self.take_hasher().finish();
+        let hash = self.hash.take().expect("finished once");
+        let actual = hash.finish().await?.finish();
         if actual != self.digest {
             return Err(self.invalid(format!(
                 "blob content does not match its digest (got {actual})"
             )));
         }
         Ok(())
-    }
-
-    /// The hasher, leaving a fresh one of the same algorithm in its place.
-    fn take_hasher(&mut self) -> Hasher {
-        mem::replace(&mut self.hasher, self.digest.algorithm().hasher())
     }
 
     fn invalid(&self, detail: String) -> Error {

@@ -1,4 +1,5 @@
-//! Zero-copy bodies for stored blobs on HTTP/1 connections.
+//! Zero-copy bodies for stored blobs (and blobs being filled) on HTTP/1
+//! connections.
 //!
 //! hyper owns the connection and writes every body byte itself, from buffers
 //! the body hands it, so a stored blob would cross user space twice (file to
@@ -293,34 +294,47 @@ pub fn file_body(
     let file = Arc::new(file);
     let hold: Arc<dyn Send + Sync> = Arc::new(hold);
     futures::stream::unfold(start, move |pos| {
-        let ready = if pos >= end {
-            None
-        } else {
-            let mut pending = queue.lock();
-            // hyper flushes a response before polling the next body, so a
-            // range left over means placeholders and ranges went out of step.
-            if pos == start && !pending.is_empty() {
-                Some((
-                    Err(io::Error::other("zero-copy queue not empty at a new body")),
-                    end,
-                ))
-            } else {
-                let len = (end - pos).min(CHUNK as u64);
-                pending.push_back(Pending {
-                    left: len,
-                    source: Source::File(FileRange {
-                        file: Arc::clone(&file),
-                        pos,
-                        ready_to: pos,
-                        _hold: Arc::clone(&hold),
-                    }),
-                });
-                let chunk = Bytes::from_static(&PLACEHOLDER[..len as usize]);
-                Some((Ok(chunk), pos + len))
+        let ready = (pos < end).then(|| {
+            let len = (end - pos).min(CHUNK as u64) as usize;
+            match file_chunk(&queue, &file, pos, len, &hold, pos == start) {
+                Ok(chunk) => (Ok(chunk), pos + len as u64),
+                Err(e) => (Err(e), end),
             }
-        };
+        });
         std::future::ready(ready)
     })
+}
+
+/// Queues bytes `pos..pos + len` of `file` (`len` at most [`CHUNK`]) on
+/// `queue` and returns the placeholder chunk that stands for them, for a
+/// connection whose socket is a [`ZeroCopyStream`] sharing `queue`: a body
+/// that learns its ranges as it goes (a fill's growing temp file) sends
+/// them one by one. The bytes must be in the file by then; `hold` lives
+/// until they are sent. `first` marks a body's first chunk, which must
+/// find the queue empty (hyper flushes a response before it polls the next
+/// body; a range left over means placeholders and ranges went out of step).
+pub fn file_chunk(
+    queue: &SendQueue,
+    file: &Arc<File>,
+    pos: u64,
+    len: usize,
+    hold: &Arc<dyn Send + Sync>,
+    first: bool,
+) -> io::Result<Bytes> {
+    let mut pending = queue.lock();
+    if first && !pending.is_empty() {
+        return Err(io::Error::other("zero-copy queue not empty at a new body"));
+    }
+    pending.push_back(Pending {
+        left: len as u64,
+        source: Source::File(FileRange {
+            file: Arc::clone(file),
+            pos,
+            ready_to: pos,
+            _hold: Arc::clone(hold),
+        }),
+    });
+    Ok(Bytes::from_static(&PLACEHOLDER[..len]))
 }
 
 /// The next `len` bytes read from `source`'s socket (the rest of a response

@@ -25,6 +25,18 @@ pub enum Check {
     OursAlways(f64),
 }
 
+impl Check {
+    /// Whether the check compares ours with distribution (so the row needs
+    /// samples of both); the others judge ours alone (ratios measured
+    /// within ours' own runs, absolute bounds).
+    pub fn needs_distribution(&self) -> bool {
+        matches!(
+            self,
+            Self::RatioAtLeast(_) | Self::RatioAtMost(_) | Self::Lower
+        )
+    }
+}
+
 /// One metric: samples per run for each system, an optional reference, a target.
 #[derive(Debug, Clone)]
 pub struct Row {

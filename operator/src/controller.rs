@@ -761,16 +761,24 @@ async fn cache_cause(mirror: &RegistryMirror, ctx: &Context) -> Option<String> {
 
 /// Server-side applies `object`, a child of `kind`, as [`MANAGER`].
 async fn ssa(ctx: &Context, kind: ChildKind, object: &Value) -> Result<DynamicObject, Error> {
+    apply_as_manager(ctx, kind, object, false).await
+}
+
+/// [`ssa`], or only its server-side dry run when `dry_run`.
+async fn apply_as_manager(
+    ctx: &Context,
+    kind: ChildKind,
+    object: &Value,
+    dry_run: bool,
+) -> Result<DynamicObject, Error> {
     let name = object["metadata"]["name"]
         .as_str()
         .unwrap_or_default()
         .to_owned();
+    let mut params = PatchParams::apply(MANAGER).force();
+    params.dry_run = dry_run;
     ctx.children(kind)
-        .patch(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(object),
-        )
+        .patch(&name, &params, &Patch::Apply(object))
         .await
         .map_err(|source| Error::Apply {
             kind: kind.as_str(),
@@ -810,35 +818,23 @@ async fn dry_run_children(c: &Children, ctx: &Context) -> Result<Option<String>,
         let Some(object) = c.object(kind) else {
             continue;
         };
-        let name = object["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        let mut params = PatchParams::apply(MANAGER).force();
-        params.dry_run = dry_run;
-        match ctx
-            .children(kind)
-            .patch(&name, &params, &Patch::Apply(&object))
-            .await
-        {
+        match apply_as_manager(ctx, kind, &object, dry_run).await {
             Ok(_) => {}
-            Err(kube::Error::Api(status)) => {
-                if let Some(message) = validation::refused(kind.as_str(), &name, &status) {
-                    return Ok(Some(message));
-                }
-                return Err(Error::Apply {
-                    kind: kind.as_str(),
-                    name,
-                    source: kube::Error::Api(status),
-                });
+            Err(Error::Apply {
+                kind,
+                name,
+                source: kube::Error::Api(status),
+            }) => {
+                return match validation::refused(kind, &name, &status) {
+                    Some(message) => Ok(Some(message)),
+                    None => Err(Error::Apply {
+                        kind,
+                        name,
+                        source: kube::Error::Api(status),
+                    }),
+                };
             }
-            Err(source) => {
-                return Err(Error::Apply {
-                    kind: kind.as_str(),
-                    name,
-                    source,
-                });
-            }
+            Err(e) => return Err(e),
         }
     }
     Ok(None)

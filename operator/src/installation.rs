@@ -112,18 +112,23 @@ pub fn decide(
     }
 }
 
+/// The claim's text on the RegistryMirror CRD `crd`, as written (`None`:
+/// unclaimed).
+pub fn claim_text(crd: &CustomResourceDefinition) -> Option<&str> {
+    crd.metadata
+        .annotations
+        .as_ref()?
+        .get(CLAIM)
+        .map(String::as_str)
+}
+
 /// One round: read the claim (and the claimant's Lease), take it when
 /// [`decide`] says so (a merge patch carrying the CRD's `resourceVersion`,
 /// so of two installations taking at once one gets 409 and reads again).
 pub async fn round(client: &Client, me: &Installation) -> kube::Result<Verdict> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd = crds.get(CRD_NAME).await?;
-    let claim = crd
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(CLAIM))
-        .cloned();
+    let claim = claim_text(&crd).map(str::to_owned);
     let lease = match claim.as_deref().and_then(Installation::parse) {
         Some(other) if &other != me => {
             Api::<Lease>::namespaced(client.clone(), &other.namespace)

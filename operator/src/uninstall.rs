@@ -20,7 +20,7 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 use crate::crd::RegistryMirror;
-use crate::installation::{CLAIM, CRD_NAME, Installation};
+use crate::installation::{self, CLAIM, CRD_NAME, Installation};
 use crate::leader;
 use crate::status;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -66,20 +66,14 @@ pub async fn run(
     timeout: Duration,
 ) -> anyhow::Result<Outcome> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    if crds.get_opt(CRD_NAME).await?.is_none() {
+    let Some(crd) = crds.get_opt(CRD_NAME).await? else {
         println!("the RegistryMirror CRD is not installed: nothing to remove");
         return Ok(Outcome::Removed(0));
-    }
+    };
     // Read-only here: never claim on the way out. Only the installation the
     // claim names deletes the mirrors (an unclaimed cluster: whoever runs an
     // operator, which claims at start).
-    let claim = crds
-        .get(CRD_NAME)
-        .await?
-        .metadata
-        .annotations
-        .and_then(|a| a.get(CLAIM).cloned());
-    let claimant = claim.as_deref().and_then(Installation::parse);
+    let claimant = installation::claim_text(&crd).and_then(Installation::parse);
     if let Some(other) = claimant.as_ref().filter(|c| *c != me) {
         println!(
             "the RegistryMirrors are managed by the installation {}: none removed",

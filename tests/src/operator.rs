@@ -228,3 +228,33 @@ impl AgentProcess {
         crate::process::cpu_time(self.child.pid().context("agent not running")?)
     }
 }
+
+/// The installation claim on the RegistryMirror CRD
+/// (`regmirror.dev/installation: NAMESPACE/LEASE`): `None` when unclaimed.
+pub async fn installation_claim(cp: &ControlPlane) -> Result<Option<String>> {
+    let crd = cp
+        .get_json(&["crd", "registrymirrors.regmirror.dev"])
+        .await?
+        .context("the RegistryMirror CRD")?;
+    Ok(crd["metadata"]["annotations"]["regmirror.dev/installation"]
+        .as_str()
+        .map(str::to_owned))
+}
+
+/// Sets the installation claim to `claim` (`NAMESPACE/LEASE`), or releases
+/// it with `None`, as an operator or its uninstall hook would.
+pub async fn set_installation_claim(cp: &ControlPlane, claim: Option<&str>) -> Result<()> {
+    let annotation = match claim {
+        Some(c) => format!("regmirror.dev/installation={c}"),
+        None => "regmirror.dev/installation-".to_owned(),
+    };
+    cp.kubectl_ok(&[
+        "annotate",
+        "crd",
+        "registrymirrors.regmirror.dev",
+        &annotation,
+        "--overwrite",
+    ])
+    .await
+    .map(drop)
+}

@@ -19,7 +19,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use regmirror_e2e::operator::condition;
+use regmirror_e2e::operator::{condition, installation_claim, set_installation_claim};
 use regmirror_e2e::{
     CacheOptions, CacheProcess, ControlPlane, OperatorProcess, free_port, wait_until,
 };
@@ -687,17 +687,6 @@ async fn a_node_the_agent_daemon_set_cannot_reach_says_why() -> Result<()> {
     Ok(())
 }
 
-/// The installation claim on the RegistryMirror CRD.
-async fn installation_claim(cp: &ControlPlane) -> Result<Option<String>> {
-    let crd = cp
-        .get_json(&["crd", "registrymirrors.regmirror.dev"])
-        .await?
-        .context("the CRD")?;
-    Ok(crd["metadata"]["annotations"]["regmirror.dev/installation"]
-        .as_str()
-        .map(str::to_owned))
-}
-
 /// Issue 18, item 3: a second installation (another namespace) does not
 /// reconcile the cluster's mirrors while the first is alive, says so in its
 /// log, its readiness and an event, and takes over once the first is gone.
@@ -777,13 +766,7 @@ async fn a_second_installation_waits_while_the_first_is_alive() -> Result<()> {
         "the claim moved while the first installation was only stopped"
     );
     // Its uninstall hook releases the claim: the second takes over.
-    cp.kubectl_ok(&[
-        "annotate",
-        "crd",
-        "registrymirrors.regmirror.dev",
-        "regmirror.dev/installation-",
-    ])
-    .await?;
+    set_installation_claim(cp, None).await?;
     wait_until(Duration::from_secs(30), || async {
         installation_claim(cp).await.ok().flatten().as_deref()
             == Some(&format!("{OTHER}/regmirror-operator"))
@@ -798,13 +781,7 @@ async fn a_second_installation_waits_while_the_first_is_alive() -> Result<()> {
     // Back to one installation: the second goes as its uninstall hook would
     // leave it (claim released); the next turn restarts the first.
     second.stop(Duration::from_secs(10)).await?;
-    cp.kubectl_ok(&[
-        "annotate",
-        "crd",
-        "registrymirrors.regmirror.dev",
-        "regmirror.dev/installation-",
-    ])
-    .await?;
+    set_installation_claim(cp, None).await?;
     Ok(())
 }
 

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use regmirror_e2e::operator::set_installation_claim;
 use regmirror_e2e::util::{tail_lines, wait_until};
 use regmirror_e2e::{AgentOptions, AgentProcess, ControlPlane};
 use serde_json::Value;
@@ -402,15 +403,7 @@ async fn one_agent_per_node_reconciles_every_mirror_and_leaves_nothing_behind() 
     let mut n3 = Node::new("node-3")?;
     cp.add_node(n3.name).await?;
     mirror(&cp, "third", "mcr.microsoft.com", 31003, "{}").await?;
-    let claim = |who: &str| format!("regmirror.dev/installation={who}");
-    cp.kubectl_ok(&[
-        "annotate",
-        "crd",
-        "registrymirrors.regmirror.dev",
-        &claim("first/regmirror-operator"),
-        "--overwrite",
-    ])
-    .await?;
+    set_installation_claim(&cp, Some("first/regmirror-operator")).await?;
     n3.agent = Some(AgentProcess::start_with_env(
         &AgentOptions {
             kubeconfig: &cp.kubeconfig,
@@ -436,14 +429,7 @@ async fn one_agent_per_node_reconciles_every_mirror_and_leaves_nothing_behind() 
         n3.owner("mcr.microsoft.com").is_none(),
         "a deferring agent wrote a file"
     );
-    cp.kubectl_ok(&[
-        "annotate",
-        "crd",
-        "registrymirrors.regmirror.dev",
-        &claim("second/regmirror-operator"),
-        "--overwrite",
-    ])
-    .await?;
+    set_installation_claim(&cp, Some("second/regmirror-operator")).await?;
     wait_node(
         &cp,
         &n3,
@@ -454,13 +440,7 @@ async fn one_agent_per_node_reconciles_every_mirror_and_leaves_nothing_behind() 
         },
     )
     .await?;
-    cp.kubectl_ok(&[
-        "annotate",
-        "crd",
-        "registrymirrors.regmirror.dev",
-        "regmirror.dev/installation-",
-    ])
-    .await?;
+    set_installation_claim(&cp, None).await?;
 
     // The Node is deleted and created again under its name (a new uid): the
     // garbage collector takes the report with the old Node, and the agent

@@ -274,14 +274,7 @@ fn log_entries(entries: &[MirrorOnNode]) {
 fn other_claimant(crds: &Store<CustomResourceDefinition>, me: &Installation) -> Option<String> {
     crds.state()
         .first()
-        .and_then(|crd| {
-            crd.metadata
-                .annotations
-                .as_ref()?
-                .get(installation::CLAIM)
-                .cloned()
-        })
-        .and_then(|text| Installation::parse(&text))
+        .and_then(|crd| installation::claim_text(crd).and_then(Installation::parse))
         .filter(|c| c != me)
         .map(|c| c.id())
 }

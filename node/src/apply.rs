@@ -289,7 +289,7 @@ mod tests {
         HostsToml {
             registry: registry.into(),
             server: format!("https://{registry}"),
-            mirror: "http://10.0.0.5:30500".into(),
+            mirrors: vec!["http://10.0.0.5:30500".into()],
             dial_timeout: Duration::from_secs(1),
             owner: owner.into(),
         }

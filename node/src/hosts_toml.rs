@@ -1,8 +1,10 @@
 //! Rendering containerd `hosts.toml` for one registry host.
 //!
-//! The cache goes first, as a `[host]` table limited to pull and resolve
-//! (omitted capabilities would include push); the real upstream is `server`,
-//! the fallback containerd uses when the cache is down or answers >= 400.
+//! The cache goes first, as `[host]` tables limited to pull and resolve
+//! (omitted capabilities would include push), one per address the cache is
+//! reached at, tried in order; the real upstream is `server`, the fallback
+//! containerd uses when every cache address is down or answers >= 400
+//! (containerd's `docs/hosts.md`: hosts are tried in file order, then `server`).
 
 use std::time::Duration;
 
@@ -16,8 +18,10 @@ pub struct HostsToml {
     pub registry: String,
     /// The upstream itself: `https://registry-1.docker.io`.
     pub server: String,
-    /// The cache as this node reaches it: `http://10.0.0.5:30500`.
-    pub mirror: String,
+    /// The cache as this node reaches it, in the order containerd should try:
+    /// `["http://10.0.0.5:30500"]` (a NodePort), or one URL per node a
+    /// host-network cache member runs on. Never empty.
+    pub mirrors: Vec<String>,
     /// How long containerd (2.1+) waits to connect to the cache before falling back.
     pub dial_timeout: Duration,
     /// The `RegistryMirror` that owns the file.
@@ -53,15 +57,19 @@ pub fn render(h: &HostsToml, user_hosts: &[(String, toml::Table)]) -> String {
         "{MARKER} mirror={owner}\n\
          # Written by the regmirror node agent; edits are overwritten. Delete the\n\
          # RegistryMirror {owner:?} to remove this file.\n\
-         server = {server}\n\n\
-         [host.{mirror}]\n  capabilities = [\"pull\", \"resolve\"]\n  dial_timeout = {dial}\n",
+         server = {server}\n",
         owner = h.owner,
         server = quote(&h.server),
-        mirror = quote(&h.mirror),
-        dial = quote(&duration(h.dial_timeout)),
     );
+    for mirror in &h.mirrors {
+        out.push_str(&format!(
+            "\n[host.{}]\n  capabilities = [\"pull\", \"resolve\"]\n  dial_timeout = {}\n",
+            quote(mirror),
+            quote(&duration(h.dial_timeout)),
+        ));
+    }
     for (url, table) in user_hosts {
-        if *url == h.mirror {
+        if h.mirrors.contains(url) {
             continue;
         }
         out.push_str(&format!("\n[host.{}]\n", quote(url)));
@@ -115,7 +123,7 @@ mod tests {
         HostsToml {
             registry: "docker.io".into(),
             server: "https://registry-1.docker.io".into(),
-            mirror: "http://10.0.0.5:30500".into(),
+            mirrors: vec!["http://10.0.0.5:30500".into()],
             dial_timeout: Duration::from_millis(1500),
             owner: "hub".into(),
         }
@@ -138,6 +146,31 @@ mod tests {
         let host = doc["host"]["http://10.0.0.5:30500"].as_table().unwrap();
         assert_eq!(host["capabilities"].as_array().unwrap().len(), 2);
         assert_eq!(owner_of(&text), Some("hub"));
+    }
+
+    #[test]
+    fn several_cache_addresses_are_tried_in_order_before_the_server() {
+        let h = HostsToml {
+            mirrors: vec!["http://10.0.0.7:5000".into(), "http://10.0.0.5:5000".into()],
+            ..hub()
+        };
+        let user = "[host.\"http://10.0.0.5:5000\"]\n  capabilities = [\"pull\"]\n\
+                    [host.\"https://mine.example\"]\n  capabilities = [\"pull\"]\n";
+        let text = render(&h, &parse_user(user).unwrap().1);
+        let doc: toml::Table = text.parse().unwrap();
+        assert_eq!(doc["host"].as_table().unwrap().len(), 3, "{text}");
+        let seven = text.find("10.0.0.7").unwrap();
+        let five = text.find("10.0.0.5").unwrap();
+        let mine = text.find("mine.example").unwrap();
+        assert!(seven < five && five < mine, "{text}");
+        assert_eq!(
+            doc["host"]["http://10.0.0.5:5000"]["capabilities"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2,
+            "a user's table for a cache address is replaced by ours: {text}"
+        );
     }
 
     #[test]

@@ -673,11 +673,23 @@ async fn report(
     let (observed, problem, cleanup) = match outcome {
         Outcome::Applied(seen) => {
             let mut observed = seen.observed();
-            if observed
+            let missing = observed
                 .cache_replicas
-                .is_some_and(|(want, ready)| ready < want)
-            {
-                observed.cache_cause = cache_cause(mirror, ctx).await;
+                .is_some_and(|(want, ready)| ready < want);
+            let host_network = mirror.spec.cache.host_network;
+            // The member pods are read only when the status needs them.
+            let pods = if missing || host_network {
+                member_pods(mirror, ctx).await
+            } else {
+                None
+            };
+            if missing {
+                observed.cache_cause = pods.iter().flatten().find_map(status::pod_cause);
+            }
+            if host_network {
+                observed.cache_addresses = pods
+                    .as_deref()
+                    .map(|p| status::member_addresses(p, mirror.spec.cache.port));
             }
             (observed, None, None)
         }
@@ -741,17 +753,18 @@ async fn agent_cause(ctx: &Context) -> Option<String> {
     status::agent_cause(ds.as_ref(), &events, &ctx.settings.namespace, name)
 }
 
-/// Why a cache member is not ready, from its pod ([`status::pod_cause`]):
-/// the first member pod with a cause. `None` when every pod looks fine or
-/// the pods cannot be listed (the status then just counts members).
-async fn cache_cause(mirror: &RegistryMirror, ctx: &Context) -> Option<String> {
+/// The cache's member pods, for why a member is not ready
+/// ([`status::pod_cause`]) and where host-network members run
+/// ([`status::member_addresses`]). `None` when they cannot be listed (the
+/// status then just counts members and keeps the addresses it had).
+async fn member_pods(mirror: &RegistryMirror, ctx: &Context) -> Option<Vec<Pod>> {
     let selector = resources::pods_selector(&mirror.name_any(), resources::COMPONENT_CACHE);
     match ctx
         .ns::<Pod>()
         .list(&kube::api::ListParams::default().labels(&selector))
         .await
     {
-        Ok(pods) => pods.items.iter().find_map(status::pod_cause),
+        Ok(pods) => Some(pods.items),
         Err(e) => {
             tracing::debug!(mirror = %mirror.name_any(), error = %api_error_text(&e), "cannot list the cache's pods for the status");
             None
@@ -759,7 +772,6 @@ async fn cache_cause(mirror: &RegistryMirror, ctx: &Context) -> Option<String> {
     }
 }
 
-/// Server-side applies `object`, a child of `kind`, as [`MANAGER`].
 async fn ssa(ctx: &Context, kind: ChildKind, object: &Value) -> Result<DynamicObject, Error> {
     apply_as_manager(ctx, kind, object, false).await
 }

@@ -292,10 +292,20 @@ pub struct CacheSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub node_port: Option<i32>,
-    /// Port of the cache container and Service.
+    /// Port of the cache container and Service; with `hostNetwork`, the port each
+    /// member binds on its node.
     #[schemars(range(min = 1, max = 65535))]
     #[serde(default = "default_port")]
     pub port: i32,
+    /// Run the cache members on their nodes' network: each binds `port` on its node,
+    /// and nodes' container runtimes reach the members at their nodes' addresses
+    /// (`status.cacheAddresses`, one `[host]` entry each in `hosts.toml`, this node's
+    /// own first, so containerd fails over between members before the upstream)
+    /// instead of the Service's NodePort. For clusters without kube-proxy NodePorts and
+    /// for caches pinned to storage nodes. At most one member per node (the port is
+    /// the node's); the namespace's Pod Security level must allow host networking.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host_network: bool,
 }
 
 impl Default for CacheSpec {
@@ -311,6 +321,7 @@ impl Default for CacheSpec {
             max_age: None,
             node_port: None,
             port: DEFAULT_CACHE_PORT,
+            host_network: false,
         }
     }
 }
@@ -418,6 +429,11 @@ pub struct RegistryMirrorStatus {
     /// NodePort of the cache Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_port: Option<i32>,
+    /// With `cache.hostNetwork`: where nodes reach the cache members, `<node-address>:<port>`
+    /// of each node a member runs on (by member ordinal). Kept while no member has a
+    /// node (a member being replaced), so nodes keep the upstream as fallback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_addresses: Option<Vec<String>>,
     /// Existing nodes this mirror selects (spec.nodes.nodeSelector and tolerations).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nodes_desired: Option<i32>,

@@ -101,6 +101,7 @@ pub fn settings() -> Settings {
         agent_image: "regmirror/operator:test".into(),
         agent_host_dirs: vec!["/etc/containerd".into()],
         agent_daemon_set: "regmirror-agent".into(),
+        kubernetes_service: None,
     }
 }
 

@@ -157,6 +157,9 @@ struct RunArgs {
         default_value = "regmirror-agent"
     )]
     agent_daemonset: String,
+    /// Where pods reach the API server, HOST:PORT, when not at the kubernetes Service's cluster IP (the chart's apiServer.host/port): given to the cache pods as KUBERNETES_SERVICE_HOST/PORT.
+    #[arg(long, env = "REGMIRROR_KUBERNETES_SERVICE")]
+    kubernetes_service: Option<regmirror_operator::resources::HostPort>,
 }
 
 #[tokio::main]
@@ -205,6 +208,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         agent_image: args.agent_image,
         agent_host_dirs: args.agent_host_dirs,
         agent_daemon_set: args.agent_daemonset,
+        kubernetes_service: args.kubernetes_service,
     };
     let reporter = Reporter {
         controller: "regmirror-operator".into(),

@@ -77,6 +77,55 @@ pub struct Settings {
     /// The installer's node agent DaemonSet in `namespace` (the chart's
     /// `<release>-agent`): read to say why nodes have not reported.
     pub agent_daemon_set: String,
+    /// Where pods reach the API server, when not at the `kubernetes`
+    /// Service's cluster IP (the chart's `apiServer.host`/`port`, e.g. a
+    /// cluster without kube-proxy): set on the cache pods as
+    /// `KUBERNETES_SERVICE_HOST`/`KUBERNETES_SERVICE_PORT`, which in-cluster
+    /// clients (the cache's discovery) read instead of what the kubelet
+    /// injects. `None`: the kubelet's.
+    pub kubernetes_service: Option<HostPort>,
+}
+
+/// A `host:port` pair: `api.example:6443`, `10.0.0.1:443`, `[fd00::1]:6443`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    /// Host name or address, IPv6 without brackets (as `KUBERNETES_SERVICE_HOST` has it).
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::str::FromStr for HostPort {
+    type Err = String;
+
+    /// Parses `host:port` or `[ipv6]:port`; errors name what is wrong.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?}: expected host:port"))?;
+        let host = match host.strip_prefix('[') {
+            Some(h) => h
+                .strip_suffix(']')
+                .ok_or_else(|| format!("{s:?}: unclosed '['"))?,
+            None if host.contains(':') => {
+                return Err(format!(
+                    "{s:?}: an IPv6 address needs brackets, [addr]:port"
+                ));
+            }
+            None => host,
+        };
+        if host.is_empty() || host.contains(char::is_whitespace) {
+            return Err(format!("{s:?}: expected host:port"));
+        }
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{s:?}: the port must be 1-65535"))?;
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+        })
+    }
 }
 
 /// Everything one mirror needs, ready to apply: one object per
@@ -449,6 +498,11 @@ fn stateful_set_json(
     if let Some(p) = &cache.image_pull_policy {
         container["imagePullPolicy"] = json!(p);
     }
+    if let Some(api) = &settings.kubernetes_service {
+        let env = container["env"].as_array_mut().expect("array");
+        env.push(json!({"name": "KUBERNETES_SERVICE_HOST", "value": api.host}));
+        env.push(json!({"name": "KUBERNETES_SERVICE_PORT", "value": api.port.to_string()}));
+    }
     let mut volumes =
         vec![json!({"name": "config", "configMap": {"name": config_map_name(&name)}})];
     if with_credentials {
@@ -460,6 +514,31 @@ fn stateful_set_json(
             "secretName": credentials_name(&name),
             "items": [{"key": DOCKERCONFIGJSON, "path": CREDENTIALS_FILE}],
         }}));
+    }
+    let mut pod_spec = json!({
+        "serviceAccountName": cache_account_name(&name),
+        // Discovery authenticates with it.
+        "automountServiceAccountToken": true,
+        // The cache's own shutdown takes up to its 5 s drain
+        // plus 25 s for open transfers; the kubelet's SIGKILL
+        // comes after this, not in the middle of that.
+        "terminationGracePeriodSeconds": CACHE_TERMINATION_GRACE_SECONDS,
+        "enableServiceLinks": false,
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": CACHE_UID,
+            "runAsGroup": CACHE_UID,
+            "fsGroup": CACHE_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    });
+    if cache.host_network {
+        // The container port becomes a host port, so the scheduler places
+        // at most one member per node; cluster names still resolve.
+        pod_spec["hostNetwork"] = json!(true);
+        pod_spec["dnsPolicy"] = json!("ClusterFirstWithHostNet");
     }
     json!({
         "apiVersion": "apps/v1",
@@ -478,25 +557,7 @@ fn stateful_set_json(
                     "labels": labels(&name, COMPONENT_CACHE),
                     "annotations": {CONFIG_HASH_ANNOTATION: config_hash},
                 },
-                "spec": {
-                    "serviceAccountName": cache_account_name(&name),
-                    // Discovery authenticates with it.
-                    "automountServiceAccountToken": true,
-                    // The cache's own shutdown takes up to its 5 s drain
-                    // plus 25 s for open transfers; the kubelet's SIGKILL
-                    // comes after this, not in the middle of that.
-                    "terminationGracePeriodSeconds": CACHE_TERMINATION_GRACE_SECONDS,
-                    "enableServiceLinks": false,
-                    "securityContext": {
-                        "runAsNonRoot": true,
-                        "runAsUser": CACHE_UID,
-                        "runAsGroup": CACHE_UID,
-                        "fsGroup": CACHE_UID,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    "containers": [container],
-                    "volumes": volumes,
-                },
+                "spec": pod_spec,
             },
             "volumeClaimTemplates": [{
                 "apiVersion": "v1",
@@ -609,6 +670,7 @@ mod tests {
             agent_image: "regmirror/operator:test".into(),
             agent_host_dirs: vec!["/etc/containerd".into()],
             agent_daemon_set: "regmirror-agent".into(),
+            kubernetes_service: None,
         }
     }
 
@@ -937,6 +999,55 @@ port_name = "registry"
         assert_eq!(s["spec"]["replicas"], 3);
         assert_eq!(s["spec"]["template"], d["spec"]["template"]);
         assert_eq!(build(&scaled, &settings(), None).config_map, c.config_map);
+    }
+
+    #[test]
+    fn host_network_members_bind_their_nodes_port_and_reach_the_api_server_as_installed() {
+        let plain = mirror(json!({"upstreams": [{"host": "docker.io"}]}));
+        let tpl = |m: &RegistryMirror, s: &Settings| {
+            v(&build(m, s, None).stateful_set)["spec"]["template"].clone()
+        };
+        let before = tpl(&plain, &settings());
+        assert_eq!(before["spec"].get("hostNetwork"), None);
+        assert_eq!(before["spec"].get("dnsPolicy"), None);
+
+        let m = mirror(json!({"upstreams": [{"host": "docker.io"}],
+                              "cache": {"hostNetwork": true, "port": 5123}}));
+        let mut installed = settings();
+        installed.kubernetes_service = Some("127.0.0.1:6443".parse().unwrap());
+        let t = tpl(&m, &installed);
+        assert_eq!(t["spec"]["hostNetwork"], true);
+        assert_eq!(t["spec"]["dnsPolicy"], "ClusterFirstWithHostNet");
+        let ctr = &t["spec"]["containers"][0];
+        assert_eq!(ctr["ports"][0]["containerPort"], 5123);
+        let env = ctr["env"].as_array().unwrap();
+        assert!(env.contains(&json!({"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"})));
+        assert!(env.contains(&json!({"name": "KUBERNETES_SERVICE_PORT", "value": "6443"})));
+        // The rest of the pod is the same as without.
+        assert_eq!(
+            t["spec"]["securityContext"],
+            before["spec"]["securityContext"]
+        );
+        assert_eq!(t["spec"]["volumes"], before["spec"]["volumes"]);
+    }
+
+    #[test]
+    fn host_ports_parse_with_brackets_for_ipv6_and_say_what_is_wrong() {
+        let hp: HostPort = "[fd00::1]:6443".parse().unwrap();
+        assert_eq!((hp.host.as_str(), hp.port), ("fd00::1", 6443));
+        let hp: HostPort = "api.example:443".parse().unwrap();
+        assert_eq!((hp.host.as_str(), hp.port), ("api.example", 443));
+        for (bad, says) in [
+            ("api.example", "host:port"),
+            (":443", "host:port"),
+            ("fd00::1:6443", "brackets"),
+            ("[fd00::1:6443", "unclosed"),
+            ("h:0", "1-65535"),
+            ("h:70000", "1-65535"),
+        ] {
+            let e = bad.parse::<HostPort>().unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

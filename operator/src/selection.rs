@@ -11,7 +11,10 @@ use crate::crd::NodesSpec;
 /// node is tolerated (as the scheduler would decide for a pod with those
 /// tolerations). Unset tolerations select tainted nodes too (the default:
 /// control-plane nodes pull images as well). `PreferNoSchedule` taints never
-/// exclude a node, as they never keep a pod off one.
+/// exclude a node, as they never keep a pod off one, and neither does a
+/// cordon's `node.kubernetes.io/unschedulable` (the DaemonSet controller
+/// tolerates it for its pods too): a node being drained keeps pulling
+/// through the cache, and its files stay.
 pub fn selects(spec: &NodesSpec, node: &Node) -> bool {
     let labels = node.metadata.labels.as_ref();
     let labels_match = spec
@@ -29,9 +32,12 @@ pub fn selects(spec: &NodesSpec, node: &Node) -> bool {
         .and_then(|s| s.taints.as_ref())
         .into_iter()
         .flatten()
-        .filter(|t| t.effect != "PreferNoSchedule")
+        .filter(|t| t.effect != "PreferNoSchedule" && t.key != UNSCHEDULABLE_TAINT)
         .all(|t| tolerations.iter().any(|tol| tolerates(tol, t)))
 }
+
+/// The taint `kubectl cordon` puts on a node (with effect `NoSchedule`).
+pub const UNSCHEDULABLE_TAINT: &str = "node.kubernetes.io/unschedulable";
 
 /// Kubernetes' `Toleration.ToleratesTaint` (k8s.io/api core/v1
 /// toleration.go): an empty key with `Exists` matches every taint; an empty
@@ -192,6 +198,14 @@ mod tests {
             &spec(json!({"tolerations": [{"operator": "Exists"}]})),
             &cp
         ));
+        let cordoned = node(
+            json!({}),
+            json!([{"key": UNSCHEDULABLE_TAINT, "effect": "NoSchedule"}]),
+        );
+        assert!(
+            selects(&spec(json!({"tolerations": []})), &cordoned),
+            "a cordon does not unconfigure a node"
+        );
         assert!(!selects(
             &spec(
                 json!({"tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoExecute"}]})

@@ -106,6 +106,9 @@ pub struct Observed {
     pub cache_replicas: Option<(i32, i32)>,
     /// Allocated NodePort of the cache Service.
     pub node_port: Option<i32>,
+    /// With `cache.hostNetwork`: the member pods' node addresses
+    /// ([`member_addresses`]); `None` when they were not listed.
+    pub cache_addresses: Option<Vec<String>>,
     /// What the node agents report about the nodes the mirror selects; `None`
     /// until the Nodes and the reports have been listed.
     pub nodes: Option<NodesSummary>,
@@ -262,6 +265,44 @@ fn cond(type_: &str, ok: bool, reason: &str, message: String) -> Condition {
         observed_generation: None,
         last_transition_time: Time(Timestamp::UNIX_EPOCH),
     }
+}
+
+/// `ip:port` as a URL authority: an IPv6 address in brackets.
+pub fn address(ip: &str, port: i32) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
+/// Where nodes reach host-network cache members: `<hostIP>:<port>` of each
+/// member pod that has a node address (`status.hostIP`, set once its node's
+/// kubelet runs it), by member ordinal (the pod name's suffix), each node once.
+/// Pure.
+pub fn member_addresses(pods: &[k8s_openapi::api::core::v1::Pod], port: i32) -> Vec<String> {
+    let ordinal = |p: &k8s_openapi::api::core::v1::Pod| {
+        p.metadata
+            .name
+            .as_deref()
+            .and_then(|n| n.rsplit('-').next())
+            .and_then(|o| o.parse::<u32>().ok())
+            .unwrap_or(u32::MAX)
+    };
+    let mut pods: Vec<_> = pods.iter().collect();
+    pods.sort_by_key(|p| ordinal(p));
+    let mut out: Vec<String> = Vec::new();
+    for ip in pods
+        .iter()
+        .filter_map(|p| p.status.as_ref()?.host_ip.as_deref())
+        .filter(|ip| !ip.is_empty())
+    {
+        let a = address(ip, port);
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out
 }
 
 /// The status the operator writes, `nodes` included (aggregated from the
@@ -493,15 +534,28 @@ pub fn compute(
         .map(|c| transition(old, c, generation, now))
         .collect();
 
+    // Host-network members are reached where they run; while none has a
+    // node (one being replaced), the last addresses stay, so nodes keep
+    // their files and fall back to the upstream rather than lose the mirror.
+    let cache_addresses = if mirror.spec.cache.host_network {
+        observed
+            .cache_addresses
+            .clone()
+            .filter(|a| !a.is_empty())
+            .or_else(|| previous.and_then(|p| p.cache_addresses.clone()))
+    } else {
+        None
+    };
     // What nodes act on changes only with a fully applied generation.
-    let (observed_generation, upstreams, hosts, node_port) = match previous {
+    let (observed_generation, upstreams, hosts, node_port, cache_addresses) = match previous {
         Some(p) if observed.not_applied => (
             p.observed_generation,
             p.upstreams.clone(),
             p.hosts.clone(),
             p.node_port,
+            p.cache_addresses.clone(),
         ),
-        None if observed.not_applied => (None, Some(summary), None, None),
+        None if observed.not_applied => (None, Some(summary), None, None, None),
         // Nodes are configured for no host of a mirror refused the nodes
         // (a foreign agent image, directories outside the installer's): the
         // agents write nothing for it and remove what they wrote.
@@ -510,16 +564,28 @@ pub fn compute(
             Some(summary),
             Some(Vec::new()),
             observed.node_port,
+            cache_addresses,
         ),
-        _ => (generation, Some(summary), Some(hosts), observed.node_port),
+        _ => (
+            generation,
+            Some(summary),
+            Some(hosts),
+            observed.node_port,
+            cache_addresses,
+        ),
+    };
+    let endpoint = match &cache_addresses {
+        Some(a) if mirror.spec.cache.host_network => Some(a.join(",")),
+        _ => node_port.map(|p| format!("<node-ip>:{p}")),
     };
     RegistryMirrorStatus {
         observed_generation,
         conditions,
         upstreams,
         hosts,
-        endpoint: node_port.map(|p| format!("<node-ip>:{p}")),
+        endpoint,
         node_port,
+        cache_addresses,
         nodes_desired,
         nodes_configured,
         cache: observed
@@ -700,6 +766,71 @@ mod tests {
             unreported: (configured..desired).map(|i| format!("n{i}")).collect(),
             nodes,
         })
+    }
+
+    fn member(name: &str, host_ip: Option<&str>) -> k8s_openapi::api::core::v1::Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "status": host_ip.map(|ip| json!({"hostIP": ip})).unwrap_or(json!({})),
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn host_network_members_are_listed_by_ordinal_each_node_once() {
+        let pods = [
+            member("hub-cache-10", Some("10.0.0.9")),
+            member("hub-cache-2", Some("fd00::2")),
+            member("hub-cache-0", Some("10.0.0.5")),
+            member("hub-cache-1", None),
+            member("hub-cache-3", Some("10.0.0.5")),
+        ];
+        assert_eq!(
+            member_addresses(&pods, 5000),
+            ["10.0.0.5:5000", "[fd00::2]:5000", "10.0.0.9:5000"]
+        );
+        assert!(member_addresses(&[member("hub-cache-0", None)], 5000).is_empty());
+    }
+
+    #[test]
+    fn host_network_addresses_are_kept_while_no_member_has_a_node() {
+        let mut m = mirror("a", 1, &["docker.io"]);
+        m.spec.cache.host_network = true;
+        let seen = |a: &[&str]| Observed {
+            cache_replicas: Some((1, 1)),
+            node_port: Some(31500),
+            cache_addresses: Some(a.iter().map(|s| s.to_string()).collect()),
+            ..Default::default()
+        };
+        let first = compute(&m, None, &seen(&["10.0.0.5:5000"]), t(10));
+        assert_eq!(
+            first.cache_addresses.as_deref(),
+            Some(&["10.0.0.5:5000".to_owned()][..])
+        );
+        assert_eq!(first.endpoint.as_deref(), Some("10.0.0.5:5000"));
+        // The member is being replaced: no pod has a node yet.
+        let gap = compute(&m, Some(&first), &seen(&[]), t(20));
+        assert_eq!(gap.cache_addresses, first.cache_addresses);
+        // It came back elsewhere.
+        let moved = compute(&m, Some(&gap), &seen(&["10.0.0.7:5000"]), t(30));
+        assert_eq!(
+            moved.cache_addresses.as_deref(),
+            Some(&["10.0.0.7:5000".to_owned()][..])
+        );
+        // A generation that was not applied publishes nothing new.
+        let refused = Observed {
+            not_applied: true,
+            ..seen(&["10.0.0.8:5000"])
+        };
+        assert_eq!(
+            compute(&m, Some(&moved), &refused, t(40)).cache_addresses,
+            moved.cache_addresses
+        );
+        // Without hostNetwork there are none, and the NodePort is the endpoint.
+        m.spec.cache.host_network = false;
+        let off = compute(&m, Some(&moved), &seen(&["10.0.0.7:5000"]), t(50));
+        assert_eq!(off.cache_addresses, None);
+        assert_eq!(off.endpoint.as_deref(), Some("<node-ip>:31500"));
     }
 
     #[test]

@@ -68,6 +68,7 @@ pub fn cri_tables(dir: &Path, certs_dir: Option<&Path>) -> Result<String> {
 #[derive(Debug)]
 pub struct Containerd {
     child: Option<ChildGuard>,
+    config_file: PathBuf,
     socket: PathBuf,
     log_path: PathBuf,
     /// Timeout of one `ctr image pull` (default 120 s).
@@ -99,7 +100,18 @@ impl Containerd {
     pub async fn start_with_imports(
         config: impl FnOnce(&Path) -> Result<(Vec<String>, Vec<(String, String)>)>,
     ) -> Result<Self> {
-        Self::start_inner(true, |d| {
+        Self::start_with_imports_at(None, config).await
+    }
+
+    /// [`Containerd::start_with_imports`] with config.toml and the imported
+    /// files in `config_dir` (created) instead of the temp dir, apart from
+    /// root and state as on a real node (`/etc/containerd`): a node agent
+    /// may mount it without the daemon's mounts.
+    pub async fn start_with_imports_at(
+        config_dir: Option<&Path>,
+        config: impl FnOnce(&Path) -> Result<(Vec<String>, Vec<(String, String)>)>,
+    ) -> Result<Self> {
+        Self::start_inner_at(true, config_dir, |d| {
             let (imports, files) = config(d)?;
             for (rel, text) in files {
                 let path = d.join(rel);
@@ -119,11 +131,23 @@ impl Containerd {
         cri: bool,
         config: impl FnOnce(&Path) -> Result<(String, String)>,
     ) -> Result<Self> {
+        Self::start_inner_at(cri, None, config).await
+    }
+
+    /// `config` gets the directory config.toml goes to: `config_dir`, or
+    /// the temp dir.
+    async fn start_inner_at(
+        cri: bool,
+        config_dir: Option<&Path>,
+        config: impl FnOnce(&Path) -> Result<(String, String)>,
+    ) -> Result<Self> {
         require_root("containerd");
         let dir = tempfile::Builder::new()
             .prefix("regmirror-ctrd-")
             .tempdir()?;
         let d = dir.path();
+        let config_dir = config_dir.unwrap_or(d).to_path_buf();
+        std::fs::create_dir_all(&config_dir)?;
         let socket = d.join("sock");
         let q = |p: PathBuf| p.display().to_string();
         let mut cfg = format!(
@@ -136,7 +160,7 @@ impl Containerd {
         } else {
             cfg.push_str("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n");
         }
-        let (top, tables) = config(d)?;
+        let (top, tables) = config(&config_dir)?;
         cfg.push_str(&top);
         cfg.push_str(&format!(
             "\n[grpc]\n  address = \"{}\"\n[ttrpc]\n  address = \"{}\"\n[debug]\n  address = \"{}\"\n[metrics]\n  address = \"\"\n",
@@ -145,13 +169,14 @@ impl Containerd {
             q(d.join("debug.sock"))
         ));
         cfg.push_str(&tables);
-        let config_path = d.join("config.toml");
+        let config_path = config_dir.join("config.toml");
         std::fs::write(&config_path, cfg)?;
         let log_path = d.join("containerd.log");
-        let args = ["--config".to_owned(), q(config_path)];
+        let args = ["--config".to_owned(), q(config_path.clone())];
         let child = ChildGuard::spawn("containerd", Path::new(BINARY), &args, &[], &[], &log_path)?;
         let mut me = Self {
             child: Some(child),
+            config_file: config_path,
             socket,
             log_path,
             pull_timeout: Duration::from_secs(120),
@@ -207,7 +232,7 @@ impl Containerd {
 
     /// The config.toml it was started with.
     pub fn config_file(&self) -> PathBuf {
-        self.dir.path().join("config.toml")
+        self.config_file.clone()
     }
 
     /// gRPC socket path.

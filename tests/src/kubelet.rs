@@ -55,6 +55,8 @@ const POD_TIMEOUT: Duration = Duration::from_secs(90);
 const POD_STUCK: [&str; 3] = ["ErrImagePull", "ImagePullBackOff", "CreateContainerError"];
 /// Debian's containernetworking-plugins (the `loopback` plugin).
 const CNI_BIN_DIR: &str = "/usr/lib/cni";
+/// The node's containerd configuration directory, under its temp dir.
+const ETC_CONTAINERD: &str = "etc/containerd";
 /// Host paths the kubelet and containerd create regardless of their flags,
 /// deepest first; each is removed at stop unless it existed at start (then
 /// only the entries that appeared are removed).
@@ -567,7 +569,9 @@ impl RealNode {
             .prefix("regmirror-node-")
             .tempdir()?;
         let d = dir.path().to_path_buf();
-        let certs = d.join("certs.d");
+        // The node's containerd configuration apart from everything else,
+        // as /etc/containerd is: what a node agent mounts.
+        let certs = d.join(ETC_CONTAINERD).join("certs.d");
         write_hosts_toml(&certs, &images.host(), &images.url(), &images.url())?;
         let api_port = cp
             .server
@@ -596,7 +600,7 @@ impl RealNode {
         std::fs::write(cni_conf.join("10-lo-only.conflist"), LOOPBACK_CNI)?;
         let cri = cri_configuration(&pause_image, &runc_root, &cni_conf, &certs);
         node.containerd = Some(
-            Containerd::start_with_imports(|cd| {
+            Containerd::start_with_imports_at(Some(&d.join(ETC_CONTAINERD)), |cd| {
                 let file = cd.join("cri.toml").display().to_string();
                 Ok((vec![file], vec![("cri.toml".to_owned(), cri)]))
             })
@@ -677,8 +681,16 @@ impl RealNode {
     /// containerd's `registry.config_path`: `<host>/hosts.toml` files here
     /// decide where the node pulls from (a node agent's hostPath mount
     /// points here).
+    /// containerd's `config_path` (`hosts.toml` per registry), in
+    /// [`RealNode::containerd_config_dir`].
     pub fn certs_dir(&self) -> PathBuf {
-        self.dir().join("certs.d")
+        self.containerd_config_dir().join("certs.d")
+    }
+
+    /// This node's `/etc/containerd`: config.toml (importing cri.toml) and
+    /// certs.d, and nothing else (no daemon state, no mounts).
+    pub fn containerd_config_dir(&self) -> PathBuf {
+        self.dir().join(ETC_CONTAINERD)
     }
 
     /// The node's private directory (kubelet root, configs, logs, certs.d).

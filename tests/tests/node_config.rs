@@ -20,7 +20,7 @@ fn configure(dir: &Path, cache: &str, upstream: &str) -> Vec<HostState> {
     let want = HostsToml {
         registry: "docker.io".into(),
         server: upstream.into(),
-        mirror: cache.into(),
+        mirrors: vec![cache.into()],
         dial_timeout: Duration::from_secs(1),
         owner: "hub".into(),
     };

@@ -108,3 +108,18 @@ The node agents' ServiceAccount.
 {{- include "regmirror.operatorImage" . }}
 {{- end }}
 {{- end }}
+
+{{/*
+KUBERNETES_SERVICE_HOST/PORT from apiServer, for clusters whose pods reach
+the API server elsewhere than at the kubernetes Service's cluster IP; empty
+when apiServer.host is unset (the kubelet's values). A list of env entries.
+*/}}
+{{- define "regmirror.apiServerEnv" -}}
+{{- with .Values.apiServer.host }}
+- name: KUBERNETES_SERVICE_HOST
+  value: {{ . | quote }}
+- name: KUBERNETES_SERVICE_PORT
+  value: {{ $.Values.apiServer.port | toString | quote }}
+{{- end }}
+{{- end }}
+

@@ -67,20 +67,32 @@ pub fn normalized(dir: &str) -> String {
 }
 
 /// The files this node should have for `mirror`, or why there are none yet
-/// (the operator has not published `status.hosts` / `status.nodePort`).
-/// `node_ip` is where containerd reaches the cache's NodePort.
+/// (the operator has not published `status.hosts`, or where the cache is
+/// reached: `status.nodePort`, or with `cache.hostNetwork` the members'
+/// `status.cacheAddresses`). `node_ip` is this node's address: where
+/// containerd reaches the cache's NodePort, or which of the host-network
+/// members' addresses is this node's own (tried first: no network hop, and
+/// a node running a member keeps pulling when others are unreachable).
 pub fn desired(mirror: &RegistryMirror, node_ip: &str) -> Result<Vec<HostsToml>, String> {
     let status = mirror.status.as_ref();
     let hosts = status
         .and_then(|s| s.hosts.as_ref())
         .ok_or("waiting for the operator to publish the mirror's hosts")?;
-    let port = status
-        .and_then(|s| s.node_port)
-        .ok_or("waiting for the cache Service's NodePort")?;
-    let ip = if node_ip.contains(':') {
-        format!("[{node_ip}]")
+    let mirrors = if mirror.spec.cache.host_network {
+        let addresses = status
+            .and_then(|s| s.cache_addresses.as_ref())
+            .filter(|a| !a.is_empty())
+            .ok_or("waiting for the operator to publish the cache members' node addresses (cache.hostNetwork)")?;
+        let own = crate::status::address(node_ip, mirror.spec.cache.port);
+        let (mut urls, others): (Vec<&String>, Vec<&String>) =
+            addresses.iter().partition(|a| **a == own);
+        urls.extend(others);
+        urls.into_iter().map(|a| format!("http://{a}")).collect()
     } else {
-        node_ip.to_owned()
+        let port = status
+            .and_then(|s| s.node_port)
+            .ok_or("waiting for the cache Service's NodePort")?;
+        vec![format!("http://{}", crate::status::address(node_ip, port))]
     };
     Ok(hosts
         .iter()
@@ -88,7 +100,7 @@ pub fn desired(mirror: &RegistryMirror, node_ip: &str) -> Result<Vec<HostsToml>,
         .map(|u| HostsToml {
             registry: u.host.clone(),
             server: u.effective_url(),
-            mirror: format!("http://{ip}:{port}"),
+            mirrors: mirrors.clone(),
             dial_timeout: DIAL_TIMEOUT,
             owner: mirror.name_any(),
         })
@@ -362,7 +374,8 @@ pub fn summary(entries: &[MirrorOnNode]) -> String {
 
 /// What of a mirror the files depend on (issue 17: a status-only change by
 /// the operator, such as its conditions, must not cause a pass): uid,
-/// spec, published hosts and NodePort, and whether it is being deleted.
+/// spec, published hosts, NodePort and host-network cache addresses, and
+/// whether it is being deleted.
 pub fn mirror_key(m: &RegistryMirror) -> Value {
     let status = m.status.as_ref();
     json!({
@@ -370,6 +383,7 @@ pub fn mirror_key(m: &RegistryMirror) -> Value {
         "spec": m.spec,
         "hosts": status.and_then(|s| s.hosts.as_ref()),
         "nodePort": status.and_then(|s| s.node_port),
+        "cacheAddresses": status.and_then(|s| s.cache_addresses.as_ref()),
         "deleting": m.metadata.deletion_timestamp.is_some(),
     })
 }
@@ -456,18 +470,52 @@ mod tests {
         assert_eq!(want.len(), 2);
         assert_eq!(want[0].registry, "docker.io");
         assert_eq!(want[0].server, "https://registry-1.docker.io");
-        assert_eq!(want[0].mirror, "http://192.168.1.7:31500");
+        assert_eq!(want[0].mirrors, ["http://192.168.1.7:31500"]);
         assert_eq!(want[0].owner, "hub");
         assert_eq!(want[1].server, "http://10.1.2.3:5000");
         assert_eq!(
-            desired(&m, "fd00::7").unwrap()[0].mirror,
-            "http://[fd00::7]:31500"
+            desired(&m, "fd00::7").unwrap()[0].mirrors,
+            ["http://[fd00::7]:31500"]
         );
         assert!(
             desired(&mirror("hub", spec, None), "1.2.3.4")
                 .unwrap_err()
                 .contains("waiting")
         );
+    }
+
+    #[test]
+    fn host_network_members_are_reached_at_their_nodes_own_first() {
+        let spec = json!({"upstreams": [{"host": "docker.io"}],
+                          "cache": {"hostNetwork": true, "port": 5000}});
+        let mut status = published(&["docker.io"], 31500).unwrap();
+        // Not published yet: no file rather than one pointing nowhere.
+        let waiting = mirror("hub", spec.clone(), Some(status.clone()));
+        assert!(
+            desired(&waiting, "10.0.0.5")
+                .unwrap_err()
+                .contains("node addresses")
+        );
+        status.cache_addresses = Some(vec!["10.0.0.3:5000".into(), "10.0.0.5:5000".into()]);
+        let m = mirror("hub", spec.clone(), Some(status.clone()));
+        // The NodePort is not used; this node's own member comes first.
+        assert_eq!(
+            desired(&m, "10.0.0.5").unwrap()[0].mirrors,
+            ["http://10.0.0.5:5000", "http://10.0.0.3:5000"]
+        );
+        // A node without a member tries them in the published order.
+        assert_eq!(
+            desired(&m, "10.0.0.9").unwrap()[0].mirrors,
+            ["http://10.0.0.3:5000", "http://10.0.0.5:5000"]
+        );
+        status.cache_addresses = Some(vec!["[fd00::5]:5000".into()]);
+        let v6 = mirror("hub", spec, Some(status));
+        assert_eq!(
+            desired(&v6, "fd00::5").unwrap()[0].mirrors,
+            ["http://[fd00::5]:5000"]
+        );
+        // The addresses are part of what a pass depends on.
+        assert_ne!(mirror_key(&m), mirror_key(&v6));
     }
 
     #[test]
@@ -484,7 +532,7 @@ mod tests {
         else {
             panic!("{p:?}")
         };
-        assert_eq!(files[0].mirror, "http://10.0.0.9:30001");
+        assert_eq!(files[0].mirrors, ["http://10.0.0.9:30001"]);
         assert_eq!(*merge, MergeMode::Never);
         assert_eq!(config_file, "/etc/containerd/config.toml");
 

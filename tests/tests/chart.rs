@@ -438,6 +438,111 @@ async fn the_agents_mount_only_the_installers_host_dirs_and_agent_and_operator_s
     Ok(())
 }
 
+/// Issue 19: a cluster whose pods reach the API server elsewhere than at
+/// the `kubernetes` Service's cluster IP (no kube-proxy) sets
+/// `apiServer.host`/`port`: every pod the chart runs gets
+/// KUBERNETES_SERVICE_HOST/PORT, and the operator passes the address on to
+/// the caches with a flag it has; `operator.hostNetwork` and
+/// `agent.hostNetwork` put those pods on the node's network (cluster DNS
+/// still first), with the agents' probe port where their probe looks.
+#[tokio::test]
+async fn api_server_and_host_network_values_reach_every_pod_the_chart_runs() -> Result<()> {
+    let helm = Helm::new()?;
+    let pod_specs = |objects: &[Value]| -> Result<Vec<(String, Value)>> {
+        let mut out = Vec::new();
+        for (kind, name) in [
+            ("Deployment", RELEASE.to_owned()),
+            ("DaemonSet", format!("{RELEASE}-agent")),
+            ("Job", format!("{RELEASE}-uninstall")),
+        ] {
+            let o = find(objects, kind, &name).with_context(|| format!("{kind} {name}"))?;
+            out.push((
+                format!("{kind} {name}"),
+                o["spec"]["template"]["spec"].clone(),
+            ));
+        }
+        Ok(out)
+    };
+    let env_value = |pod: &Value, name: &str| -> Option<String> {
+        pod["containers"][0]["env"]
+            .as_array()?
+            .iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str().map(str::to_owned))
+    };
+
+    // Unset: the kubelet's values, the pod network.
+    for (what, pod) in pod_specs(&parse_yaml_stream(&helm.template(NS, &[]).await?)?)? {
+        assert_eq!(env_value(&pod, "KUBERNETES_SERVICE_HOST"), None, "{what}");
+        assert!(pod.get("hostNetwork").is_none(), "{what}: {pod}");
+    }
+
+    let objects = parse_yaml_stream(
+        &helm
+            .template(
+                NS,
+                &[
+                    "--set",
+                    "apiServer.host=fd00::10",
+                    "--set",
+                    "apiServer.port=6443",
+                    "--set",
+                    "operator.hostNetwork=true",
+                    "--set",
+                    "agent.hostNetwork=true",
+                    "--set",
+                    "agent.probePort=9808",
+                ],
+            )
+            .await?,
+    )?;
+    for (what, pod) in pod_specs(&objects)? {
+        assert_eq!(
+            env_value(&pod, "KUBERNETES_SERVICE_HOST").as_deref(),
+            Some("fd00::10"),
+            "{what}"
+        );
+        assert_eq!(
+            env_value(&pod, "KUBERNETES_SERVICE_PORT").as_deref(),
+            Some("6443"),
+            "{what}"
+        );
+        assert_eq!(pod["hostNetwork"], true, "{what}");
+        assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet", "{what}");
+    }
+    let operator = find(&objects, "Deployment", RELEASE).context("operator")?;
+    let args: Vec<&str> = operator["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .context("args")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        args.contains(&"--kubernetes-service=[fd00::10]:6443"),
+        "{args:?}"
+    );
+    let flags = operator_run_flags().await?;
+    assert!(
+        flags.iter().any(|(f, _)| f == "kubernetes-service"),
+        "{flags:?}"
+    );
+    let agent = find(&objects, "DaemonSet", &format!("{RELEASE}-agent")).context("agents")?;
+    let c = &agent["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["ports"][0]["containerPort"], 9808);
+    assert_eq!(
+        c["readinessProbe"]["httpGet"]["port"],
+        c["ports"][0]["name"]
+    );
+    assert!(
+        c["args"]
+            .as_array()
+            .context("agent args")?
+            .contains(&Value::from("--probe-addr=0.0.0.0:9808")),
+        "{c}"
+    );
+    Ok(())
+}
+
 #[test]
 fn make_image_without_a_container_engine_says_so_and_succeeds() {
     let out = std::process::Command::new("make")

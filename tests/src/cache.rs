@@ -11,7 +11,7 @@ use regmirror_cache::store::layout;
 use tempfile::TempDir;
 
 use crate::process::{ChildGuard, is_addr_in_use};
-use crate::util::{free_port, read_lossy, sha256_digest, tail_lines, workspace_root};
+use crate::util::{files_under, free_port, read_lossy, sha256_digest, tail_lines, workspace_root};
 
 /// Name of the cache binary.
 pub const CACHE_BIN: &str = "regmirror-cache";
@@ -433,24 +433,6 @@ impl StoreLayout {
             .filter(|p| file_name(p) == hex)
             .collect()
     }
-}
-
-/// Every file under `dirs`, recursively; unreadable directories are skipped.
-fn files_under(mut dirs: Vec<PathBuf>) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    while let Some(dir) = dirs.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for p in entries.flatten().map(|e| e.path()) {
-            if p.is_dir() {
-                dirs.push(p);
-            } else {
-                files.push(p);
-            }
-        }
-    }
-    files
 }
 
 fn file_name(p: &Path) -> String {

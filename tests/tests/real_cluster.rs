@@ -14,7 +14,7 @@
 //! image registry are on 127.0.0.1, docker.io is only ever pulled through a
 //! `hosts.toml` whose `server` is the local upstream.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -22,7 +22,7 @@ use regmirror_e2e::helm::{Helm, chart_dir};
 use regmirror_e2e::images::{cache_image, operator_image, shell_image};
 use regmirror_e2e::kubelet::NODE_NAME;
 use regmirror_e2e::operator::condition;
-use regmirror_e2e::util::{bounded, free_port, tail_lines};
+use regmirror_e2e::util::{bounded, files_under, free_port, tail_lines};
 use regmirror_e2e::{
     ControlPlane, RealNode, Registry, StartOptions, cache_binary, operator_binary, write_hosts_toml,
 };
@@ -114,26 +114,6 @@ async fn run_pod(
 /// The cache pod's log (its requests are logged at info).
 async fn cache_log(cp: &ControlPlane) -> Result<String> {
     cp.kubectl_ok(&["logs", CACHE_POD, "-n", NS]).await
-}
-
-/// Every file under `dir`, as (path relative to `dir`, text).
-fn files_under(dir: &Path) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                let text = std::fs::read_to_string(&p).unwrap_or_default();
-                let rel = p.strip_prefix(dir).unwrap_or(&p).display().to_string();
-                out.push((rel, text));
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 fn mirror_yaml(hub: &Registry, second: &Registry, node: &RealNode, port: u16) -> String {
@@ -542,9 +522,14 @@ async fn helm_installed_operator_agent_and_cache_run_as_pods_and_pods_pull_throu
             |l| l?["items"].as_array()?.is_empty().then_some(()),
         )
         .await?;
-        let ours: Vec<(String, String)> = files_under(&node.containerd_config_dir())
+        let etc = node.containerd_config_dir();
+        let ours: Vec<PathBuf> = files_under(vec![etc.clone()])
             .into_iter()
-            .filter(|(p, t)| t.starts_with("# managed-by: regmirror") || p.contains("regmirror"))
+            .filter(|p| {
+                std::fs::read_to_string(p).is_ok_and(|t| t.starts_with("# managed-by: regmirror"))
+                    || p.strip_prefix(&etc)
+                        .is_ok_and(|r| r.to_string_lossy().contains("regmirror"))
+            })
             .collect();
         ensure!(ours.is_empty(), "left on the node: {ours:?}");
         ensure!(std::fs::read_to_string(&users_file)? == users_text);

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use regmirror_e2e::operator::set_installation_claim;
-use regmirror_e2e::util::{tail_lines, wait_until};
+use regmirror_e2e::util::{files_under, tail_lines, wait_until};
 use regmirror_e2e::{AgentOptions, AgentProcess, ControlPlane};
 use serde_json::Value;
 
@@ -160,19 +160,10 @@ async fn patch_spec(cp: &ControlPlane, name: &str, patch: &str) -> Result<()> {
 
 /// Every file under `dir` whose text names `what`.
 fn files_naming(dir: &Path, what: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if std::fs::read_to_string(&p).is_ok_and(|t| t.contains(what)) {
-                out.push(p);
-            }
-        }
-    }
-    out
+    files_under(vec![dir.to_path_buf()])
+        .into_iter()
+        .filter(|p| std::fs::read_to_string(p).is_ok_and(|t| t.contains(what)))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

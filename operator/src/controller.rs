@@ -684,7 +684,20 @@ async fn report(
                 None
             };
             if missing {
-                observed.cache_cause = pods.iter().flatten().find_map(status::pod_cause);
+                observed.cache_cause = match pods
+                    .iter()
+                    .flatten()
+                    .find_map(|p| Some((p, status::pod_cause(p)?)))
+                {
+                    Some((pod, cause)) => Some(match status::unbound_claim(pod) {
+                        Some(claim) => {
+                            let events = claim_events(ctx, &claim).await;
+                            status::with_claim_cause(cause, &claim, &events)
+                        }
+                        None => cause,
+                    }),
+                    None => None,
+                };
             }
             if host_network {
                 observed.cache_addresses = pods
@@ -751,6 +764,18 @@ async fn agent_cause(ctx: &Context) -> Option<String> {
         .map(|l| l.items)
         .unwrap_or_default();
     status::agent_cause(ds.as_ref(), &events, &ctx.settings.namespace, name)
+}
+
+/// The events about the claim `name` in the children's namespace (core/v1:
+/// the PersistentVolume controller and provisioners record there); empty
+/// when they cannot be listed.
+async fn claim_events(ctx: &Context, name: &str) -> Vec<k8s_openapi::api::core::v1::Event> {
+    let selector = format!("involvedObject.kind=PersistentVolumeClaim,involvedObject.name={name}");
+    ctx.ns::<k8s_openapi::api::core::v1::Event>()
+        .list(&ListParams::default().fields(&selector))
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default()
 }
 
 /// The cache's member pods, for why a member is not ready

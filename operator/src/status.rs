@@ -163,26 +163,69 @@ pub fn agent_cause(
     if desired > 0 && ready >= desired {
         return None;
     }
+    let head =
+        format!("the node agent DaemonSet {namespace}/{name} has {ready}/{desired} pods ready");
+    Some(match latest_warning(events) {
+        Some(w) => format!("{head}: {w}"),
+        None => format!("{head}: kubectl -n {namespace} describe daemonset {name}"),
+    })
+}
+
+/// The newest Warning among `events` (core/v1) as `Reason: message`, the
+/// message cut at [`MAX_CAUSE`] characters; `None` without one.
+fn latest_warning(events: &[k8s_openapi::api::core::v1::Event]) -> Option<String> {
     let when = |e: &k8s_openapi::api::core::v1::Event| {
         e.last_timestamp
             .as_ref()
             .map(|t| t.0)
             .or(e.event_time.as_ref().map(|t| t.0))
     };
-    let latest = events
+    let e = events
         .iter()
         .filter(|e| e.type_.as_deref() == Some("Warning"))
-        .max_by_key(|e| when(e));
-    let head =
-        format!("the node agent DaemonSet {namespace}/{name} has {ready}/{desired} pods ready");
-    Some(match latest {
-        Some(e) => format!(
-            "{head}: {}: {}",
-            e.reason.as_deref().unwrap_or("Warning"),
-            clip(e.message.as_deref().unwrap_or(""))
-        ),
-        None => format!("{head}: kubectl -n {namespace} describe daemonset {name}"),
-    })
+        .max_by_key(|e| when(e))?;
+    Some(format!(
+        "{}: {}",
+        e.reason.as_deref().unwrap_or("Warning"),
+        clip(e.message.as_deref().unwrap_or(""))
+    ))
+}
+
+/// The claim that keeps `pod` from being scheduled: its first
+/// PersistentVolumeClaim volume, when the scheduler says the pod has
+/// unbound claims (its own message names none, the claim's events say why:
+/// no volume and no class, a class that does not exist, a provisioner that
+/// failed). Pure.
+pub fn unbound_claim(pod: &k8s_openapi::api::core::v1::Pod) -> Option<String> {
+    let unbound = pod.status.as_ref()?.conditions.as_deref()?.iter().any(|c| {
+        c.type_ == "PodScheduled"
+            && c.status == "False"
+            && c.message.as_deref().is_some_and(|m| m.contains("unbound"))
+    });
+    if !unbound {
+        return None;
+    }
+    pod.spec
+        .as_ref()?
+        .volumes
+        .iter()
+        .flatten()
+        .find_map(|v| Some(v.persistent_volume_claim.as_ref()?.claim_name.clone()))
+}
+
+/// `pod_cause` followed by why its claim `claim` is not bound, from the
+/// claim's `events` (the PersistentVolume controller's or a provisioner's
+/// newest Warning, e.g. `FailedBinding: no persistent volumes available for
+/// this claim and no storage class is set`). Pure.
+pub fn with_claim_cause(
+    pod_cause: String,
+    claim: &str,
+    events: &[k8s_openapi::api::core::v1::Event],
+) -> String {
+    match latest_warning(events) {
+        Some(w) => format!("{pod_cause}; claim {claim}: {w}"),
+        None => pod_cause,
+    }
 }
 
 /// `s` trimmed, cut after [`MAX_CAUSE`] characters with `...`.
@@ -966,6 +1009,63 @@ mod tests {
         );
         assert!(pod_cause(&long).unwrap().ends_with("..."));
         assert!(pod_cause(&long).unwrap().len() < 400);
+    }
+
+    #[test]
+    fn an_unbound_claim_is_explained_by_its_own_newest_warning() {
+        let mut pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+            "metadata": {"name": "regmirror-a-0"},
+            "spec": {"containers": [], "volumes": [
+                {"name": "config", "configMap": {"name": "regmirror-a"}},
+                {"name": "data", "persistentVolumeClaim": {"claimName": "data-regmirror-a-0"}}]},
+            "status": {"conditions": [{"type": "PodScheduled", "status": "False",
+                "message": "0/1 nodes are available: pod has unbound immediate PersistentVolumeClaims."}]},
+        }))
+        .unwrap();
+        assert_eq!(unbound_claim(&pod).as_deref(), Some("data-regmirror-a-0"));
+        let event = |type_: &str,
+                     reason: &str,
+                     message: &str,
+                     at: i64|
+         -> k8s_openapi::api::core::v1::Event {
+            serde_json::from_value(json!({
+                "metadata": {"name": format!("e{at}")},
+                "involvedObject": {"kind": "PersistentVolumeClaim", "name": "data-regmirror-a-0"},
+                "type": type_, "reason": reason, "message": message,
+                "lastTimestamp": Timestamp::from_second(at).unwrap().to_string(),
+            }))
+            .unwrap()
+        };
+        let events = [
+            event(
+                "Warning",
+                "ProvisioningFailed",
+                "storageclass.storage.k8s.io \"gone\" not found",
+                10,
+            ),
+            event(
+                "Warning",
+                "FailedBinding",
+                "no persistent volumes available for this claim and no storage class is set",
+                20,
+            ),
+            event("Normal", "WaitForFirstConsumer", "waiting", 30),
+        ];
+        let cause = pod_cause(&pod).unwrap();
+        assert_eq!(
+            with_claim_cause(cause.clone(), "data-regmirror-a-0", &events),
+            format!(
+                "{cause}; claim data-regmirror-a-0: FailedBinding: no persistent volumes available for this claim and no storage class is set"
+            )
+        );
+        assert_eq!(
+            with_claim_cause(cause.clone(), "data-regmirror-a-0", &[]),
+            cause
+        );
+        // Unschedulable for another reason: no claim to look at.
+        pod.status.as_mut().unwrap().conditions.as_mut().unwrap()[0].message =
+            Some("0/1 nodes are available: 1 Insufficient memory.".into());
+        assert_eq!(unbound_claim(&pod), None);
     }
 
     #[test]

@@ -563,7 +563,8 @@ async fn uninstall_removes_every_mirror_or_fails_naming_what_is_left() -> Result
 }
 
 /// Issue 18, item 8 on the real API server: a cache that cannot start says
-/// why (its pod's scheduling cause) and where to look (the real namespace);
+/// why (its pod's scheduling cause, and for an unbound claim the claim's own
+/// event) and where to look (the real namespace);
 /// no condition carries a Rust debug dump of an API error; a normal delete
 /// is a Normal event; the operator's log has no colour codes off a terminal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -586,13 +587,18 @@ async fn conditions_events_and_logs_are_messages_a_user_can_act_on() -> Result<(
             |m| {
                 let c = condition(m?, "CacheAvailable")?;
                 let text = c["message"].as_str()?;
-                (c["reason"] == "CacheUnavailable" && text.contains("cannot be scheduled"))
+                // The claim's own event says why it is not bound.
+                (c["reason"] == "CacheUnavailable"
+                    && text.contains("cannot be scheduled")
+                    && text.contains("claim data-regmirror-unbound-0: "))
                     .then(|| text.to_owned())
             },
         )
         .await?;
     assert!(
-        message.contains("unbound") && message.contains("PersistentVolumeClaim"),
+        message.contains("unbound")
+            && message.contains("PersistentVolumeClaim")
+            && message.contains("\"nobody-provides-this\" not found"),
         "{message}"
     );
     assert!(

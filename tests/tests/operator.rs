@@ -205,6 +205,48 @@ fn pv_yaml(name: &str) -> String {
     )
 }
 
+/// Waits until mirror `name` is Ready with `members` (`ready/desired`) cache members.
+async fn ready_with_members(
+    cp: &ControlPlane,
+    op: &mut OperatorProcess,
+    name: &str,
+    members: &str,
+) -> Result<()> {
+    op.wait_for(
+        cp,
+        &format!("{name} Ready with {members} members"),
+        &["registrymirror", name],
+        |m| {
+            let m = m?;
+            (condition(m, "Ready")?["status"] == "True"
+                && m["status"]["cache"]["members"] == members)
+                .then_some(())
+        },
+    )
+    .await
+}
+
+/// Waits until the message of mirror `name`'s condition `type_` contains
+/// `needle`; returns the message.
+async fn condition_message(
+    cp: &ControlPlane,
+    op: &mut OperatorProcess,
+    name: &str,
+    type_: &str,
+    needle: &str,
+) -> Result<String> {
+    op.wait_for(
+        cp,
+        &format!("{name}'s {type_} saying {needle:?}"),
+        &["registrymirror", name],
+        |m| {
+            let text = condition(m?, type_)?["message"].as_str()?;
+            text.contains(needle).then(|| text.to_owned())
+        },
+    )
+    .await
+}
+
 /// What the scenarios share. The operator is declared first, so it stops
 /// before the control plane.
 struct Cluster {
@@ -659,18 +701,7 @@ async fn a_node_the_agent_daemon_set_cannot_reach_says_why() -> Result<()> {
         "  storage: {size: 1Gi}\n",
     ))
     .await?;
-    let message = op
-        .wait_for(
-            cp,
-            "unreached: the agent DaemonSet's cause",
-            &["registrymirror", "unreached"],
-            |m| {
-                let c = condition(m?, "NodesConfigured")?;
-                let text = c["message"].as_str()?;
-                text.contains("FailedCreate").then(|| text.to_owned())
-            },
-        )
-        .await?;
+    let message = condition_message(cp, op, "unreached", "NodesConfigured", "FailedCreate").await?;
     for needle in [
         "node-1: Pending",
         &format!("the node agent DaemonSet {NS}/regmirror-agent has 0/1 pods ready"),
@@ -1430,17 +1461,7 @@ async fn cache_members_discover_each_other_and_scaling_restarts_none() -> Result
     ))
     .await?;
     report(cp, "node-1", &[("pool", "Configured")]).await?;
-    op.wait_for(
-        cp,
-        "pool Ready with 1/1 members",
-        &["registrymirror", "pool"],
-        |m| {
-            let m = m?;
-            (condition(m, "Ready")?["status"] == "True" && m["status"]["cache"]["members"] == "1/1")
-                .then_some(())
-        },
-    )
-    .await?;
+    ready_with_members(cp, op, "pool", "1/1").await?;
 
     // What the operator rendered.
     let sts = cp
@@ -2183,17 +2204,7 @@ async fn a_larger_storage_size_expands_every_member_claim_and_keeps_the_members_
     };
     cp.apply_ok(&spec("1Gi")).await?;
     report(cp, "node-1", &[("grow", "Configured")]).await?;
-    op.wait_for(
-        cp,
-        "grow Ready with 2/2 members",
-        &["registrymirror", "grow"],
-        |m| {
-            let m = m?;
-            (condition(m, "Ready")?["status"] == "True" && m["status"]["cache"]["members"] == "2/2")
-                .then_some(())
-        },
-    )
-    .await?;
+    ready_with_members(cp, op, "grow", "2/2").await?;
     let claims = ["data-regmirror-grow-0", "data-regmirror-grow-1"];
     let mut pods = Vec::new();
     for i in 0..2 {
@@ -2288,18 +2299,7 @@ async fn a_larger_storage_size_expands_every_member_claim_and_keeps_the_members_
     }
     // Nothing resizes these volumes: the claims report 1Gi, so the members
     // keep 90% of 1Gi, and the status says why.
-    let cache = op
-        .wait_for(
-            cp,
-            "grow's claims said to be growing",
-            &["registrymirror", "grow"],
-            |m| {
-                let c = condition(m?, "CacheAvailable")?;
-                let text = c["message"].as_str()?;
-                text.contains("storage growing").then(|| text.to_owned())
-            },
-        )
-        .await?;
+    let cache = condition_message(cp, op, "grow", "CacheAvailable", "storage growing").await?;
     assert!(
         cache.contains("data-regmirror-grow-0 holds 1Gi of 2Gi")
             && cache.contains("data-regmirror-grow-1 holds 1Gi of 2Gi"),

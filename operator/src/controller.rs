@@ -431,6 +431,10 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
         .await?;
     // Once the StatefulSet exists, its member claims say how far a larger
     // storage.size has got: members keep within what every claim holds.
+    // Without a StatefulSet the claims are not read: a new mirror has none
+    // grown. The one exception, an operator stopped in the moment between
+    // deleting the StatefulSet for a growth and creating it anew, makes the
+    // members roll at once to the new size's cap.
     let claims = match &before {
         Some(_) => member_claim_list(mirror, ctx).await?,
         None => Vec::new(),

@@ -129,14 +129,19 @@ fn capacity(claim: &PersistentVolumeClaim) -> Option<&str> {
     )
 }
 
-/// The StorageClass a claim names (`None`: none, or empty).
+/// The beta annotation naming a claim's StorageClass, which wins over
+/// `spec.storageClassName` where it is set (Kubernetes'
+/// `GetPersistentVolumeClaimClass`, which the expansion admission uses).
+const BETA_CLASS_ANNOTATION: &str = "volume.beta.kubernetes.io/storage-class";
+
+/// The StorageClass a claim names (`None`: none, or empty), as the API
+/// server reads it for expansion.
 pub fn class_of(claim: &PersistentVolumeClaim) -> Option<&str> {
-    claim
-        .spec
-        .as_ref()?
-        .storage_class_name
-        .as_deref()
-        .filter(|c| !c.is_empty())
+    let class = match claim.annotations().get(BETA_CLASS_ANNOTATION) {
+        Some(annotated) => Some(annotated.as_str()),
+        None => claim.spec.as_ref()?.storage_class_name.as_deref(),
+    };
+    class.filter(|c| !c.is_empty())
 }
 
 /// What growing the member claims to `size` takes.
@@ -434,6 +439,12 @@ mod tests {
             ),
             bound("data-regmirror-hub-5", Some("fast"), "1Gi", "1Gi"),
         ];
+        let mut annotated = bound("data-regmirror-hub-6", Some("fast"), "1Gi", "1Gi");
+        annotated.metadata.annotations = Some(BTreeMap::from([(
+            BETA_CLASS_ANNOTATION.to_owned(),
+            "fixed".to_owned(),
+        )]));
+        let claims = [claims.as_slice(), &[annotated]].concat();
         let classes = BTreeMap::from([
             class("fixed", Some(false)),
             class("unset", None),
@@ -450,6 +461,8 @@ mod tests {
             "StorageClass unset of claim data-regmirror-hub-1 does not allow volume expansion",
             "claim data-regmirror-hub-2 has no StorageClass",
             "StorageClass gone of claim data-regmirror-hub-3 does not exist",
+            // The beta annotation wins over spec.storageClassName, as for the API server.
+            "StorageClass fixed of claim data-regmirror-hub-6 does not allow volume expansion",
             "claim data-regmirror-hub-4 is not bound",
             "Nothing was changed",
             "kubectl patch storageclass fixed -p '{\"allowVolumeExpansion\":true}'",

@@ -1740,6 +1740,159 @@ mod tests {
             );
         }
 
+        /// Generation 2 of `hub` asks for 2Gi of class `fast` where
+        /// generation 1 made 1Gi: the mirror, and its StatefulSet as it runs.
+        fn growing() -> (RegistryMirror, Value) {
+            let mut m = fixtures::mirror(true);
+            m.spec.storage.storage_class_name = Some("fast".into());
+            let mut before = m.clone();
+            m.spec.storage.size = "2Gi".into();
+            m.metadata.generation = Some(2);
+            m.status = Some(crate::crd::RegistryMirrorStatus {
+                observed_generation: Some(1),
+                hosts: Some(vec!["docker.io".into()]),
+                ..Default::default()
+            });
+            before.spec.storage.size = "1Gi".into();
+            let mut sts = serde_json::to_value(
+                resources::build(&before, &fixtures::settings(), None).stateful_set,
+            )
+            .unwrap();
+            sts["metadata"]["uid"] = json!("sts-uid");
+            (m, sts)
+        }
+
+        /// Expects the member claims listed (member 0's: bound, 1Gi, class
+        /// `fast`), then the class read, answered `class`.
+        async fn expect_claims_and_class(api: &mut ApiServer, class: Value) {
+            let call = api
+                .expect(
+                    Method::GET,
+                    &format!("/api/v1/namespaces/{NS}/persistentvolumeclaims"),
+                    StatusCode::OK,
+                    |_| {
+                        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaimList", "metadata": {},
+                               "items": [{"metadata": {"name": "data-regmirror-hub-0", "namespace": NS, "resourceVersion": "7"},
+                                          "spec": {"storageClassName": "fast", "resources": {"requests": {"storage": "1Gi"}}},
+                                          "status": {"phase": "Bound", "capacity": {"storage": "1Gi"}}}]})
+                    },
+                )
+                .await;
+            assert!(
+                call.query.contains("app.kubernetes.io%2Finstance%3Dhub"),
+                "{}",
+                call.query
+            );
+            api.expect(
+                Method::GET,
+                "/apis/storage.k8s.io/v1/storageclasses/fast",
+                StatusCode::OK,
+                |_| class,
+            )
+            .await;
+        }
+
+        #[tokio::test]
+        async fn a_larger_size_a_class_will_not_expand_writes_nothing() {
+            let (m, sts) = growing();
+            let result = fixtures::reconcile(m, |mut api| async move {
+                let stateful_set = apps("statefulsets", "regmirror-hub");
+                let running = sts.clone();
+                api.expect(Method::GET, &stateful_set, StatusCode::OK, |_| running)
+                    .await;
+                expect_claims_and_class(
+                    &mut api,
+                    json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+                           "metadata": {"name": "fast"}, "provisioner": "example.com/p"}),
+                )
+                .await;
+                // No dry run, no write: the status reads the children as they are.
+                api.expect(Method::GET, &stateful_set, StatusCode::OK, |_| sts)
+                    .await;
+                api.expect_not_found(Method::GET, &core("services", "regmirror-hub"))
+                    .await;
+                assert_eq!(
+                    api.expect_event().await,
+                    ("Warning".into(), "StorageNotExpandable".into())
+                );
+                let status = api.expect_status().await;
+                let ready = &status["conditions"][0];
+                assert_eq!(ready["reason"], "StorageNotExpandable");
+                assert!(
+                    ready["message"].as_str().unwrap().contains(
+                        "StorageClass fast of claim data-regmirror-hub-0 does not allow volume expansion"
+                    ),
+                    "{ready}"
+                );
+                assert_eq!(status["observedGeneration"], 1);
+                assert_eq!(status["hosts"], json!(["docker.io"]));
+                api
+            })
+            .await;
+            assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(60)));
+        }
+
+        #[tokio::test]
+        async fn a_larger_size_expands_the_claims_then_deletes_the_stateful_set_orphaning_its_pods()
+        {
+            let (m, sts) = growing();
+            let result = fixtures::reconcile(m, |mut api| async move {
+                let stateful_set = apps("statefulsets", "regmirror-hub");
+                api.expect(Method::GET, &stateful_set, StatusCode::OK, |_| sts)
+                    .await;
+                expect_claims_and_class(
+                    &mut api,
+                    json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+                           "metadata": {"name": "fast"}, "provisioner": "example.com/p",
+                           "allowVolumeExpansion": true}),
+                )
+                .await;
+                // The dry run sees the claim template as it runs (Kubernetes
+                // refuses a change of it).
+                api.expect(Method::PATCH, &core("services", "regmirror-hub-members"), StatusCode::OK, |c| c.body.clone())
+                    .await;
+                let dry = api
+                    .expect(Method::PATCH, &stateful_set, StatusCode::OK, |c| c.body.clone())
+                    .await;
+                assert!(dry.query.contains("dryRun=All"), "{}", dry.query);
+                assert_eq!(
+                    dry.body["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
+                    "1Gi"
+                );
+                api.expect(Method::PATCH, &core("services", "regmirror-hub"), StatusCode::OK, |c| c.body.clone())
+                    .await;
+                // Each claim grows first, on the version that was judged.
+                let claim = core("persistentvolumeclaims", "data-regmirror-hub-0");
+                api.expect(Method::GET, &claim, StatusCode::OK, |_| {
+                    json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                           "metadata": {"name": "data-regmirror-hub-0", "namespace": NS, "resourceVersion": "7"}})
+                })
+                .await;
+                let patch = api
+                    .expect(Method::PATCH, &claim, StatusCode::OK, |c| c.body.clone())
+                    .await;
+                assert_eq!(patch.content_type, "application/merge-patch+json");
+                assert_eq!(
+                    patch.body,
+                    json!({"metadata": {"resourceVersion": "7"},
+                           "spec": {"resources": {"requests": {"storage": "2Gi"}}}})
+                );
+                // Then the StatefulSet goes, its pods and claims orphaned:
+                // refused here, which ends the pass before anything else.
+                let delete = api
+                    .expect(Method::DELETE, &stateful_set, StatusCode::INTERNAL_SERVER_ERROR, |_| {
+                        json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                               "status": "Failure", "reason": "InternalError", "code": 500, "message": "etcd"})
+                    })
+                    .await;
+                assert_eq!(delete.body["propagationPolicy"], "Orphan");
+                assert_eq!(delete.body["preconditions"]["uid"], "sts-uid");
+                api
+            })
+            .await;
+            assert_eq!(result.unwrap_err().kind(), "kube");
+        }
+
         /// What cleanup does first: reads the children (the cache gone),
         /// then reports Deleting; returns the status written.
         async fn expect_deleting_status(api: &mut ApiServer) -> Value {

@@ -17,9 +17,13 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service};
+use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, Preconditions,
+    PropagationPolicy,
+};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -39,6 +43,7 @@ use crate::node_status::{self, NodesSummary};
 use crate::node_watch::{self, NodeViews};
 use crate::resources::{self, Children, MANAGER, Settings};
 use crate::status::{self, Conflict, Observed, Problem, reason};
+use crate::storage::{self, Growth, TemplateChange};
 use crate::validation;
 
 /// Held on every mirror until its node configuration is removed.
@@ -420,23 +425,55 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
         }
     };
 
-    let mut children = resources::build(mirror, &ctx.settings, creds.as_deref());
     let before: Option<StatefulSet> = ctx
         .ns::<StatefulSet>()
         .get_opt(&resources::stateful_set_name(&name))
         .await?;
-    let claims_kept = before.as_ref().is_some_and(|existing| {
-        resources::keep_claim_templates(&mut children.stateful_set, existing)
-    });
-    // Nothing is written before everything that can refuse this spec has
-    // had its say: the cache's parser, then (for a new generation) the API
-    // server in a dry run of every child. The running cache stays as it is.
-    let verdict = match validation::check(mirror, &children) {
-        Err(message) => Some(message),
-        // Boxed: a large future, run only for a new generation.
-        Ok(()) if needs_dry_run(mirror) => Box::pin(dry_run_children(&children, ctx)).await?,
-        Ok(()) => None,
+    // Once the StatefulSet exists, its member claims say how far a larger
+    // storage.size has got: members keep within what every claim holds.
+    // Without a StatefulSet the claims are not read: a new mirror has none
+    // grown. The one exception, an operator stopped in the moment between
+    // deleting the StatefulSet for a growth and creating it anew, makes the
+    // members roll at once to the new size's cap.
+    let claims = match &before {
+        Some(_) => member_claim_list(mirror, ctx).await?,
+        None => Vec::new(),
     };
+    let members = storage::member_claims(&name, &claims);
+    let settled = storage::settled_bytes(&members, mirror.spec.cache.replicas);
+    let mut children = resources::build_within(mirror, &ctx.settings, creds.as_deref(), settled);
+    let change = before.as_ref().map_or(TemplateChange::Same, |existing| {
+        storage::template_change(&children.stateful_set, existing)
+    });
+    if let Some(existing) = &before {
+        resources::keep_claim_templates(&mut children.stateful_set, existing);
+    }
+    // Nothing is written before everything that can refuse this spec has
+    // had its say: the cache's parser, whether Kubernetes will expand the
+    // member claims to a larger size, then (for a new generation) the API
+    // server in a dry run of every child. The running cache stays as it is.
+    let mut verdict = validation::check(mirror, &children).err();
+    let mut expand = None;
+    if verdict.is_none() {
+        if let TemplateChange::Grow { to, .. } = &change {
+            match Box::pin(plan_growth(ctx, &members, to)).await? {
+                Growth::Expand(names) => expand = Some(names),
+                Growth::Refused(message) => {
+                    let problem = Problem {
+                        reason: reason::STORAGE_NOT_EXPANDABLE,
+                        message,
+                    };
+                    report(mirror, ctx, conflicts, Outcome::Stopped(problem)).await?;
+                    // A StorageClass is not watched: look again in a while.
+                    return Ok(Action::requeue(Duration::from_secs(60)));
+                }
+            }
+        }
+        if needs_dry_run(mirror) {
+            // Boxed: a large future, run only for a new generation.
+            verdict = Box::pin(dry_run_children(&children, ctx)).await?;
+        }
+    }
     if let Some(message) = verdict {
         let problem = Problem {
             reason: reason::INVALID_SPEC,
@@ -445,14 +482,39 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
         report(mirror, ctx, conflicts, Outcome::Stopped(problem)).await?;
         return Ok(Action::requeue(Duration::from_secs(300)));
     }
-    if claims_kept {
+    if let (TemplateChange::Grow { from, to }, Some(existing), Some(names)) =
+        (&change, &before, &expand)
+    {
+        if let Err(problem) = Box::pin(grow_storage(ctx, existing, names, to)).await? {
+            report(mirror, ctx, conflicts, Outcome::Stopped(problem)).await?;
+            return Ok(Action::requeue(Duration::from_secs(5)));
+        }
+        resources::set_claim_size(&mut children.stateful_set, to);
+        let claims = match names.as_slice() {
+            [] => String::new(),
+            names => format!("expanded claims {} to {to}; ", names.join(", ")),
+        };
+        publish(
+            ctx,
+            mirror,
+            EventType::Normal,
+            "StorageGrown",
+            "Apply",
+            format!(
+                "storage.size {from} -> {to}: {claims}re-creating StatefulSet {} with the larger claim template (its pods keep running)",
+                existing.name_any()
+            ),
+        )
+        .await;
+    }
+    if change == TemplateChange::Kept {
         publish(
             ctx,
             mirror,
             EventType::Warning,
             "StorageUnchanged",
             "Apply",
-            "spec.storage differs from the cache StatefulSet's claims, which Kubernetes does not change: existing and new members keep the claims as they are (expand a claim by editing it, if its StorageClass allows)".into(),
+            "spec.storage asks for claims of another access mode, class or a smaller size than the cache StatefulSet's, which Kubernetes does not change: existing and new members keep the claims as they are (only a larger storage.size is carried out)".into(),
         )
         .await;
     }
@@ -488,6 +550,18 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
     };
     prune(mirror, &children, ctx).await?;
     applied.legacy_agents = retire_legacy_agents(mirror, ctx).await?;
+    applied.storage = match expand {
+        // The claims just grown: as they are now.
+        Some(_) => {
+            let claims = member_claim_list(mirror, ctx).await?;
+            storage::resizing(
+                &name,
+                &storage::member_claims(&name, &claims),
+                &ctx.settings.namespace,
+            )
+        }
+        None => storage::resizing(&name, &members, &ctx.settings.namespace),
+    };
 
     let event = match &before {
         None => Some((
@@ -540,6 +614,119 @@ async fn retire_legacy_agents(
     }
 }
 
+/// How long a pass waits for the StatefulSet it deleted to re-create it
+/// with larger claims (the garbage collector orphans its pods and claims
+/// first); then the next pass goes on.
+const STATEFUL_SET_DELETION_WAIT: Duration = Duration::from_secs(30);
+
+/// The claims labelled as `mirror`'s cache's (its member claims among them,
+/// [`storage::member_claims`]).
+async fn member_claim_list(
+    mirror: &RegistryMirror,
+    ctx: &Context,
+) -> Result<Vec<PersistentVolumeClaim>, Error> {
+    let selector = resources::pods_selector(&mirror.name_any(), resources::COMPONENT_CACHE);
+    Ok(ctx
+        .ns::<PersistentVolumeClaim>()
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items)
+}
+
+/// Reads the StorageClass of each member claim and decides whether they
+/// can all grow to `size` ([`storage::plan_growth`]). Writes nothing.
+async fn plan_growth(
+    ctx: &Context,
+    members: &[(u32, &PersistentVolumeClaim)],
+    size: &str,
+) -> Result<Growth, Error> {
+    let api: Api<StorageClass> = Api::all(ctx.client.clone());
+    let mut classes = BTreeMap::new();
+    for (_, claim) in members {
+        if let Some(class) = storage::class_of(claim)
+            && !classes.contains_key(class)
+        {
+            classes.insert(class.to_owned(), api.get_opt(class).await?);
+        }
+    }
+    Ok(storage::plan_growth(size, members, &classes))
+}
+
+/// Carries out a growth [`plan_growth`] allowed: expands each claim in
+/// `expand` to `size` (a merge patch of its request, on the version that
+/// was judged, so a claim grown larger meanwhile is never shrunk: a
+/// conflict is retried), then deletes the StatefulSet `existing` orphaning
+/// its pods and claims, and waits (at most [`STATEFUL_SET_DELETION_WAIT`])
+/// until it is gone; the caller then creates it anew. Each step is
+/// idempotent: a pass that stopped anywhere is finished by the next (a
+/// claim already grown is not expanded again; a missing StatefulSet is just
+/// created). Inner `Err`: what the status says meanwhile.
+async fn grow_storage(
+    ctx: &Context,
+    existing: &StatefulSet,
+    expand: &[String],
+    size: &str,
+) -> Result<Result<(), Problem>, Error> {
+    let claims = ctx.ns::<PersistentVolumeClaim>();
+    let params = PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..PatchParams::default()
+    };
+    for name in expand {
+        let Some(claim) = claims.get_opt(name).await? else {
+            continue;
+        };
+        let patch = json!({
+            "metadata": {"resourceVersion": claim.resource_version()},
+            "spec": {"resources": {"requests": {"storage": size}}},
+        });
+        match claims.patch(name, &params, &Patch::Merge(&patch)).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if matches!(s.code, 403 | 422) => {
+                return Ok(Err(Problem {
+                    reason: reason::STORAGE_NOT_EXPANDABLE,
+                    message: format!(
+                        "the API server refuses to expand claim {name} to {size}: {}",
+                        api_error_text(&kube::Error::Api(s))
+                    ),
+                }));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let api = ctx.ns::<StatefulSet>();
+    let name = existing.name_any();
+    let orphan = DeleteParams {
+        propagation_policy: Some(PropagationPolicy::Orphan),
+        preconditions: Some(Preconditions {
+            uid: existing.uid(),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(&name, &orphan).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    let deadline = Instant::now() + STATEFUL_SET_DELETION_WAIT;
+    loop {
+        let current = api.get_opt(&name).await?;
+        if current.is_none_or(|s| s.uid() != existing.uid()) {
+            return Ok(Ok(()));
+        }
+        if Instant::now() >= deadline {
+            return Ok(Err(Problem {
+                reason: reason::STORAGE_GROWING,
+                message: format!(
+                    "re-creating the cache StatefulSet {name} with claims of {size}: waiting for its deletion to finish (its pods and claims stay and keep running)"
+                ),
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Outer `Err`: the API failed (retry); inner `Err`: the user must fix something.
 async fn load_credentials(
     mirror: &RegistryMirror,
@@ -571,6 +758,8 @@ struct Seen {
     service: Option<Service>,
     /// Why the per-mirror agent DaemonSet is still kept, if it is.
     legacy_agents: Option<String>,
+    /// Member claims still growing ([`storage::resizing`]).
+    storage: Option<String>,
 }
 
 impl Seen {
@@ -587,6 +776,7 @@ impl Seen {
                 .get_opt(&resources::service_name(&name))
                 .await?,
             legacy_agents: None,
+            storage: None,
         })
     }
 
@@ -611,6 +801,7 @@ impl Seen {
             cache_replicas: self.stateful_set.as_ref().map(members),
             node_port: self.service.as_ref().and_then(node_port),
             legacy_agents: self.legacy_agents.clone(),
+            storage: self.storage.clone(),
             ..Default::default()
         }
     }
@@ -1584,6 +1775,159 @@ mod tests {
                 err.to_string().contains("n2") && !err.to_string().contains("n1"),
                 "{err}"
             );
+        }
+
+        /// Generation 2 of `hub` asks for 2Gi of class `fast` where
+        /// generation 1 made 1Gi: the mirror, and its StatefulSet as it runs.
+        fn growing() -> (RegistryMirror, Value) {
+            let mut m = fixtures::mirror(true);
+            m.spec.storage.storage_class_name = Some("fast".into());
+            let mut before = m.clone();
+            m.spec.storage.size = "2Gi".into();
+            m.metadata.generation = Some(2);
+            m.status = Some(crate::crd::RegistryMirrorStatus {
+                observed_generation: Some(1),
+                hosts: Some(vec!["docker.io".into()]),
+                ..Default::default()
+            });
+            before.spec.storage.size = "1Gi".into();
+            let mut sts = serde_json::to_value(
+                resources::build(&before, &fixtures::settings(), None).stateful_set,
+            )
+            .unwrap();
+            sts["metadata"]["uid"] = json!("sts-uid");
+            (m, sts)
+        }
+
+        /// Expects the member claims listed (member 0's: bound, 1Gi, class
+        /// `fast`), then the class read, answered `class`.
+        async fn expect_claims_and_class(api: &mut ApiServer, class: Value) {
+            let call = api
+                .expect(
+                    Method::GET,
+                    &format!("/api/v1/namespaces/{NS}/persistentvolumeclaims"),
+                    StatusCode::OK,
+                    |_| {
+                        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaimList", "metadata": {},
+                               "items": [{"metadata": {"name": "data-regmirror-hub-0", "namespace": NS, "resourceVersion": "7"},
+                                          "spec": {"storageClassName": "fast", "resources": {"requests": {"storage": "1Gi"}}},
+                                          "status": {"phase": "Bound", "capacity": {"storage": "1Gi"}}}]})
+                    },
+                )
+                .await;
+            assert!(
+                call.query.contains("app.kubernetes.io%2Finstance%3Dhub"),
+                "{}",
+                call.query
+            );
+            api.expect(
+                Method::GET,
+                "/apis/storage.k8s.io/v1/storageclasses/fast",
+                StatusCode::OK,
+                |_| class,
+            )
+            .await;
+        }
+
+        #[tokio::test]
+        async fn a_larger_size_a_class_will_not_expand_writes_nothing() {
+            let (m, sts) = growing();
+            let result = fixtures::reconcile(m, |mut api| async move {
+                let stateful_set = apps("statefulsets", "regmirror-hub");
+                let running = sts.clone();
+                api.expect(Method::GET, &stateful_set, StatusCode::OK, |_| running)
+                    .await;
+                expect_claims_and_class(
+                    &mut api,
+                    json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+                           "metadata": {"name": "fast"}, "provisioner": "example.com/p"}),
+                )
+                .await;
+                // No dry run, no write: the status reads the children as they are.
+                api.expect(Method::GET, &stateful_set, StatusCode::OK, |_| sts)
+                    .await;
+                api.expect_not_found(Method::GET, &core("services", "regmirror-hub"))
+                    .await;
+                assert_eq!(
+                    api.expect_event().await,
+                    ("Warning".into(), "StorageNotExpandable".into())
+                );
+                let status = api.expect_status().await;
+                let ready = &status["conditions"][0];
+                assert_eq!(ready["reason"], "StorageNotExpandable");
+                assert!(
+                    ready["message"].as_str().unwrap().contains(
+                        "StorageClass fast of claim data-regmirror-hub-0 does not allow volume expansion"
+                    ),
+                    "{ready}"
+                );
+                assert_eq!(status["observedGeneration"], 1);
+                assert_eq!(status["hosts"], json!(["docker.io"]));
+                api
+            })
+            .await;
+            assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(60)));
+        }
+
+        #[tokio::test]
+        async fn a_larger_size_expands_the_claims_then_deletes_the_stateful_set_orphaning_its_pods()
+        {
+            let (m, sts) = growing();
+            let result = fixtures::reconcile(m, |mut api| async move {
+                let stateful_set = apps("statefulsets", "regmirror-hub");
+                api.expect(Method::GET, &stateful_set, StatusCode::OK, |_| sts)
+                    .await;
+                expect_claims_and_class(
+                    &mut api,
+                    json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+                           "metadata": {"name": "fast"}, "provisioner": "example.com/p",
+                           "allowVolumeExpansion": true}),
+                )
+                .await;
+                // The dry run sees the claim template as it runs (Kubernetes
+                // refuses a change of it).
+                api.expect(Method::PATCH, &core("services", "regmirror-hub-members"), StatusCode::OK, |c| c.body.clone())
+                    .await;
+                let dry = api
+                    .expect(Method::PATCH, &stateful_set, StatusCode::OK, |c| c.body.clone())
+                    .await;
+                assert!(dry.query.contains("dryRun=All"), "{}", dry.query);
+                assert_eq!(
+                    dry.body["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
+                    "1Gi"
+                );
+                api.expect(Method::PATCH, &core("services", "regmirror-hub"), StatusCode::OK, |c| c.body.clone())
+                    .await;
+                // Each claim grows first, on the version that was judged.
+                let claim = core("persistentvolumeclaims", "data-regmirror-hub-0");
+                api.expect(Method::GET, &claim, StatusCode::OK, |_| {
+                    json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                           "metadata": {"name": "data-regmirror-hub-0", "namespace": NS, "resourceVersion": "7"}})
+                })
+                .await;
+                let patch = api
+                    .expect(Method::PATCH, &claim, StatusCode::OK, |c| c.body.clone())
+                    .await;
+                assert_eq!(patch.content_type, "application/merge-patch+json");
+                assert_eq!(
+                    patch.body,
+                    json!({"metadata": {"resourceVersion": "7"},
+                           "spec": {"resources": {"requests": {"storage": "2Gi"}}}})
+                );
+                // Then the StatefulSet goes, its pods and claims orphaned:
+                // refused here, which ends the pass before anything else.
+                let delete = api
+                    .expect(Method::DELETE, &stateful_set, StatusCode::INTERNAL_SERVER_ERROR, |_| {
+                        json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                               "status": "Failure", "reason": "InternalError", "code": 500, "message": "etcd"})
+                    })
+                    .await;
+                assert_eq!(delete.body["propagationPolicy"], "Orphan");
+                assert_eq!(delete.body["preconditions"]["uid"], "sts-uid");
+                api
+            })
+            .await;
+            assert_eq!(result.unwrap_err().kind(), "kube");
         }
 
         /// What cleanup does first: reads the children (the cache gone),

@@ -177,14 +177,16 @@ impl AccessMode {
 #[serde(rename_all = "camelCase")]
 pub struct Storage {
     /// Requested volume size of each member (a Kubernetes quantity such as 20Gi).
-    /// Fixed once the StatefulSet exists (Kubernetes does not change its claim templates).
+    /// May only grow: the operator then expands every member's claim (their
+    /// StorageClass must allow volume expansion) and re-creates the StatefulSet
+    /// with the larger claim template, its pods kept running.
     #[schemars(length(max = 64))]
     #[x_kube(
         validation = Rule::new(r"self.matches('^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$')")
             .message("size must be a quantity such as 500Mi, 20Gi or 1Ti"),
         validation = positive_quantity_rule("size"),
-        validation = Rule::new("self == oldSelf || (isQuantity(self) && isQuantity(oldSelf) && quantity(self).compareTo(quantity(oldSelf)) == 0)")
-            .message("size is fixed once the mirror exists: Kubernetes does not change a StatefulSet's claim templates (expand each member's claim with kubectl edit pvc, if its StorageClass allows, or create a new mirror)")
+        validation = Rule::new("self == oldSelf || (isQuantity(self) && isQuantity(oldSelf) && quantity(self).compareTo(quantity(oldSelf)) >= 0)")
+            .message("storage.size may only grow: Kubernetes does not shrink a volume (for smaller volumes create a new mirror); a larger size expands every member's claim, which needs a StorageClass with allowVolumeExpansion: true")
     )]
     #[serde(default = "default_storage_size")]
     pub size: String,

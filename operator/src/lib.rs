@@ -32,5 +32,6 @@ pub mod quiet;
 pub mod resources;
 pub mod selection;
 pub mod status;
+pub mod storage;
 pub mod uninstall;
 pub mod validation;

@@ -299,6 +299,20 @@ fn typed<T: serde::de::DeserializeOwned>(v: Value) -> T {
 /// Durations are passed through as the spec writes them (the CRD checks their
 /// syntax, the cache parses them).
 pub fn cache_config(mirror: &RegistryMirror, namespace: &str, with_credentials: bool) -> String {
+    cache_config_within(mirror, namespace, with_credentials, None)
+}
+
+/// [`cache_config`] for members whose claims are known to hold only
+/// `settled` bytes each (`None`: unknown, taken to be `storage.size`):
+/// the member cap is then 90% of the smaller of the two, so while claims
+/// grow ([`crate::storage::settled_bytes`]) no member fills a volume that
+/// has not grown yet.
+pub fn cache_config_within(
+    mirror: &RegistryMirror,
+    namespace: &str,
+    with_credentials: bool,
+    settled: Option<u64>,
+) -> String {
     let spec = &mirror.spec;
     let duration = |d: &Option<String>| d.as_deref().map(DurationText::new);
     let file = FileConfig {
@@ -319,7 +333,7 @@ pub fn cache_config(mirror: &RegistryMirror, namespace: &str, with_credentials: 
             .and_then(crate::quantity::bytes),
         max_age: duration(&spec.cache.max_age),
         cluster: FileCluster {
-            member_max_size: member_cap(spec),
+            member_max_size: member_cap(spec, settled),
             discovery: Some(FileDiscovery {
                 service: members_service_name(&mirror.name()),
                 namespace: Some(namespace.into()),
@@ -351,16 +365,29 @@ pub fn cache_config(mirror: &RegistryMirror, namespace: &str, with_credentials: 
 /// is the budget of all members together, of which each keeps its share
 /// (budget / members it sees) within this cap; without it each member fills
 /// its own volume. Neither depends on `replicas`, so scaling changes no
-/// configuration.
-fn member_cap(spec: &crate::crd::RegistryMirrorSpec) -> Option<u64> {
-    crate::quantity::bytes(&spec.storage.size).map(|b| b / 10 * 9)
+/// configuration. `settled`: what the claims are known to hold, when less
+/// ([`cache_config_within`]).
+fn member_cap(spec: &crate::crd::RegistryMirrorSpec, settled: Option<u64>) -> Option<u64> {
+    let size = crate::quantity::bytes(&spec.storage.size)?;
+    Some(settled.map_or(size, |s| s.min(size)) / 10 * 9)
 }
 
 /// Builds every child of `mirror`. `credentials` is the merged docker
 /// `config.json` (see [`crate::credentials`]), when any upstream has credentials.
 pub fn build(mirror: &RegistryMirror, settings: &Settings, credentials: Option<&[u8]>) -> Children {
+    build_within(mirror, settings, credentials, None)
+}
+
+/// [`build`] for members whose claims hold `settled` bytes each, when
+/// known: see [`cache_config_within`].
+pub fn build_within(
+    mirror: &RegistryMirror,
+    settings: &Settings,
+    credentials: Option<&[u8]>,
+    settled: Option<u64>,
+) -> Children {
     let name = mirror.name();
-    let config = cache_config(mirror, &settings.namespace, credentials.is_some());
+    let config = cache_config_within(mirror, &settings.namespace, credentials.is_some(), settled);
     let mut hasher = Sha256::new();
     hasher.update(config.as_bytes());
     // A new credentials Secret changes the volumes anyway; its content is
@@ -599,6 +626,28 @@ pub fn keep_claim_templates(built: &mut StatefulSet, existing: &StatefulSet) -> 
     differs
 }
 
+/// Sets the storage request of `sts`'s claim template to `size`: the larger
+/// size its StatefulSet is re-created with once every member claim was
+/// expanded ([`crate::storage`]).
+pub fn set_claim_size(sts: &mut StatefulSet, size: &str) {
+    let templates = sts
+        .spec
+        .as_mut()
+        .and_then(|s| s.volume_claim_templates.as_mut());
+    for t in templates.into_iter().flatten() {
+        t.spec
+            .get_or_insert_with(Default::default)
+            .resources
+            .get_or_insert_with(Default::default)
+            .requests
+            .get_or_insert_with(Default::default)
+            .insert(
+                "storage".into(),
+                k8s_openapi::apimachinery::pkg::api::resource::Quantity(size.into()),
+            );
+    }
+}
+
 /// The headless Service listing the ready members (its EndpointSlices are
 /// what discovery watches): no cluster IP, not-ready pods left out.
 fn members_service_json(mirror: &RegistryMirror, settings: &Settings) -> Value {
@@ -826,6 +875,26 @@ mod tests {
         assert_eq!(c.limits.max_age, None);
         assert_eq!(c.credentials, None);
         assert_eq!(c.upstreams[0].tag_ttl, std::time::Duration::ZERO);
+    }
+
+    #[test]
+    fn members_cap_follows_what_their_claims_hold_while_they_grow() {
+        let m = mirror(json!({"upstreams": [{"host": "docker.io"}], "storage": {"size": "20Gi"}}));
+        let cap = |settled| {
+            resolved_by_the_cache(&cache_config_within(&m, NS, false, settled))
+                .cluster
+                .unwrap()
+                .member_max_size
+        };
+        // Claims still at 10Gi of 20Gi: 90% of 10Gi, not of a volume not there yet.
+        assert_eq!(cap(Some(10 << 30)), Some((10u64 << 30) / 10 * 9));
+        // Claims larger than asked (provisioners round up), or unknown: storage.size.
+        assert_eq!(cap(Some(25 << 30)), Some((20u64 << 30) / 10 * 9));
+        assert_eq!(cap(None), Some((20u64 << 30) / 10 * 9));
+        assert_eq!(
+            build_within(&m, &settings(), None, Some(20 << 30)).config_map,
+            build(&m, &settings(), None).config_map
+        );
     }
 
     /// The rendered text is hashed onto the cache's pod template, so any
@@ -1063,6 +1132,27 @@ port_name = "registry"
         assert_eq!(
             v(&built)["spec"]["volumeClaimTemplates"],
             v(&existing)["spec"]["volumeClaimTemplates"]
+        );
+    }
+
+    #[test]
+    fn a_grown_claim_template_differs_from_the_spec_in_nothing() {
+        let small = build(
+            &mirror(json!({"upstreams": [{"host": "docker.io"}], "storage": {"size": "1Gi"}})),
+            &settings(),
+            None,
+        );
+        let bigger =
+            mirror(json!({"upstreams": [{"host": "docker.io"}], "storage": {"size": "3Gi"}}));
+        let mut grown = small.stateful_set.clone();
+        set_claim_size(&mut grown, "3Gi");
+        assert_eq!(
+            v(&grown)["spec"]["volumeClaimTemplates"],
+            v(&build(&bigger, &settings(), None).stateful_set)["spec"]["volumeClaimTemplates"]
+        );
+        assert_eq!(
+            v(&grown)["spec"]["template"],
+            v(&small.stateful_set)["spec"]["template"]
         );
     }
 

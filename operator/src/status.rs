@@ -26,6 +26,13 @@ pub mod reason {
     pub const MEMBERS_NOT_READY: &str = "MembersNotReady";
     /// The cache is moving from the single-Deployment layout to a StatefulSet.
     pub const MIGRATING: &str = "Migrating";
+    /// A larger `storage.size` whose member claims Kubernetes will not
+    /// expand (class without `allowVolumeExpansion`, unbound claim):
+    /// nothing of that generation is applied ([`crate::storage`]).
+    pub const STORAGE_NOT_EXPANDABLE: &str = "StorageNotExpandable";
+    /// The cache StatefulSet is being re-created with larger claims and its
+    /// deletion (pods and claims orphaned, kept running) has not finished.
+    pub const STORAGE_GROWING: &str = "StorageGrowing";
     pub const NOT_OBSERVED: &str = "NotObserved";
     pub const NODES_CONFIGURED: &str = "NodesConfigured";
     pub const AGENTS_READY: &str = "AgentsReady";
@@ -137,6 +144,9 @@ pub struct Observed {
     /// was (issue 18: an edit that failed half-way still published its new
     /// hosts, so agents pointed nodes at a cache that did not serve them).
     pub not_applied: bool,
+    /// Member claims still growing to a larger `storage.size`
+    /// ([`crate::storage::resizing`]): said in `CacheAvailable`, blocks nothing.
+    pub storage: Option<String>,
 }
 
 /// Why the installer's node agent DaemonSet `namespace`/`name` (`ds`, `None`
@@ -389,7 +399,10 @@ pub fn compute(
             CACHE_AVAILABLE,
             true,
             reason::AVAILABLE,
-            format!("{ready}/{want} cache members ready"),
+            match &observed.storage {
+                Some(growing) => format!("{ready}/{want} cache members ready; {growing}"),
+                None => format!("{ready}/{want} cache members ready"),
+            },
         ),
         Some((want, ready)) => cond(
             CACHE_AVAILABLE,
@@ -898,6 +911,26 @@ mod tests {
             }]
         );
         assert!(share_a_host(&a, &b) && !share_a_host(&b, &c));
+    }
+
+    #[test]
+    fn claims_still_growing_are_said_without_holding_ready_back() {
+        let m = mirror("a", 1, &["docker.io"]);
+        let obs = Observed {
+            cache_replicas: Some((1, 1)),
+            node_port: Some(31500),
+            nodes: reported(1, 1),
+            storage: Some("storage growing: data-regmirror-a-0 holds 1Gi of 2Gi".into()),
+            ..Default::default()
+        };
+        let s = compute(&m, None, &obs, t(1000));
+        let cache = condition(Some(&s), CACHE_AVAILABLE).unwrap();
+        assert_eq!(
+            cache.message,
+            "1/1 cache members ready; storage growing: data-regmirror-a-0 holds 1Gi of 2Gi"
+        );
+        assert_eq!(condition(Some(&s), READY).unwrap().status, "True");
+        assert_eq!(s.observed_generation, Some(3));
     }
 
     #[test]

@@ -31,7 +31,8 @@ const IDENTITY: &str = "op-1";
 
 /// Every scenario of this file: the shared control plane is stopped when this
 /// many have had their [`turn`].
-const SCENARIOS: [&str; 17] = [
+const SCENARIOS: [&str; 18] = [
+    "a_larger_storage_size_expands_every_member_claim_and_keeps_the_members_running",
     "a_node_the_agent_daemon_set_cannot_reach_says_why",
     "invalid_specs_are_rejected_with_the_schemas_messages",
     "conditions_events_and_logs_are_messages_a_user_can_act_on",
@@ -202,6 +203,48 @@ fn pv_yaml(name: &str) -> String {
     format!(
         "apiVersion: v1\nkind: PersistentVolume\nmetadata:\n  name: {name}\nspec:\n  capacity: {{storage: 20Gi}}\n  accessModes: [ReadWriteOnce]\n  hostPath: {{path: /tmp/{name}}}\n"
     )
+}
+
+/// Waits until mirror `name` is Ready with `members` (`ready/desired`) cache members.
+async fn ready_with_members(
+    cp: &ControlPlane,
+    op: &mut OperatorProcess,
+    name: &str,
+    members: &str,
+) -> Result<()> {
+    op.wait_for(
+        cp,
+        &format!("{name} Ready with {members} members"),
+        &["registrymirror", name],
+        |m| {
+            let m = m?;
+            (condition(m, "Ready")?["status"] == "True"
+                && m["status"]["cache"]["members"] == members)
+                .then_some(())
+        },
+    )
+    .await
+}
+
+/// Waits until the message of mirror `name`'s condition `type_` contains
+/// `needle`; returns the message.
+async fn condition_message(
+    cp: &ControlPlane,
+    op: &mut OperatorProcess,
+    name: &str,
+    type_: &str,
+    needle: &str,
+) -> Result<String> {
+    op.wait_for(
+        cp,
+        &format!("{name}'s {type_} saying {needle:?}"),
+        &["registrymirror", name],
+        |m| {
+            let text = condition(m?, type_)?["message"].as_str()?;
+            text.contains(needle).then(|| text.to_owned())
+        },
+    )
+    .await
 }
 
 /// What the scenarios share. The operator is declared first, so it stops
@@ -664,18 +707,7 @@ async fn a_node_the_agent_daemon_set_cannot_reach_says_why() -> Result<()> {
         "  storage: {size: 1Gi}\n",
     ))
     .await?;
-    let message = op
-        .wait_for(
-            cp,
-            "unreached: the agent DaemonSet's cause",
-            &["registrymirror", "unreached"],
-            |m| {
-                let c = condition(m?, "NodesConfigured")?;
-                let text = c["message"].as_str()?;
-                text.contains("FailedCreate").then(|| text.to_owned())
-            },
-        )
-        .await?;
+    let message = condition_message(cp, op, "unreached", "NodesConfigured", "FailedCreate").await?;
     for needle in [
         "node-1: Pending",
         &format!("the node agent DaemonSet {NS}/regmirror-agent has 0/1 pods ready"),
@@ -925,7 +957,10 @@ async fn a_spec_the_cache_or_the_api_server_refuses_leaves_the_running_cache_alo
             r#"{"spec":{"storage":{"accessMode":"ReadWriteMany"}}}"#,
             "accessMode is fixed",
         ),
-        (r#"{"spec":{"storage":{"size":"2Gi"}}}"#, "size is fixed"),
+        (
+            r#"{"spec":{"storage":{"size":"512Mi"}}}"#,
+            "storage.size may only grow",
+        ),
         (
             r#"{"spec":{"storage":{"storageClassName":"fast"}}}"#,
             "storageClassName is fixed",
@@ -1432,17 +1467,7 @@ async fn cache_members_discover_each_other_and_scaling_restarts_none() -> Result
     ))
     .await?;
     report(cp, "node-1", &[("pool", "Configured")]).await?;
-    op.wait_for(
-        cp,
-        "pool Ready with 1/1 members",
-        &["registrymirror", "pool"],
-        |m| {
-            let m = m?;
-            (condition(m, "Ready")?["status"] == "True" && m["status"]["cache"]["members"] == "1/1")
-                .then_some(())
-        },
-    )
-    .await?;
+    ready_with_members(cp, op, "pool", "1/1").await?;
 
     // What the operator rendered.
     let sts = cp
@@ -2111,4 +2136,213 @@ async fn per_mirror_agents_are_retired_once_the_shared_agent_reports_every_node(
         .await?;
     mirror_gone(cp, op, "mig").await?;
     remove_nodes(cp, &nodes).await
+}
+
+/// `(uid, generation, claim template request)` of mirror `name`'s StatefulSet.
+async fn stateful_set_shape(cp: &ControlPlane, name: &str) -> Result<(String, i64, String)> {
+    let sts = cp
+        .get_json(&["statefulset", &format!("regmirror-{name}"), "-n", NS])
+        .await?
+        .with_context(|| format!("{name}'s StatefulSet"))?;
+    Ok((
+        sts["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        sts["metadata"]["generation"].as_i64().unwrap_or_default(),
+        sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    ))
+}
+
+/// The requested size of each claim in `names`.
+async fn claim_requests(cp: &ControlPlane, names: &[&str]) -> Result<Vec<String>> {
+    let mut sizes = Vec::new();
+    for n in names {
+        let claim = cp
+            .get_json(&["pvc", n, "-n", NS])
+            .await?
+            .with_context(|| format!("claim {n}"))?;
+        sizes.push(
+            claim["spec"]["resources"]["requests"]["storage"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+    }
+    Ok(sizes)
+}
+
+/// Issue 18, item 2: `storage.size` only grows. A larger size whose claims'
+/// StorageClass does not allow expansion is `StorageNotExpandable` with
+/// nothing written (claims and StatefulSet as they were, the last applied
+/// generation kept); once the class allows it, every member claim is
+/// expanded, the StatefulSet re-created with the larger template and the
+/// running pods adopted (same uids); each member's cap stays within what the
+/// claims report (no resizer here: they keep 1Gi, said in `CacheAvailable`).
+/// A smaller size is refused at apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_larger_storage_size_expands_every_member_claim_and_keeps_the_members_running()
+-> Result<()> {
+    let mut turn =
+        turn("a_larger_storage_size_expands_every_member_claim_and_keeps_the_members_running")
+            .await;
+    let (cp, op) = turn.cluster().await?;
+    // Not the default class: other scenarios' claims never get it.
+    cp.apply_ok(
+        "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {name: grow}\nprovisioner: kubernetes.io/no-provisioner\nvolumeBindingMode: Immediate\n",
+    )
+    .await?;
+    for i in 0..2 {
+        cp.apply_ok(&class_pv_yaml(&format!("grow-pv-{i}"), "grow", "Retain"))
+            .await?;
+    }
+    let spec = |size: &str| {
+        mirror_yaml(
+            "grow",
+            "[{host: grow.example}]",
+            &format!(
+                "  storage: {{size: {size}, storageClassName: grow}}\n  cache: {{replicas: 2}}\n"
+            ),
+        )
+    };
+    cp.apply_ok(&spec("1Gi")).await?;
+    report(cp, "node-1", &[("grow", "Configured")]).await?;
+    ready_with_members(cp, op, "grow", "2/2").await?;
+    let claims = ["data-regmirror-grow-0", "data-regmirror-grow-1"];
+    let mut pods = Vec::new();
+    for i in 0..2 {
+        pods.push(ready_pod(cp, op, &format!("regmirror-grow-{i}")).await?.1);
+    }
+    let sts1 = stateful_set_shape(cp, "grow").await?;
+    assert_eq!(sts1.2, "1Gi");
+    let config = |cm: Option<&serde_json::Value>| {
+        cm.and_then(|c| c["data"]["config.toml"].as_str().map(str::to_owned))
+    };
+    let config1 = config(
+        cp.get_json(&["configmap", "regmirror-grow", "-n", NS])
+            .await?
+            .as_ref(),
+    )
+    .context("grow's config")?;
+    assert!(
+        config1.contains(&format!("member_max_size = {}", (1u64 << 30) / 10 * 9)),
+        "{config1}"
+    );
+
+    // The class does not allow expansion: refused, nothing written.
+    patch_mirror(cp, "grow", r#"{"spec":{"storage":{"size":"2Gi"}}}"#).await?;
+    let message = op
+        .wait_for(
+            cp,
+            "grow StorageNotExpandable",
+            &["registrymirror", "grow"],
+            |m| {
+                let ready = condition(m?, "Ready")?;
+                (ready["reason"] == "StorageNotExpandable" && ready["observedGeneration"] == 2)
+                    .then(|| ready["message"].as_str().unwrap_or_default().to_owned())
+            },
+        )
+        .await?;
+    for part in [
+        "StorageClass grow of claim data-regmirror-grow-0 does not allow volume expansion",
+        "data-regmirror-grow-1",
+        "Nothing was changed",
+        "kubectl patch storageclass grow",
+    ] {
+        assert!(message.contains(part), "{part:?} in {message}");
+    }
+    let m = cp
+        .get_json(&["registrymirror", "grow"])
+        .await?
+        .context("grow")?;
+    assert_eq!(m["status"]["observedGeneration"], 1);
+    assert_eq!(claim_requests(cp, &claims).await?, ["1Gi", "1Gi"]);
+    assert_eq!(stateful_set_shape(cp, "grow").await?, sts1);
+
+    // Smaller than the current size: refused at apply.
+    let out = cp.apply(&spec("1Gi")).await?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("storage.size may only grow"),
+        "{stderr}"
+    );
+
+    // The class allows it now: every claim grows, the StatefulSet is
+    // re-created with the larger template, and the pods stay.
+    cp.kubectl_ok(&[
+        "patch",
+        "storageclass",
+        "grow",
+        "-p",
+        r#"{"allowVolumeExpansion":true}"#,
+    ])
+    .await?;
+    cp.kubectl_ok(&["annotate", "registrymirror", "grow", "e2e/poke=1"])
+        .await?;
+    op.wait_for(
+        cp,
+        "grow Ready at generation 2",
+        &["registrymirror", "grow"],
+        |m| {
+            let m = m?;
+            (condition(m, "Ready")?["status"] == "True"
+                && m["status"]["observedGeneration"] == 2
+                && m["status"]["cache"]["members"] == "2/2")
+                .then_some(())
+        },
+    )
+    .await?;
+    let sts2 = stateful_set_shape(cp, "grow").await?;
+    assert_ne!(sts2.0, sts1.0, "the StatefulSet was not re-created");
+    assert_eq!(sts2.2, "2Gi");
+    assert_eq!(claim_requests(cp, &claims).await?, ["2Gi", "2Gi"]);
+    for (i, uid) in pods.iter().enumerate() {
+        let (_, now) = ready_pod(cp, op, &format!("regmirror-grow-{i}")).await?;
+        assert_eq!(&now, uid, "member {i}'s pod was replaced");
+    }
+    // Nothing resizes these volumes: the claims report 1Gi, so the members
+    // keep 90% of 1Gi, and the status says why.
+    let cache = condition_message(cp, op, "grow", "CacheAvailable", "storage growing").await?;
+    assert!(
+        cache.contains("data-regmirror-grow-0 holds 1Gi of 2Gi")
+            && cache.contains("data-regmirror-grow-1 holds 1Gi of 2Gi"),
+        "{cache}"
+    );
+    let config2 = config(
+        cp.get_json(&["configmap", "regmirror-grow", "-n", NS])
+            .await?
+            .as_ref(),
+    );
+    assert_eq!(config2.as_deref(), Some(config1.as_str()));
+
+    report(cp, "node-1", &[("grow", "Gone")]).await?;
+    cp.kubectl_ok(&["delete", "registrymirror", "grow", "--wait=false"])
+        .await?;
+    mirror_gone(cp, op, "grow").await?;
+    cp.kubectl_ok(&[
+        "delete",
+        "pvc",
+        claims[0],
+        claims[1],
+        "-n",
+        NS,
+        "--ignore-not-found",
+        "--wait=false",
+    ])
+    .await?;
+    cp.kubectl_ok(&[
+        "delete",
+        "pv",
+        "grow-pv-0",
+        "grow-pv-1",
+        "--ignore-not-found",
+        "--wait=false",
+    ])
+    .await?;
+    cp.kubectl_ok(&["delete", "storageclass", "grow", "--ignore-not-found"])
+        .await?;
+    Ok(())
 }

@@ -634,7 +634,7 @@ async fn conditions_events_and_logs_are_messages_a_user_can_act_on() -> Result<(
                 (c["reason"] == "CacheUnavailable"
                     && text.contains("cannot be scheduled")
                     && text.contains("claim data-regmirror-unbound-0: "))
-                    .then(|| text.to_owned())
+                .then(|| text.to_owned())
             },
         )
         .await?;

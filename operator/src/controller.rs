@@ -891,9 +891,7 @@ async fn report(
                 };
             }
             if host_network {
-                observed.cache_addresses = pods
-                    .as_deref()
-                    .map(|p| status::member_addresses(p, mirror.spec.cache.port));
+                observed.cache_addresses = pods.as_deref().map(status::member_addresses);
             }
             (observed, None, None)
         }

@@ -55,6 +55,11 @@ pub struct RegistryMirrorSpec {
     pub storage: Storage,
     /// The cache: a StatefulSet of `replicas` members acting as one cache.
     #[serde(default)]
+    // The cache runs unprivileged: on the node's network it may bind only
+    // ports from net.ipv4.ip_unprivileged_port_start (1024 by default; a
+    // pod's own network lowers it to 0).
+    #[x_kube(validation = Rule::new("!has(self.hostNetwork) || !self.hostNetwork || !has(self.port) || self.port >= 1024")
+        .message("cache.port must be 1024 or more with cache.hostNetwork: the cache runs unprivileged and binds the port on the node"))]
     pub cache: CacheSpec,
     /// Which nodes are configured to pull through the cache, and how.
     #[serde(default)]
@@ -305,7 +310,8 @@ pub struct CacheSpec {
     /// own first, so containerd fails over between members before the upstream)
     /// instead of the Service's NodePort. For clusters without kube-proxy NodePorts and
     /// for caches pinned to storage nodes. At most one member per node (the port is
-    /// the node's); the namespace's Pod Security level must allow host networking.
+    /// the node's, and it must be 1024 or more: the cache runs unprivileged); the
+    /// namespace's Pod Security level must allow host networking.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub host_network: bool,
 }
@@ -432,8 +438,9 @@ pub struct RegistryMirrorStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_port: Option<i32>,
     /// With `cache.hostNetwork`: where nodes reach the cache members, `<node-address>:<port>`
-    /// of each node a member runs on (by member ordinal). Kept while no member has a
-    /// node (a member being replaced), so nodes keep the upstream as fallback.
+    /// of each ready member's node (by member ordinal). Kept while no member is ready (a
+    /// member being replaced), so nodes keep the upstream as fallback; absent, nodes use
+    /// the NodePort.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_addresses: Option<Vec<String>>,
     /// Existing nodes this mirror selects (spec.nodes.nodeSelector and tolerations).

@@ -103,9 +103,15 @@ impl std::str::FromStr for HostPort {
             .rsplit_once(':')
             .ok_or_else(|| format!("{s:?}: expected host:port"))?;
         let host = match host.strip_prefix('[') {
-            Some(h) => h
-                .strip_suffix(']')
-                .ok_or_else(|| format!("{s:?}: unclosed '['"))?,
+            Some(h) => {
+                let h = h
+                    .strip_suffix(']')
+                    .ok_or_else(|| format!("{s:?}: unclosed '['"))?;
+                // Brackets are for an IPv6 address, nothing else.
+                h.parse::<Ipv6Addr>()
+                    .map_err(|_| format!("{s:?}: only an IPv6 address goes in brackets"))?;
+                h
+            }
             None if host.contains(':') => {
                 return Err(format!(
                     "{s:?}: an IPv6 address needs brackets, [addr]:port"
@@ -1113,6 +1119,8 @@ port_name = "registry"
             ("[fd00::1:6443", "unclosed"),
             ("h:0", "1-65535"),
             ("h:70000", "1-65535"),
+            ("[api.example:6443]:443", "only an IPv6 address"),
+            ("[[fd00::1]]:443", "only an IPv6 address"),
         ] {
             let e = bad.parse::<HostPort>().unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");

@@ -329,12 +329,26 @@ pub fn address(ip: &str, port: i32) -> String {
     }
 }
 
+/// The host of an `address` (`10.0.0.5:5000` -> `10.0.0.5`,
+/// `[fd00::5]:5000` -> `fd00::5`). Pure.
+pub fn address_host(address: &str) -> &str {
+    match address.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest),
+        None => address.rsplit_once(':').map_or(address, |(h, _)| h),
+    }
+}
+
 /// Where nodes reach host-network cache members: `<hostIP>:<port>` of each
-/// member pod that has a node address (`status.hostIP`, set once its node's
-/// kubelet runs it), by member ordinal (the pod name's suffix), each node once.
-/// Pure.
-pub fn member_addresses(pods: &[k8s_openapi::api::core::v1::Pod], port: i32) -> Vec<String> {
-    let ordinal = |p: &k8s_openapi::api::core::v1::Pod| {
+/// member pod that is Ready and not being deleted (as the NodePort's
+/// endpoints would be: a member that crash-loops, say because something
+/// else holds its port on the node, must not be tried, or that something
+/// answers the node's pulls), by member ordinal (the pod name's suffix),
+/// each node once. The port is the pod's own `registry` container port, so
+/// during a `cache.port` change each member is published where it listens.
+/// Empty when no member is ready. Pure.
+pub fn member_addresses(pods: &[k8s_openapi::api::core::v1::Pod]) -> Vec<String> {
+    use k8s_openapi::api::core::v1::Pod;
+    let ordinal = |p: &Pod| {
         p.metadata
             .name
             .as_deref()
@@ -342,14 +356,35 @@ pub fn member_addresses(pods: &[k8s_openapi::api::core::v1::Pod], port: i32) -> 
             .and_then(|o| o.parse::<u32>().ok())
             .unwrap_or(u32::MAX)
     };
-    let mut pods: Vec<_> = pods.iter().collect();
+    let ready = |p: &Pod| {
+        p.metadata.deletion_timestamp.is_none()
+            && p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    };
+    let port = |p: &Pod| {
+        p.spec
+            .as_ref()?
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|port| port.name.as_deref() == Some(crate::resources::REGISTRY_PORT))
+            .map(|port| port.container_port)
+    };
+    let mut pods: Vec<&Pod> = pods.iter().filter(|p| ready(p)).collect();
     pods.sort_by_key(|p| ordinal(p));
     let mut out: Vec<String> = Vec::new();
-    for ip in pods
-        .iter()
-        .filter_map(|p| p.status.as_ref()?.host_ip.as_deref())
-        .filter(|ip| !ip.is_empty())
-    {
+    for p in pods {
+        let (Some(ip), Some(port)) = (
+            p.status
+                .as_ref()
+                .and_then(|s| s.host_ip.as_deref())
+                .filter(|ip| !ip.is_empty()),
+            port(p),
+        ) else {
+            continue;
+        };
         let a = address(ip, port);
         if !out.contains(&a) {
             out.push(a);
@@ -395,15 +430,21 @@ pub fn compute(
             let p = observed.problem.as_ref().expect("checked");
             cond(CACHE_AVAILABLE, false, p.reason, p.message.clone())
         }
-        Some((want, ready)) if ready > 0 => cond(
-            CACHE_AVAILABLE,
-            true,
-            reason::AVAILABLE,
-            match &observed.storage {
-                Some(growing) => format!("{ready}/{want} cache members ready; {growing}"),
-                None => format!("{ready}/{want} cache members ready"),
-            },
-        ),
+        Some((want, ready)) if ready > 0 => {
+            // Why a member is missing, when its pod says (no free port on
+            // any node for another host-network member, a crash loop).
+            let mut message = format!("{ready}/{want} cache members ready");
+            for extra in [
+                observed.cache_cause.as_ref().filter(|_| ready < want),
+                observed.storage.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                message = format!("{message}; {extra}");
+            }
+            cond(CACHE_AVAILABLE, true, reason::AVAILABLE, message)
+        }
         Some((want, ready)) => cond(
             CACHE_AVAILABLE,
             false,
@@ -571,7 +612,10 @@ pub fn compute(
             READY,
             false,
             reason::MEMBERS_NOT_READY,
-            format!("{ready}/{want} cache members ready"),
+            match &observed.cache_cause {
+                Some(cause) => format!("{ready}/{want} cache members ready; {cause}"),
+                None => format!("{ready}/{want} cache members ready"),
+            },
         )
     } else if nodes.status != "True" {
         cond(READY, false, &nodes.reason, nodes.message.clone())
@@ -824,28 +868,60 @@ mod tests {
         })
     }
 
-    fn member(name: &str, host_ip: Option<&str>) -> k8s_openapi::api::core::v1::Pod {
+    fn member(
+        name: &str,
+        host_ip: Option<&str>,
+        ready: bool,
+        port: i32,
+    ) -> k8s_openapi::api::core::v1::Pod {
+        let mut status = json!({"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]});
+        if let Some(ip) = host_ip {
+            status["hostIP"] = json!(ip);
+        }
         serde_json::from_value(json!({
             "metadata": {"name": name},
-            "status": host_ip.map(|ip| json!({"hostIP": ip})).unwrap_or(json!({})),
+            "spec": {"containers": [{"name": "cache", "ports": [{"name": "registry", "containerPort": port}]}]},
+            "status": status,
         }))
         .unwrap()
     }
 
     #[test]
-    fn host_network_members_are_listed_by_ordinal_each_node_once() {
+    fn an_addresss_host_is_without_port_or_brackets() {
+        assert_eq!(address_host("10.0.0.5:5000"), "10.0.0.5");
+        assert_eq!(address_host("[fd00::5]:5000"), "fd00::5");
+        assert_eq!(address_host(&address("fd00::5", 80)), "fd00::5");
+    }
+
+    #[test]
+    fn host_network_members_are_the_ready_ones_by_ordinal_each_node_once() {
+        let mut terminating = member("hub-cache-4", Some("10.0.0.4"), true, 5000);
+        terminating.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(9).unwrap()));
         let pods = [
-            member("hub-cache-10", Some("10.0.0.9")),
-            member("hub-cache-2", Some("fd00::2")),
-            member("hub-cache-0", Some("10.0.0.5")),
-            member("hub-cache-1", None),
-            member("hub-cache-3", Some("10.0.0.5")),
+            member("hub-cache-10", Some("10.0.0.9"), true, 5000),
+            member("hub-cache-2", Some("fd00::2"), true, 5000),
+            member("hub-cache-0", Some("10.0.0.5"), true, 5000),
+            member("hub-cache-1", None, true, 5000),
+            member("hub-cache-3", Some("10.0.0.5"), true, 5000),
+            // Crash-looping (say, its port is taken on the node): never tried.
+            member("hub-cache-5", Some("10.0.0.6"), false, 5000),
+            terminating,
         ];
         assert_eq!(
-            member_addresses(&pods, 5000),
+            member_addresses(&pods),
             ["10.0.0.5:5000", "[fd00::2]:5000", "10.0.0.9:5000"]
         );
-        assert!(member_addresses(&[member("hub-cache-0", None)], 5000).is_empty());
+        assert!(
+            member_addresses(&[member("hub-cache-0", Some("10.0.0.5"), false, 5000)]).is_empty()
+        );
+        // During a port change each member is where it listens.
+        assert_eq!(
+            member_addresses(&[
+                member("hub-cache-0", Some("10.0.0.5"), true, 5001),
+                member("hub-cache-1", Some("10.0.0.6"), true, 5000),
+            ]),
+            ["10.0.0.5:5001", "10.0.0.6:5000"]
+        );
     }
 
     #[test]
@@ -1123,6 +1199,21 @@ mod tests {
             (ready.status.as_str(), ready.reason.as_str()),
             ("False", reason::MEMBERS_NOT_READY)
         );
+        // A missing member's own cause is said too, not only when none is ready.
+        let why = "pod a-2 cannot be scheduled: 0/2 nodes are available: 2 node(s) didn't have free ports for the requested pod ports.";
+        let caused = compute(
+            &m,
+            None,
+            &Observed {
+                cache_cause: Some(why.into()),
+                ..obs.clone()
+            },
+            t(1000),
+        );
+        for c in [CACHE_AVAILABLE, READY] {
+            let c = condition(Some(&caused), c).unwrap();
+            assert_eq!(c.message, format!("2/3 cache members ready; {why}"));
+        }
         let e = ready_event(None, &s).unwrap();
         assert_eq!(e.type_, EventType::Normal, "expected while scaling");
 

@@ -679,9 +679,7 @@ impl RealNode {
     }
 
     /// containerd's `registry.config_path`: `<host>/hosts.toml` files here
-    /// decide where the node pulls from (a node agent's hostPath mount
-    /// points here).
-    /// containerd's `config_path` (`hosts.toml` per registry), in
+    /// decide where the node pulls from; in
     /// [`RealNode::containerd_config_dir`].
     pub fn certs_dir(&self) -> PathBuf {
         self.containerd_config_dir().join("certs.d")

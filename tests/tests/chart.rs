@@ -540,6 +540,28 @@ async fn api_server_and_host_network_values_reach_every_pod_the_chart_runs() -> 
             .contains(&Value::from("--probe-addr=0.0.0.0:9808")),
         "{c}"
     );
+    // What would make a wrong KUBERNETES_SERVICE_HOST/PORT is refused at install.
+    for (bad, says) in [
+        ("apiServer.host=api.example:6443", "apiServer.host"),
+        ("apiServer.host=[fd00::1]", "apiServer.host"),
+        ("apiServer.host=h,apiServer.port=", "apiServer.port"),
+        ("apiServer.host=h,apiServer.port=null", "apiServer.port"),
+        ("apiServer.host=h,apiServer.port=70000", "apiServer.port"),
+    ] {
+        let out = helm
+            .run(&[
+                "template",
+                RELEASE,
+                chart_dir().to_str().unwrap(),
+                "--set",
+                bad,
+            ])
+            .await?;
+        assert!(
+            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains(says),
+            "{bad}: {out:?}"
+        );
+    }
     Ok(())
 }
 

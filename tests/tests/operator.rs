@@ -384,6 +384,12 @@ async fn invalid_specs_are_rejected_with_the_schemas_messages() -> Result<()> {
             "  cache: {replicas: 17}\n",
             "replicas must be from 1 to 16 cache members",
         ),
+        // Issue 19: an unprivileged cache cannot bind a port below 1024 on the node.
+        (
+            "[{host: docker.io}]",
+            "  cache: {hostNetwork: true, port: 999}\n",
+            "cache.port must be 1024 or more with cache.hostNetwork",
+        ),
         (
             "[{host: docker.io}]",
             "  cache: {maxSize: lots}\n",

@@ -114,6 +114,23 @@ KUBERNETES_SERVICE_HOST/PORT from apiServer, for clusters whose pods reach
 the API server elsewhere than at the kubernetes Service's cluster IP; empty
 when apiServer.host is unset (the kubelet's values). A list of env entries.
 */}}
+{{/*
+Fails the render on an apiServer.host with a port or brackets (an IPv6
+address is written bare) or an apiServer.port that is not 1-65535.
+*/}}
+{{- define "regmirror.validateApiServer" -}}
+{{- with .Values.apiServer.host }}
+{{- $h := toString . }}
+{{- if or (contains "[" $h) (contains "]" $h) (contains "/" $h) (contains " " $h) (eq (len (splitList ":" $h)) 2) }}
+{{- fail (printf "apiServer.host: %q must be a host name or an IP address (IPv6 without brackets), without a port: set apiServer.port" $h) }}
+{{- end }}
+{{- $p := toString $.Values.apiServer.port }}
+{{- if or (not (regexMatch "^[0-9]+$" $p)) (lt (atoi $p) 1) (gt (atoi $p) 65535) }}
+{{- fail (printf "apiServer.port: %q must be a port number, 1-65535" $p) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{- define "regmirror.apiServerEnv" -}}
 {{- with .Values.apiServer.host }}
 - name: KUBERNETES_SERVICE_HOST

@@ -68,31 +68,35 @@ pub fn normalized(dir: &str) -> String {
 
 /// The files this node should have for `mirror`, or why there are none yet
 /// (the operator has not published `status.hosts`, or where the cache is
-/// reached: `status.nodePort`, or with `cache.hostNetwork` the members'
-/// `status.cacheAddresses`). `node_ip` is this node's address: where
-/// containerd reaches the cache's NodePort, or which of the host-network
-/// members' addresses is this node's own (tried first: no network hop, and
-/// a node running a member keeps pulling when others are unreachable).
+/// reached). Where the cache is reached follows what the operator applied,
+/// never the live spec (a refused edit must not move nodes): the members'
+/// `status.cacheAddresses` when it publishes them (`cache.hostNetwork`),
+/// else `status.nodePort` on this node. `node_ip` is this node's address:
+/// where containerd reaches the NodePort, or which host-network member is
+/// this node's own (tried first: no network hop, and a node running a member
+/// keeps pulling when others are unreachable).
 pub fn desired(mirror: &RegistryMirror, node_ip: &str) -> Result<Vec<HostsToml>, String> {
     let status = mirror.status.as_ref();
     let hosts = status
         .and_then(|s| s.hosts.as_ref())
         .ok_or("waiting for the operator to publish the mirror's hosts")?;
-    let mirrors = if mirror.spec.cache.host_network {
-        let addresses = status
-            .and_then(|s| s.cache_addresses.as_ref())
-            .filter(|a| !a.is_empty())
-            .ok_or("waiting for the operator to publish the cache members' node addresses (cache.hostNetwork)")?;
-        let own = crate::status::address(node_ip, mirror.spec.cache.port);
-        let (mut urls, others): (Vec<&String>, Vec<&String>) =
-            addresses.iter().partition(|a| **a == own);
-        urls.extend(others);
-        urls.into_iter().map(|a| format!("http://{a}")).collect()
-    } else {
-        let port = status
-            .and_then(|s| s.node_port)
-            .ok_or("waiting for the cache Service's NodePort")?;
-        vec![format!("http://{}", crate::status::address(node_ip, port))]
+    let addresses = status
+        .and_then(|s| s.cache_addresses.as_ref())
+        .filter(|a| !a.is_empty());
+    let mirrors = match addresses {
+        Some(addresses) => {
+            let (mut urls, others): (Vec<&String>, Vec<&String>) = addresses
+                .iter()
+                .partition(|a| crate::status::address_host(a) == node_ip);
+            urls.extend(others);
+            urls.into_iter().map(|a| format!("http://{a}")).collect()
+        }
+        None => {
+            let port = status
+                .and_then(|s| s.node_port)
+                .ok_or("waiting for the cache Service's NodePort")?;
+            vec![format!("http://{}", crate::status::address(node_ip, port))]
+        }
     };
     Ok(hosts
         .iter()
@@ -489,24 +493,38 @@ mod tests {
         let spec = json!({"upstreams": [{"host": "docker.io"}],
                           "cache": {"hostNetwork": true, "port": 5000}});
         let mut status = published(&["docker.io"], 31500).unwrap();
-        // Not published yet: no file rather than one pointing nowhere.
+        // No member address published yet: the NodePort, as before.
         let waiting = mirror("hub", spec.clone(), Some(status.clone()));
-        assert!(
-            desired(&waiting, "10.0.0.5")
-                .unwrap_err()
-                .contains("node addresses")
+        assert_eq!(
+            desired(&waiting, "10.0.0.5").unwrap()[0].mirrors,
+            ["http://10.0.0.5:31500"]
         );
-        status.cache_addresses = Some(vec!["10.0.0.3:5000".into(), "10.0.0.5:5000".into()]);
+        status.cache_addresses = Some(vec!["10.0.0.3:5000".into(), "10.0.0.5:5001".into()]);
         let m = mirror("hub", spec.clone(), Some(status.clone()));
-        // The NodePort is not used; this node's own member comes first.
+        // This node's own member comes first, whatever port it is on (one
+        // member may still listen on the port before a change).
         assert_eq!(
             desired(&m, "10.0.0.5").unwrap()[0].mirrors,
-            ["http://10.0.0.5:5000", "http://10.0.0.3:5000"]
+            ["http://10.0.0.5:5001", "http://10.0.0.3:5000"]
         );
         // A node without a member tries them in the published order.
         assert_eq!(
             desired(&m, "10.0.0.9").unwrap()[0].mirrors,
-            ["http://10.0.0.3:5000", "http://10.0.0.5:5000"]
+            ["http://10.0.0.3:5000", "http://10.0.0.5:5001"]
+        );
+        // What the operator applied decides, not the live spec: an edit
+        // turning hostNetwork off that is not applied yet moves no node.
+        let mut refused = m.clone();
+        refused.spec.cache.host_network = false;
+        assert_eq!(
+            desired(&refused, "10.0.0.9").unwrap(),
+            desired(&m, "10.0.0.9").unwrap()
+        );
+        let mut not_yet = waiting.clone();
+        not_yet.spec.cache.host_network = false;
+        assert_eq!(
+            desired(&not_yet, "10.0.0.5").unwrap(),
+            desired(&waiting, "10.0.0.5").unwrap()
         );
         status.cache_addresses = Some(vec!["[fd00::5]:5000".into()]);
         let v6 = mirror("hub", spec, Some(status));

@@ -429,18 +429,13 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
         .ns::<StatefulSet>()
         .get_opt(&resources::stateful_set_name(&name))
         .await?;
-    // Once the StatefulSet exists, its member claims say how far a larger
-    // storage.size has got: members keep within what every claim holds.
-    // Without a StatefulSet the claims are not read: a new mirror has none
-    // grown. The one exception, an operator stopped in the moment between
-    // deleting the StatefulSet for a growth and creating it anew, makes the
-    // members roll at once to the new size's cap.
-    let claims = match &before {
-        Some(_) => member_claim_list(mirror, ctx).await?,
-        None => Vec::new(),
-    };
+    // The member claims say how far a larger storage.size has got: members
+    // keep within what every claim holds. Read without a StatefulSet too: an
+    // operator stopped between deleting it for a growth and creating it anew
+    // finds the claims as they are (a new mirror has none).
+    let claims = member_claim_list(mirror, ctx).await?;
     let members = storage::member_claims(&name, &claims);
-    let settled = storage::settled_bytes(&members, mirror.spec.cache.replicas);
+    let settled = storage::settled_bytes(&members);
     let mut children = resources::build_within(mirror, &ctx.settings, creds.as_deref(), settled);
     let change = before.as_ref().map_or(TemplateChange::Same, |existing| {
         storage::template_change(&children.stateful_set, existing)
@@ -456,7 +451,7 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
     let mut expand = None;
     if verdict.is_none() {
         if let TemplateChange::Grow { to, .. } = &change {
-            match Box::pin(plan_growth(ctx, &members, to)).await? {
+            match Box::pin(plan_growth(ctx, &members, mirror.spec.cache.replicas, to)).await? {
                 Growth::Expand(names) => expand = Some(names),
                 Growth::Refused(message) => {
                     let problem = Problem {
@@ -486,8 +481,15 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
         (&change, &before, &expand)
     {
         if let Err(problem) = Box::pin(grow_storage(ctx, existing, names, to)).await? {
+            // Waiting for the StatefulSet's deletion is short; a refused
+            // expansion (a quota, a policy) waits for someone to act.
+            let again = if problem.reason == reason::STORAGE_GROWING {
+                Duration::from_secs(5)
+            } else {
+                Duration::from_secs(60)
+            };
             report(mirror, ctx, conflicts, Outcome::Stopped(problem)).await?;
-            return Ok(Action::requeue(Duration::from_secs(5)));
+            return Ok(Action::requeue(again));
         }
         resources::set_claim_size(&mut children.stateful_set, to);
         let claims = match names.as_slice() {
@@ -564,6 +566,16 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
     };
 
     let event = match &before {
+        // Claims without a StatefulSet: a growth's re-creation, finished by
+        // this pass after an operator stopped half-way.
+        None if !members.is_empty() => Some((
+            "Recreated",
+            format!(
+                "re-created the cache StatefulSet {} in namespace {}; its members' claims were kept",
+                resources::stateful_set_name(&name),
+                ctx.settings.namespace
+            ),
+        )),
         None => Some((
             "Created",
             format!(
@@ -638,6 +650,7 @@ async fn member_claim_list(
 async fn plan_growth(
     ctx: &Context,
     members: &[(u32, &PersistentVolumeClaim)],
+    replicas: i32,
     size: &str,
 ) -> Result<Growth, Error> {
     let api: Api<StorageClass> = Api::all(ctx.client.clone());
@@ -649,7 +662,7 @@ async fn plan_growth(
             classes.insert(class.to_owned(), api.get_opt(class).await?);
         }
     }
-    Ok(storage::plan_growth(size, members, &classes))
+    Ok(storage::plan_growth(size, members, replicas, &classes))
 }
 
 /// Carries out a growth [`plan_growth`] allowed: expands each claim in
@@ -799,6 +812,7 @@ impl Seen {
     fn observed(&self) -> Observed {
         Observed {
             cache_replicas: self.stateful_set.as_ref().map(members),
+            claim_template: self.stateful_set.as_ref().and_then(storage::claim_status),
             node_port: self.service.as_ref().and_then(node_port),
             legacy_agents: self.legacy_agents.clone(),
             storage: self.storage.clone(),
@@ -1429,6 +1443,18 @@ mod tests {
             format!("/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/{plural}/{name}")
         }
 
+        /// The member claims are listed (after the StatefulSet is read):
+        /// here there are none.
+        async fn expect_no_member_claims(api: &mut ApiServer) {
+            api.expect(
+                Method::GET,
+                &format!("/api/v1/namespaces/{NS}/persistentvolumeclaims"),
+                StatusCode::OK,
+                |_| json!({"apiVersion": "v1", "kind": "PersistentVolumeClaimList", "metadata": {}, "items": []}),
+            )
+            .await;
+        }
+
         /// Without a StatefulSet the reconcile first looks for the old
         /// layout to migrate: here there is none.
         async fn expect_nothing_to_migrate(api: &mut ApiServer) {
@@ -1464,6 +1490,7 @@ mod tests {
             let result = fixtures::reconcile(m, |mut api| async move {
                 let stateful_set = apps("statefulsets", "regmirror-hub");
                 api.expect_not_found(Method::GET, &stateful_set).await;
+                expect_no_member_claims(&mut api).await;
                 for path in [
                     core("services", "regmirror-hub-members"),
                     stateful_set.clone(),
@@ -1552,6 +1579,7 @@ mod tests {
             let result = fixtures::reconcile(applied_before(fixtures::mirror(true)), |mut api| async move {
                 let stateful_set = apps("statefulsets", "regmirror-hub");
                 api.expect_not_found(Method::GET, &stateful_set).await;
+                expect_no_member_claims(&mut api).await;
                 expect_nothing_to_migrate(&mut api).await;
 
                 // Server-side apply, what is referred to first; no Secret
@@ -1664,6 +1692,7 @@ mod tests {
                 |mut api| async move {
                     let stateful_set = apps("statefulsets", "regmirror-hub");
                     api.expect_not_found(Method::GET, &stateful_set).await;
+                    expect_no_member_claims(&mut api).await;
                     expect_nothing_to_migrate(&mut api).await;
                     api.expect(
                         Method::PATCH,

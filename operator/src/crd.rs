@@ -20,6 +20,30 @@ pub const DEFAULT_CONTAINERD_CONFIG_DIR: &str = "/etc/containerd/certs.d";
 pub const DEFAULT_CONTAINERD_CONFIG_FILE: &str = "/etc/containerd/config.toml";
 pub const DEFAULT_CACHE_PORT: i32 = 5000;
 
+/// CEL (on the whole object, on update): `spec.storage.size` is the same,
+/// larger, or at least what the running claims have (`status.storage.size`).
+const STORAGE_SIZE_RULE: &str = "!has(self.spec.storage) || !has(oldSelf.spec.storage) || !has(self.spec.storage.size) || !has(oldSelf.spec.storage.size) \
+    || self.spec.storage.size == oldSelf.spec.storage.size \
+    || !isQuantity(self.spec.storage.size) || !isQuantity(oldSelf.spec.storage.size) \
+    || quantity(self.spec.storage.size).compareTo(quantity(oldSelf.spec.storage.size)) >= 0 \
+    || (has(self.status) && has(self.status.storage) && isQuantity(self.status.storage.size) \
+        && quantity(self.spec.storage.size).compareTo(quantity(self.status.storage.size)) >= 0)";
+/// CEL: `spec.storage.accessMode` unchanged, or the running claims' (`status.storage.accessMode`).
+const STORAGE_ACCESS_MODE_RULE: &str = "!has(self.spec.storage) || !has(oldSelf.spec.storage) \
+    || (has(self.spec.storage.accessMode) ? self.spec.storage.accessMode : 'ReadWriteOnce') \
+       == (has(oldSelf.spec.storage.accessMode) ? oldSelf.spec.storage.accessMode : 'ReadWriteOnce') \
+    || (has(self.status) && has(self.status.storage) && has(self.status.storage.accessMode) \
+        && (has(self.spec.storage.accessMode) ? self.spec.storage.accessMode : 'ReadWriteOnce') == self.status.storage.accessMode)";
+/// CEL: `spec.storage.storageClassName` unchanged, set or unset, or the
+/// running claims' (`status.storage.storageClassName`; `<unset>` stands
+/// for none, which no StorageClass name can be).
+const STORAGE_CLASS_RULE: &str = "!has(self.spec.storage) || !has(oldSelf.spec.storage) \
+    || (has(self.spec.storage.storageClassName) ? self.spec.storage.storageClassName : '<unset>') \
+       == (has(oldSelf.spec.storage.storageClassName) ? oldSelf.spec.storage.storageClassName : '<unset>') \
+    || (has(self.status) && has(self.status.storage) \
+        && (has(self.spec.storage.storageClassName) ? self.spec.storage.storageClassName : '<unset>') \
+           == (has(self.status.storage.storageClassName) ? self.status.storage.storageClassName : '<unset>'))";
+
 /// A pull-through cache for one or more upstream registries, and the
 /// configuration that points every selected node's container runtime at it.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -39,7 +63,18 @@ pub const DEFAULT_CACHE_PORT: i32 = 5000;
     printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".status.endpoint"}"#,
     printcolumn = r#"{"name":"Members","type":"string","description":"Cache members ready/desired","jsonPath":".status.cache.members"}"#,
     printcolumn = r#"{"name":"Nodes","type":"integer","description":"Nodes whose container runtime is configured to pull through the cache","jsonPath":".status.nodesConfigured"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    // What Kubernetes does not change on a StatefulSet's claim templates is
+    // fixed (a larger size is carried out by the operator). Each rule also
+    // lets an edit go back to the claims the cache runs with
+    // (`status.storage`), so a change the operator could not carry out is
+    // never a dead end (issue 18).
+    validation = Rule::new(STORAGE_SIZE_RULE)
+        .message("storage.size may only grow (or go back to status.storage.size, what the members' claims have): Kubernetes does not shrink a volume (for smaller volumes create a new mirror); a larger size expands every member's claim, which needs a StorageClass with allowVolumeExpansion: true"),
+    validation = Rule::new(STORAGE_ACCESS_MODE_RULE)
+        .message("storage.accessMode is fixed once the mirror exists (it may go back to status.storage.accessMode): Kubernetes does not change a StatefulSet's claim templates"),
+    validation = Rule::new(STORAGE_CLASS_RULE)
+        .message("storage.storageClassName is fixed once the mirror exists, set or unset (it may go back to status.storage.storageClassName): Kubernetes does not change a StatefulSet's claim templates"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct RegistryMirrorSpec {
@@ -50,8 +85,6 @@ pub struct RegistryMirrorSpec {
     pub upstreams: Vec<Upstream>,
     /// Where each cache member keeps content: one claim per member.
     #[serde(default)]
-    #[x_kube(validation = Rule::new("has(self.storageClassName) == has(oldSelf.storageClassName) && (!has(self.storageClassName) || self.storageClassName == oldSelf.storageClassName)")
-        .message("storageClassName is fixed once the mirror exists (set or unset): Kubernetes does not change a StatefulSet's claim templates"))]
     pub storage: Storage,
     /// The cache: a StatefulSet of `replicas` members acting as one cache.
     #[serde(default)]
@@ -190,8 +223,6 @@ pub struct Storage {
         validation = Rule::new(r"self.matches('^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$')")
             .message("size must be a quantity such as 500Mi, 20Gi or 1Ti"),
         validation = positive_quantity_rule("size"),
-        validation = Rule::new("self == oldSelf || (isQuantity(self) && isQuantity(oldSelf) && quantity(self).compareTo(quantity(oldSelf)) >= 0)")
-            .message("storage.size may only grow: Kubernetes does not shrink a volume (for smaller volumes create a new mirror); a larger size expands every member's claim, which needs a StorageClass with allowVolumeExpansion: true")
     )]
     #[serde(default = "default_storage_size")]
     pub size: String,
@@ -207,8 +238,6 @@ pub struct Storage {
     /// ReadWriteOnce (which every StorageClass offers) suits any number of members.
     /// Fixed once the mirror exists.
     #[serde(default)]
-    #[x_kube(validation = Rule::new("self == oldSelf")
-        .message("accessMode is fixed once the mirror exists: Kubernetes does not change a StatefulSet's claim templates"))]
     pub access_mode: AccessMode,
 }
 
@@ -452,11 +481,29 @@ pub struct RegistryMirrorStatus {
     /// The cache members, as the StatefulSet reports them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheStatus>,
+    /// The members' claims as the running cache StatefulSet makes them (its claim
+    /// template). `spec.storage` may always be set back to these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageStatus>,
     /// Per-node results, aggregated by the operator from the nodes' agents' reports
     /// (RegistryMirrorNodes): one entry per selected node, problems first, at most 100.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub nodes: Vec<NodeResult>,
+}
+
+/// The running members' claims: what the cache StatefulSet's claim template asks.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageStatus {
+    /// Requested size of each member's claim (a quantity).
+    pub size: String,
+    /// Access mode of the claims.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_mode: Option<String>,
+    /// StorageClass of the claims; absent when they name none (the cluster default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
 }
 
 /// The cache members: how many are wanted and how many are ready.

@@ -144,6 +144,9 @@ pub struct Observed {
     /// was (issue 18: an edit that failed half-way still published its new
     /// hosts, so agents pointed nodes at a cache that did not serve them).
     pub not_applied: bool,
+    /// The claims the cache StatefulSet makes, as it was read or applied
+    /// ([`crate::storage::claim_status`]); `None` when it does not exist.
+    pub claim_template: Option<crate::crd::StorageStatus>,
     /// Member claims still growing to a larger `storage.size`
     /// ([`crate::storage::resizing`]): said in `CacheAvailable`, blocks nothing.
     pub storage: Option<String>,
@@ -648,14 +651,17 @@ pub fn compute(
     };
     // What nodes act on changes only with a fully applied generation.
     let (observed_generation, upstreams, hosts, node_port, cache_addresses) = match previous {
+        // The NodePort is the Service's as it is: the step that writes it
+        // for real comes before others that can still stop a generation (a
+        // claim expansion), and nodes must reach the cache where it is.
         Some(p) if observed.not_applied => (
             p.observed_generation,
             p.upstreams.clone(),
             p.hosts.clone(),
-            p.node_port,
+            observed.node_port.or(p.node_port),
             p.cache_addresses.clone(),
         ),
-        None if observed.not_applied => (None, Some(summary), None, None, None),
+        None if observed.not_applied => (None, Some(summary), None, observed.node_port, None),
         // Nodes are configured for no host of a mirror refused the nodes
         // (a foreign agent image, directories outside the installer's): the
         // agents write nothing for it and remove what they wrote.
@@ -679,6 +685,11 @@ pub fn compute(
         _ => node_port.map(|p| format!("<node-ip>:{p}")),
     };
     RegistryMirrorStatus {
+        // What runs, whatever was applied: what spec.storage may go back to.
+        storage: observed
+            .claim_template
+            .clone()
+            .or_else(|| previous.and_then(|p| p.storage.clone())),
         observed_generation,
         conditions,
         upstreams,
@@ -753,6 +764,8 @@ pub fn ready_event(
             reason::CACHE_UNAVAILABLE
                 | reason::MEMBERS_NOT_READY
                 | reason::MIGRATING
+                // An expected step of a larger storage.size.
+                | reason::STORAGE_GROWING
                 | reason::AGENTS_NOT_READY
                 | reason::NODES_PENDING
                 | reason::NOT_OBSERVED
@@ -949,15 +962,18 @@ mod tests {
             moved.cache_addresses.as_deref(),
             Some(&["10.0.0.7:5000".to_owned()][..])
         );
-        // A generation that was not applied publishes nothing new.
+        // A generation that was not applied publishes no new addresses; the
+        // NodePort is the Service's as it is (written before a later step
+        // stopped the generation).
         let refused = Observed {
             not_applied: true,
+            node_port: Some(31600),
             ..seen(&["10.0.0.8:5000"])
         };
-        assert_eq!(
-            compute(&m, Some(&moved), &refused, t(40)).cache_addresses,
-            moved.cache_addresses
-        );
+        let kept = compute(&m, Some(&moved), &refused, t(40));
+        assert_eq!(kept.cache_addresses, moved.cache_addresses);
+        assert_eq!(kept.node_port, Some(31600));
+        assert_eq!(kept.observed_generation, moved.observed_generation);
         // Without hostNetwork there are none, and the NodePort is the endpoint.
         m.spec.cache.host_network = false;
         let off = compute(&m, Some(&moved), &seen(&["10.0.0.7:5000"]), t(50));

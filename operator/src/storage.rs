@@ -52,6 +52,17 @@ fn claim_shape(sts: &StatefulSet) -> Option<(Option<Vec<String>>, String, Option
     ))
 }
 
+/// The claims `sts` makes (its claim template), as `status.storage` says
+/// them: the size, the first access mode, the class. Pure.
+pub fn claim_status(sts: &StatefulSet) -> Option<crate::crd::StorageStatus> {
+    let (modes, size, class) = claim_shape(sts)?;
+    Some(crate::crd::StorageStatus {
+        size,
+        access_mode: modes.and_then(|m| m.into_iter().next()),
+        storage_class_name: class,
+    })
+}
+
 fn request(r: Option<&k8s_openapi::api::core::v1::VolumeResourceRequirements>) -> Option<String> {
     Some(r?.requests.as_ref()?.get("storage")?.0.clone())
 }
@@ -164,6 +175,7 @@ pub enum Growth {
 pub fn plan_growth(
     size: &str,
     claims: &[(u32, &PersistentVolumeClaim)],
+    replicas: i32,
     classes: &BTreeMap<String, Option<StorageClass>>,
 ) -> Growth {
     let Some(target) = quantity::bytes(size) else {
@@ -172,14 +184,19 @@ pub fn plan_growth(
     let mut expand = Vec::new();
     let mut problems = Vec::new();
     let mut fixes = Vec::new();
-    for (_, claim) in claims {
+    for (ordinal, claim) in claims {
         if requested(claim).is_some_and(|r| r >= target) {
+            continue;
+        }
+        // A claim of no member (after this spec's replicas) that never got a
+        // volume is in no one's way: it keeps its size, as nothing uses it.
+        if !is_bound(claim) && i64::from(*ordinal) >= i64::from(replicas) {
             continue;
         }
         let name = claim.name_any();
         match (is_bound(claim), class_of(claim)) {
             (false, _) => problems.push(format!(
-                "claim {name} is not bound to a volume (only bound claims can be expanded)"
+                "claim {name} is not bound to a volume (only bound claims can be expanded; if its member never started, delete the claim)"
             )),
             (true, None) => problems.push(format!(
                 "claim {name} has no StorageClass (only claims of a class that allows volume expansion can be expanded)"
@@ -209,23 +226,26 @@ pub fn plan_growth(
         return Growth::Expand(expand);
     }
     fixes.push(
-        "or create a new mirror with the larger size (storage.size cannot go back down)".into(),
+        "set storage.size back to status.storage.size, what the claims have (then every other change applies)".into(),
     );
+    fixes.push("create a new mirror with the larger size".into());
     Growth::Refused(format!(
         "storage.size {size} needs every member's claim expanded, and Kubernetes will not: {}. Nothing was changed: the cache keeps its claims and this spec is not applied. To go on: {}",
         problems.join("; "),
-        fixes.join("; ")
+        fixes.join("; or ")
     ))
 }
 
-/// The bytes each current member (ordinals below `replicas`) can be relied
-/// on to hold: the smallest capacity their bound claims report (after an
-/// expansion, `status.capacity` rises only once the volume and its file
-/// system have grown). `None` when no claim reports one. Pure.
-pub fn settled_bytes(claims: &[(u32, &PersistentVolumeClaim)], replicas: i32) -> Option<u64> {
+/// The bytes each member can be relied on to hold: the smallest capacity the
+/// bound member claims report (after an expansion, `status.capacity` rises
+/// only once the volume and its file system have grown). Claims kept from
+/// removed members count too (they are expanded with the others), so the
+/// figure, and the configuration made from it, does not change when the
+/// cluster scales. `None` when no claim reports one. Pure.
+pub fn settled_bytes(claims: &[(u32, &PersistentVolumeClaim)]) -> Option<u64> {
     claims
         .iter()
-        .filter(|(i, c)| i64::from(*i) < i64::from(replicas) && is_bound(c))
+        .filter(|(_, c)| is_bound(c))
         .filter_map(|(_, c)| quantity::bytes(capacity(c)?))
         .min()
 }
@@ -415,12 +435,12 @@ mod tests {
         let members = member_claims("hub", &claims);
         let classes = BTreeMap::from([class("fast", Some(true))]);
         assert_eq!(
-            plan_growth("2Gi", &members, &classes),
+            plan_growth("2Gi", &members, 8, &classes),
             Growth::Expand(vec!["data-regmirror-hub-0".into()])
         );
         // Everything grown: nothing to expand, the StatefulSet still to re-create.
         assert_eq!(
-            plan_growth("1Gi", &members, &classes),
+            plan_growth("1Gi", &members, 8, &classes),
             Growth::Expand(vec![])
         );
     }
@@ -451,7 +471,8 @@ mod tests {
             class("fast", Some(true)),
             ("gone".to_owned(), None),
         ]);
-        let Growth::Refused(message) = plan_growth("2Gi", &member_claims("hub", &claims), &classes)
+        let Growth::Refused(message) =
+            plan_growth("2Gi", &member_claims("hub", &claims), 8, &classes)
         else {
             panic!("refused expected");
         };
@@ -467,11 +488,30 @@ mod tests {
             "Nothing was changed",
             "kubectl patch storageclass fixed -p '{\"allowVolumeExpansion\":true}'",
             "kubectl patch storageclass unset",
-            "create a new mirror",
+            "; or set storage.size back to status.storage.size",
+            "; or create a new mirror",
         ] {
             assert!(message.contains(part), "{part:?} in {message}");
         }
         assert!(!message.contains("hub-5"), "{message}");
+        assert!(!message.contains(": or"), "{message}");
+        // The Pending claim of a member this spec removes is in no one's way.
+        let expandable = [
+            bound("data-regmirror-hub-0", Some("fast"), "1Gi", "1Gi"),
+            claim(
+                "data-regmirror-hub-1",
+                json!({"storageClassName": "fast", "resources": {"requests": {"storage": "1Gi"}}}),
+                json!({"phase": "Pending"}),
+            ),
+        ];
+        let members = member_claims("hub", &expandable);
+        assert_eq!(
+            plan_growth("2Gi", &members, 1, &classes),
+            Growth::Expand(vec!["data-regmirror-hub-0".into()])
+        );
+        assert!(
+            matches!(plan_growth("2Gi", &members, 2, &classes), Growth::Refused(m) if m.contains("delete the claim"))
+        );
     }
 
     #[test]
@@ -479,7 +519,7 @@ mod tests {
         let claims = [
             bound("data-regmirror-hub-0", Some("fast"), "2Gi", "2Gi"),
             bound("data-regmirror-hub-1", Some("fast"), "2Gi", "1Gi"),
-            // A removed member's claim does not hold the others back.
+            // A removed member's claim, not grown yet.
             bound("data-regmirror-hub-2", Some("fast"), "2Gi", "512Mi"),
             claim(
                 "data-regmirror-hub-3",
@@ -488,10 +528,10 @@ mod tests {
             ),
         ];
         let members = member_claims("hub", &claims);
-        assert_eq!(settled_bytes(&members, 2), Some(1 << 30));
-        assert_eq!(settled_bytes(&members, 1), Some(2 << 30));
-        assert_eq!(settled_bytes(&members, 3), Some(512 << 20));
-        assert_eq!(settled_bytes(&[], 1), None);
+        // Whatever the number of members: scaling changes no configuration.
+        assert_eq!(settled_bytes(&members), Some(512 << 20));
+        assert_eq!(settled_bytes(&members[..2]), Some(1 << 30));
+        assert_eq!(settled_bytes(&[]), None);
     }
 
     #[test]

@@ -2268,13 +2268,36 @@ async fn a_larger_storage_size_expands_every_member_claim_and_keeps_the_members_
     assert_eq!(claim_requests(cp, &claims).await?, ["1Gi", "1Gi"]);
     assert_eq!(stateful_set_shape(cp, "grow").await?, sts1);
 
-    // Smaller than the current size: refused at apply.
-    let out = cp.apply(&spec("1Gi")).await?;
+    // What runs is in the status, and a refused growth is no dead end: the
+    // size may go back to it (not below), and then every change applies.
+    assert_eq!(
+        m["status"]["storage"],
+        serde_json::json!({"size": "1Gi", "accessMode": "ReadWriteOnce", "storageClassName": "grow"})
+    );
+    let out = cp.apply(&spec("512Mi")).await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && stderr.contains("storage.size may only grow"),
         "{stderr}"
     );
+    cp.apply_ok(&spec("1Gi")).await?;
+    let ready_at = |generation: i64| {
+        move |m: Option<&serde_json::Value>| {
+            let m = m?;
+            (condition(m, "Ready")?["status"] == "True"
+                && m["status"]["observedGeneration"] == generation
+                && m["status"]["cache"]["members"] == "2/2")
+                .then_some(())
+        }
+    };
+    op.wait_for(
+        cp,
+        "grow Ready at generation 3 (back to 1Gi)",
+        &["registrymirror", "grow"],
+        ready_at(3),
+    )
+    .await?;
+    assert_eq!(stateful_set_shape(cp, "grow").await?, sts1);
 
     // The class allows it now: every claim grows, the StatefulSet is
     // re-created with the larger template, and the pods stay.
@@ -2286,19 +2309,12 @@ async fn a_larger_storage_size_expands_every_member_claim_and_keeps_the_members_
         r#"{"allowVolumeExpansion":true}"#,
     ])
     .await?;
-    cp.kubectl_ok(&["annotate", "registrymirror", "grow", "e2e/poke=1"])
-        .await?;
+    patch_mirror(cp, "grow", r#"{"spec":{"storage":{"size":"2Gi"}}}"#).await?;
     op.wait_for(
         cp,
-        "grow Ready at generation 2",
+        "grow Ready at generation 4",
         &["registrymirror", "grow"],
-        |m| {
-            let m = m?;
-            (condition(m, "Ready")?["status"] == "True"
-                && m["status"]["observedGeneration"] == 2
-                && m["status"]["cache"]["members"] == "2/2")
-                .then_some(())
-        },
+        ready_at(4),
     )
     .await?;
     let sts2 = stateful_set_shape(cp, "grow").await?;

@@ -1281,6 +1281,14 @@ async fn cleanup(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error
     for kind in ChildKind::deletion_order() {
         delete_ignoring_missing(&ctx.children(kind), &kind.child_name(&name)).await?;
     }
+    // Member claims go with the StatefulSet that owns them (`whenDeleted:
+    // Delete`); one orphaned by a growth the mirror's deletion interrupted
+    // has no owner, so it is deleted here.
+    for claim in member_claim_list(mirror, ctx).await? {
+        if claim.owner_references().is_empty() {
+            delete_ignoring_missing(&ctx.ns::<PersistentVolumeClaim>(), &claim.name_any()).await?;
+        }
+    }
     let uid = mirror.uid().unwrap_or_default();
     if !ctx.legacy_gone.lock().expect("not poisoned").contains(&uid) {
         delete_ignoring_missing(&ctx.ns::<DaemonSet>(), &resources::daemon_set_name(&name)).await?;
@@ -1748,7 +1756,6 @@ mod tests {
                     (core("serviceaccounts", "regmirror-hub-cache"), true),
                     (rbac("roles", "regmirror-hub-cache"), true),
                     (rbac("rolebindings", "regmirror-hub-cache"), true),
-                    (apps("daemonsets", "regmirror-hub-agent"), false),
                 ] {
                     if found {
                         api.expect(Method::DELETE, &path, StatusCode::OK, |_| success())
@@ -1757,6 +1764,31 @@ mod tests {
                         api.expect_not_found(Method::DELETE, &path).await;
                     }
                 }
+                // Member claims: one still owned by the StatefulSet goes with
+                // it; one orphaned by an interrupted growth is deleted.
+                api.expect(
+                    Method::GET,
+                    &format!("/api/v1/namespaces/{NS}/persistentvolumeclaims"),
+                    StatusCode::OK,
+                    |_| {
+                        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaimList", "metadata": {}, "items": [
+                            {"metadata": {"name": "data-regmirror-hub-0", "namespace": NS,
+                                          "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                                               "name": "regmirror-hub", "uid": "s"}]}},
+                            {"metadata": {"name": "data-regmirror-hub-1", "namespace": NS}},
+                        ]})
+                    },
+                )
+                .await;
+                api.expect(
+                    Method::DELETE,
+                    &core("persistentvolumeclaims", "data-regmirror-hub-1"),
+                    StatusCode::OK,
+                    |_| success(),
+                )
+                .await;
+                api.expect_not_found(Method::DELETE, &apps("daemonsets", "regmirror-hub-agent"))
+                    .await;
                 assert_eq!(
                     api.expect_event().await,
                     ("Normal".into(), "Deleted".into())

@@ -420,21 +420,31 @@ async fn the_agents_mount_only_the_installers_host_dirs_and_agent_and_operator_s
     );
     // A relative or escaping directory is refused at install time.
     for bad in ["etc/containerd", "/etc/containerd/../.."] {
-        let out = helm
-            .run(&[
-                "template",
-                RELEASE,
-                chart_dir().to_str().unwrap(),
-                "--set",
-                &format!("agent.hostDirs={{{bad}}}"),
-            ])
-            .await?;
-        assert!(
-            !out.status.success()
-                && String::from_utf8_lossy(&out.stderr).contains("agent.hostDirs"),
-            "{bad}: {out:?}"
-        );
+        assert_render_refused(
+            &helm,
+            &format!("agent.hostDirs={{{bad}}}"),
+            "agent.hostDirs",
+        )
+        .await?;
     }
+    Ok(())
+}
+
+/// `helm template` with `--set set` fails, and its error names `says`.
+async fn assert_render_refused(helm: &Helm, set: &str, says: &str) -> Result<()> {
+    let out = helm
+        .run(&[
+            "template",
+            RELEASE,
+            chart_dir().to_str().unwrap(),
+            "--set",
+            set,
+        ])
+        .await?;
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains(says),
+        "{set}: {out:?}"
+    );
     Ok(())
 }
 
@@ -548,19 +558,7 @@ async fn api_server_and_host_network_values_reach_every_pod_the_chart_runs() -> 
         ("apiServer.host=h,apiServer.port=null", "apiServer.port"),
         ("apiServer.host=h,apiServer.port=70000", "apiServer.port"),
     ] {
-        let out = helm
-            .run(&[
-                "template",
-                RELEASE,
-                chart_dir().to_str().unwrap(),
-                "--set",
-                bad,
-            ])
-            .await?;
-        assert!(
-            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains(says),
-            "{bad}: {out:?}"
-        );
+        assert_render_refused(&helm, bad, says).await?;
     }
     Ok(())
 }

@@ -435,7 +435,7 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
     // finds the claims as they are (a new mirror has none).
     let claims = member_claim_list(mirror, ctx).await?;
     let members = storage::member_claims(&name, &claims);
-    let settled = storage::settled_bytes(&members);
+    let settled = storage::settled_bytes(&members, mirror.spec.cache.replicas);
     let mut children = resources::build_within(mirror, &ctx.settings, creds.as_deref(), settled);
     let change = before.as_ref().map_or(TemplateChange::Same, |existing| {
         storage::template_change(&children.stateful_set, existing)
@@ -552,26 +552,47 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
     };
     prune(mirror, &children, ctx).await?;
     applied.legacy_agents = retire_legacy_agents(mirror, ctx).await?;
-    applied.storage = match expand {
+    let replicas = mirror.spec.cache.replicas;
+    // Claims in use still below the template's size (bound after a growth
+    // skipped them): expanded now, or said.
+    let lag_note = match (&change, &expand) {
+        (TemplateChange::Same, None) => {
+            Box::pin(expand_lagging(
+                mirror,
+                ctx,
+                &members,
+                &mirror.spec.storage.size,
+            ))
+            .await?
+        }
+        _ => None,
+    };
+    let growing = match (&expand, &lag_note) {
+        (None, None) => storage::resizing(&name, &members, replicas, &ctx.settings.namespace),
         // The claims just grown: as they are now.
-        Some(_) => {
+        _ => {
             let claims = member_claim_list(mirror, ctx).await?;
             storage::resizing(
                 &name,
                 &storage::member_claims(&name, &claims),
+                replicas,
                 &ctx.settings.namespace,
             )
         }
-        None => storage::resizing(&name, &members, &ctx.settings.namespace),
+    };
+    applied.storage = match (growing, lag_note) {
+        (Some(g), Some(n)) => Some(format!("{g}; {n}")),
+        (g, n) => g.or(n),
     };
 
     let event = match &before {
-        // Claims without a StatefulSet: a growth's re-creation, finished by
-        // this pass after an operator stopped half-way.
+        // Claims without a StatefulSet: a growth's re-creation finished by
+        // this pass after an operator stopped half-way, or a migration from
+        // the single-Deployment layout (member 0's claim made first).
         None if !members.is_empty() => Some((
-            "Recreated",
+            "Created",
             format!(
-                "re-created the cache StatefulSet {} in namespace {}; its members' claims were kept",
+                "created the cache StatefulSet {} in namespace {} on its members' existing claims",
                 resources::stateful_set_name(&name),
                 ctx.settings.namespace
             ),
@@ -653,6 +674,15 @@ async fn plan_growth(
     replicas: i32,
     size: &str,
 ) -> Result<Growth, Error> {
+    let classes = claim_classes(ctx, members).await?;
+    Ok(storage::plan_growth(size, members, replicas, &classes))
+}
+
+/// The StorageClass of each class the claims name (`None`: it does not exist).
+async fn claim_classes(
+    ctx: &Context,
+    members: &[(u32, &PersistentVolumeClaim)],
+) -> Result<BTreeMap<String, Option<StorageClass>>, Error> {
     let api: Api<StorageClass> = Api::all(ctx.client.clone());
     let mut classes = BTreeMap::new();
     for (_, claim) in members {
@@ -662,7 +692,7 @@ async fn plan_growth(
             classes.insert(class.to_owned(), api.get_opt(class).await?);
         }
     }
-    Ok(storage::plan_growth(size, members, replicas, &classes))
+    Ok(classes)
 }
 
 /// Carries out a growth [`plan_growth`] allowed: expands each claim in
@@ -680,32 +710,8 @@ async fn grow_storage(
     expand: &[String],
     size: &str,
 ) -> Result<Result<(), Problem>, Error> {
-    let claims = ctx.ns::<PersistentVolumeClaim>();
-    let params = PatchParams {
-        field_manager: Some(MANAGER.into()),
-        ..PatchParams::default()
-    };
-    for name in expand {
-        let Some(claim) = claims.get_opt(name).await? else {
-            continue;
-        };
-        let patch = json!({
-            "metadata": {"resourceVersion": claim.resource_version()},
-            "spec": {"resources": {"requests": {"storage": size}}},
-        });
-        match claims.patch(name, &params, &Patch::Merge(&patch)).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if matches!(s.code, 403 | 422) => {
-                return Ok(Err(Problem {
-                    reason: reason::STORAGE_NOT_EXPANDABLE,
-                    message: format!(
-                        "the API server refuses to expand claim {name} to {size}: {}",
-                        api_error_text(&kube::Error::Api(s))
-                    ),
-                }));
-            }
-            Err(e) => return Err(e.into()),
-        }
+    if let Err(problem) = expand_claims(ctx, expand, size).await? {
+        return Ok(Err(problem));
     }
     let api = ctx.ns::<StatefulSet>();
     let name = existing.name_any();
@@ -738,6 +744,84 @@ async fn grow_storage(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Expands each claim in `expand` to `size`: a merge patch of its request
+/// on the version read just before, so a claim grown larger meanwhile is
+/// never shrunk (a conflict is retried by the next pass). Inner `Err`: the
+/// API server refused (a quota, a policy), as the status says it.
+async fn expand_claims(
+    ctx: &Context,
+    expand: &[String],
+    size: &str,
+) -> Result<Result<(), Problem>, Error> {
+    let claims = ctx.ns::<PersistentVolumeClaim>();
+    let params = PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..PatchParams::default()
+    };
+    for name in expand {
+        let Some(claim) = claims.get_opt(name).await? else {
+            continue;
+        };
+        let patch = json!({
+            "metadata": {"resourceVersion": claim.resource_version()},
+            "spec": {"resources": {"requests": {"storage": size}}},
+        });
+        match claims.patch(name, &params, &Patch::Merge(&patch)).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if matches!(s.code, 403 | 422) => {
+                return Ok(Err(Problem {
+                    reason: reason::STORAGE_NOT_EXPANDABLE,
+                    message: format!(
+                        "the API server refuses to expand claim {name} to {size}: {}",
+                        api_error_text(&kube::Error::Api(s))
+                    ),
+                }));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// Claims of running members bound after the growth that skipped them, or
+/// left by an older template, asking for less than `size`
+/// ([`storage::lagging`]): expanded when their class allows, else said.
+/// Never blocks the generation (it is applied); `Some(note)` for the status.
+async fn expand_lagging(
+    mirror: &RegistryMirror,
+    ctx: &Context,
+    members: &[(u32, &PersistentVolumeClaim)],
+    size: &str,
+) -> Result<Option<String>, Error> {
+    let lagging = storage::lagging(members, mirror.spec.cache.replicas, size);
+    if lagging.is_empty() {
+        return Ok(None);
+    }
+    let classes = Box::pin(claim_classes(ctx, &lagging)).await?;
+    let note = match storage::plan_lagging(size, &lagging, mirror.spec.cache.replicas, &classes) {
+        Growth::Expand(names) => match expand_claims(ctx, &names, size).await? {
+            Ok(()) => {
+                publish(
+                    ctx,
+                    mirror,
+                    EventType::Normal,
+                    "StorageGrown",
+                    "Apply",
+                    format!(
+                        "expanded claims {} to storage.size {size}",
+                        names.join(", ")
+                    ),
+                )
+                .await;
+                None
+            }
+            Err(p) => Some(p.message),
+        },
+        Growth::Refused(message) => Some(message),
+    };
+    Ok(note)
 }
 
 /// Outer `Err`: the API failed (retry); inner `Err`: the user must fix something.
@@ -1281,9 +1365,20 @@ async fn cleanup(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error
     for kind in ChildKind::deletion_order() {
         delete_ignoring_missing(&ctx.children(kind), &kind.child_name(&name)).await?;
     }
-    // Member claims go with the StatefulSet that owns them (`whenDeleted:
-    // Delete`); one orphaned by a growth the mirror's deletion interrupted
-    // has no owner, so it is deleted here.
+    // Member pods and claims go with the StatefulSet that owns them
+    // (`whenDeleted: Delete`); those orphaned by a growth the mirror's
+    // deletion interrupted have no owner, so they are deleted here.
+    let selector = resources::pods_selector(&name, resources::COMPONENT_CACHE);
+    let pods = ctx.ns::<Pod>();
+    for pod in pods
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+    {
+        if pod.owner_references().is_empty() {
+            delete_ignoring_missing(&pods, &pod.name_any()).await?;
+        }
+    }
     for claim in member_claim_list(mirror, ctx).await? {
         if claim.owner_references().is_empty() {
             delete_ignoring_missing(&ctx.ns::<PersistentVolumeClaim>(), &claim.name_any()).await?;
@@ -1764,8 +1859,30 @@ mod tests {
                         api.expect_not_found(Method::DELETE, &path).await;
                     }
                 }
-                // Member claims: one still owned by the StatefulSet goes with
-                // it; one orphaned by an interrupted growth is deleted.
+                // Member pods and claims: those still owned by the
+                // StatefulSet go with it; those orphaned by an interrupted
+                // growth are deleted.
+                api.expect(
+                    Method::GET,
+                    &format!("/api/v1/namespaces/{NS}/pods"),
+                    StatusCode::OK,
+                    |_| {
+                        json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [
+                            {"metadata": {"name": "regmirror-hub-0", "namespace": NS,
+                                          "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                                               "name": "regmirror-hub", "uid": "s"}]}},
+                            {"metadata": {"name": "regmirror-hub-1", "namespace": NS}},
+                        ]})
+                    },
+                )
+                .await;
+                api.expect(
+                    Method::DELETE,
+                    &core("pods", "regmirror-hub-1"),
+                    StatusCode::OK,
+                    |_| success(),
+                )
+                .await;
                 api.expect(
                     Method::GET,
                     &format!("/api/v1/namespaces/{NS}/persistentvolumeclaims"),

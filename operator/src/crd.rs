@@ -70,10 +70,13 @@ const STORAGE_CLASS_RULE: &str = "!has(self.spec.storage) || !has(oldSelf.spec.s
     // (`status.storage`), so a change the operator could not carry out is
     // never a dead end (issue 18).
     validation = Rule::new(STORAGE_SIZE_RULE)
+        .field_path(".spec.storage.size")
         .message("storage.size may only grow (or go back to status.storage.size, what the members' claims have): Kubernetes does not shrink a volume (for smaller volumes create a new mirror); a larger size expands every member's claim, which needs a StorageClass with allowVolumeExpansion: true"),
     validation = Rule::new(STORAGE_ACCESS_MODE_RULE)
+        .field_path(".spec.storage.accessMode")
         .message("storage.accessMode is fixed once the mirror exists (it may go back to status.storage.accessMode): Kubernetes does not change a StatefulSet's claim templates"),
     validation = Rule::new(STORAGE_CLASS_RULE)
+        .field_path(".spec.storage.storageClassName")
         .message("storage.storageClassName is fixed once the mirror exists, set or unset (it may go back to status.storage.storageClassName): Kubernetes does not change a StatefulSet's claim templates"),
 )]
 #[serde(rename_all = "camelCase")]

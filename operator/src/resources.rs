@@ -119,7 +119,13 @@ impl std::str::FromStr for HostPort {
             }
             None => host,
         };
-        if host.is_empty() || host.contains(char::is_whitespace) {
+        // A DNS name or an address: what KUBERNETES_SERVICE_HOST can hold.
+        let name_like = |h: &str| {
+            !h.is_empty()
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b':')
+        };
+        if !name_like(host) {
             return Err(format!("{s:?}: expected host:port"));
         }
         let port = port
@@ -1120,6 +1126,7 @@ port_name = "registry"
             ("h:0", "1-65535"),
             ("h:70000", "1-65535"),
             ("[api.example:6443]:443", "only an IPv6 address"),
+            ("api.example/x:443", "host:port"),
             ("[[fd00::1]]:443", "only an IPv6 address"),
         ] {
             let e = bad.parse::<HostPort>().unwrap_err();

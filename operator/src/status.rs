@@ -342,7 +342,7 @@ pub fn address_host(address: &str) -> &str {
 }
 
 /// Where nodes reach host-network cache members: `<hostIP>:<port>` of each
-/// member pod that is Ready and not being deleted (as the NodePort's
+/// member pod on its node's network that is Ready and not being deleted (as the NodePort's
 /// endpoints would be: a member that crash-loops, say because something
 /// else holds its port on the node, must not be tried, or that something
 /// answers the node's pulls), by member ordinal (the pod name's suffix),
@@ -359,8 +359,12 @@ pub fn member_addresses(pods: &[k8s_openapi::api::core::v1::Pod]) -> Vec<String>
             .and_then(|o| o.parse::<u32>().ok())
             .unwrap_or(u32::MAX)
     };
+    // On the node's network, ready and not going away: a pod of the pod
+    // network (one not rolled yet after hostNetwork was turned on) does not
+    // listen on its node's address.
     let ready = |p: &Pod| {
-        p.metadata.deletion_timestamp.is_none()
+        p.spec.as_ref().and_then(|s| s.host_network) == Some(true)
+            && p.metadata.deletion_timestamp.is_none()
             && p.status
                 .as_ref()
                 .and_then(|s| s.conditions.as_ref())
@@ -680,8 +684,9 @@ pub fn compute(
             cache_addresses,
         ),
     };
+    // What nodes use: the published addresses when there are, as the agents decide.
     let endpoint = match &cache_addresses {
-        Some(a) if mirror.spec.cache.host_network => Some(a.join(",")),
+        Some(a) if !a.is_empty() => Some(a.join(",")),
         _ => node_port.map(|p| format!("<node-ip>:{p}")),
     };
     RegistryMirrorStatus {
@@ -893,7 +898,7 @@ mod tests {
         }
         serde_json::from_value(json!({
             "metadata": {"name": name},
-            "spec": {"containers": [{"name": "cache", "ports": [{"name": "registry", "containerPort": port}]}]},
+            "spec": {"hostNetwork": true, "containers": [{"name": "cache", "ports": [{"name": "registry", "containerPort": port}]}]},
             "status": status,
         }))
         .unwrap()
@@ -927,6 +932,11 @@ mod tests {
         assert!(
             member_addresses(&[member("hub-cache-0", Some("10.0.0.5"), false, 5000)]).is_empty()
         );
+        // A ready member still on the pod network (not rolled yet after
+        // hostNetwork was turned on) listens on no node address.
+        let mut pod_network = member("hub-cache-0", Some("10.0.0.5"), true, 5000);
+        pod_network.spec.as_mut().unwrap().host_network = None;
+        assert!(member_addresses(&[pod_network]).is_empty());
         // During a port change each member is where it listens.
         assert_eq!(
             member_addresses(&[

@@ -178,6 +178,28 @@ pub fn plan_growth(
     replicas: i32,
     classes: &BTreeMap<String, Option<StorageClass>>,
 ) -> Growth {
+    judge_growth(size, claims, replicas, classes, true)
+}
+
+/// [`plan_growth`] for claims that lag behind a template already applied
+/// ([`lagging`]): the same judgement, but a refusal says they stay as they
+/// are rather than that the spec is held back. Pure.
+pub fn plan_lagging(
+    size: &str,
+    claims: &[(u32, &PersistentVolumeClaim)],
+    replicas: i32,
+    classes: &BTreeMap<String, Option<StorageClass>>,
+) -> Growth {
+    judge_growth(size, claims, replicas, classes, false)
+}
+
+fn judge_growth(
+    size: &str,
+    claims: &[(u32, &PersistentVolumeClaim)],
+    replicas: i32,
+    classes: &BTreeMap<String, Option<StorageClass>>,
+    blocking: bool,
+) -> Growth {
     let Some(target) = quantity::bytes(size) else {
         return Growth::Refused(format!("storage.size {size:?} is not a quantity"));
     };
@@ -225,6 +247,17 @@ pub fn plan_growth(
     if problems.is_empty() {
         return Growth::Expand(expand);
     }
+    if !blocking {
+        return Growth::Refused(format!(
+            "claims of running members ask for less than storage.size {size} and stay so: {}. To expand them: {}",
+            problems.join("; "),
+            if fixes.is_empty() {
+                "make them expandable".to_owned()
+            } else {
+                fixes.join("; or ")
+            }
+        ));
+    }
     fixes.push(
         "set storage.size back to status.storage.size, what the claims have (then every other change applies)".into(),
     );
@@ -236,18 +269,42 @@ pub fn plan_growth(
     ))
 }
 
-/// The bytes each member can be relied on to hold: the smallest capacity the
-/// bound member claims report (after an expansion, `status.capacity` rises
-/// only once the volume and its file system have grown). Claims kept from
-/// removed members count too (they are expanded with the others), so the
-/// figure, and the configuration made from it, does not change when the
-/// cluster scales. `None` when no claim reports one. Pure.
-pub fn settled_bytes(claims: &[(u32, &PersistentVolumeClaim)]) -> Option<u64> {
+/// The bytes each running member (ordinal below `replicas`) can be relied on
+/// to hold: the smallest capacity their bound claims report (after an
+/// expansion, `status.capacity` rises only once the volume and its file
+/// system have grown; a claim kept from a removed member has no pod to finish
+/// a file-system resize, so it does not count). Scaling changes the figure,
+/// and so the configuration, only while the claims in use report different
+/// capacities (a growth under way). `None` when no claim reports one. Pure.
+pub fn settled_bytes(claims: &[(u32, &PersistentVolumeClaim)], replicas: i32) -> Option<u64> {
     claims
         .iter()
-        .filter(|(_, c)| is_bound(c))
+        .filter(|(i, c)| i64::from(*i) < i64::from(replicas) && is_bound(c))
         .filter_map(|(_, c)| quantity::bytes(capacity(c)?))
         .min()
+}
+
+/// The bound claims of running members (ordinal below `replicas`) that ask
+/// for less than `size`: bound after a growth skipped them (Pending then),
+/// or made by a template of before. They are expanded like a growth's
+/// ([`plan_growth`]), without re-creating anything. Pure.
+pub fn lagging<'a>(
+    claims: &[(u32, &'a PersistentVolumeClaim)],
+    replicas: i32,
+    size: &str,
+) -> Vec<(u32, &'a PersistentVolumeClaim)> {
+    let Some(target) = quantity::bytes(size) else {
+        return Vec::new();
+    };
+    claims
+        .iter()
+        .filter(|(i, c)| {
+            i64::from(*i) < i64::from(replicas)
+                && is_bound(c)
+                && requested(c).is_some_and(|r| r < target)
+        })
+        .copied()
+        .collect()
 }
 
 /// What the status says while member claims are still growing: each bound
@@ -258,6 +315,7 @@ pub fn settled_bytes(claims: &[(u32, &PersistentVolumeClaim)]) -> Option<u64> {
 pub fn resizing(
     mirror: &str,
     claims: &[(u32, &PersistentVolumeClaim)],
+    replicas: i32,
     namespace: &str,
 ) -> Option<String> {
     let mut growing = Vec::new();
@@ -291,7 +349,12 @@ pub fn resizing(
             }
             text.push(')');
             if c.type_ == "FileSystemResizePending" {
-                restart.push(format!("{}-{i}", resources::stateful_set_name(mirror)));
+                if i64::from(*i) < i64::from(replicas) {
+                    restart.push(format!("{}-{i}", resources::stateful_set_name(mirror)));
+                } else {
+                    // No pod to restart: it grows when its member runs again.
+                    text.push_str(" (no member runs on it: it grows when one does)");
+                }
             }
         }
         growing.push(text);
@@ -512,6 +575,17 @@ mod tests {
         assert!(
             matches!(plan_growth("2Gi", &members, 2, &classes), Growth::Refused(m) if m.contains("delete the claim"))
         );
+        // Lagging claims of an applied template: said, not held against the spec.
+        let fixed = [bound("data-regmirror-hub-0", Some("fixed"), "1Gi", "1Gi")];
+        let Growth::Refused(note) = plan_lagging("2Gi", &member_claims("hub", &fixed), 1, &classes)
+        else {
+            panic!("refused expected");
+        };
+        assert!(
+            note.starts_with("claims of running members ask for less than storage.size 2Gi and stay so: StorageClass fixed of claim data-regmirror-hub-0 does not allow volume expansion. To expand them: kubectl patch storageclass fixed")
+                && !note.contains("not applied"),
+            "{note}"
+        );
     }
 
     #[test]
@@ -519,7 +593,7 @@ mod tests {
         let claims = [
             bound("data-regmirror-hub-0", Some("fast"), "2Gi", "2Gi"),
             bound("data-regmirror-hub-1", Some("fast"), "2Gi", "1Gi"),
-            // A removed member's claim, not grown yet.
+            // A removed member's claim (no pod to finish its resize).
             bound("data-regmirror-hub-2", Some("fast"), "2Gi", "512Mi"),
             claim(
                 "data-regmirror-hub-3",
@@ -528,10 +602,27 @@ mod tests {
             ),
         ];
         let members = member_claims("hub", &claims);
-        // Whatever the number of members: scaling changes no configuration.
-        assert_eq!(settled_bytes(&members), Some(512 << 20));
-        assert_eq!(settled_bytes(&members[..2]), Some(1 << 30));
-        assert_eq!(settled_bytes(&[]), None);
+        assert_eq!(settled_bytes(&members, 2), Some(1 << 30));
+        assert_eq!(settled_bytes(&members, 1), Some(2 << 30));
+        assert_eq!(settled_bytes(&members, 3), Some(512 << 20));
+        assert_eq!(settled_bytes(&[], 1), None);
+        // Claims in use asking for less than the size are to be expanded.
+        let lag: Vec<String> = lagging(&members, 3, "2Gi")
+            .iter()
+            .map(|(_, c)| c.name_any())
+            .collect();
+        assert!(lag.is_empty(), "every claim asks for 2Gi: {lag:?}");
+        let small = [
+            bound("data-regmirror-hub-0", Some("fast"), "2Gi", "2Gi"),
+            bound("data-regmirror-hub-1", Some("fast"), "1Gi", "1Gi"),
+            bound("data-regmirror-hub-2", Some("fast"), "1Gi", "1Gi"),
+        ];
+        let members = member_claims("hub", &small);
+        let lag: Vec<String> = lagging(&members, 2, "2Gi")
+            .iter()
+            .map(|(_, c)| c.name_any())
+            .collect();
+        assert_eq!(lag, ["data-regmirror-hub-1"], "member 2 is not running");
     }
 
     #[test]
@@ -547,7 +638,7 @@ mod tests {
             pending,
             bound("data-regmirror-hub-2", Some("fast"), "2Gi", "2Gi"),
         ];
-        let message = resizing("hub", &member_claims("hub", &claims), "ns").unwrap();
+        let message = resizing("hub", &member_claims("hub", &claims), 3, "ns").unwrap();
         assert!(
             message.starts_with(
                 "storage growing: data-regmirror-hub-0 holds 1Gi of 2Gi, data-regmirror-hub-1 holds 1Gi of 2Gi (FileSystemResizePending: Waiting for user"
@@ -560,6 +651,15 @@ mod tests {
         );
         assert!(!message.contains("hub-2 holds"), "{message}");
         let grown = [bound("data-regmirror-hub-0", Some("fast"), "2Gi", "2Gi")];
-        assert_eq!(resizing("hub", &member_claims("hub", &grown), "ns"), None);
+        assert_eq!(
+            resizing("hub", &member_claims("hub", &grown), 1, "ns"),
+            None
+        );
+        // Member 1 scaled away: no pod to delete, it grows when one runs.
+        let message = resizing("hub", &member_claims("hub", &claims), 1, "ns").unwrap();
+        assert!(
+            message.contains("no member runs on it") && !message.contains("delete pod"),
+            "{message}"
+        );
     }
 }

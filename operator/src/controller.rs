@@ -1862,48 +1862,32 @@ mod tests {
                 // Member pods and claims: those still owned by the
                 // StatefulSet go with it; those orphaned by an interrupted
                 // growth are deleted.
-                api.expect(
-                    Method::GET,
-                    &format!("/api/v1/namespaces/{NS}/pods"),
-                    StatusCode::OK,
-                    |_| {
-                        json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [
-                            {"metadata": {"name": "regmirror-hub-0", "namespace": NS,
-                                          "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet",
-                                                               "name": "regmirror-hub", "uid": "s"}]}},
-                            {"metadata": {"name": "regmirror-hub-1", "namespace": NS}},
-                        ]})
-                    },
-                )
-                .await;
-                api.expect(
-                    Method::DELETE,
-                    &core("pods", "regmirror-hub-1"),
-                    StatusCode::OK,
-                    |_| success(),
-                )
-                .await;
-                api.expect(
-                    Method::GET,
-                    &format!("/api/v1/namespaces/{NS}/persistentvolumeclaims"),
-                    StatusCode::OK,
-                    |_| {
-                        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaimList", "metadata": {}, "items": [
-                            {"metadata": {"name": "data-regmirror-hub-0", "namespace": NS,
-                                          "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet",
-                                                               "name": "regmirror-hub", "uid": "s"}]}},
-                            {"metadata": {"name": "data-regmirror-hub-1", "namespace": NS}},
-                        ]})
-                    },
-                )
-                .await;
-                api.expect(
-                    Method::DELETE,
-                    &core("persistentvolumeclaims", "data-regmirror-hub-1"),
-                    StatusCode::OK,
-                    |_| success(),
-                )
-                .await;
+                for (plural, list, prefix) in [
+                    ("pods", "PodList", "regmirror-hub"),
+                    ("persistentvolumeclaims", "PersistentVolumeClaimList", "data-regmirror-hub"),
+                ] {
+                    api.expect(
+                        Method::GET,
+                        &format!("/api/v1/namespaces/{NS}/{plural}"),
+                        StatusCode::OK,
+                        |_| {
+                            json!({"apiVersion": "v1", "kind": list, "metadata": {}, "items": [
+                                {"metadata": {"name": format!("{prefix}-0"), "namespace": NS,
+                                              "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet",
+                                                                   "name": "regmirror-hub", "uid": "s"}]}},
+                                {"metadata": {"name": format!("{prefix}-1"), "namespace": NS}},
+                            ]})
+                        },
+                    )
+                    .await;
+                    api.expect(
+                        Method::DELETE,
+                        &core(plural, &format!("{prefix}-1")),
+                        StatusCode::OK,
+                        |_| success(),
+                    )
+                    .await;
+                }
                 api.expect_not_found(Method::DELETE, &apps("daemonsets", "regmirror-hub-agent"))
                     .await;
                 assert_eq!(

@@ -555,7 +555,7 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
     let replicas = mirror.spec.cache.replicas;
     // Claims in use still below the template's size (bound after a growth
     // skipped them): expanded now, or said.
-    let lag_note = match (&change, &expand) {
+    let (lag_expanded, lag_note) = match (&change, &expand) {
         (TemplateChange::Same, None) => {
             Box::pin(expand_lagging(
                 mirror,
@@ -565,12 +565,12 @@ async fn apply(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error> 
             ))
             .await?
         }
-        _ => None,
+        _ => (false, None),
     };
-    let growing = match (&expand, &lag_note) {
-        (None, None) => storage::resizing(&name, &members, replicas, &ctx.settings.namespace),
+    let growing = match expand.is_some() || lag_expanded {
+        false => storage::resizing(&name, &members, replicas, &ctx.settings.namespace),
         // The claims just grown: as they are now.
-        _ => {
+        true => {
             let claims = member_claim_list(mirror, ctx).await?;
             storage::resizing(
                 &name,
@@ -788,16 +788,18 @@ async fn expand_claims(
 /// Claims of running members bound after the growth that skipped them, or
 /// left by an older template, asking for less than `size`
 /// ([`storage::lagging`]): expanded when their class allows, else said.
-/// Never blocks the generation (it is applied); `Some(note)` for the status.
+/// Never blocks the generation (it is applied). Returns whether claims were
+/// expanded (the status then reads them again) and a note for the status
+/// when some cannot be.
 async fn expand_lagging(
     mirror: &RegistryMirror,
     ctx: &Context,
     members: &[(u32, &PersistentVolumeClaim)],
     size: &str,
-) -> Result<Option<String>, Error> {
+) -> Result<(bool, Option<String>), Error> {
     let lagging = storage::lagging(members, mirror.spec.cache.replicas, size);
     if lagging.is_empty() {
-        return Ok(None);
+        return Ok((false, None));
     }
     let classes = Box::pin(claim_classes(ctx, &lagging)).await?;
     let note = match storage::plan_lagging(size, &lagging, mirror.spec.cache.replicas, &classes) {
@@ -815,11 +817,11 @@ async fn expand_lagging(
                     ),
                 )
                 .await;
-                None
+                (true, None)
             }
-            Err(p) => Some(p.message),
+            Err(p) => (false, Some(p.message)),
         },
-        Growth::Refused(message) => Some(message),
+        Growth::Refused(message) => (false, Some(message)),
     };
     Ok(note)
 }

@@ -1209,6 +1209,23 @@ async fn prune(mirror: &RegistryMirror, c: &Children, ctx: &Context) -> Result<(
     Ok(())
 }
 
+/// Deletes the objects of `api` matching `selector` that have no owner.
+async fn delete_ownerless<K>(api: &Api<K>, selector: &str) -> Result<(), Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    for o in api
+        .list(&ListParams::default().labels(selector))
+        .await?
+        .items
+    {
+        if o.owner_references().is_empty() {
+            delete_ignoring_missing(api, &o.name_any()).await?;
+        }
+    }
+    Ok(())
+}
+
 async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<(), Error>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
@@ -1371,21 +1388,8 @@ async fn cleanup(mirror: &RegistryMirror, ctx: &Context) -> Result<Action, Error
     // (`whenDeleted: Delete`); those orphaned by a growth the mirror's
     // deletion interrupted have no owner, so they are deleted here.
     let selector = resources::pods_selector(&name, resources::COMPONENT_CACHE);
-    let pods = ctx.ns::<Pod>();
-    for pod in pods
-        .list(&ListParams::default().labels(&selector))
-        .await?
-        .items
-    {
-        if pod.owner_references().is_empty() {
-            delete_ignoring_missing(&pods, &pod.name_any()).await?;
-        }
-    }
-    for claim in member_claim_list(mirror, ctx).await? {
-        if claim.owner_references().is_empty() {
-            delete_ignoring_missing(&ctx.ns::<PersistentVolumeClaim>(), &claim.name_any()).await?;
-        }
-    }
+    delete_ownerless(&ctx.ns::<Pod>(), &selector).await?;
+    delete_ownerless(&ctx.ns::<PersistentVolumeClaim>(), &selector).await?;
     let uid = mirror.uid().unwrap_or_default();
     if !ctx.legacy_gone.lock().expect("not poisoned").contains(&uid) {
         delete_ignoring_missing(&ctx.ns::<DaemonSet>(), &resources::daemon_set_name(&name)).await?;

@@ -722,18 +722,7 @@ mod tests {
         m
     }
 
-    const NS: &str = "regmirror-system";
-
-    fn settings() -> Settings {
-        Settings {
-            namespace: NS.into(),
-            cache_image: "regmirror/cache:test".into(),
-            agent_image: "regmirror/operator:test".into(),
-            agent_host_dirs: vec!["/etc/containerd".into()],
-            agent_daemon_set: "regmirror-agent".into(),
-            kubernetes_service: None,
-        }
-    }
+    use crate::fixtures::{NS, settings};
 
     fn v<T: Serialize>(t: &T) -> Value {
         serde_json::to_value(t).unwrap()

@@ -12,6 +12,7 @@
 //! through `verify`, which releases its last bytes only once they match the
 //! digest.
 
+pub mod absorb;
 pub mod cluster;
 pub mod config;
 pub mod error;
@@ -19,7 +20,6 @@ pub mod fill;
 pub mod flight;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod hashing;
 pub mod listen;
 pub mod metrics;
 pub mod mirror;

@@ -4,17 +4,18 @@
 //! A client may receive a body's bytes as they arrive, but never all of a
 //! body that does not match its digest: the batch that ends the body is
 //! released only once the digest has been checked. With a known length that
-//! batch is the one reaching it, and every earlier batch is released at once;
-//! without one, any batch could be the last, so the newest is held back until
-//! the next one arrives or the body ends. The fill (which writes every batch
-//! to its temp file through a [`Tee`]) and the uncached pass-through both
-//! read upstream bodies through [`verified`].
+//! batch is the one reaching it, and every earlier batch is released as soon
+//! as it is teed; without one, any batch could be the last, so the newest is
+//! held back until the next one is teed or the body ends. The fill (which
+//! writes every batch to its temp file through a [`Tee`]) and the uncached
+//! pass-through both read upstream bodies through [`verified`].
 //!
-//! The hash runs behind the body ([`HashBehind`]): an earlier batch goes out
-//! once it is teed, maybe before it is hashed, and the batch that ends the
-//! body waits for the hash of everything. So receiving, writing and hashing
-//! overlap, and a cold transfer takes about as long as the slowest of them
-//! rather than their sum.
+//! Teeing and hashing run behind the body ([`Absorber`]): the body goes on
+//! being received while earlier batches are written and hashed on the
+//! blocking pool, and only the batch that ends the body waits for the hash
+//! of everything. So receiving, writing and hashing overlap, and a cold
+//! transfer takes about as long as the slowest of them rather than their
+//! sum.
 
 use std::collections::VecDeque;
 
@@ -22,27 +23,16 @@ use bytes::{Bytes, BytesMut};
 use futures::stream::{BoxStream, Fuse};
 use futures::{FutureExt, Stream, StreamExt};
 
+use crate::absorb::Absorber;
+pub use crate::absorb::Tee;
 use crate::error::{Error, Result};
-use crate::hashing::HashBehind;
 use crate::oci::Digest;
 use crate::upstream::UpstreamBody;
 
 /// Most bytes gathered from chunks that have already arrived into one batch
-/// (one hash and one write), so that small chunks do not cost a trip to the
-/// blocking pool each. A single larger chunk is one batch as it is.
+/// (one write and one hand-over to the worker), so that small chunks do not
+/// cost a trip each. A single larger chunk is one batch as it is.
 pub const BATCH: usize = 256 * 1024;
-
-/// Most bytes of batches that have already arrived teed in one trip to the
-/// blocking pool: every trip costs thread wake-ups, which at a few hundred
-/// KiB per batch cost more CPU than the copies of a cold transfer's slowest
-/// parts.
-const GROUP: usize = 4 * BATCH;
-
-/// Where every batch is copied, on the blocking pool: called with the
-/// batch's offset in the body (bytes) and its bytes, before the batch is
-/// released (and maybe before it is hashed). An error ends the body with
-/// that error.
-pub type Tee = Box<dyn FnMut(u64, &[u8]) -> Result<()> + Send>;
 
 /// `body`'s bytes, in batches released as the module docs say, checked
 /// against `digest` with its algorithm (sha256 or sha512), and copied to
@@ -53,7 +43,8 @@ pub type Tee = Box<dyn FnMut(u64, &[u8]) -> Result<()> + Send>;
 ///   as soon as a batch goes past the length, before that batch is teed;
 /// - [`Error::UpstreamUnavailable`] "blob body ended after X of Y bytes";
 /// - [`Error::UpstreamInvalid`] "blob content does not match its digest";
-/// - the body's own errors and the tee's, as they are;
+/// - the body's own errors and the tee's, as they are (the first to
+///   happen), once the batches teed before it are released;
 /// - [`Error::Internal`] if the blocking pool fails.
 pub fn verified(
     body: UpstreamBody,
@@ -64,13 +55,13 @@ pub fn verified(
         chunks: body.chunks.fuse(),
         upstream: body.upstream,
         len: body.len,
-        hash: Some(HashBehind::new(digest.algorithm().hasher())),
+        absorber: Absorber::new(digest.algorithm().hasher(), tee),
         digest,
-        tee,
-        seen: 0,
+        pending: VecDeque::new(),
         held: None,
         ready: VecDeque::new(),
         failed: None,
+        received: false,
         ended: false,
     };
     // After an error the stream ends: `try_unfold` drops the state.
@@ -84,18 +75,22 @@ struct Verifier {
     upstream: String,
     len: Option<u64>,
     digest: Digest,
-    /// Of `digest`'s algorithm; taken by [`Verifier::finish`].
-    hash: Option<HashBehind>,
-    tee: Option<Tee>,
-    /// Bytes teed (and queued for the hash) so far.
-    seen: u64,
-    /// Without a known length: the newest batch, until the next arrives.
+    absorber: Absorber,
+    /// Batches pushed to the absorber, not yet released, with the offset
+    /// each ends at.
+    pending: VecDeque<(u64, Bytes)>,
+    /// Without a known length: the newest teed batch, until the next is.
     held: Option<Bytes>,
     /// Batches that may go out, in order.
     ready: VecDeque<Bytes>,
-    /// The error that ends the body once `ready` has gone out.
+    /// The first error; it ends the body once the batches teed before it
+    /// have gone out.
     failed: Option<Error>,
-    /// The whole body has been checked: nothing follows `ready`.
+    /// Nothing more is read from the body: it ended, reached its length, or
+    /// failed.
+    received: bool,
+    /// The whole body has been checked: nothing follows `ready` but
+    /// `failed`.
     ended: bool,
 }
 
@@ -106,155 +101,135 @@ impl Verifier {
             if let Some(batch) = self.ready.pop_front() {
                 return Ok(Some(batch));
             }
-            if let Some(e) = self.failed.take() {
-                self.ended = true;
-                return Err(e);
-            }
             if self.ended {
-                return Ok(None);
+                return self.failed.take().map_or(Ok(None), Err);
             }
-            let Some(first) = self.next_batch().await? else {
-                self.finish().await?;
-                self.ready.extend(self.held.take());
+            self.release_teed();
+            if !self.ready.is_empty() {
                 continue;
+            }
+            if self.received {
+                self.conclude().await;
+                continue;
+            }
+            if self.absorber.is_full() {
+                self.absorber.progress().await;
+                continue;
+            }
+            let waiting = !self.pending.is_empty();
+            let chunk = tokio::select! {
+                biased;
+                () = self.absorber.progress(), if waiting => None,
+                chunk = self.chunks.next() => Some(chunk),
             };
-            let group = self.group(first);
-            let mut end = self.seen;
-            let teed = self.absorb(&group).await;
-            for batch in group.into_iter().take(teed) {
-                end += batch.len() as u64;
-                match self.len {
-                    Some(len) if end == len => {
-                        if let Err(e) = self.finish().await {
-                            self.failed = Some(e);
-                            break;
-                        }
-                        self.ready.push_back(batch);
-                    }
-                    Some(_) => self.ready.push_back(batch),
-                    None => self.ready.extend(self.held.replace(batch)),
-                }
+            if let Some(chunk) = chunk {
+                self.take(chunk);
             }
         }
     }
 
-    /// `first` and the batches that have already arrived after it (up to
-    /// [`GROUP`] bytes in all, not past the length), to be teed in one trip
-    /// to the blocking pool. Empty batches are left out; a batch that goes
-    /// past the length, or an error, ends the group and is kept in
-    /// `failed`, to end the body once the group has gone out.
-    fn group(&mut self, first: Bytes) -> Vec<Bytes> {
-        let mut group = Vec::new();
-        let mut next = Some(first);
-        let mut at = self.seen;
-        while let Some(batch) = next.take() {
-            if self.len.is_some_and(|len| at + batch.len() as u64 > len) {
-                self.failed = Some(self.invalid("blob body longer than its Content-Length".into()));
-                break;
+    /// Takes the next chunk of the body (`None` at its end), together with
+    /// the chunks that have already arrived after it, up to [`BATCH`]
+    /// bytes, and pushes them as one batch to the absorber.
+    fn take(&mut self, chunk: Option<Result<Bytes>>) {
+        let first = match chunk {
+            None => {
+                self.received = true;
+                return;
             }
-            at += batch.len() as u64;
-            if !batch.is_empty() {
-                group.push(batch);
-            }
-            if at - self.seen >= GROUP as u64 || self.len.is_some_and(|len| at >= len) {
-                break;
-            }
-            if let Some(Some(chunk)) = self.chunks.next().now_or_never() {
-                match chunk.and_then(|c| self.gather(c)) {
-                    Ok(batch) => next = Some(batch),
-                    Err(e) => self.failed = Some(e),
-                }
-            }
-        }
-        group
-    }
-
-    /// The next chunk together with whatever else has already arrived, up
-    /// to [`BATCH`] bytes; `None` at the end of the body.
-    async fn next_batch(&mut self) -> Result<Option<Bytes>> {
-        let Some(first) = self.chunks.next().await.transpose()? else {
-            return Ok(None);
+            Some(Err(e)) => return self.fail(e),
+            Some(Ok(first)) => first,
         };
-        self.gather(first).map(Some)
-    }
-
-    /// `first` together with the chunks that have already arrived after
-    /// it, up to [`BATCH`] bytes.
-    fn gather(&mut self, first: Bytes) -> Result<Bytes> {
+        let at = self.absorber.pushed();
         let mut gathered: Option<BytesMut> = None;
         while gathered.as_ref().map_or(first.len(), BytesMut::len) < BATCH {
             match self.chunks.next().now_or_never() {
                 Some(Some(Ok(c))) => gathered
                     .get_or_insert_with(|| BytesMut::from(&first[..]))
                     .extend_from_slice(&c),
-                Some(Some(Err(e))) => return Err(e),
-                Some(None) | None => break,
+                Some(Some(Err(e))) => {
+                    self.fail(e);
+                    break;
+                }
+                Some(None) => {
+                    self.received = true;
+                    break;
+                }
+                None => break,
             }
         }
-        Ok(gathered.map_or(first, BytesMut::freeze))
+        let batch = gathered.map_or(first, BytesMut::freeze);
+        let end = at + batch.len() as u64;
+        if self.len.is_some_and(|len| end > len) {
+            let overlong = self.invalid("blob body longer than its Content-Length".into());
+            return self.fail(overlong);
+        }
+        if self.len == Some(end) {
+            // Not read past the length, not even to see its end.
+            self.received = true;
+        }
+        if !batch.is_empty() {
+            self.absorber.push(batch.clone());
+            self.pending.push_back((end, batch));
+        }
     }
 
-    /// Queues `group` for the hash and tees its batches in order, in one
-    /// trip to the blocking pool; how many were teed (all but after an
-    /// error, which is kept in `failed`).
-    async fn absorb(&mut self, group: &[Bytes]) -> usize {
-        let teeing = self.tee.take().map(|mut tee| {
-            let (mut offset, batches) = (self.seen, group.to_vec());
-            tokio::task::spawn_blocking(move || {
-                for (i, batch) in batches.iter().enumerate() {
-                    if let Err(e) = tee(offset, batch) {
-                        return (tee, i, Some(e));
-                    }
-                    offset += batch.len() as u64;
-                }
-                (tee, batches.len(), None)
-            })
-        });
-        let hash = self.hash.as_mut().expect("hashed until the end");
-        for batch in group {
-            if let Err(e) = hash.push(batch.clone()).await {
-                self.failed = Some(e);
-                return 0;
+    /// Keeps the first error and stops reading the body.
+    fn fail(&mut self, e: Error) {
+        self.failed.get_or_insert(e);
+        self.received = true;
+    }
+
+    /// Releases the pending batches the absorber has teed, but the one that
+    /// ends a body of known length (it waits for the digest); a tee error
+    /// fails the body.
+    fn release_teed(&mut self) {
+        let (teed, error) = self.absorber.teed();
+        while let Some((end, _)) = self.pending.front() {
+            if *end > teed || self.len == Some(*end) {
+                break;
+            }
+            let (_, batch) = self.pending.pop_front().expect("a front");
+            match self.len {
+                Some(_) => self.ready.push_back(batch),
+                None => self.ready.extend(self.held.replace(batch)),
             }
         }
-        let teed = match teeing {
-            None => group.len(),
-            Some(teeing) => match teeing.await {
-                Ok((tee, teed, error)) => {
-                    self.tee = Some(tee);
-                    if let Some(e) = error {
-                        self.failed = Some(e);
-                    }
-                    teed
-                }
-                Err(e) => {
-                    self.failed = Some(Error::internal(e));
-                    0
-                }
-            },
-        };
-        self.seen += group[..teed].iter().map(|b| b.len() as u64).sum::<u64>();
-        teed
+        if let Some(e) = error {
+            self.fail(e);
+        }
     }
 
-    /// Checks the whole body: its length, then its digest (once the hash
-    /// has caught up).
-    async fn finish(&mut self) -> Result<()> {
+    /// Once nothing more is read: waits for the absorber to tee and hash
+    /// everything, releases what was teed, then checks the whole body (its
+    /// length, then its digest) and releases its last batch if it matches.
+    async fn conclude(&mut self) {
         self.ended = true;
-        if let Some(len) = self.len.filter(|len| *len != self.seen) {
-            return Err(Error::UpstreamUnavailable {
+        let hashed = self.absorber.finish().await;
+        self.release_teed();
+        if self.failed.is_some() {
+            return;
+        }
+        let hasher = match hashed {
+            Ok(hasher) => hasher,
+            Err(e) => return self.fail(e),
+        };
+        let seen = self.absorber.pushed();
+        if let Some(len) = self.len.filter(|len| *len != seen) {
+            return self.fail(Error::UpstreamUnavailable {
                 upstream: self.upstream.clone(),
-                detail: format!("blob body ended after {} of {len} bytes", self.seen),
+                detail: format!("blob body ended after {seen} of {len} bytes"),
             });
         }
-        let hash = self.hash.take().expect("finished once");
-        let actual = hash.finish().await?.finish();
+        let actual = hasher.finish();
         if actual != self.digest {
-            return Err(self.invalid(format!(
+            let mismatch = self.invalid(format!(
                 "blob content does not match its digest (got {actual})"
-            )));
+            ));
+            return self.fail(mismatch);
         }
-        Ok(())
+        self.ready.extend(self.pending.drain(..).map(|(_, b)| b));
+        self.ready.extend(self.held.take());
     }
 
     fn invalid(&self, detail: String) -> Error {

@@ -1,5 +1,9 @@
 //! Reference ceiling for warm blob GETs: a minimal HTTP/1.1 server that answers every
 //! request with one file through `sendfile(2)` (no hashing, no copies to user space).
+//! A second mode copies the file through a 32 KiB buffer with `read(2)`/`write(2)`
+//! instead, as a Go server's `io.Copy` does (distribution's): on loopback, where the
+//! receiver copies the bytes out of the sender's buffers, the two cost a client
+//! differently, and the external clients are measured against both (issue 20).
 //!
 //! It runs as its own process (this binary, re-executed with [`SERVE_ENV`] set) so
 //! it is measured and placed exactly like the systems: CPU is utime + stime of the
@@ -14,6 +18,12 @@ use anyhow::{Context, Result, bail};
 
 /// Set to the file to serve, this binary runs as the reference server.
 pub const SERVE_ENV: &str = "REGMIRROR_BENCH_CEILING";
+/// Set (to anything) with [`SERVE_ENV`], the reference server copies instead of
+/// using `sendfile`.
+pub const COPY_ENV: &str = "REGMIRROR_BENCH_CEILING_COPY";
+
+/// Buffer of the copying reference: Go's `io.Copy` default.
+const COPY_BUFFER: usize = 32 << 10;
 
 /// The reference server process; killed on drop.
 #[derive(Debug)]
@@ -24,9 +34,22 @@ pub struct Ceiling {
 
 impl Ceiling {
     /// Starts `bench_bin` (`regmirror-bench`) as the reference server for
-    /// `file` on `127.0.0.1:0`.
+    /// `file` on `127.0.0.1:0`, sending with `sendfile(2)`.
     pub fn start(bench_bin: &Path, file: &Path) -> Result<Self> {
-        let mut child = Command::new(bench_bin)
+        Self::start_mode(bench_bin, file, false)
+    }
+
+    /// As [`Ceiling::start`], but sending by copying through a user-space buffer.
+    pub fn start_copying(bench_bin: &Path, file: &Path) -> Result<Self> {
+        Self::start_mode(bench_bin, file, true)
+    }
+
+    fn start_mode(bench_bin: &Path, file: &Path, copy: bool) -> Result<Self> {
+        let mut command = Command::new(bench_bin);
+        if copy {
+            command.env(COPY_ENV, "1");
+        }
+        let mut child = command
             .env(SERVE_ENV, file)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -74,8 +97,9 @@ impl Drop for Ceiling {
 }
 
 /// The reference server's main: prints its address, serves `file` from a thread
-/// per connection, and exits when its stdin closes (the bench is gone).
-pub fn serve_forever(file: &Path) -> Result<()> {
+/// per connection (copying it if `copy`, else with `sendfile`), and exits when its
+/// stdin closes (the bench is gone).
+pub fn serve_forever(file: &Path, copy: bool) -> Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     println!("{}", listener.local_addr()?);
     std::io::stdout().flush()?;
@@ -86,12 +110,12 @@ pub fn serve_forever(file: &Path) -> Result<()> {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let file = file.to_owned();
-        std::thread::spawn(move || serve(conn, &file));
+        std::thread::spawn(move || serve(conn, &file, copy));
     }
     Ok(())
 }
 
-fn serve(mut conn: TcpStream, path: &Path) -> std::io::Result<()> {
+fn serve(mut conn: TcpStream, path: &Path, copy: bool) -> std::io::Result<()> {
     conn.set_nodelay(true)?;
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
@@ -121,13 +145,24 @@ fn serve(mut conn: TcpStream, path: &Path) -> std::io::Result<()> {
             )?;
             continue;
         }
-        let file = std::fs::File::open(path)?;
+        let mut file = std::fs::File::open(path)?;
         let len = file.metadata()?.len();
         write!(
             conn,
             "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n\r\n"
         )?;
         conn.flush()?;
+        if copy {
+            let mut buf = vec![0u8; COPY_BUFFER];
+            loop {
+                let n = file.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                conn.write_all(&buf[..n])?;
+            }
+            continue;
+        }
         let mut off = 0u64;
         while off < len {
             let want = usize::try_from((len - off).min(1 << 30)).unwrap_or(1 << 30);

@@ -21,7 +21,10 @@ fn env_num(name: &str) -> Result<Option<usize>> {
 
 fn main() -> Result<()> {
     if let Some(file) = std::env::var_os(ceiling::SERVE_ENV) {
-        return ceiling::serve_forever(std::path::Path::new(&file));
+        return ceiling::serve_forever(
+            std::path::Path::new(&file),
+            std::env::var_os(ceiling::COPY_ENV).is_some(),
+        );
     }
     tokio::runtime::Runtime::new()?.block_on(bench())
 }

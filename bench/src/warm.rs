@@ -181,7 +181,7 @@ fn reference_targets(sec: &mut Section, gbps_ref: &str, cpu_ref: &str) {
 }
 
 /// Scenario 1, the biggest blob again, one GET per client process: curl and crane
-/// (`ceiling` serves the same file).
+/// (`ceiling` serves the same file; a copying reference started here too).
 async fn external_clients(
     b: &Bench,
     systems: &[System],
@@ -190,6 +190,7 @@ async fn external_clients(
     sec: &mut Section,
 ) -> Result<()> {
     let label = size_label(blob.size);
+    let copying = Ceiling::start_copying(&b.cfg.bench_bin, &blob.path)?;
     for client in ExternalClient::ALL {
         if let Err(e) = client.program() {
             sec.note(format!("{label} via {}: not run: {e:#}", client.name()));
@@ -210,6 +211,11 @@ async fn external_clients(
             name("throughput / reference"),
             name("server CPU / reference"),
         );
+        // The same client from the copying reference: what sendfile costs it.
+        let (copy_gbps, copy_client) = (
+            name("throughput GB/s from a copying server"),
+            name("client CPU-s per GiB from a copying server"),
+        );
         let runs = async {
             for _ in 0..b.cfg.big_runs {
                 let mut ours = [f64::NAN; 3];
@@ -228,6 +234,9 @@ async fn external_clients(
                 }
                 sec.add(&gbps_ref, Kind::Ours, ours[0] / figures[0]);
                 sec.add(&cpu_ref, Kind::Ours, ours[1] / figures[1]);
+                let copied = measured_fetch(client, copying.host(), blob, copying.pid()).await?;
+                sec.add_reference(&copy_gbps, copied[0]);
+                sec.add_reference(&copy_client, copied[2]);
             }
             anyhow::Ok(())
         };
@@ -243,7 +252,9 @@ async fn external_clients(
         "\"{label} via curl / crane\": one GET per run from a client process of its own \
          (`curl -o /dev/null`; `crane blob`, which verifies the digest as it reads); \
          throughput is over the client's whole life (start-up, registry ping and connect \
-         included: a few ms), client CPU is its utime+stime."
+         included: a few ms), client CPU is its utime+stime. \"from a copying server\": \
+         the same GET from a reference that sends the file through a 32 KiB buffer with \
+         read/write (as Go's `io.Copy`, distribution's) instead of `sendfile`."
     ));
     Ok(())
 }

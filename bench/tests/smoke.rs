@@ -42,15 +42,20 @@ async fn micro_benchmark_produces_complete_tables() {
             );
         }
     }
-    // Scenario 1's separate-process clients ran (make test installs crane).
+    // Scenario 1's separate-process clients ran (make test installs crane),
+    // against the sendfile reference and the copying one.
     for client in ["curl", "crane"] {
-        assert!(
-            report
-                .markdown
-                .contains(&format!("via {client}: server CPU-s per GiB")),
-            "{}",
-            report.markdown
-        );
+        for metric in [
+            "server CPU-s per GiB",
+            "throughput GB/s from a copying server",
+            "client CPU-s per GiB from a copying server",
+        ] {
+            assert!(
+                report.markdown.contains(&format!("via {client}: {metric}")),
+                "{client}: {metric}: {}",
+                report.markdown
+            );
+        }
     }
     assert!(report.markdown.contains("## Machine"));
     assert!(

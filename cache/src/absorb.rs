@@ -35,8 +35,11 @@ pub const LAG: usize = 4 << 20;
 
 /// How long an idle worker waits for the next batch before it ends: longer
 /// than the gap between a fast upstream's reads (well under a millisecond
-/// here), short enough that a slow body holds no thread between batches.
-pub const LINGER: Duration = Duration::from_millis(5);
+/// here), short enough that a slow body holds no thread between batches. A
+/// body holds a blocking-pool thread (tokio's pool has 512) only while it
+/// delivers a batch at least every millisecond: 512 such bodies would be
+/// tens of GB/s.
+pub const LINGER: Duration = Duration::from_millis(1);
 
 /// Where every batch is copied, on the blocking pool: called with the
 /// batch's offset in the body (bytes) and its bytes, in order. An error
@@ -116,7 +119,9 @@ impl Absorber {
     }
 
     /// Queues `batch` to be teed and hashed after every batch pushed before
-    /// it, starting a worker if none runs. Empty batches are skipped.
+    /// it, starting a worker if none runs. Empty batches are skipped, and
+    /// so is every batch after the tee failed: nothing is teed after an
+    /// error.
     pub fn push(&mut self, batch: Bytes) {
         if batch.is_empty() {
             return;
@@ -124,6 +129,9 @@ impl Absorber {
         let len = batch.len();
         let start = {
             let mut lane = self.shared.lock();
+            if lane.failed.is_some() {
+                return;
+            }
             lane.behind += len;
             lane.queued.push_back((self.pushed, batch));
             !std::mem::replace(&mut lane.working, true)
@@ -240,19 +248,19 @@ fn work(shared: &Shared) {
     lane.working = false;
 }
 
-/// Marks the worker ended when dropped: normally, or by a panic (whose
-/// parts are lost: the absorber fails with [`Error::Internal`]).
+/// Tells the async side the worker has ended, when dropped; after a panic
+/// (whose parts are lost) also fails the absorber with [`Error::Internal`]
+/// and lets a later push start a worker. A worker that ends normally has
+/// already cleared `working` itself, and by now it may be a newer worker's.
 struct WorkerEnd<'a>(&'a Shared);
 
 impl Drop for WorkerEnd<'_> {
     fn drop(&mut self) {
-        let mut lane = self.0.lock();
-        if lane.working {
-            // Ended without handing its parts back: a panic.
+        if std::thread::panicking() {
+            let mut lane = self.0.lock();
             lane.failed = Some(Error::internal("the body's tee or hash worker panicked"));
             lane.working = false;
         }
-        drop(lane);
         self.0.progress.notify_one();
     }
 }
@@ -350,6 +358,44 @@ mod tests {
         };
         assert_eq!(a.teed().0, 100, "teed past the error");
         assert!(matches!(err, Error::StorageFull(_)), "{err:?}");
+    }
+
+    /// A batch pushed the moment a lingering worker has ended starts a new
+    /// worker; the old one's end must not be taken for a panic (found by a
+    /// review: a slow upstream failed about half its cold pulls).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_push_right_after_a_workers_end_is_not_a_failure() {
+        let mut a = Absorber::new(Algorithm::Sha256.hasher(), None);
+        let mut all = vec![pattern(64, 0)];
+        a.push(all[0].clone());
+        for i in 1..1000u32 {
+            let b = pattern(64, i as u8);
+            all.push(b.clone());
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            // Spin until the worker lets go, then push (as `push` does) in
+            // the same critical section, before its end is complete.
+            loop {
+                let mut lane = a.shared.lock();
+                if !lane.working {
+                    lane.behind += b.len();
+                    lane.queued.push_back((a.pushed, b));
+                    lane.working = true;
+                    drop(lane);
+                    a.pushed += 64;
+                    let shared = Arc::clone(&a.shared);
+                    tokio::task::spawn_blocking(move || work(&shared));
+                    break;
+                }
+                drop(lane);
+                assert!(std::time::Instant::now() < deadline, "worker never ended");
+                std::hint::spin_loop();
+            }
+            if let (_, Some(e)) = a.teed() {
+                panic!("after {i} worker ends, a healthy absorber failed: {e}");
+            }
+        }
+        let digest = a.finish().await.unwrap().finish();
+        assert_eq!(digest, Digest::of(&all.concat()));
     }
 
     #[tokio::test]

@@ -451,6 +451,75 @@ mod tests {
         assert!(matches!(error, Some(Error::StorageFull(_))), "{error:?}");
     }
 
+    /// The tee fails on the second batch while the third is on its way:
+    /// the third must not be teed (the failed worker has ended, and a new
+    /// one would tee it, and count the failed batch as teed), and only the
+    /// first is released (found by a review).
+    #[tokio::test]
+    async fn nothing_is_teed_after_a_tee_error() {
+        let chunks = vec![batch_of(1), batch_of(2), batch_of(3), batch_of(4)];
+        let (tee, teed) = recording_tee();
+        let mut calls = 0;
+        let mut inner = tee;
+        let failing: Tee = Box::new(move |offset, bytes| {
+            inner(offset, bytes)?;
+            calls += 1;
+            if calls == 2 {
+                return Err(Error::StorageFull("disk".into()));
+            }
+            Ok(())
+        });
+        let mut n = 0;
+        let stream = futures::stream::iter(chunks.clone()).map(move |c| {
+            n += 1;
+            if n == 3 {
+                // The third batch takes a while to arrive.
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(c)
+        });
+        let body = UpstreamBody::new("r.example", Some(len_of(&chunks)), stream);
+        let digest = Digest::of(&chunks.concat());
+        let (released, error) = run(body, digest, Some(failing)).await;
+        // A stray worker would have teed by now.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let b = BATCH as u64;
+        assert_eq!(*teed.lock().unwrap(), [(0, BATCH), (b, BATCH)]);
+        assert_eq!(released, chunks[..1]);
+        assert!(matches!(error, Some(Error::StorageFull(_))), "{error:?}");
+    }
+
+    /// A healthy body whose chunks come about one worker linger apart (a
+    /// slow upstream), so that workers keep ending as the next batch is
+    /// pushed, arrives whole (found by a review: such bodies failed with
+    /// "the body's tee or hash worker panicked").
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_body_whose_workers_keep_ending_arrives_whole() {
+        let chunks: Vec<Bytes> = (0..600u32)
+            .map(|i| Bytes::from(vec![i as u8; 16 * 1024]))
+            .collect();
+        let digest = Digest::of(&chunks.concat());
+        let (tx, rx) = mpsc::unbounded();
+        let feed = chunks.clone();
+        let linger = crate::absorb::LINGER.as_micros() as u64;
+        std::thread::spawn(move || {
+            for (i, c) in feed.into_iter().enumerate() {
+                // 0.9 to 1.1 lingers apart.
+                let us = linger * 9 / 10 + (i as u64 * 7919) % (linger / 5);
+                std::thread::sleep(Duration::from_micros(us));
+                let _ = tx.unbounded_send(Ok(c));
+            }
+        });
+        let body = UpstreamBody::new("r.example", Some(len_of(&chunks)), rx);
+        let (released, error) = run(body, digest, None).await;
+        assert!(
+            error.is_none(),
+            "{error:?} after {} batches",
+            released.len()
+        );
+        assert_eq!(released.concat(), chunks.concat());
+    }
+
     #[tokio::test]
     async fn chunks_that_already_arrived_are_gathered_into_one_batch() {
         let small: Vec<Bytes> = (0..100u8).map(|i| Bytes::from(vec![i; 10])).collect();

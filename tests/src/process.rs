@@ -176,24 +176,38 @@ impl Drop for ChildGuard {
     }
 }
 
-/// CPU time process `pid` has used so far (user + system, all threads), from
-/// `/proc/<pid>/stat` fields 14 and 15, in clock ticks of 1/100 s (Linux's
-/// USER_HZ). Errors when the process is gone.
-pub fn cpu_time(pid: u32) -> Result<Duration> {
+/// Numeric fields of `/proc/<pid>/stat`, by their numbers in proc(5) (from
+/// 4 on), read at once. Errors when the process is gone.
+fn stat_fields<const N: usize>(pid: u32, numbers: [usize; N]) -> Result<[u64; N]> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("read /proc/{pid}/stat"))?;
     // The command name (field 2) may hold spaces: count fields after its ')'.
     let after = stat.rsplit_once(')').context("malformed stat")?.1;
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| -> Result<u64> {
-        fields
-            .get(i)
+    let mut values = [0; N];
+    for (value, number) in values.iter_mut().zip(numbers) {
+        // fields[0] is field 3 (state).
+        *value = fields
+            .get(number - 3)
             .context("short stat")?
             .parse::<u64>()
-            .context("stat field")
-    };
-    // fields[0] is field 3 (state): utime (14) is fields[11], stime (15) fields[12].
-    Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+            .context("stat field")?;
+    }
+    Ok(values)
+}
+
+/// CPU time process `pid` has used so far (user + system, all threads), from
+/// `/proc/<pid>/stat` fields 14 and 15, in clock ticks of 1/100 s (Linux's
+/// USER_HZ). Errors when the process is gone.
+pub fn cpu_time(pid: u32) -> Result<Duration> {
+    let [utime, stime] = stat_fields(pid, [14, 15])?;
+    Ok(Duration::from_millis((utime + stime) * 10))
+}
+
+/// Minor page faults of process `pid` so far (all threads), `/proc/<pid>/stat`
+/// field 10. Errors when the process is gone.
+pub fn minor_faults(pid: u32) -> Result<u64> {
+    Ok(stat_fields(pid, [10])?[0])
 }
 
 /// Resident memory of process `pid` in bytes (`VmRSS` of `/proc/<pid>/status`,

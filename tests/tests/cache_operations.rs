@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+use regmirror_e2e::process;
 use regmirror_e2e::seed::{self, ImageSpec, PushedImage};
 use regmirror_e2e::util::{
     bounded, http_client, metric_sample, metric_sum, received_at_least, require_root,
@@ -934,18 +935,6 @@ async fn a_failed_rename_still_serves_the_verified_blob_to_every_client() {
     .await;
 }
 
-/// Minor page faults of process `pid` so far (`/proc/PID/stat` field 10).
-fn minor_faults(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let after = stat.rsplit_once(')').context("stat")?.1;
-    after
-        .split_whitespace()
-        .nth(7)
-        .and_then(|f| f.parse().ok())
-        .context("minflt")
-}
-
 /// A cold body arrives in a new receive buffer per read while several MiB of
 /// earlier ones are queued to be written and hashed. Their memory must be
 /// reused: glibc's malloc gave it back to the kernel on every free, so each
@@ -966,9 +955,9 @@ async fn a_cold_fill_reuses_the_memory_of_its_receive_buffers() {
         let pid = cache.pid().context("pid")?;
         // The first fill grows the heap to its working size.
         get_blob(&cache, "warm-up", &warm_up.layers[0].digest).await?;
-        let before = minor_faults(pid)?;
+        let before = process::minor_faults(pid)?;
         let blob = get_blob(&cache, "measured", &measured.layers[0].digest).await?;
-        let faults = minor_faults(pid)? - before;
+        let faults = process::minor_faults(pid)? - before;
         let per_mib = faults as f64 / (blob.len() as f64 / f64::from(1 << 20));
         ensure!(
             per_mib < 8.0,

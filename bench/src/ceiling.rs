@@ -153,6 +153,8 @@ fn serve(mut conn: TcpStream, path: &Path, copy: bool) -> std::io::Result<()> {
         )?;
         conn.flush()?;
         if copy {
+            // A loop of our own: `std::io::copy` from a file to a socket uses
+            // `sendfile`/`splice` on Linux, which is what this mode is not.
             let mut buf = vec![0u8; COPY_BUFFER];
             loop {
                 let n = file.read(&mut buf)?;
